@@ -1,0 +1,40 @@
+# Two commands on a fresh machine: `make run` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: run test test-fast test-slow bench lint venv clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test,bench]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+## Run one engine on 127.0.0.1:8025 printing every message (Debugging handler).
+run: $(STAMP)
+	$(BIN)/python -m farm serve --bind 127.0.0.1:8025 --handler farm.handlers:Debugging
+
+## The whole suite, the long load/chaos tests included.
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+## Everything but the tests marked slow.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -m slow
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/run.py
+
+lint: $(STAMP)
+	$(BIN)/ruff check farm tests benchmarks
+	$(BIN)/ruff format --check farm tests benchmarks
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

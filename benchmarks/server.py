@@ -1,0 +1,110 @@
+"""Start one SMTP server for the benchmark: ``server.py KIND PORTFILE [--profile FILE]``.
+
+KIND is one of :data:`KINDS`. The server listens on 127.0.0.1, on a port the kernel picks,
+and writes that port to PORTFILE (atomically, via a rename) once it is listening, so the runner
+waits on readiness rather than on a sleep. One process, one event loop, logging at WARNING.
+SIGTERM or SIGINT closes the listener and exits; with ``--profile`` the run is profiled with
+cProfile and the stats are dumped to FILE on exit (see ``run.py --profile``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+# Import ``farm`` from this checkout even when it is not installed in the venv.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+HOSTNAME = "bench.test"
+
+#: KIND -> (engine, event loop).
+KINDS: dict[str, tuple[str, str]] = {
+    "aiosmtpd-asyncio": ("aiosmtpd", "asyncio"),
+    "aiosmtpd-uvloop": ("aiosmtpd", "uvloop"),
+    "farm-asyncio": ("farm", "asyncio"),
+    "farm-uvloop": ("farm", "uvloop"),
+}
+
+
+def protocol_factory(engine: str) -> tuple[Callable[[], asyncio.Protocol], str]:
+    """A factory of SMTP protocol instances with a do-nothing handler, and its description."""
+    if engine == "aiosmtpd":
+        from aiosmtpd.handlers import Sink
+        from aiosmtpd.smtp import SMTP
+
+        aio_handler = Sink()
+        return (lambda: SMTP(aio_handler, hostname=HOSTNAME)), "aiosmtpd.handlers.Sink"
+
+    from farm.smtp import SMTP as FarmSMTP
+
+    handler: Any
+    try:
+        from farm.handlers import Sink as FarmSink  # type: ignore[import-not-found]
+
+        handler, name = FarmSink(), "farm.handlers.Sink"
+    except ImportError:
+
+        class LocalSink:
+            """No hooks at all: every command takes farm's synchronous path."""
+
+        handler, name = LocalSink(), "hook-less local Sink"
+    return (lambda: FarmSMTP(handler, hostname=HOSTNAME)), name
+
+
+async def serve(engine: str, portfile: Path) -> None:
+    factory, handler_name = protocol_factory(engine)
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(factory, host="127.0.0.1", port=0, backlog=1024)
+    port = server.sockets[0].getsockname()[1]
+    stop = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    tmp = portfile.with_name(portfile.name + ".tmp")
+    tmp.write_text(f"{port} {os.getpid()} {handler_name}\n")
+    tmp.replace(portfile)
+    await stop.wait()
+    server.close()
+    # Connections still open are simply dropped by the process exit; waiting for them could
+    # hang on a client that never closes.
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("kind", choices=sorted(KINDS))
+    parser.add_argument("portfile", type=Path)
+    parser.add_argument("--profile", type=Path, help="write cProfile stats here on exit")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    engine, loop_name = KINDS[args.kind]
+
+    def run() -> None:
+        if loop_name == "uvloop":
+            import uvloop
+
+            uvloop.run(serve(engine, args.portfile))
+        else:
+            asyncio.run(serve(engine, args.portfile))
+
+    if args.profile is None:
+        run()
+        return
+    import cProfile
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    try:
+        run()
+    finally:
+        profiler.disable()
+        profiler.dump_stats(str(args.profile))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,243 @@
+"""Sans-I/O framing of the client's byte stream: command lines and DATA bodies.
+
+Bytes go in with :meth:`Framer.feed`; :meth:`Framer.next_event` hands out, in order, the
+complete command lines and DATA bodies found so far. No sockets, no clocks, no asyncio: the
+same byte stream gives the same events however it is split into reads.
+
+Rules (RFC 5321 and the smuggling advisories):
+
+* A command line ends at LF; trailing CR/LF are stripped. A line longer than the command limit
+  is discarded up to its LF and reported once as :class:`CommandTooLong`.
+* DATA ends only at ``<CRLF>.<CRLF>`` (or ``.<CRLF>`` right after the 354). Bare CR or LF and
+  every lookalike terminator are content.
+* Dot-unstuffing removes the first ``.`` of a CRLF-delimited line, nowhere else.
+* Over-long lines and over-size bodies are discarded as they arrive (memory stays bounded); the
+  error is reported only once the real terminator has arrived.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+CRLF = b"\r\n"
+TERMINATOR = b"\r\n.\r\n"
+#: A DATA body that is empty: the dot line follows the 354 at once.
+EMPTY_BODY = b".\r\n"
+#: Bytes kept when discarding DATA: enough to recognise a terminator split across reads.
+_TAIL = len(TERMINATOR) - 1
+
+
+@dataclass(slots=True, frozen=True)
+class Command:
+    """A complete command line, without its line ending."""
+
+    line: bytes
+
+
+@dataclass(slots=True, frozen=True)
+class CommandTooLong:
+    """A command line longer than the framer's limit was received and dropped."""
+
+
+class DataError(Enum):
+    """Why a DATA body was refused."""
+
+    LINE_TOO_LONG = "line too long"
+    TOO_MUCH_DATA = "too much data"
+
+
+@dataclass(slots=True, frozen=True)
+class Message:
+    """A complete, unstuffed DATA body (including the CRLF of its last line), or its error.
+
+    ``size`` is the number of body octets received, as sent (before unstuffing).
+    """
+
+    content: bytes
+    size: int
+    error: DataError | None = None
+
+
+Event = Command | CommandTooLong | Message
+
+
+class Framer:
+    """Splits an SMTP client's byte stream into :data:`Event` objects."""
+
+    __slots__ = (
+        "_buf",
+        "_data_error",
+        "_data_limit",
+        "_data_received",
+        "_in_data",
+        "_line_checked",
+        "_line_limit",
+        "_pos",
+        "_scan",
+        "_skipping",
+        "max_command_line",
+    )
+
+    def __init__(self, max_command_line: int = 512, line_limit: int = 1000) -> None:
+        #: Longest command line accepted, without its line ending.
+        self.max_command_line = max_command_line
+        self._line_limit = line_limit
+        self._buf = bytearray()
+        self._pos = 0  # start of unconsumed input in _buf
+        self._scan = 0  # where the next search for a line end or terminator starts
+        self._skipping = False  # discarding an over-long command line up to its LF
+        self._in_data = False
+        self._data_limit: int | None = None
+        self._data_error: DataError | None = None
+        self._data_received = 0  # octets of the body dropped while discarding
+        self._line_checked = 0  # DATA: every line before this offset is within the limit
+
+    # -- input ---------------------------------------------------------------------------
+
+    def feed(self, data: bytes) -> None:
+        """Append bytes received from the client."""
+        self._buf += data
+
+    @property
+    def buffered(self) -> int:
+        """Octets received but not yet handed out as events."""
+        return len(self._buf) - self._pos
+
+    @property
+    def in_data(self) -> bool:
+        return self._in_data
+
+    def take_buffered(self) -> bytes:
+        """Remove and return all unconsumed input (e.g. to discard it before a TLS handshake)."""
+        rest = bytes(self._buf[self._pos :])
+        self._buf.clear()
+        self._pos = self._scan = 0
+        self._skipping = False
+        return rest
+
+    def start_data(self, size_limit: int | None) -> None:
+        """Switch to DATA mode: the next event is the :class:`Message` after the 354."""
+        self._in_data = True
+        self._data_limit = size_limit or None
+        self._data_error = None
+        self._data_received = 0
+        self._scan = self._pos
+        self._line_checked = self._pos
+
+    # -- output --------------------------------------------------------------------------
+
+    def next_event(self) -> Event | None:
+        """The next complete event, or None until more bytes are fed."""
+        if self._in_data:
+            return self._next_message()
+        return self._next_command()
+
+    def _next_command(self) -> Command | CommandTooLong | None:
+        buf = self._buf
+        while True:
+            end = buf.find(b"\n", self._scan)
+            if end < 0:
+                if len(buf) - self._pos > self.max_command_line + 2:
+                    # Over-long: drop what we have, remember to drop the rest of the line.
+                    self._skipping = True
+                    self._consume_all()
+                else:
+                    self._scan = len(buf)
+                return None
+            start = self._pos
+            self._pos = self._scan = end + 1
+            if self._skipping:
+                self._skipping = False
+                self._compact()
+                return CommandTooLong()
+            while end > start and buf[end - 1] == 0x0D:
+                end -= 1
+            if end - start > self.max_command_line:
+                self._compact()
+                return CommandTooLong()
+            line = bytes(buf[start:end])
+            self._compact()
+            return Command(line)
+
+    def _next_message(self) -> Message | None:
+        buf = self._buf
+        pos = self._pos
+        if self._data_error is None and buf.startswith(EMPTY_BODY, pos):
+            return self._finish_message(pos, pos, b"")
+        if self._data_error is None and len(buf) - pos < len(EMPTY_BODY) and (
+            EMPTY_BODY.startswith(bytes(buf[pos:]))
+        ):
+            return None  # could still become an empty body
+        end = buf.find(TERMINATOR, max(self._scan, pos))
+        if end < 0:
+            self._scan = max(pos, len(buf) - _TAIL)
+            if self._data_error is None:
+                self._check_lines(len(buf), final=False)
+                if self._data_limit is not None and len(buf) - pos > self._data_limit:
+                    self._data_error = DataError.TOO_MUCH_DATA
+            if self._data_error is not None:
+                self._discard_body()
+            return None
+        body_end = end + 2  # the body keeps the CRLF of its last line
+        if self._data_error is None:
+            self._check_lines(body_end, final=True)
+            if self._data_limit is not None and body_end - pos > self._data_limit:
+                self._data_error = DataError.TOO_MUCH_DATA
+        if self._data_error is not None:
+            return self._finish_message(pos, body_end, b"")
+        start = pos + 1 if buf[pos] == 0x2E else pos  # unstuff the first line
+        content = bytes(memoryview(buf)[start:body_end])
+        if b"\r\n." in content:
+            content = content.replace(b"\r\n.", b"\r\n")
+        return self._finish_message(pos, body_end, content)
+
+    # -- helpers -------------------------------------------------------------------------
+
+    def _check_lines(self, upto: int, final: bool) -> None:
+        """Flag DATA lines longer than the limit (a stuffing dot does not count)."""
+        buf = self._buf
+        limit = self._line_limit
+        p = self._line_checked
+        while upto - p > limit + 2:
+            window = p + limit + 2 + (1 if buf[p] == 0x2E else 0)
+            last = buf.rfind(CRLF, p, window)
+            if last < 0:
+                if not final and window > len(buf):
+                    break  # this line may still end in time
+                self._data_error = DataError.LINE_TOO_LONG
+                return
+            p = last + 2
+        self._line_checked = p
+
+    def _discard_body(self) -> None:
+        """Drop a refused body's bytes, keeping a tail that may start the terminator."""
+        keep_from = max(self._pos, len(self._buf) - _TAIL)
+        self._data_received += keep_from - self._pos
+        del self._buf[: keep_from]
+        self._pos = 0
+        self._scan = 0
+        self._line_checked = 0
+
+    def _finish_message(self, start: int, body_end: int, content: bytes) -> Message:
+        size = self._data_received + (body_end - start)
+        error = self._data_error
+        self._pos = self._scan = body_end + len(EMPTY_BODY)
+        self._in_data = False
+        self._data_error = None
+        self._data_received = 0
+        self._compact()
+        return Message(content, size, error)
+
+    def _consume_all(self) -> None:
+        self._buf.clear()
+        self._pos = self._scan = 0
+
+    def _compact(self) -> None:
+        if self._pos >= len(self._buf):
+            self._buf.clear()
+            self._pos = self._scan = 0
+        elif self._pos > 65536:
+            del self._buf[: self._pos]
+            self._scan -= self._pos
+            self._pos = 0

@@ -1,0 +1,879 @@
+"""``SMTP``: the asyncio protocol that runs one client session through the handler's hooks.
+
+Input is framed by the sans-I/O :class:`~farm.smtp.framing.Framer`; commands are handled in
+order, one at a time. A command whose handler hook exists runs in a task; every other command
+completes synchronously inside ``data_received`` (no task, no await), and the replies of one
+batch of pipelined commands leave in a single write.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+import itertools
+import logging
+import os
+import socket
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from farm import __version__
+from farm.smtp.framing import Command, DataError, Framer, Message
+from farm.smtp.hooks import HookTable, hook_table
+from farm.smtp.session import Envelope, Session
+from farm.smtp.syntax import (
+    has_control_characters,
+    parse_params,
+    parse_path,
+    split_command,
+    strip_keyword,
+)
+
+log = logging.getLogger("farm.smtp")
+
+#: Returned by a hook lookup when the handler has no such hook.
+MISSING = type("_Missing", (), {"__repr__": lambda self: "MISSING"})()
+#: Unknown commands a session may send; the last one is answered 502 and closes.
+BOGUS_LIMIT = 5
+#: Per-command call limit when ``command_call_limit`` is a dict without a ``"*"`` entry.
+CALL_LIMIT_DEFAULT = 20
+DATA_SIZE_DEFAULT = 2**25
+#: Recipients per transaction (RFC 5321 4.5.3.1.8 requires at least 100).
+MAX_RECIPIENTS_DEFAULT = 1000
+
+#: Commands allowed before STARTTLS when ``require_starttls`` is set.
+ALLOWED_BEFORE_STARTTLS = frozenset({"NOOP", "EHLO", "STARTTLS", "QUIT"})
+#: Commands allowed before AUTH when ``auth_required`` is set.
+ALLOWED_BEFORE_AUTH = frozenset({"AUTH", "EHLO", "HELO", "NOOP", "RSET", "QUIT"})
+
+LOCAL_ERROR = "451 4.3.0 Requested action aborted: local error"
+SHUTTING_DOWN = "421 4.3.2 Service shutting down"
+#: Input kept while a hook runs or the client does not read; reading pauses past it.
+_MAX_PENDING_INPUT = 256 * 1024
+
+_session_ids = itertools.count(1)
+_session_prefix = f"{os.getpid():x}"
+
+
+@functools.cache
+def default_hostname() -> str:
+    """The host's FQDN, computed once per process."""
+    return socket.getfqdn()
+
+
+def _hook_verbs(cls: type) -> dict[str, Callable[..., Coroutine[Any, Any, None]]]:
+    """``{"MAIL": SMTP.smtp_MAIL, ...}`` for a class, computed once per class."""
+    table = cls.__dict__.get("_verb_table_cache")
+    if table is None:
+        table = {
+            name[5:]: getattr(cls, name)
+            for name in dir(cls)
+            if name.startswith("smtp_") and name[5:].isupper()
+        }
+        cls._verb_table_cache = table  # type: ignore[attr-defined]
+    return table
+
+
+class SMTP(asyncio.Protocol):
+    """One SMTP session per instance; construct one per connection (a protocol factory)."""
+
+    command_size_limit = 512
+    #: Longest DATA line, in octets before CRLF, not counting a stuffing dot.
+    line_length_limit = 1000
+    #: Longest local part of an address; 0: no limit (aiosmtpd's default).
+    local_part_limit = 0
+    #: Verbs that need HELO/EHLO first.
+    _needs_helo = frozenset({"MAIL", "RCPT", "DATA"})
+    #: Hooks each verb may call (a verb with one of them present runs in a task).
+    _verb_hooks: dict[str, tuple[str, ...]] = {
+        "HELO": ("HELO",),
+        "EHLO": ("EHLO",),
+        "MAIL": ("MAIL",),
+        "RCPT": ("RCPT",),
+        "RSET": ("RSET",),
+        "NOOP": ("NOOP",),
+        "QUIT": ("QUIT",),
+        "VRFY": ("VRFY",),
+    }
+
+    def __init__(
+        self,
+        handler: Any,
+        *,
+        data_size_limit: int | None = DATA_SIZE_DEFAULT,
+        enable_SMTPUTF8: bool = False,
+        decode_data: bool = False,
+        hostname: str | None = None,
+        ident: str | None = None,
+        tls_context: Any = None,
+        require_starttls: bool = False,
+        timeout: float | None = 300,
+        auth_required: bool = False,
+        auth_require_tls: bool = True,
+        auth_exclude_mechanism: Any = None,
+        auth_callback: Any = None,
+        command_call_limit: int | dict[str, int] | None = None,
+        authenticator: Any = None,
+        proxy_protocol_timeout: float | None = None,
+        loop: asyncio.AbstractEventLoop | None = None,
+        pipelining: bool = False,
+        max_recipients: int | None = MAX_RECIPIENTS_DEFAULT,
+        min_data_rate: float = 500.0,
+    ) -> None:
+        self.event_handler = handler
+        self.data_size_limit = data_size_limit
+        self.enable_SMTPUTF8 = enable_SMTPUTF8
+        self._decode_data = decode_data
+        self.hostname = hostname if hostname is not None else default_hostname()
+        self.__ident__ = ident or f"Python SMTP farm {__version__}"
+        self.tls_context = tls_context
+        self._require_starttls = bool(require_starttls and tls_context is not None)
+        self._timeout = timeout or None
+        self._auth_required = auth_required
+        self._auth_require_tls = auth_require_tls
+        self._auth_exclude_mechanism = set(auth_exclude_mechanism or ())
+        self._auth_callback = auth_callback
+        self._authenticator = authenticator
+        self._proxy_protocol_timeout = proxy_protocol_timeout
+        self._pipelining = pipelining
+        self._max_recipients = max_recipients
+        self._min_data_rate = min_data_rate
+        self.loop = loop
+        self._call_limits = _call_limits(command_call_limit)
+        self._hooks: HookTable = hook_table(handler)
+        self._verbs = _hook_verbs(type(self))
+        self._task_verbs = _task_verbs(type(self), self._hooks)
+        self._tls_protocol: Any = None
+        self._tls_handshake_okay = True
+        self.session: Session | None = None
+        self.envelope: Envelope | None = None
+        self.transport: asyncio.BaseTransport | None = None
+        self._framer = Framer(self._max_command_size(), self.line_length_limit)
+        self._out: list[str] = []
+        self._task: asyncio.Task[None] | None = None
+        self._task_is_delivery = False
+        self._closed = False
+        self._close_after_flush = False
+        self._eof = False
+        self._draining = False
+        self._write_paused = False
+        self._read_paused = False
+        self._bogus_budget = BOGUS_LIMIT
+        self._call_counts: dict[str, int] = {}
+        self._timer: asyncio.TimerHandle | None = None
+        self._last_line = 0.0
+        self._data_deadline = 0.0
+        self._data_started = 0.0
+        self._closed_waiter: asyncio.Future[None] | None = None
+        self._started = 0.0
+        self.counts = {"commands": 0, "accepted": 0, "rejected": 0, "bytes": 0}
+
+    # -- configuration derived once --------------------------------------------------------
+
+    def _max_command_size(self) -> int:
+        extra = (26 if self.data_size_limit else 0) + (10 if self.enable_SMTPUTF8 else 0)
+        return self.command_size_limit + extra
+
+    def _command_limit(self, verb: str) -> int:
+        if verb == "MAIL" and self.session is not None and self.session.extended_smtp:
+            return self._max_command_size()
+        return self.command_size_limit
+
+    @property
+    def tls_protocol(self) -> Any:
+        return self._tls_protocol
+
+    def ehlo_lines(self) -> list[str]:
+        """The EHLO reply lines (without the final ``250 HELP``)."""
+        return list(_ehlo_keywords(
+            self.hostname,
+            self.data_size_limit,
+            self._decode_data,
+            self.enable_SMTPUTF8,
+            self._pipelining,
+            self.tls_context is not None and self._tls_protocol is None,
+            self._auth_mechanism_names()
+            if (not self._auth_require_tls or self._tls_protocol is not None)
+            else None,
+        ))
+
+    def _auth_mechanism_names(self) -> tuple[str, ...]:
+        names = {"LOGIN", "PLAIN", *self._hooks.auth_mechanisms}
+        return tuple(sorted(names - self._auth_exclude_mechanism))
+
+    def _supported_verbs(self) -> str:
+        verbs = set(self._verbs) - {"EXPN"}
+        if self.tls_context is None:
+            verbs.discard("STARTTLS")
+        return " ".join(sorted(verbs))
+
+    # -- asyncio.Protocol ------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self.loop is None:
+            self.loop = asyncio.get_running_loop()
+        self.transport = transport
+        session = self.session = self._create_session()
+        session.peer = transport.get_extra_info("peername")
+        session.id = f"{_session_prefix}.{next(_session_ids)}"
+        ssl_object = transport.get_extra_info("ssl_object")
+        if ssl_object is not None:  # implicit TLS listener
+            self._tls_protocol = ssl_object
+            session.ssl = {"cipher": transport.get_extra_info("cipher")}
+        self.envelope = self._create_envelope()
+        now = self._started = self._last_line = self.loop.time()
+        log.info("session=%s connect peer=%s", session.id, _peer_text(session.peer))
+        self._reply(f"220 {self.hostname} {self.__ident__}")
+        self._flush()
+        if self._timeout:
+            self._timer = self.loop.call_at(now + self._timeout, self._on_timer)
+
+    def data_received(self, data: bytes) -> None:
+        framer = self._framer
+        framer.feed(data)
+        if framer.in_data and self._timeout:
+            now = self.loop.time()  # type: ignore[union-attr]
+            self._data_deadline = min(
+                now + self._timeout, self._data_deadline + len(data) / self._min_data_rate
+            )
+        if self._task is None and not self._write_paused:
+            self._process()
+        elif (
+            not self._read_paused
+            and not framer.in_data
+            and framer.buffered > _MAX_PENDING_INPUT
+        ):
+            self._read_paused = True
+            self.transport.pause_reading()  # type: ignore[union-attr]
+
+    def eof_received(self) -> bool:
+        self._eof = True
+        if self._task is None:
+            self._close()
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        task = self._task
+        if task is not None and not self._task_is_delivery:
+            task.cancel()
+        session = self.session
+        counts = self.counts
+        log.info(
+            "session=%s disconnect peer=%s commands=%d accepted=%d rejected=%d bytes=%d "
+            "duration=%.3fs",
+            session.id if session else "-",
+            _peer_text(session.peer) if session else "-",
+            counts["commands"],
+            counts["accepted"],
+            counts["rejected"],
+            counts["bytes"],
+            (self.loop.time() - self._started) if self.loop else 0.0,
+        )
+        if self._closed_waiter is not None and not self._closed_waiter.done():
+            self._closed_waiter.set_result(None)
+        self.transport = None
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        if self._task is None and not self._closed:
+            self._process()
+
+    # -- graceful shutdown -----------------------------------------------------------------
+
+    def begin_shutdown(self) -> None:
+        """Finish the transaction in flight (if any), then answer 421 and close."""
+        self._draining = True
+        if self._task is None and not self._closed:
+            self._finish_drain_if_idle()
+            self._flush()
+
+    async def wait_closed(self) -> None:
+        """Wait until the connection is closed."""
+        if self._closed or self.transport is None:
+            return
+        if self._closed_waiter is None:
+            self._closed_waiter = self.loop.create_future()  # type: ignore[union-attr]
+        await self._closed_waiter
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()  # type: ignore[attr-defined]
+
+    def _finish_drain_if_idle(self) -> None:
+        if (
+            self._draining
+            and not self._close_after_flush
+            and not self._framer.in_data
+            and self.envelope is not None
+            and self.envelope.mail_from is None
+        ):
+            self._reply(SHUTTING_DOWN)
+            self._close_after_flush = True
+
+    # -- the input loop --------------------------------------------------------------------
+
+    def _process(self) -> None:
+        framer = self._framer
+        while self._task is None and not self._close_after_flush and not self._closed:
+            event = framer.next_event()
+            if event is None:
+                break
+            kind = type(event)
+            if kind is Command:
+                self._on_command(event.line)  # type: ignore[union-attr]
+            elif kind is Message:
+                self._on_message(event)  # type: ignore[arg-type]
+            else:
+                self._reply("500 Command line too long")
+        if self._draining and self._task is None:
+            self._finish_drain_if_idle()
+        self._flush()
+        if self._read_paused and self._task is None and not self._closed:
+            self._read_paused = False
+            self.transport.resume_reading()  # type: ignore[union-attr]
+        if self._eof and self._task is None:
+            self._close()
+
+    def _on_command(self, line: bytes) -> None:
+        self.counts["commands"] += 1
+        if self._timeout:
+            self._last_line = self.loop.time()  # type: ignore[union-attr]
+        if not line:
+            self._reply("500 Error: bad syntax")
+            return
+        verb_bytes, arg_bytes = split_command(line)
+        try:
+            verb = verb_bytes.upper().decode("ascii")
+        except UnicodeDecodeError:
+            self._reply("500 Error: bad syntax")
+            return
+        arg: str | None
+        if len(verb_bytes) == len(line):
+            arg = None
+        elif self.enable_SMTPUTF8:
+            arg = arg_bytes.decode("utf-8", "surrogateescape")
+        else:
+            try:
+                arg = arg_bytes.decode("ascii")
+            except UnicodeDecodeError:
+                self._reply("500 Error: strict ASCII mode")
+                return
+        if len(line) > self._command_limit(verb):
+            self._reply("500 Command line too long")
+            return
+        if has_control_characters(line):
+            self._reply("501 5.5.2 Syntax error: invalid character in command")
+            return
+        if not self._tls_handshake_okay and verb != "QUIT":
+            self._reply("554 Command refused due to lack of security")
+            return
+        if (
+            self._require_starttls
+            and self._tls_protocol is None
+            and verb not in ALLOWED_BEFORE_STARTTLS
+        ):
+            self._reply("530 Must issue a STARTTLS command first")
+            return
+        if self._draining and self.envelope.mail_from is None and verb != "QUIT":  # type: ignore[union-attr]
+            self._reply(SHUTTING_DOWN)
+            self._close_after_flush = True
+            return
+        method = self._verbs.get(verb)
+        if method is None:
+            self._bogus_budget -= 1
+            if self._bogus_budget < 1:
+                self._reply("502 5.5.1 Too many unrecognized commands, goodbye.")
+                self._close_after_flush = True
+            else:
+                self._reply(f'500 Error: command "{verb}" not recognized')
+            return
+        if self._call_limits is not None:
+            used = self._call_counts.get(verb, 0) + 1
+            self._call_counts[verb] = used
+            if used > self._call_limits.get(verb, self._call_limits["*"]):
+                log.warning("session=%s %s sent too many times", self.session.id, verb)  # type: ignore[union-attr]
+                self._reply(f"421 4.7.0 {verb} sent too many times")
+                self._close_after_flush = True
+                return
+        if (
+            self._auth_required
+            and not self.session.authenticated  # type: ignore[union-attr]
+            and verb not in ALLOWED_BEFORE_AUTH
+        ):
+            self._reply("530 5.7.0 Authentication required")
+            return
+        self._run(method(self, arg), verb in self._task_verbs)
+
+    def _run(self, coro: Coroutine[Any, Any, None], in_task: bool, delivery: bool = False) -> None:
+        if in_task:
+            self._task_is_delivery = delivery
+            self._task = task = self.loop.create_task(coro)  # type: ignore[union-attr]
+            task.add_done_callback(self._task_done)
+            return
+        try:
+            coro.send(None)
+        except StopIteration:
+            return
+        except Exception:
+            log.exception("session=%s internal error", self.session.id)  # type: ignore[union-attr]
+            self._reply(LOCAL_ERROR)
+            return
+        coro.close()
+        raise RuntimeError("a command without hooks suspended; it must run in a task")
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._task = None
+        if task.cancelled() or self._closed:
+            return
+        error = task.exception()
+        if error is not None:
+            log.error(
+                "session=%s internal error", self.session.id, exc_info=error  # type: ignore[union-attr]
+            )
+            self._reply(LOCAL_ERROR)
+        self._process()
+
+    # -- output ----------------------------------------------------------------------------
+
+    def _reply(self, text: str) -> None:
+        self._out.append(text)
+
+    async def push(self, status: str) -> None:
+        """Queue a reply line (aiosmtpd API); it is written with the command's other replies."""
+        self._reply(status)
+
+    def _flush(self) -> None:
+        out = self._out
+        if out and self.transport is not None and not self._closed:
+            data = "\r\n".join(out).encode("utf-8", "surrogateescape") + b"\r\n"
+            out.clear()
+            self.transport.write(data)  # type: ignore[attr-defined]
+        else:
+            out.clear()
+        if self._close_after_flush:
+            self._close()
+
+    def _close(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self._closed or self.transport is None:
+            return
+        now = self.loop.time()  # type: ignore[union-attr]
+        if self._task is not None:
+            deadline = now + self._timeout  # type: ignore[operator]
+        elif self._framer.in_data:
+            deadline = self._data_deadline
+        else:
+            deadline = self._last_line + self._timeout  # type: ignore[operator]
+        if now < deadline:
+            self._timer = self.loop.call_at(deadline, self._on_timer)  # type: ignore[union-attr]
+            return
+        log.info("session=%s timeout", self.session.id)  # type: ignore[union-attr]
+        self._reply(f"421 4.4.2 {self.hostname} Error: timeout exceeded")
+        self._close_after_flush = True
+        self._flush()
+
+    # -- hooks -----------------------------------------------------------------------------
+
+    def _create_session(self) -> Session:
+        return Session(self.loop)
+
+    def _create_envelope(self) -> Envelope:
+        return Envelope()
+
+    def _set_rset_state(self) -> None:
+        self.envelope = self._create_envelope()
+
+    def _set_post_data_state(self) -> None:
+        self.envelope = self._create_envelope()
+
+    async def _call_handler_hook(self, name: str, *args: Any) -> Any:
+        hook = self._hooks.hooks.get(name)
+        if hook is None:
+            return MISSING
+        try:
+            status = hook(self, self.session, self.envelope, *args)
+            if inspect.isawaitable(status):
+                status = await status
+        except Exception as error:
+            status = await self._handle_exception(error)
+        if status is None:
+            log.warning("session=%s handle_%s returned no reply", self.session.id, name)  # type: ignore[union-attr]
+            return LOCAL_ERROR
+        return status
+
+    async def _handle_exception(self, error: Exception) -> str:
+        handler = self._hooks.handle_exception
+        if handler is not None:
+            try:
+                status = handler(error)
+                if inspect.isawaitable(status):
+                    status = await status
+            except Exception:
+                log.exception("session=%s handle_exception failed", self.session.id)  # type: ignore[union-attr]
+                return LOCAL_ERROR
+            return status if status else LOCAL_ERROR
+        log.error("session=%s handler error", self.session.id, exc_info=error)  # type: ignore[union-attr]
+        return LOCAL_ERROR
+
+    # -- DATA completion -------------------------------------------------------------------
+
+    def _on_message(self, message: Message) -> None:
+        self.counts["bytes"] += message.size
+        if message.error is not None:
+            self._set_post_data_state()
+            if message.error is DataError.LINE_TOO_LONG:
+                self._end_message("500 Line too long (see RFC5321 4.5.3.1.6)", message.size)
+            else:
+                self._end_message("552 Error: Too much mail data", message.size)
+            return
+        envelope = self.envelope
+        original = message.content
+        content: bytes | str = original
+        if self._decode_data:
+            if self.enable_SMTPUTF8:
+                content = original.decode("utf-8", "surrogateescape")
+            else:
+                try:
+                    content = original.decode("ascii")
+                except UnicodeDecodeError:
+                    self._set_post_data_state()
+                    self._end_message("500 Error: strict ASCII mode", message.size)
+                    return
+        envelope.content = content  # type: ignore[union-attr]
+        envelope.original_content = original  # type: ignore[union-attr]
+        if "DATA" in self._hooks.hooks:
+            self._run(self._deliver(message.size), in_task=True, delivery=True)
+        else:
+            self._set_post_data_state()
+            self._end_message("250 OK", message.size, envelope)
+
+    async def _deliver(self, size: int) -> None:
+        envelope = self.envelope
+        status = await self._call_handler_hook("DATA")
+        self._set_post_data_state()
+        self._end_message(status, size, envelope)
+
+    def _end_message(self, status: str, size: int, envelope: Envelope | None = None) -> None:
+        accepted = status.startswith("2")
+        self.counts["accepted" if accepted else "rejected"] += 1
+        self._reply(status)
+        if log.isEnabledFor(logging.INFO):
+            session = self.session
+            n = self.counts["accepted"] + self.counts["rejected"]
+            log.info(
+                "session=%s msg=%s.%d from=<%s> rcpts=%d size=%d outcome=%s duration=%.3fs",
+                session.id,  # type: ignore[union-attr]
+                session.id,  # type: ignore[union-attr]
+                n,
+                (envelope.mail_from or "") if envelope else "",
+                len(envelope.rcpt_tos) if envelope else 0,
+                size,
+                status[:3],
+                self.loop.time() - self._data_started,  # type: ignore[union-attr]
+            )
+
+    # -- commands (aiosmtpd names; the docstring is the HELP syntax) -------------------------
+
+    async def smtp_HELO(self, hostname: str | None) -> None:
+        """HELO hostname"""
+        if not hostname:
+            self._reply("501 Syntax: HELO hostname")
+            return
+        self._set_rset_state()
+        self.session.extended_smtp = False  # type: ignore[union-attr]
+        status = await self._call_handler_hook("HELO", hostname)
+        if status is MISSING:
+            self.session.host_name = hostname  # type: ignore[union-attr]
+            status = f"250 {self.hostname}"
+        self._reply(status)
+
+    async def smtp_EHLO(self, hostname: str | None) -> None:
+        """EHLO hostname"""
+        if not hostname:
+            self._reply("501 Syntax: EHLO hostname")
+            return
+        self._set_rset_state()
+        self.session.extended_smtp = True  # type: ignore[union-attr]
+        lines = self.ehlo_lines()
+        if "EHLO" not in self._hooks.hooks:
+            self.session.host_name = hostname  # type: ignore[union-attr]
+            lines.append("250 HELP")
+        elif self._hooks.old_style_ehlo:
+            status = await self._call_handler_hook("EHLO", hostname)
+            lines.append(status)
+        else:
+            lines.append("250 HELP")
+            result = await self._call_handler_hook("EHLO", hostname, lines)
+            lines = [result] if isinstance(result, str) else list(result)
+        self._reply("\r\n".join(lines))
+
+    async def smtp_NOOP(self, arg: str | None) -> None:
+        """NOOP [ignored]"""
+        status = await self._call_handler_hook("NOOP", arg)
+        self._reply("250 OK" if status is MISSING else status)
+
+    async def smtp_QUIT(self, arg: str | None) -> None:
+        """QUIT"""
+        if arg:
+            self._reply("501 Syntax: QUIT")
+            return
+        status = await self._call_handler_hook("QUIT")
+        self._reply("221 Bye" if status is MISSING else status)
+        self._close_after_flush = True
+
+    async def smtp_RSET(self, arg: str | None) -> None:
+        """RSET"""
+        if arg:
+            self._reply("501 Syntax: RSET")
+            return
+        self._set_rset_state()
+        status = await self._call_handler_hook("RSET")
+        self._reply("250 OK" if status is MISSING else status)
+
+    async def smtp_HELP(self, arg: str | None) -> None:
+        """HELP [command]"""
+        code = 250
+        if arg:
+            method = self._verbs.get(arg.upper())
+            if method is not None and method.__doc__ and arg.upper() != "EXPN":
+                self._reply("250 Syntax: " + method.__doc__)
+                return
+            code = 501
+        self._reply(f"{code} Supported commands: {self._supported_verbs()}")
+
+    async def smtp_VRFY(self, arg: str | None) -> None:
+        """VRFY <address>"""
+        if not arg:
+            self._reply("501 Syntax: VRFY <address>")
+            return
+        address, _ = parse_path(arg, self.local_part_limit)
+        if not address:
+            self._reply(f"502 Could not VRFY {arg}")
+            return
+        status = await self._call_handler_hook("VRFY", address)
+        self._reply(
+            "252 Cannot VRFY user, but will accept message and attempt delivery"
+            if status is MISSING
+            else status
+        )
+
+    async def smtp_EXPN(self, arg: str | None) -> None:
+        """EXPN <address>"""
+        self._reply("502 EXPN not implemented")
+
+    async def smtp_STARTTLS(self, arg: str | None) -> None:
+        """STARTTLS"""
+        if arg:
+            self._reply("501 Syntax: STARTTLS")
+            return
+        self._reply("454 TLS not available")
+
+    async def smtp_AUTH(self, arg: str | None) -> None:
+        """AUTH <mechanism>"""
+        if not self.session.host_name:  # type: ignore[union-attr]
+            self._reply("503 Error: send EHLO first")
+            return
+        if not self.session.extended_smtp:  # type: ignore[union-attr]
+            self._reply('500 Error: command "AUTH" not recognized')
+            return
+        if self._auth_require_tls and self._tls_protocol is None:
+            self._reply("538 5.7.11 Encryption required for requested authentication mechanism")
+            return
+        self._reply("504 5.5.4 Unrecognized authentication type")
+
+    def _helo_missing(self) -> bool:
+        if not self.session.host_name:  # type: ignore[union-attr]
+            self._reply("503 Error: send HELO first")
+            return True
+        return False
+
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        """MAIL FROM: <address>"""
+        if self._helo_missing():
+            return
+        esmtp = self.session.extended_smtp  # type: ignore[union-attr]
+        syntaxerr = "501 Syntax: MAIL FROM: <address>"
+        if esmtp:
+            syntaxerr += " [SP <mail-parameters>]"
+        if arg is None:
+            self._reply(syntaxerr)
+            return
+        arg = strip_keyword("FROM:", arg)
+        if arg is None:
+            self._reply(syntaxerr)
+            return
+        address, params = parse_path(arg, self.local_part_limit)
+        if address is None:
+            self._reply("553 5.1.3 Error: malformed address")
+            return
+        if not address or (not esmtp and params):
+            self._reply(syntaxerr)
+            return
+        envelope = self.envelope
+        if envelope.mail_from:  # type: ignore[union-attr]
+            self._reply("503 Error: nested MAIL command")
+            return
+        mail_options = params.upper().split() if params else []
+        options = parse_params(mail_options)
+        if options is None:
+            self._reply(syntaxerr)
+            return
+        if not self._decode_data:
+            body = options.pop("BODY", "7BIT")
+            if body not in ("7BIT", "8BITMIME"):
+                self._reply("501 Error: BODY can only be one of 7BIT, 8BITMIME")
+                return
+        smtputf8 = options.pop("SMTPUTF8", False)
+        if smtputf8 is not False and smtputf8 is not True:
+            self._reply("501 Error: SMTPUTF8 takes no arguments")
+            return
+        if smtputf8 and not self.enable_SMTPUTF8:
+            self._reply("501 Error: SMTPUTF8 disabled")
+            return
+        size = options.pop("SIZE", None)
+        if size is not None:
+            if size is True or not size.isdigit():  # type: ignore[union-attr]
+                self._reply(syntaxerr)
+                return
+            if self.data_size_limit and int(size) > self.data_size_limit:  # type: ignore[arg-type]
+                self._reply("552 Error: message size exceeds fixed maximum message size")
+                return
+        if options:
+            self._reply("555 MAIL FROM parameters not recognized or not implemented")
+            return
+        envelope.smtp_utf8 = bool(smtputf8)  # type: ignore[union-attr]
+        self._data_started = self.loop.time()  # type: ignore[union-attr]
+        status = await self._call_handler_hook("MAIL", address, mail_options)
+        if status is MISSING:
+            envelope.mail_from = address  # type: ignore[union-attr]
+            envelope.mail_options.extend(mail_options)  # type: ignore[union-attr]
+            status = "250 OK"
+        self._reply(status)
+
+    async def smtp_RCPT(self, arg: str | None) -> None:
+        """RCPT TO: <address>"""
+        if self._helo_missing():
+            return
+        envelope = self.envelope
+        if not envelope.mail_from:  # type: ignore[union-attr]
+            self._reply("503 Error: need MAIL command")
+            return
+        esmtp = self.session.extended_smtp  # type: ignore[union-attr]
+        syntaxerr = "501 Syntax: RCPT TO: <address>"
+        if esmtp:
+            syntaxerr += " [SP <mail-parameters>]"
+        if arg is None:
+            self._reply(syntaxerr)
+            return
+        arg = strip_keyword("TO:", arg)
+        if arg is None:
+            self._reply(syntaxerr)
+            return
+        address, params = parse_path(arg, self.local_part_limit)
+        if address is None:
+            self._reply("553 5.1.3 Error: malformed address")
+            return
+        if not address or (not esmtp and params):
+            self._reply(syntaxerr)
+            return
+        rcpt_options = params.upper().split() if params else []
+        options = parse_params(rcpt_options)
+        if options is None:
+            self._reply(syntaxerr)
+            return
+        if options:
+            self._reply("555 RCPT TO parameters not recognized or not implemented")
+            return
+        if self._max_recipients and len(envelope.rcpt_tos) >= self._max_recipients:  # type: ignore[union-attr]
+            self._reply("452 4.5.3 Error: too many recipients")
+            return
+        status = await self._call_handler_hook("RCPT", address, rcpt_options)
+        if status is MISSING:
+            envelope.rcpt_tos.append(address)  # type: ignore[union-attr]
+            envelope.rcpt_options.extend(rcpt_options)  # type: ignore[union-attr]
+            status = "250 OK"
+        self._reply(status)
+
+    async def smtp_DATA(self, arg: str | None) -> None:
+        """DATA"""
+        if self._helo_missing():
+            return
+        if not self.envelope.rcpt_tos:  # type: ignore[union-attr]
+            self._reply("503 Error: need RCPT command")
+            return
+        if arg:
+            self._reply("501 Syntax: DATA")
+            return
+        self._reply("354 End data with <CR><LF>.<CR><LF>")
+        self._framer.start_data(self.data_size_limit)
+        if self._timeout:
+            self._data_deadline = self.loop.time() + self._timeout  # type: ignore[union-attr]
+
+
+@functools.lru_cache(maxsize=256)
+def _task_verbs(cls: type, hooks: HookTable) -> frozenset[str]:
+    """Verbs whose coroutine may suspend: it calls a present hook, or a subclass wrote it."""
+    verbs = set()
+    for verb, method in _hook_verbs(cls).items():
+        if getattr(SMTP, "smtp_" + verb, None) is not method:
+            verbs.add(verb)
+        elif any(name in hooks.hooks for name in SMTP._verb_hooks.get(verb, ())):
+            verbs.add(verb)
+    return frozenset(verbs)
+
+
+def _call_limits(limit: int | dict[str, int] | None) -> dict[str, int] | None:
+    if limit is None:
+        return None
+    if isinstance(limit, bool) or not isinstance(limit, (int, dict)):
+        raise TypeError("command_call_limit must be an int or a dict of ints")
+    if isinstance(limit, int):
+        return {"*": limit}
+    limits = {k.upper(): v for k, v in limit.items()}
+    limits.setdefault("*", CALL_LIMIT_DEFAULT)
+    return limits
+
+
+@functools.lru_cache(maxsize=64)
+def _ehlo_keywords(
+    hostname: str,
+    data_size_limit: int | None,
+    decode_data: bool,
+    smtputf8: bool,
+    pipelining: bool,
+    starttls: bool,
+    auth: tuple[str, ...] | None,
+) -> tuple[str, ...]:
+    lines = [f"250-{hostname}"]
+    if data_size_limit:
+        lines.append(f"250-SIZE {data_size_limit}")
+    if not decode_data:
+        lines.append("250-8BITMIME")
+    if smtputf8:
+        lines.append("250-SMTPUTF8")
+    if pipelining:
+        lines.append("250-PIPELINING")
+    if starttls:
+        lines.append("250-STARTTLS")
+    if auth is not None:
+        lines.append("250-AUTH " + " ".join(auth))
+    return tuple(lines)
+
+
+def _peer_text(peer: Any) -> str:
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        host = peer[0]
+        return f"[{host}]:{peer[1]}" if ":" in str(host) else f"{host}:{peer[1]}"
+    return str(peer or "-")

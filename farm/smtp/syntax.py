@@ -1,0 +1,76 @@
+"""Pure parsing of command arguments: verbs, paths (addresses) and ESMTP parameters.
+
+The results match aiosmtpd's, which uses the standard library's RFC 5322 parser; the common
+``<local@domain>`` form takes a fast path that gives the same answer without it.
+"""
+
+from __future__ import annotations
+
+import re
+from email._header_value_parser import get_addr_spec, get_angle_addr
+from email.errors import HeaderParseError
+
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]"
+_SIMPLE_PATH = re.compile(
+    rf"<({_ATEXT}+(?:\.{_ATEXT}+)*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*)>(?:[ \t]+([^(]*))?\Z"
+)
+#: Control characters (RFC 5321 4.1.2: never valid in a command), except TAB.
+_CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+def split_command(line: bytes) -> tuple[bytes, bytes]:
+    """Split a command line into its verb and the raw argument (stripped)."""
+    i = line.find(b" ")
+    if i < 0:
+        return line, b""
+    return line[:i], line[i + 1 :].strip()
+
+
+def has_control_characters(line: bytes) -> bool:
+    """True when a command line holds NUL, a bare CR/LF or another control character."""
+    return _CONTROL.search(line) is not None
+
+
+def strip_keyword(keyword: str, arg: str) -> str | None:
+    """``FROM:<a@b>`` -> ``<a@b>`` for keyword ``FROM:`` (case-insensitive); None if absent."""
+    n = len(keyword)
+    if arg[:n].upper() == keyword:
+        return arg[n:].strip()
+    return None
+
+
+def parse_path(arg: str, local_part_limit: int = 0) -> tuple[str | None, str | None]:
+    """Parse a reverse- or forward-path and what follows it.
+
+    Returns ``(address, rest)``; ``("", "")`` for an empty argument and ``(None, None)`` when
+    the address cannot be parsed (or its local part is longer than ``local_part_limit``).
+    The null path ``<>`` gives the address ``"<>"``, as aiosmtpd does.
+    """
+    if not arg:
+        return "", ""
+    m = _SIMPLE_PATH.match(arg)
+    if m is not None:
+        address, rest = m.group(1), m.group(2) or ""
+    else:
+        try:
+            if arg.lstrip().startswith("<"):
+                token, rest = get_angle_addr(arg)
+            else:
+                token, rest = get_addr_spec(arg)
+        except (HeaderParseError, IndexError):
+            return None, None
+        address = token.addr_spec
+    if local_part_limit and len(address.rpartition("@")[0]) > local_part_limit:
+        return None, None
+    return address, rest
+
+
+def parse_params(options: list[str]) -> dict[str, str | bool] | None:
+    """``["SIZE=10", "BODY=8BITMIME"]`` -> dict; None if any is malformed (RFC 1869)."""
+    result: dict[str, str | bool] = {}
+    for option in options:
+        name, eq, value = option.partition("=")
+        if not name.isalnum() or (eq and not value):
+            return None
+        result[name] = value if eq else True
+    return result
