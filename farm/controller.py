@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import functools
+import logging
 import os
 import socket
 import ssl
@@ -18,6 +19,8 @@ from typing import Any
 
 from farm.smtp import SMTP
 from farm.smtp.drain import SessionTracker
+
+log = logging.getLogger("farm.controller")
 
 DEFAULT_READY_TIMEOUT = 1.0
 DEFAULT_DRAIN_TIMEOUT = 30.0
@@ -104,6 +107,8 @@ class _BaseController:
         """Connect once and read the greeting, proving the factory works."""
         with self._connect() as sock:
             sock.settimeout(max(self.ready_timeout, 1.0))
+            if not self._factory_invoked.wait(self.ready_timeout) or self._thread_exception:
+                return
             if self.ssl_context is not None:
                 client = ssl.create_default_context()
                 client.check_hostname = False
@@ -132,6 +137,7 @@ class _ThreadedMixin(_BaseController):
             self.server = self.loop.run_until_complete(self.server_coro)
         except Exception as error:
             self._thread_exception = error
+            ready_event.set()
             return
         self.loop.call_soon(ready_event.set)
         self.loop.run_forever()
@@ -158,9 +164,15 @@ class _ThreadedMixin(_BaseController):
         self._thread = threading.Thread(target=self._run, args=(ready_event,), daemon=True)
         self._thread.start()
         started = time.monotonic()
-        if not ready_event.wait(self.ready_timeout):
+        if not ready_event.wait(self.ready_timeout) or self._thread_exception is not None:
             self._thread.join(self.ready_timeout)
             self._thread = None
+            if (
+                self._owns_loop
+                and self._thread_exception is not None
+                and not self.loop.is_running()
+            ):
+                self.loop.close()
             if self._thread_exception is not None:
                 raise self._thread_exception
             raise TimeoutError("SMTP server failed to start within allotted time")
@@ -183,7 +195,7 @@ class _ThreadedMixin(_BaseController):
             try:
                 future.result(None if self.drain_timeout is None else self.drain_timeout + 10)
             except Exception:
-                pass
+                log.exception("controller: draining the server failed; stopping anyway")
             self.loop.call_soon_threadsafe(self.loop.stop)
             thread.join()
         self._thread = None

@@ -44,5 +44,7 @@ class SessionTracker:
         for protocol in stragglers:
             protocol.abort()
         if stragglers:
-            log.warning("drain: aborted %d session(s) still busy after %ss", len(stragglers), timeout)
+            log.warning(
+                "drain: aborted %d session(s) still busy after %ss", len(stragglers), timeout
+            )
         return len(stragglers)

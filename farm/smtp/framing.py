@@ -165,8 +165,10 @@ class Framer:
         pos = self._pos
         if self._data_error is None and buf.startswith(EMPTY_BODY, pos):
             return self._finish_message(pos, pos, b"")
-        if self._data_error is None and len(buf) - pos < len(EMPTY_BODY) and (
-            EMPTY_BODY.startswith(bytes(buf[pos:]))
+        if (
+            self._data_error is None
+            and len(buf) - pos < len(EMPTY_BODY)
+            and (EMPTY_BODY.startswith(bytes(buf[pos:])))
         ):
             return None  # could still become an empty body
         end = buf.find(TERMINATOR, max(self._scan, pos))
@@ -214,7 +216,7 @@ class Framer:
         """Drop a refused body's bytes, keeping a tail that may start the terminator."""
         keep_from = max(self._pos, len(self._buf) - _TAIL)
         self._data_received += keep_from - self._pos
-        del self._buf[: keep_from]
+        del self._buf[:keep_from]
         self._pos = 0
         self._scan = 0
         self._line_checked = 0

@@ -186,17 +186,19 @@ class SMTP(asyncio.Protocol):
 
     def ehlo_lines(self) -> list[str]:
         """The EHLO reply lines (without the final ``250 HELP``)."""
-        return list(_ehlo_keywords(
-            self.hostname,
-            self.data_size_limit,
-            self._decode_data,
-            self.enable_SMTPUTF8,
-            self._pipelining,
-            self.tls_context is not None and self._tls_protocol is None,
-            self._auth_mechanism_names()
-            if (not self._auth_require_tls or self._tls_protocol is not None)
-            else None,
-        ))
+        return list(
+            _ehlo_keywords(
+                self.hostname,
+                self.data_size_limit,
+                self._decode_data,
+                self.enable_SMTPUTF8,
+                self._pipelining,
+                self.tls_context is not None and self._tls_protocol is None,
+                self._auth_mechanism_names()
+                if (not self._auth_require_tls or self._tls_protocol is not None)
+                else None,
+            )
+        )
 
     def _auth_mechanism_names(self) -> tuple[str, ...]:
         names = {"LOGIN", "PLAIN", *self._hooks.auth_mechanisms}
@@ -239,11 +241,7 @@ class SMTP(asyncio.Protocol):
             )
         if self._task is None and not self._write_paused:
             self._process()
-        elif (
-            not self._read_paused
-            and not framer.in_data
-            and framer.buffered > _MAX_PENDING_INPUT
-        ):
+        elif not self._read_paused and not framer.in_data and framer.buffered > _MAX_PENDING_INPUT:
             self._read_paused = True
             self.transport.pause_reading()  # type: ignore[union-attr]
 
@@ -436,7 +434,9 @@ class SMTP(asyncio.Protocol):
         error = task.exception()
         if error is not None:
             log.error(
-                "session=%s internal error", self.session.id, exc_info=error  # type: ignore[union-attr]
+                "session=%s internal error",
+                self.session.id,
+                exc_info=error,  # type: ignore[union-attr]
             )
             self._reply(LOCAL_ERROR)
         self._process()
@@ -827,9 +827,8 @@ def _task_verbs(cls: type, hooks: HookTable) -> frozenset[str]:
     """Verbs whose coroutine may suspend: it calls a present hook, or a subclass wrote it."""
     verbs = set()
     for verb, method in _hook_verbs(cls).items():
-        if getattr(SMTP, "smtp_" + verb, None) is not method:
-            verbs.add(verb)
-        elif any(name in hooks.hooks for name in SMTP._verb_hooks.get(verb, ())):
+        overridden = getattr(SMTP, "smtp_" + verb, None) is not method
+        if overridden or any(name in hooks.hooks for name in SMTP._verb_hooks.get(verb, ())):
             verbs.add(verb)
     return frozenset(verbs)
 
