@@ -1,0 +1,523 @@
+"""farm.handlers over real sockets: an engine per test on its own loop thread, smtplib clients."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import email.message
+import functools
+import io
+import logging
+import mailbox
+import smtplib
+import socket
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from farm.handlers import AsyncMessage, Debugging, Mailbox, Message, Proxy, Sink
+from farm.smtp import SMTP
+
+HOST = "127.0.0.1"
+#: Upper bound for anything a test waits for; a healthy run needs milliseconds.
+WAIT = 30.0
+
+MESSAGE = (
+    b"From: Anne Person <anne@example.com>\r\n"
+    b"To: Bart Person <bart@example.com>\r\n"
+    b"Subject: A test\r\n"
+    b"Message-ID: <ant>\r\n"
+    b"\r\n"
+    b"Hi Bart, this is Anne.\r\n"
+)
+
+
+class ServerThread:
+    """One engine listening on a free port, served by an event loop in a background thread."""
+
+    def __init__(self, handler: Any, **smtp_kwargs: Any) -> None:
+        self.handler = handler
+        self.smtp_kwargs = smtp_kwargs
+        self.loop = asyncio.new_event_loop()
+        self.port = 0
+        self._protocols: list[SMTP] = []
+        self._server: asyncio.Server | None = None
+        self._thread = threading.Thread(target=self._run, name="smtp-server", daemon=True)
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+
+    def _factory(self) -> SMTP:
+        protocol = SMTP(self.handler, hostname="farm.test", **self.smtp_kwargs)
+        self._protocols.append(protocol)
+        return protocol
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        try:
+            self._server = self.loop.run_until_complete(
+                self.loop.create_server(self._factory, HOST, 0)
+            )
+            self.port = self._server.sockets[0].getsockname()[1]
+        except BaseException as error:
+            self._error = error
+            self._ready.set()
+            self.loop.close()
+            return
+        self._ready.set()
+        try:
+            self.loop.run_forever()
+        finally:
+            self.loop.run_until_complete(self.loop.shutdown_default_executor())
+            self.loop.close()
+
+    def start(self) -> ServerThread:
+        self._thread.start()
+        assert self._ready.wait(WAIT), "server did not start"
+        if self._error is not None:
+            raise self._error
+        return self
+
+    async def _shutdown(self) -> None:
+        assert self._server is not None
+        self._server.close()
+        await self._server.wait_closed()
+        for protocol in self._protocols:
+            if protocol.transport is not None:
+                protocol.transport.close()
+        await asyncio.sleep(0)  # let connection_lost run
+
+    def stop(self) -> None:
+        asyncio.run_coroutine_threadsafe(self._shutdown(), self.loop).result(WAIT)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(WAIT)
+        assert not self._thread.is_alive(), "server thread did not stop"
+
+    def call_soon(self, callback: Callable[[], Any]) -> None:
+        self.loop.call_soon_threadsafe(callback)
+
+
+@pytest.fixture
+def serve() -> Iterator[Callable[..., ServerThread]]:
+    """Start engines with ``serve(handler, **smtp_kwargs)``; all are stopped, newest first."""
+    started: list[ServerThread] = []
+
+    def start(handler: Any, **smtp_kwargs: Any) -> ServerThread:
+        server = ServerThread(handler, **smtp_kwargs)
+        started.append(server)
+        return server.start()
+
+    yield start
+    while started:
+        started.pop().stop()
+
+
+def client(server: ServerThread) -> smtplib.SMTP:
+    return smtplib.SMTP(HOST, server.port, timeout=WAIT)
+
+
+class Recorder:
+    """An upstream handler that keeps what it received; optionally refuses some recipients."""
+
+    def __init__(self, refuse: dict[str, str] | None = None, data_reply: str = "250 OK") -> None:
+        self.refuse = refuse or {}
+        self.data_reply = data_reply
+        self.received: list[tuple[str, list[str], bytes, list[str]]] = []
+
+    async def handle_RCPT(
+        self, server: Any, session: Any, envelope: Any, address: str, rcpt_options: list[str]
+    ) -> str:
+        if address in self.refuse:
+            return self.refuse[address]
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        self.received.append(
+            (envelope.mail_from, list(envelope.rcpt_tos), envelope.content, envelope.mail_options)
+        )
+        return self.data_reply
+
+
+def relay_records(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.name == "farm.handlers"]
+
+
+# -- Debugging ---------------------------------------------------------------------------------
+
+
+def test_debugging_prints_bytes_message_with_peer(serve: Callable[..., ServerThread]) -> None:
+    stream = io.StringIO()
+    server = serve(Debugging(stream))
+    with client(server) as c:
+        peer = c.sock.getsockname()
+        assert c.sendmail("anne@example.com", ["bart@example.com"], MESSAGE) == {}
+    assert stream.getvalue() == (
+        "---------- MESSAGE FOLLOWS ----------\n"
+        f"mail options: ['SIZE={len(MESSAGE)}']\n"
+        "\n"
+        "From: Anne Person <anne@example.com>\n"
+        "To: Bart Person <bart@example.com>\n"
+        "Subject: A test\n"
+        "Message-ID: <ant>\n"
+        f"X-Peer: {peer!r}\n"
+        "\n"
+        "Hi Bart, this is Anne.\n"
+        "------------ END MESSAGE ------------\n"
+    )
+
+
+def test_debugging_prints_str_content(serve: Callable[..., ServerThread]) -> None:
+    stream = io.StringIO()
+    server = serve(Debugging(stream), decode_data=True)
+    with client(server) as c:
+        c.helo("client.test")  # plain SMTP: no mail options
+        peer = c.sock.getsockname()
+        c.sendmail(
+            "anne@example.com", ["bart@example.com"], "Subject: hi\r\n\r\nline 1\r\nline 2\r\n"
+        )
+    assert stream.getvalue() == (
+        "---------- MESSAGE FOLLOWS ----------\n"
+        "Subject: hi\n"
+        f"X-Peer: {peer!r}\n"
+        "\n"
+        "line 1\n"
+        "line 2\n"
+        "------------ END MESSAGE ------------\n"
+    )
+
+
+def test_debugging_stream_and_from_cli() -> None:
+    parser = argparse.ArgumentParser()
+    assert Debugging().stream is sys.stdout
+    assert Debugging.from_cli(parser).stream is sys.stdout
+    assert Debugging.from_cli(parser, "stdout").stream is sys.stdout
+    assert Debugging.from_cli(parser, "stderr").stream is sys.stderr
+    for args in (("bogus",), ("stdout", "stderr")):
+        with pytest.raises(SystemExit):
+            Debugging.from_cli(parser, *args)
+
+
+# -- Sink --------------------------------------------------------------------------------------
+
+
+def test_sink_accepts_and_has_no_hooks(serve: Callable[..., ServerThread]) -> None:
+    assert not [name for name in dir(Sink) if name.startswith("handle_")]
+    server = serve(Sink())
+    with client(server) as c:
+        assert (
+            c.sendmail("anne@example.com", ["bart@example.com", "cate@example.com"], MESSAGE) == {}
+        )
+        assert c.noop()[0] == 250
+
+
+def test_sink_from_cli() -> None:
+    parser = argparse.ArgumentParser()
+    assert isinstance(Sink.from_cli(parser), Sink)
+    with pytest.raises(SystemExit):
+        Sink.from_cli(parser, "extra")
+
+
+# -- Message and AsyncMessage ------------------------------------------------------------------
+
+
+class CustomMessage(email.message.Message):
+    pass
+
+
+class Collecting(Message):
+    def __init__(self, message_class: type[email.message.Message] | None = None) -> None:
+        super().__init__(message_class)
+        self.messages: list[email.message.Message] = []
+
+    def handle_message(self, message: email.message.Message) -> None:
+        self.messages.append(message)
+
+
+class AsyncCollecting(AsyncMessage):
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.messages: list[email.message.Message] = []
+        self.loops: list[asyncio.AbstractEventLoop] = []
+
+    async def handle_message(self, message: email.message.Message) -> None:
+        await asyncio.sleep(0)
+        self.loops.append(self.loop)
+        self.messages.append(message)
+
+
+def test_message_and_async_message_are_abstract() -> None:
+    with pytest.raises(TypeError):
+        Message()  # type: ignore[abstract]
+    with pytest.raises(TypeError):
+        AsyncMessage()  # type: ignore[abstract]
+
+
+@pytest.mark.parametrize("decode_data", [False, True])
+def test_message_gets_parsed_message_with_envelope_headers(
+    serve: Callable[..., ServerThread], decode_data: bool
+) -> None:
+    handler = Collecting(CustomMessage)
+    server = serve(handler, decode_data=decode_data)
+    with client(server) as c:
+        peer = c.sock.getsockname()
+        c.sendmail("anne@example.com", ["bart@example.com", "cate@example.com"], MESSAGE)
+    [message] = handler.messages
+    assert isinstance(message, CustomMessage)
+    assert message["Subject"] == "A test"
+    assert message["X-Peer"] == str(peer)
+    assert message["X-MailFrom"] == "anne@example.com"
+    assert message["X-RcptTo"] == "bart@example.com, cate@example.com"
+    assert message.get_payload() == "Hi Bart, this is Anne.\r\n"
+
+
+def test_async_message_awaits_handle_message(serve: Callable[..., ServerThread]) -> None:
+    handler = AsyncCollecting()
+    server = serve(handler)
+    with client(server) as c:
+        c.sendmail("anne@example.com", ["bart@example.com"], MESSAGE)
+        c.sendmail("<>", ["cate@example.com"], MESSAGE)
+    first, second = handler.messages
+    assert type(first) is email.message.Message
+    assert (first["X-MailFrom"], first["X-RcptTo"]) == ("anne@example.com", "bart@example.com")
+    assert (second["X-MailFrom"], second["X-RcptTo"]) == ("<>", "cate@example.com")
+    assert handler.loops == [server.loop, server.loop]
+
+
+def test_async_message_keeps_given_loop() -> None:
+    loop = asyncio.new_event_loop()
+    try:
+        assert AsyncCollecting(loop=loop).loop is loop
+    finally:
+        loop.close()
+
+
+# -- Mailbox -----------------------------------------------------------------------------------
+
+
+def test_mailbox_stores_messages_in_maildir(serve: Callable[..., ServerThread], tmp_path) -> None:
+    path = tmp_path / "Maildir"
+    handler = Mailbox(path)
+    server = serve(handler)
+    with client(server) as c:
+        c.sendmail("anne@example.com", ["bart@example.com"], MESSAGE)
+        c.sendmail("cate@example.com", ["dave@example.com"], MESSAGE.replace(b"A test", b"Two"))
+    stored = sorted(mailbox.Maildir(path, create=False), key=lambda m: m["X-MailFrom"])
+    assert [(m["X-MailFrom"], m["X-RcptTo"], m["Subject"]) for m in stored] == [
+        ("anne@example.com", "bart@example.com", "A test"),
+        ("cate@example.com", "dave@example.com", "Two"),
+    ]
+    assert stored[0].get_payload() == "Hi Bart, this is Anne.\n"  # Maildir stores LF endings
+    handler.reset()
+    assert len(mailbox.Maildir(path, create=False)) == 0
+
+
+def test_mailbox_from_cli(tmp_path) -> None:
+    parser = argparse.ArgumentParser()
+    handler = Mailbox.from_cli(parser, str(tmp_path / "box"))
+    assert handler.mail_dir == str(tmp_path / "box")
+    assert (tmp_path / "box" / "new").is_dir()
+    for args in ((), ("a", "b")):
+        with pytest.raises(SystemExit):
+            Mailbox.from_cli(parser, *args)
+
+
+# -- Proxy -------------------------------------------------------------------------------------
+
+
+def test_proxy_relays_with_x_peer(
+    serve: Callable[..., ServerThread], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="farm.handlers")
+    upstream = Recorder()
+    up = serve(upstream)
+    proxy = serve(Proxy(HOST, up.port))
+    with client(proxy) as c:
+        assert (
+            c.sendmail("anne@example.com", ["bart@example.com", "cate@example.com"], MESSAGE) == {}
+        )
+    [(mail_from, rcpt_tos, content, _)] = upstream.received
+    assert mail_from == "anne@example.com"
+    assert rcpt_tos == ["bart@example.com", "cate@example.com"]
+    assert content == MESSAGE.replace(b"\r\n\r\n", b"\r\nX-Peer: 127.0.0.1\r\n\r\n")
+    [record] = relay_records(caplog)
+    assert record.levelno == logging.INFO
+    assert "outcome=250" in record.getMessage()
+    assert f"upstream={HOST}:{up.port}" in record.getMessage()
+
+
+def test_proxy_relays_decoded_content_as_original_bytes(
+    serve: Callable[..., ServerThread],
+) -> None:
+    upstream = Recorder()
+    up = serve(upstream)
+    proxy = serve(Proxy(HOST, up.port), decode_data=True)
+    with client(proxy) as c:
+        c.sendmail("anne@example.com", ["bart@example.com"], b"no headers, no blank line\r\n")
+    [(_, _, content, _)] = upstream.received
+    assert content == b"X-Peer: 127.0.0.1\r\nno headers, no blank line\r\n"
+
+
+def test_proxy_forwards_8bitmime_when_upstream_offers_it(
+    serve: Callable[..., ServerThread],
+) -> None:
+    upstream = Recorder()
+    up = serve(upstream)
+    proxy = serve(Proxy(HOST, up.port))
+    body = "Subject: caf\u00e9\r\n\r\ncaf\u00e9\r\n".encode()
+    with client(proxy) as c:
+        c.sendmail("anne@example.com", ["bart@example.com"], body, mail_options=["BODY=8BITMIME"])
+    [(_, _, content, options)] = upstream.received
+    assert "BODY=8BITMIME" in options
+    assert content == body.replace(b"\r\n\r\n", b"\r\nX-Peer: 127.0.0.1\r\n\r\n")
+
+
+def test_proxy_partial_refusal_is_accepted_and_logged(
+    serve: Callable[..., ServerThread], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="farm.handlers")
+    upstream = Recorder(refuse={"nobody@example.com": "550 5.1.1 No such user"})
+    up = serve(upstream)
+    proxy = serve(Proxy(HOST, up.port))
+    with client(proxy) as c:
+        c.sendmail("anne@example.com", ["nobody@example.com", "bart@example.com"], MESSAGE)
+    [(_, rcpt_tos, _, _)] = upstream.received
+    assert rcpt_tos == ["bart@example.com"]
+    [record] = relay_records(caplog)
+    assert "refused=1" in record.getMessage()
+    assert "outcome=250" in record.getMessage()
+
+
+@pytest.mark.parametrize("refusal", ["550 5.1.1 No such user", "450 4.2.1 Mailbox busy, try later"])
+def test_proxy_passes_through_refusal_of_all_recipients(
+    serve: Callable[..., ServerThread], caplog: pytest.LogCaptureFixture, refusal: str
+) -> None:
+    caplog.set_level(logging.INFO, logger="farm.handlers")
+    up = serve(Recorder(refuse={"nobody@example.com": refusal}))
+    proxy = serve(Proxy(HOST, up.port))
+    with client(proxy) as c:
+        with pytest.raises(smtplib.SMTPDataError) as info:
+            c.sendmail("anne@example.com", ["nobody@example.com"], MESSAGE)
+        assert (info.value.smtp_code, info.value.smtp_error.decode()) == (
+            int(refusal[:3]),
+            refusal[4:],
+        )
+        assert c.noop()[0] == 250  # the session goes on
+    [record] = relay_records(caplog)
+    assert record.levelno == logging.WARNING
+    assert f"outcome={refusal[:3]}" in record.getMessage()
+
+
+def test_proxy_temporary_refusal_wins_over_permanent(serve: Callable[..., ServerThread]) -> None:
+    up = serve(
+        Recorder(
+            refuse={
+                "gone@example.com": "550 5.1.1 No such user",
+                "busy@example.com": "452 4.2.2 Mailbox full",
+            }
+        )
+    )
+    proxy = serve(Proxy(HOST, up.port))
+    with client(proxy) as c, pytest.raises(smtplib.SMTPDataError) as info:
+        c.sendmail("anne@example.com", ["gone@example.com", "busy@example.com"], MESSAGE)
+    assert info.value.smtp_code == 452
+
+
+def test_proxy_passes_through_upstream_data_refusal(serve: Callable[..., ServerThread]) -> None:
+    up = serve(Recorder(data_reply="554 5.6.0 Message rejected"))
+    proxy = serve(Proxy(HOST, up.port))
+    with client(proxy) as c, pytest.raises(smtplib.SMTPDataError) as info:
+        c.sendmail("anne@example.com", ["bart@example.com"], MESSAGE)
+    assert (info.value.smtp_code, info.value.smtp_error) == (554, b"5.6.0 Message rejected")
+
+
+def test_proxy_unreachable_upstream_gives_451(
+    serve: Callable[..., ServerThread], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="farm.handlers")
+    # A bound socket that never listens: connecting to its port is refused, and no other
+    # process can take the port while the test runs.
+    with socket.socket() as closed:
+        closed.bind((HOST, 0))
+        proxy = serve(Proxy(HOST, closed.getsockname()[1]))
+        with client(proxy) as c:
+            with pytest.raises(smtplib.SMTPDataError) as info:
+                c.sendmail("anne@example.com", ["bart@example.com"], MESSAGE)
+            assert info.value.smtp_code == 451
+            assert info.value.smtp_error.startswith(b"4.4.1 ")
+            assert c.noop()[0] == 250
+    [record] = relay_records(caplog)
+    assert record.levelno == logging.WARNING
+    assert record.exc_info is None
+    message = record.getMessage()
+    assert "outcome=451" in message
+    assert "ConnectionRefusedError" in message
+    assert "\n" not in message
+    assert not [r for r in caplog.records if r.exc_info]
+
+
+class SlowUpstream(Recorder):
+    """Holds every DATA until the test releases it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entered = threading.Event()
+        self.release = asyncio.Event()
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        self.entered.set()
+        await self.release.wait()
+        return await super().handle_DATA(server, session, envelope)
+
+
+def test_proxy_does_not_block_the_loop_while_relaying(serve: Callable[..., ServerThread]) -> None:
+    upstream = SlowUpstream()
+    up = serve(upstream)
+    proxy = serve(Proxy(HOST, up.port))
+    outcome: dict[str, Any] = {}
+
+    def send() -> None:
+        try:
+            with client(proxy) as c:
+                outcome["refused"] = c.sendmail("anne@example.com", ["bart@example.com"], MESSAGE)
+        except Exception as error:  # reported by the assertion below
+            outcome["error"] = error
+
+    sender = threading.Thread(target=send, name="slow-sender")
+    sender.start()
+    try:
+        assert upstream.entered.wait(WAIT), "the relay never reached the upstream"
+        # The proxy's loop is mid-relay; a second session on it must still be served.
+        with client(proxy) as second:
+            assert second.noop()[0] == 250
+        assert sender.is_alive()
+        assert upstream.received == []
+    finally:
+        up.call_soon(upstream.release.set)
+        sender.join(WAIT)
+    assert not sender.is_alive()
+    assert outcome == {"refused": {}}
+    assert len(upstream.received) == 1
+
+
+@pytest.mark.parametrize("upstream_utf8", [True, False])
+def test_proxy_smtputf8(serve: Callable[..., ServerThread], upstream_utf8: bool) -> None:
+    upstream = Recorder()
+    up = serve(upstream, enable_SMTPUTF8=upstream_utf8)
+    proxy = serve(Proxy(HOST, up.port), enable_SMTPUTF8=True)
+    with client(proxy) as c:
+        send = functools.partial(
+            c.sendmail, "ann\u00e9@example.com", ["b\u00e4rt@example.com"], MESSAGE, ["SMTPUTF8"]
+        )
+        if upstream_utf8:
+            assert send() == {}
+            [(mail_from, rcpt_tos, _, options)] = upstream.received
+            assert (mail_from, rcpt_tos) == ("ann\u00e9@example.com", ["b\u00e4rt@example.com"])
+            assert "SMTPUTF8" in options
+        else:
+            with pytest.raises(smtplib.SMTPDataError) as info:
+                send()
+            assert info.value.smtp_code == 553
+            assert upstream.received == []
