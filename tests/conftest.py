@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import threading
 from collections.abc import Iterator
@@ -40,12 +41,31 @@ def handler() -> RecordingHandler:
     return RecordingHandler()
 
 
+def new_loop(kind: str) -> asyncio.AbstractEventLoop:
+    """A fresh event loop: ``"asyncio"`` or ``"uvloop"``."""
+    if kind == "uvloop":
+        import uvloop
+
+        return uvloop.new_event_loop()
+    return asyncio.new_event_loop()
+
+
 @pytest.fixture
-def make_controller() -> Iterator[Any]:
+def loop_kind() -> str:
+    """The event loop the engine runs on; modules override this to run on both."""
+    return "asyncio"
+
+
+@pytest.fixture
+def make_controller(loop_kind: str) -> Iterator[Any]:
     """Factory: ``make_controller(handler, **smtp_kwargs)`` -> a started Controller on 127.0.0.1."""
     started: list[Controller] = []
+    loops: list[asyncio.AbstractEventLoop] = []
 
     def make(handler: Any, **kwargs: Any) -> Controller:
+        if "loop" not in kwargs:
+            kwargs["loop"] = new_loop(loop_kind)
+            loops.append(kwargs["loop"])
         kwargs.setdefault("hostname", "127.0.0.1")
         kwargs.setdefault("port", 0)
         kwargs.setdefault("server_hostname", "farm.test")
@@ -59,6 +79,8 @@ def make_controller() -> Iterator[Any]:
     for controller in started:
         if controller._thread is not None:
             controller.stop()
+    for loop in loops:
+        loop.close()
 
 
 @pytest.fixture

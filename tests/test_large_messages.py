@@ -82,7 +82,9 @@ def test_30mb_message_memory_and_loop_lag(make_controller: Any, handler: Any) ->
 
 
 @pytest.mark.slow
-def test_other_sessions_are_served_during_a_large_upload(make_controller: Any, handler: Any) -> None:
+def test_other_sessions_are_served_during_a_large_upload(
+    make_controller: Any, handler: Any
+) -> None:
     controller = make_controller(handler, data_size_limit=64 * 1024 * 1024)
     body = build_body(MESSAGE_SIZE)
     with socket.create_connection((controller.hostname, controller.port), timeout=60) as big:

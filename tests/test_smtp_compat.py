@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import smtplib
 import socket
+import threading
 from typing import Any
 
 import pytest
 
 from farm import smtp as farm_smtp
 from farm.smtp import SMTP
+
+
+@pytest.fixture(params=["asyncio", "uvloop"])
+def loop_kind(request: pytest.FixtureRequest) -> str:
+    """Every compatibility test runs on plain asyncio and on uvloop."""
+    return request.param
 
 
 def client_for(controller: Any) -> smtplib.SMTP:
@@ -335,3 +343,46 @@ def test_subclass_can_add_a_command(make_controller: Any, handler: Any) -> None:
     with client_for(controller) as client:
         assert client.docmd("XHELLO you") == (250, b"hello you")
         assert client.docmd("HELP XHELLO") == (250, b"Syntax: XHELLO [name]")
+
+
+def test_multiline_handler_reply_is_well_formed(make_controller: Any) -> None:
+    class Chatty:
+        async def handle_NOOP(self, server: Any, session: Any, envelope: Any, arg: str) -> str:
+            return "250 first line\nsecond line\r\nthird line"
+
+    controller = make_controller(Chatty())
+    with socket.create_connection((controller.hostname, controller.port), timeout=10) as sock:
+        reader = sock.makefile("rb")
+        reader.readline()
+        sock.sendall(b"NOOP\r\nQUIT\r\n")
+        assert [reader.readline() for _ in range(4)] == [
+            b"250-first line\r\n",
+            b"250-second line\r\n",
+            b"250 third line\r\n",
+            b"221 Bye\r\n",
+        ]
+
+
+def test_hung_hook_is_given_up_after_timeout(make_controller: Any) -> None:
+    class Hung:
+        def __init__(self) -> None:
+            self.cancelled = threading.Event()
+
+        async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                self.cancelled.set()
+                raise
+            return "250 never"
+
+    hung = Hung()
+    controller = make_controller(hung, timeout=1)
+    with socket.create_connection((controller.hostname, controller.port), timeout=30) as sock:
+        reader = sock.makefile("rb")
+        reader.readline()
+        sock.sendall(b"HELO me\r\nMAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\nDATA\r\nx\r\n.\r\n")
+        replies = [reader.readline() for _ in range(5)]
+        assert replies[-1] == b"451 4.3.0 Requested action aborted: local error\r\n"
+        assert reader.readline() == b""  # closed
+    assert hung.cancelled.wait(10)

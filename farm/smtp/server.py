@@ -165,6 +165,7 @@ class SMTP(asyncio.Protocol):
         self._last_line = 0.0
         self._data_deadline = 0.0
         self._data_started = 0.0
+        self._task_started = 0.0
         self._closed_waiter: asyncio.Future[None] | None = None
         self._started = 0.0
         self.counts = {"commands": 0, "accepted": 0, "rejected": 0, "bytes": 0}
@@ -413,6 +414,7 @@ class SMTP(asyncio.Protocol):
     def _run(self, coro: Coroutine[Any, Any, None], in_task: bool, delivery: bool = False) -> None:
         if in_task:
             self._task_is_delivery = delivery
+            self._task_started = self.loop.time()  # type: ignore[union-attr]
             self._task = task = self.loop.create_task(coro)  # type: ignore[union-attr]
             task.add_done_callback(self._task_done)
             return
@@ -444,6 +446,8 @@ class SMTP(asyncio.Protocol):
     # -- output ----------------------------------------------------------------------------
 
     def _reply(self, text: str) -> None:
+        if "\n" in text:
+            text = format_multiline(text)
         self._out.append(text)
 
     async def push(self, status: str) -> None:
@@ -470,8 +474,22 @@ class SMTP(asyncio.Protocol):
         if self._closed or self.transport is None:
             return
         now = self.loop.time()  # type: ignore[union-attr]
-        if self._task is not None:
-            deadline = now + self._timeout  # type: ignore[operator]
+        task = self._task
+        if task is not None:
+            deadline = self._task_started + self._timeout  # type: ignore[operator]
+            if now >= deadline:
+                # A hung hook: give up on it like a hung client (aiosmtpd closes here too).
+                log.warning(
+                    "session=%s handler hook exceeded the %ss timeout",
+                    self.session.id,
+                    self._timeout,
+                )  # type: ignore[union-attr]
+                self._task = None
+                task.cancel()
+                self._reply(LOCAL_ERROR)
+                self._close_after_flush = True
+                self._flush()
+                return
         elif self._framer.in_data:
             deadline = self._data_deadline
         else:
@@ -869,6 +887,25 @@ def _ehlo_keywords(
     if auth is not None:
         lines.append("250-AUTH " + " ".join(auth))
     return tuple(lines)
+
+
+def format_multiline(text: str) -> str:
+    """Make a reply with embedded line breaks a well-formed multi-line reply.
+
+    ``"250 a\\nb"`` and ``"250-a\\r\\n250-b"`` both become ``"250-a\\r\\n250 b"``: every
+    line carries the code, ``-`` after it on all lines but the last.
+    """
+    lines = [line.rstrip("\r") for line in text.split("\n")]
+    lines = [line for line in lines if line]
+    if not lines:
+        return text.strip()
+    code = lines[0][:3] if lines[0][:3].isdigit() else "451"
+    out = []
+    for i, line in enumerate(lines):
+        rest = line[4:] if line[:3].isdigit() and line[3:4] in ("", " ", "-") else line
+        sep = "-" if i < len(lines) - 1 else " "
+        out.append(f"{code}{sep}{rest}")
+    return "\r\n".join(out)
 
 
 def _peer_text(peer: Any) -> str:
