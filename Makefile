@@ -14,9 +14,9 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-## Run one engine on 127.0.0.1:8025 printing every message (Debugging handler).
+## Run the farm: 2 workers on 127.0.0.1:8025 printing every message, metrics on :9125.
 run: $(STAMP)
-	$(BIN)/python -m farm serve --bind 127.0.0.1:8025 --handler farm.handlers:Debugging
+	$(BIN)/python -m farm serve --bind 127.0.0.1:8025 --workers 2 --handler farm.handlers:Debugging --metrics 127.0.0.1:9125
 
 ## The whole suite, the long load/chaos tests included.
 test: $(STAMP)

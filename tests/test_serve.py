@@ -21,7 +21,9 @@ def start_farm(*args: str) -> subprocess.Popen[str]:
 
 def test_serve_delivers_and_stops_on_sigterm() -> None:
     port = free_port()
-    proc = start_farm("--bind", f"127.0.0.1:{port}", "--handler", "farm.handlers:Debugging")
+    proc = start_farm(
+        "--bind", f"127.0.0.1:{port}", "-w", "1", "--handler", "farm.handlers:Debugging"
+    )
     try:
         assert proc.stderr is not None
         banner = proc.stderr.readline()  # printed once listening
@@ -41,10 +43,11 @@ def test_serve_delivers_and_stops_on_sigterm() -> None:
 
 
 def test_serve_bad_handler_is_a_clear_error() -> None:
-    proc = start_farm("--bind", "127.0.0.1:0", "--handler", "no.such.module:Handler")
-    _, err = proc.communicate(timeout=30)
-    assert proc.returncode == 2
+    proc = start_farm("--bind", "127.0.0.1:0", "-w", "2", "--handler", "no.such.module:Handler")
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1
     assert "cannot import handler module 'no.such.module'" in err
+    assert "before it was ready (the handler could not be loaded); stopping" in err
     assert "Traceback" not in err
 
 
@@ -52,4 +55,7 @@ def test_serve_bad_bind_is_a_clear_error() -> None:
     proc = start_farm("--bind", "nonsense")
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 2
-    assert "bad bind address 'nonsense'" in err
+    assert err == (
+        "farm: command line: bind: bad address 'nonsense': "
+        "expected HOST:PORT, [IPv6]:PORT, unix:/path or fd://N\n"
+    )

@@ -56,6 +56,16 @@ _session_ids = itertools.count(1)
 _session_prefix = f"{os.getpid():x}"
 
 
+def _reset_session_ids() -> None:
+    """A forked worker numbers its sessions afresh, under its own pid."""
+    global _session_ids, _session_prefix
+    _session_ids = itertools.count(1)
+    _session_prefix = f"{os.getpid():x}"
+
+
+os.register_at_fork(after_in_child=_reset_session_ids)
+
+
 @functools.cache
 def default_hostname() -> str:
     """The host's FQDN, computed once per process."""
@@ -169,6 +179,8 @@ class SMTP(asyncio.Protocol):
         self._closed_waiter: asyncio.Future[None] | None = None
         self._started = 0.0
         self.counts = {"commands": 0, "accepted": 0, "rejected": 0, "bytes": 0}
+        #: Called with this protocol once its connection is lost (the farm's worker uses it).
+        self.on_close: Callable[[SMTP], None] | None = None
 
     # -- configuration derived once --------------------------------------------------------
 
@@ -276,6 +288,8 @@ class SMTP(asyncio.Protocol):
         if self._closed_waiter is not None and not self._closed_waiter.done():
             self._closed_waiter.set_result(None)
         self.transport = None
+        if self.on_close is not None:
+            self.on_close(self)
 
     def pause_writing(self) -> None:
         self._write_paused = True

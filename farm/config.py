@@ -1,0 +1,490 @@
+"""The farm's configuration: one frozen, validated object built from TOML and command-line flags.
+
+``load_config(path, overrides)`` reads ``farm.toml`` (top-level keys, a ``[handler_args]`` table of
+keyword arguments for the handler class, and an ``[smtp]`` table of engine keywords), applies the
+command-line flags on top (same key names; ``None`` means "flag not given") and returns a
+:class:`Config`.
+
+Stored types: ``bind`` is a tuple of :class:`~farm.addresses.Address` (never empty, no
+duplicates), ``metrics`` an ``Address`` of kind ``tcp`` or ``None``, ``handler_args`` a read-only
+mapping, ``smtp`` an :class:`SMTPSettings`. Constructing either dataclass validates and normalises
+every field (address strings are parsed, ints accepted where floats are expected, log levels
+upper-cased), so a ``Config`` object is always valid; a bad value raises :class:`ConfigError`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import difflib
+import json
+import math
+import os
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from types import MappingProxyType
+from typing import Any
+
+from farm.addresses import Address, parse_address
+
+__all__ = ["LOG_LEVELS", "Config", "ConfigError", "SMTPSettings", "load_config"]
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+COMMAND_LINE = "command line"
+DEFAULT_BIND = (parse_address("127.0.0.1:8025"),)
+
+Check = Callable[[str, Any], Any]
+
+
+class ConfigError(Exception):
+    """A configuration problem, as one line naming the file (if any) and the key.
+
+    ``key`` is the dotted key at fault (``"workers"``, ``"smtp.timeout"``) or ``None``.
+    """
+
+    def __init__(self, message: str, key: str | None = None) -> None:
+        super().__init__(message)
+        self.key = key
+
+    def located(self, where: str | None) -> ConfigError:
+        """The same error prefixed with ``where`` (a file name or "command line")."""
+        return ConfigError(f"{where}: {self}" if where else str(self), self.key)
+
+
+# --- value checks: each takes (dotted key, value) and returns the normalised value ---------------
+
+
+def _expected(key: str, what: str, value: Any) -> ConfigError:
+    return ConfigError(f"{key}: expected {what}, got {value!r}", key)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _integer(minimum: int) -> Check:
+    def check(key: str, value: Any) -> int:
+        if not _is_int(value) or value < minimum:
+            raise _expected(key, f"an integer >= {minimum}", value)
+        return value
+
+    return check
+
+
+def _positive_number(key: str, value: Any) -> float:
+    number_like = _is_int(value) or isinstance(value, float)
+    if not number_like or not math.isfinite(value) or value <= 0:
+        raise _expected(key, "a number > 0", value)
+    return float(value)
+
+
+def _boolean(key: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise _expected(key, "true or false", value)
+    return value
+
+
+def _optional_string(key: str, value: Any) -> str | None:
+    if value is not None and (not isinstance(value, str) or not value):
+        raise _expected(key, "a non-empty string", value)
+    return value
+
+
+def _address(key: str, value: Any) -> Address:
+    if isinstance(value, Address):
+        return value
+    try:
+        return parse_address(value)
+    except ValueError as error:
+        raise ConfigError(f"{key}: {error}", key) from None
+
+
+def _bind(key: str, value: Any) -> tuple[Address, ...]:
+    if isinstance(value, str | Address):
+        value = [value]
+    if not isinstance(value, list | tuple) or not value:
+        raise _expected(key, "a non-empty list of addresses", value)
+    addresses = tuple(_address(key, item) for item in value)
+    seen: set[str] = set()
+    for address in addresses:
+        if address.text in seen:
+            raise ConfigError(f"{key}: duplicate address {address.text!r}", key)
+        seen.add(address.text)
+    return addresses
+
+
+def _metrics(key: str, value: Any) -> Address | None:
+    if value is None:
+        return None
+    address = _address(key, value)
+    if address.kind != "tcp":
+        raise _expected(key, "HOST:PORT or [IPv6]:PORT", address.text)
+    return address
+
+
+_HANDLER = re.compile(r"[^\W\d]\w*(?:\.[^\W\d]\w*)*:[^\W\d]\w*(?:\.[^\W\d]\w*)*")
+
+
+def _handler(key: str, value: Any) -> str:
+    if not isinstance(value, str) or not _HANDLER.fullmatch(value):
+        raise _expected(key, "MODULE:ATTR (e.g. farm.handlers:Debugging)", value)
+    return value
+
+
+def _log_level(key: str, value: Any) -> str:
+    if not isinstance(value, str) or value.upper() not in LOG_LEVELS:
+        raise _expected(key, f"one of {', '.join(LOG_LEVELS)}", value)
+    return value.upper()
+
+
+_TOML_SCALARS = (str, int, float, bool, datetime.date, datetime.time)
+
+
+def _toml_data(key: str, value: Any) -> Any:
+    """Check ``value`` is representable in TOML; return a deep copy with plain lists and dicts."""
+    if isinstance(value, Mapping):
+        return {k: _toml_data(f"{key}.{k}", v) for k, v in _string_keys(key, value).items()}
+    if isinstance(value, list | tuple):
+        return [_toml_data(key, item) for item in value]
+    if isinstance(value, _TOML_SCALARS):
+        return value
+    raise _expected(key, "a TOML value", value)
+
+
+def _string_keys(key: str, table: Mapping[Any, Any]) -> Mapping[str, Any]:
+    for name in table:
+        if not isinstance(name, str):
+            raise ConfigError(f"{key}: keys must be strings, got {name!r}", key)
+    return table
+
+
+def _handler_args(key: str, value: Any) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise _expected(key, "a table", value)
+    return MappingProxyType(_toml_data(key, value))
+
+
+_VERB = re.compile(r"\*|[A-Za-z]+")
+
+
+def _call_limit(key: str, value: Any) -> int | Mapping[str, int] | None:
+    if value is None:
+        return None
+    if _is_int(value):
+        return _integer(1)(key, value)
+    if not isinstance(value, Mapping):
+        raise _expected(key, "an integer >= 1 or a table of them", value)
+    limits: dict[str, int] = {}
+    for verb, limit in value.items():
+        if not isinstance(verb, str) or not _VERB.fullmatch(verb):
+            raise ConfigError(f"{key}: expected SMTP command names or '*', got {verb!r}", key)
+        limits[verb.upper()] = _integer(1)(f"{key}.{verb}", limit)
+    return MappingProxyType(limits)
+
+
+def _smtp(key: str, value: Any) -> SMTPSettings:
+    if isinstance(value, SMTPSettings):
+        return value
+    if not isinstance(value, Mapping):
+        raise _expected(key, "a table", value)
+    _reject_unknown(value, SMTPSettings.names(), f"{key}.")
+    return SMTPSettings(**value)
+
+
+# --- the dataclasses -----------------------------------------------------------------------------
+
+
+def _checked(check: Check) -> dict[str, Check]:
+    """Field metadata: the check that validates and normalises the field."""
+    return {"check": check}
+
+
+def _validate(obj: Any, prefix: str) -> None:
+    for spec in fields(obj):
+        check = spec.metadata.get("check")
+        if check is not None:
+            object.__setattr__(obj, spec.name, check(prefix + spec.name, getattr(obj, spec.name)))
+
+
+def _empty_table() -> Mapping[str, Any]:
+    return MappingProxyType({})
+
+
+def _cpu_count() -> int:
+    return os.cpu_count() or 1
+
+
+@dataclass(frozen=True)
+class SMTPSettings:
+    """The ``[smtp]`` table: keyword arguments for ``farm.smtp.SMTP``."""
+
+    hostname: str | None = field(default=None, metadata=_checked(_optional_string))
+    ident: str | None = field(default=None, metadata=_checked(_optional_string))
+    data_size_limit: int = field(default=33554432, metadata=_checked(_integer(0)))
+    enable_SMTPUTF8: bool = field(default=True, metadata=_checked(_boolean))
+    decode_data: bool = field(default=False, metadata=_checked(_boolean))
+    timeout: float = field(default=300.0, metadata=_checked(_positive_number))
+    max_recipients: int = field(default=1000, metadata=_checked(_integer(1)))
+    command_call_limit: int | Mapping[str, int] | None = field(
+        default=None, metadata=_checked(_call_limit)
+    )
+    pipelining: bool = field(default=True, metadata=_checked(_boolean))
+    min_data_rate: float = field(default=500.0, metadata=_checked(_positive_number))
+
+    def __post_init__(self) -> None:
+        _validate(self, "smtp.")
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        """The names accepted in the ``[smtp]`` table."""
+        return tuple(spec.name for spec in fields(cls))
+
+    def as_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``farm.smtp.SMTP(handler, **kwargs)``."""
+        kwargs = {name: getattr(self, name) for name in self.names()}
+        if isinstance(self.command_call_limit, Mapping):
+            kwargs["command_call_limit"] = dict(self.command_call_limit)
+        return kwargs
+
+    def replace(self, **changes: Any) -> SMTPSettings:
+        """A validated copy with ``changes`` applied."""
+        _reject_unknown(changes, self.names(), "smtp.")
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class Config:
+    """The farm's effective configuration (see the module docstring for stored types)."""
+
+    bind: tuple[Address, ...] = field(default=DEFAULT_BIND, metadata=_checked(_bind))
+    workers: int = field(default_factory=_cpu_count, metadata=_checked(_integer(1)))
+    handler: str = field(default="farm.handlers:Debugging", metadata=_checked(_handler))
+    handler_args: Mapping[str, Any] = field(
+        default_factory=_empty_table, metadata=_checked(_handler_args)
+    )
+    metrics: Address | None = field(default=None, metadata=_checked(_metrics))
+    user: str | None = field(default=None, metadata=_checked(_optional_string))
+    group: str | None = field(default=None, metadata=_checked(_optional_string))
+    pidfile: str | None = field(default=None, metadata=_checked(_optional_string))
+    graceful_timeout: float = field(default=30.0, metadata=_checked(_positive_number))
+    timeout: float = field(default=30.0, metadata=_checked(_positive_number))
+    boot_timeout: float = field(default=30.0, metadata=_checked(_positive_number))
+    uvloop: bool = field(default=True, metadata=_checked(_boolean))
+    max_sessions: int = field(default=1000, metadata=_checked(_integer(1)))
+    max_messages: int = field(default=0, metadata=_checked(_integer(0)))
+    max_messages_jitter: int = field(default=0, metadata=_checked(_integer(0)))
+    max_rss: int = field(default=0, metadata=_checked(_integer(0)))
+    log_level: str = field(default="INFO", metadata=_checked(_log_level))
+    log_file: str | None = field(default=None, metadata=_checked(_optional_string))
+    smtp: SMTPSettings = field(default_factory=SMTPSettings, metadata=_checked(_smtp))
+    #: The file this configuration was read from (not compared, not a TOML key).
+    source: str | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        _validate(self, "")
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        """The names accepted at the top level of ``farm.toml``."""
+        return tuple(spec.name for spec in fields(cls) if spec.name != "source")
+
+    def smtp_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``farm.smtp.SMTP(handler, **config.smtp_kwargs())``."""
+        return self.smtp.as_kwargs()
+
+    def replace(self, **changes: Any) -> Config:
+        """A validated copy with ``changes`` applied (``smtp`` may be a partial mapping)."""
+        _reject_unknown(changes, (*self.names(), "source"), "")
+        smtp = changes.get("smtp")
+        if isinstance(smtp, Mapping):
+            changes["smtp"] = self.smtp.replace(**smtp)
+        return dataclasses.replace(self, **changes)
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain data (addresses as text, tables as dicts, ``None`` kept), without ``source``."""
+        data = {name: _plain(getattr(self, name)) for name in self.names()}
+        data["smtp"] = {name: _plain(getattr(self.smtp, name)) for name in SMTPSettings.names()}
+        return data
+
+    def describe(self) -> str:
+        """The effective configuration as TOML text that ``load_config`` reads back equal."""
+        data = self.as_dict()
+        smtp, handler_args = data.pop("smtp"), data.pop("handler_args")
+        lines = [f"# farm: effective configuration ({self.source or 'no file'})"]
+        lines += _toml_lines(data)
+        lines += ["", "[handler_args]", *_toml_lines(handler_args)]
+        lines += ["", "[smtp]", *_toml_lines(smtp)]
+        return "\n".join(lines) + "\n"
+
+
+def _reject_unknown(table: Mapping[str, Any], known: tuple[str, ...], prefix: str) -> None:
+    for key in table:
+        if key not in known:
+            raise ConfigError(_unknown_message(str(key), known, prefix), f"{prefix}{key}")
+
+
+def _unknown_message(key: str, known: tuple[str, ...], prefix: str) -> str:
+    message = f"unknown key {prefix + key!r}"
+    close = difflib.get_close_matches(key, known, n=1)
+    return f"{message} (did you mean {prefix + close[0]!r}?)" if close else message
+
+
+# --- loading -------------------------------------------------------------------------------------
+
+
+def load_config(
+    path: str | os.PathLike[str] | None, overrides: Mapping[str, Any] | None = None
+) -> Config:
+    """Read ``path`` (TOML) if given, apply ``overrides`` (CLI flags), validate, return a Config.
+
+    ``overrides`` uses the TOML key names; a ``None`` value means "not given". ``smtp`` may be a
+    mapping merged into the file's ``[smtp]`` table, or use dotted keys (``"smtp.hostname"``).
+    Any other key replaces the file's value outright (``bind`` included).
+    """
+    where = os.fspath(path) if path is not None else None
+    table = _read_toml(where) if where is not None else {}
+    _check_table(table, where)
+    table, given = _apply_overrides(table, overrides or {})
+    try:
+        return Config(**table, source=where)
+    except ConfigError as error:
+        raise error.located(COMMAND_LINE if _from(error.key, given) else where) from None
+
+
+def _read_toml(path: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as file:
+            data = file.read()
+    except OSError as error:
+        raise ConfigError(f"cannot read {path}: {error.strerror or error}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{path}: not UTF-8 text (bad byte at offset {error.start})") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"{path}: {_syntax_message(error)}") from None
+
+
+_AT_LINE = re.compile(r"(?P<message>.*) \(at line (?P<line>\d+), column (?P<column>\d+)\)")
+
+
+def _syntax_message(error: tomllib.TOMLDecodeError) -> str:
+    text = " ".join(str(error).split())
+    match = _AT_LINE.fullmatch(text)
+    if match is None:
+        return text
+    return f"line {match['line']}: {match['message']} (column {match['column']})"
+
+
+def _check_table(table: Mapping[str, Any], where: str | None) -> None:
+    """Reject unknown keys and a non-table ``[smtp]`` before anything is merged into them."""
+    try:
+        _reject_unknown(table, Config.names(), "")
+        smtp = table.get("smtp", {})
+        if not isinstance(smtp, Mapping):
+            raise _expected("smtp", "a table", smtp)
+        _reject_unknown(smtp, SMTPSettings.names(), "smtp.")
+    except ConfigError as error:
+        raise error.located(where) from None
+
+
+def _apply_overrides(
+    table: Mapping[str, Any], overrides: Mapping[str, Any]
+) -> tuple[dict[str, Any], set[str]]:
+    """Merge ``overrides`` into a copy of ``table``; return it and the dotted keys overridden."""
+    merged = dict(table)
+    smtp = dict(merged.get("smtp", {}))
+    given: set[str] = set()
+    for key, value in _flatten(overrides):
+        if value is None:
+            continue
+        given.add(key)
+        if key.startswith("smtp."):
+            smtp[key.removeprefix("smtp.")] = value
+        else:
+            merged[key] = value
+    try:
+        _reject_unknown(merged, Config.names(), "")
+        _reject_unknown(smtp, SMTPSettings.names(), "smtp.")
+    except ConfigError as error:
+        raise error.located(COMMAND_LINE) from None
+    if smtp and "smtp" not in given:
+        merged["smtp"] = smtp
+    return merged, given
+
+
+def _flatten(overrides: Mapping[str, Any]) -> list[tuple[str, Any]]:
+    """``{"smtp": {"hostname": h}}`` and ``{"smtp.hostname": h}`` both give ``smtp.hostname``."""
+    items: list[tuple[str, Any]] = []
+    for key, value in overrides.items():
+        if key == "smtp" and isinstance(value, Mapping):
+            items += [(f"smtp.{name}", item) for name, item in value.items()]
+        else:
+            items.append((key, value))
+    return items
+
+
+def _from(key: str | None, given: set[str]) -> bool:
+    """Whether ``key`` (or a table containing it) came from the overrides."""
+    parts = (key or "").split(".")
+    return any(".".join(parts[:n]) in given for n in range(1, len(parts) + 1))
+
+
+# --- TOML output ---------------------------------------------------------------------------------
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Address):
+        return value.text
+    if isinstance(value, Mapping):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(item) for item in value]
+    return value
+
+
+def _toml_lines(table: Mapping[str, Any]) -> list[str]:
+    return [
+        f"# {key}: not set" if value is None else f"{_toml_key(key)} = {_toml_value(value)}"
+        for key, value in table.items()
+    ]
+
+
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def _toml_key(key: str) -> str:
+    return key if _BARE_KEY.fullmatch(key) else _toml_string(key)
+
+
+def _toml_string(text: str) -> str:
+    return json.dumps(text, ensure_ascii=False).replace("\x7f", "\\u007f")
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return _toml_float(value)
+    if isinstance(value, str):
+        return _toml_string(value)
+    if isinstance(value, datetime.date | datetime.time):
+        return value.isoformat()
+    if isinstance(value, Mapping):
+        items = ", ".join(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items())
+        return f"{{ {items} }}" if items else "{}"
+    return "[" + ", ".join(_toml_value(item) for item in value) + "]"
+
+
+def _toml_float(value: float) -> str:
+    if math.isnan(value):
+        return "nan"
+    if math.isinf(value):
+        return "inf" if value > 0 else "-inf"
+    return repr(value)

@@ -1,0 +1,1 @@
+"""The supervisor: listeners, privileges, systemd integration, the arbiter and its workers."""

@@ -1,0 +1,627 @@
+"""The supervisor: forks workers over pre-bound listeners and keeps them healthy.
+
+One thread, one ``selectors`` loop. Signal handlers only record the signal; the loop reaps,
+respawns (with per-slot exponential backoff), detects hung workers, reloads generations and
+stops. Workers live in slots 0..N-1; a replacement inherits its slot.
+"""
+
+from __future__ import annotations
+
+import collections
+import errno
+import logging
+import os
+import selectors
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from farm import __version__
+from farm.config import Config, ConfigError, load_config
+from farm.logs import reopen_log_file
+from farm.metrics import SupervisorMetrics
+from farm.supervisor.channel import Channel, ChannelClosed
+from farm.supervisor.listeners import Listener, ListenerError, bind_listeners
+from farm.supervisor.metrics_http import MetricsHTTPServer
+from farm.supervisor.systemd import Notifier
+from farm.supervisor.worker import EXIT_BOOT_ERROR, WorkerSpec, run_worker
+
+log = logging.getLogger("farm.supervisor")
+
+#: A worker that dies within this many seconds of READY counts as dying young (backoff grows).
+YOUNG_DEATH = 5.0
+BACKOFF_START = 1.0
+BACKOFF_MAX = 60.0
+#: Time a hung worker gets to write its stack dump before SIGKILL.
+DUMP_GRACE = 1.0
+FAST_STOP_GRACE = 5.0
+HANDLED_SIGNALS = (
+    signal.SIGTERM,
+    signal.SIGINT,
+    signal.SIGQUIT,
+    signal.SIGHUP,
+    signal.SIGTTIN,
+    signal.SIGTTOU,
+    signal.SIGUSR1,
+    signal.SIGCHLD,
+)
+
+
+@dataclass
+class WorkerProcess:
+    """The supervisor's view of one worker process."""
+
+    pid: int
+    slot: int
+    generation: int
+    channel: Channel
+    started: float
+    ready_at: float | None = None
+    last_beat: float = 0.0
+    sessions: int = 0
+    messages: int = 0
+    lag: float = 0.0
+    #: Why we asked it to exit (None: any exit is a crash).
+    retiring: str | None = None
+    kill_at: float | None = None
+    timed_out: bool = False
+    #: For a recycling replacement: the pid it replaces once READY.
+    replaces: int | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.ready_at is not None
+
+
+@dataclass
+class Reload:
+    """A reload in progress: the new generation boots beside the old one."""
+
+    generation: int
+    old_config: Config
+    new_slots: dict[int, int] = field(default_factory=dict)
+    deadline: float = 0.0
+    opened_listeners: list[Listener] = field(default_factory=list)
+    closing_listeners: list[Listener] = field(default_factory=list)
+
+
+class Arbiter:
+    """Runs the farm until it is stopped; ``run()`` returns the exit status."""
+
+    def __init__(
+        self,
+        config: Config,
+        listeners: list[Listener],
+        *,
+        overrides: dict[str, Any] | None = None,
+        notifier: Notifier | None = None,
+    ) -> None:
+        self.config = config
+        self.overrides = dict(overrides or {})
+        self.listeners = {listener.address: listener for listener in listeners}
+        self.notifier = notifier or Notifier()
+        self.metrics = SupervisorMetrics()
+        self.metrics.build.info({"version": __version__})
+        self.workers: dict[int, WorkerProcess] = {}
+        self.slots: dict[int, int] = {}
+        self.desired = config.workers
+        self.generation = 1
+        self.failures: collections.Counter[int] = collections.Counter()
+        self.spawn_at: dict[int, float] = {}
+        self.state = "booting"
+        self.reload: Reload | None = None
+        self.exit_code: int | None = None
+        self.stop_deadline: float | None = None
+        self._signals: collections.deque[int] = collections.deque()
+        self._selector = selectors.DefaultSelector()
+        self._wakeup_r, self._wakeup_w = os.pipe()
+        self._metrics_server: MetricsHTTPServer | None = None
+        self._next_watchdog = 0.0
+        self._boot_deadline = 0.0
+
+    # -- setup and the loop ----------------------------------------------------------------
+
+    def run(self) -> int:
+        """Boot the workers and supervise them until stopped."""
+        self._install_signals()
+        self._set_title()
+        if self.config.metrics:
+            self._metrics_server = MetricsHTTPServer(
+                self.config.metrics, self._selector, self.metrics.registry, self._refresh_metrics
+            )
+            log.info("metrics on http://%s/metrics", self._metrics_server.address)
+        self.metrics.reload_generation.set(self.generation)
+        self._boot_deadline = time.monotonic() + self.config.boot_timeout
+        for slot in range(self.desired):
+            self.slots[slot] = self._spawn(slot, self.generation)
+        try:
+            while self.exit_code is None:
+                for key, _ in self._selector.select(self._select_timeout()):
+                    key.data()
+                self._handle_signals()
+                self._reap()
+                self._tick()
+        finally:
+            self._cleanup()
+        return self.exit_code
+
+    def _install_signals(self) -> None:
+        os.set_blocking(self._wakeup_w, False)
+        os.set_blocking(self._wakeup_r, False)
+        signal.set_wakeup_fd(self._wakeup_w, warn_on_full_buffer=False)
+        for signum in HANDLED_SIGNALS:
+            signal.signal(signum, self._record_signal)
+        self._selector.register(self._wakeup_r, selectors.EVENT_READ, self._drain_wakeup)
+
+    def _record_signal(self, signum: int, frame: Any) -> None:
+        self._signals.append(signum)  # only record: the loop does the work
+
+    def _drain_wakeup(self) -> None:
+        try:
+            while os.read(self._wakeup_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    def _select_timeout(self) -> float:
+        return 0.0 if self._signals else 0.25
+
+    def _set_title(self) -> None:
+        try:
+            from setproctitle import setproctitle
+        except ImportError:  # pragma: no cover
+            return
+        source = self.config.source or "defaults"
+        setproctitle(f"farm: supervisor [{source}]")
+
+    def _cleanup(self) -> None:
+        signal.set_wakeup_fd(-1)
+        for signum in HANDLED_SIGNALS:
+            signal.signal(signum, signal.SIG_DFL)
+        if self._metrics_server is not None:
+            self._metrics_server.close()
+        for listener in self.listeners.values():
+            listener.close()
+        self._selector.close()
+        os.close(self._wakeup_r)
+        os.close(self._wakeup_w)
+
+    # -- spawning --------------------------------------------------------------------------
+
+    def _spawn(self, slot: int, generation: int, replaces: int | None = None) -> int:
+        supervisor_end, worker_end = Channel.pair()
+        close_fds = [supervisor_end.fileno(), self._wakeup_r, self._wakeup_w]
+        close_fds += [w.channel.fileno() for w in self.workers.values()]
+        close_fds += self._selector_fds()
+        if self._metrics_server is not None:
+            close_fds += self._metrics_server.fds()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:
+            spec = WorkerSpec(
+                slot=slot,
+                generation=generation,
+                config=self.config,
+                listeners=list(self.listeners.values()),
+                channel=worker_end,
+                close_fds=close_fds,
+            )
+            run_worker(spec)  # never returns
+        worker_end.close()
+        now = time.monotonic()
+        worker = WorkerProcess(
+            pid=pid,
+            slot=slot,
+            generation=generation,
+            channel=supervisor_end,
+            started=now,
+            last_beat=now,
+            replaces=replaces,
+        )
+        self.workers[pid] = worker
+        self._selector.register(
+            supervisor_end.fileno(), selectors.EVENT_READ, lambda: self._on_channel(worker)
+        )
+        log.info("worker %d gen %d started (pid %d)", slot, generation, pid)
+        return pid
+
+    def _selector_fds(self) -> list[int]:
+        fileno = getattr(self._selector, "fileno", None)
+        return [fileno()] if callable(fileno) else []
+
+    # -- worker messages -------------------------------------------------------------------
+
+    def _on_channel(self, worker: WorkerProcess) -> None:
+        try:
+            messages = worker.channel.receive()
+        except ChannelClosed:
+            self._forget_channel(worker)
+            return
+        now = time.monotonic()
+        for message in messages:
+            kind = message.get("t")
+            if kind == "hb":
+                worker.last_beat = now
+                worker.lag = float(message.get("lag", 0.0))
+                worker.sessions = int(message.get("sessions", 0))
+                worker.messages = int(message.get("messages", 0))
+            elif kind == "ready":
+                worker.ready_at = worker.last_beat = now
+                log.info("worker %d gen %d ready (pid %d)", worker.slot, worker.generation, worker.pid)
+                self._on_ready(worker)
+            elif kind == "recycle":
+                self._recycle(worker, str(message.get("reason", "recycle")))
+
+    def _forget_channel(self, worker: WorkerProcess) -> None:
+        try:
+            self._selector.unregister(worker.channel.fileno())
+        except (KeyError, ValueError):
+            pass
+        worker.channel.close()
+
+    def _on_ready(self, worker: WorkerProcess) -> None:
+        if worker.replaces is not None:
+            old = self.workers.get(worker.replaces)
+            if self.slots.get(worker.slot) == worker.replaces:
+                self.slots[worker.slot] = worker.pid
+            if old is not None:
+                self._retire(old, "recycle")
+            worker.replaces = None
+        if self.state == "booting" and self._ready_count() >= self.desired:
+            self.state = "running"
+            log.info("farm ready: %d workers on %s", self.desired, ", ".join(self.listeners))
+            self.notifier.ready(f"serving with {self.desired} workers")
+        if self.reload is not None and self._reload_complete():
+            self._commit_reload()
+
+    def _ready_count(self) -> int:
+        return sum(
+            1 for pid in self.slots.values() if pid in self.workers and self.workers[pid].ready
+        )
+
+    def _recycle(self, worker: WorkerProcess, reason: str) -> None:
+        if self.state != "running" or worker.retiring or self.slots.get(worker.slot) != worker.pid:
+            return
+        if any(w.replaces == worker.pid for w in self.workers.values()):
+            return
+        log.info("worker %d (pid %d) asks to be recycled: %s", worker.slot, worker.pid, reason)
+        self.metrics.restarts.labels("recycle").inc()
+        self._spawn(worker.slot, worker.generation, replaces=worker.pid)
+
+    def _retire(self, worker: WorkerProcess, reason: str, graceful: bool = True) -> None:
+        """Ask a worker to exit (drain when graceful)."""
+        if worker.retiring is None:
+            worker.retiring = reason
+        self._kill(worker.pid, signal.SIGTERM if graceful else signal.SIGQUIT)
+
+    def _kill(self, pid: int, signum: int) -> None:
+        try:
+            os.kill(pid, signum)
+        except ProcessLookupError:
+            pass
+
+    # -- signals ---------------------------------------------------------------------------
+
+    def _handle_signals(self) -> None:
+        while self._signals:
+            signum = self._signals.popleft()
+            if signum == signal.SIGCHLD:
+                continue  # reaping happens every turn of the loop
+            name = signal.Signals(signum).name
+            if signum != signal.SIGCHLD:
+                log.info("received %s", name)
+            if signum == signal.SIGTERM:
+                self._begin_stop(graceful=True)
+            elif signum in (signal.SIGINT, signal.SIGQUIT):
+                self._begin_stop(graceful=False)
+            elif signum == signal.SIGHUP:
+                self._begin_reload()
+            elif signum == signal.SIGTTIN:
+                self._scale(+1)
+            elif signum == signal.SIGTTOU:
+                self._scale(-1)
+            elif signum == signal.SIGUSR1:
+                self._reopen_logs()
+
+    def _reopen_logs(self) -> None:
+        if self.config.log_file:
+            reopen_log_file(self.config.log_file)
+            log.info("log file reopened")
+        for pid in self.workers:
+            self._kill(pid, signal.SIGUSR1)
+
+    def _scale(self, delta: int) -> None:
+        if self.state not in ("running", "booting") or self.reload is not None:
+            log.warning("not scaling while %s", "reloading" if self.reload else self.state)
+            return
+        if delta > 0:
+            slot = self.desired
+            self.desired += 1
+            self.slots[slot] = self._spawn(slot, self.generation)
+        elif self.desired > 1:
+            self.desired -= 1
+            slot = self.desired
+            self.spawn_at.pop(slot, None)
+            self.failures.pop(slot, None)
+            pid = self.slots.pop(slot, None)
+            if pid is not None and pid in self.workers:
+                self._retire(self.workers[pid], "scale")
+        log.info("workers desired: %d", self.desired)
+
+    # -- stopping --------------------------------------------------------------------------
+
+    def _begin_stop(self, graceful: bool) -> None:
+        if self.state == "stopping" and graceful:
+            return
+        self.state = "stopping"
+        self.notifier.stopping()
+        now = time.monotonic()
+        grace = self.config.graceful_timeout if graceful else FAST_STOP_GRACE
+        deadline = now + grace
+        self.stop_deadline = deadline if self.stop_deadline is None else min(self.stop_deadline, deadline)
+        if self._metrics_server is not None:
+            self._metrics_server.close()
+            self._metrics_server = None
+        for worker in list(self.workers.values()):
+            self._retire(worker, "stop", graceful=graceful)
+        log.info(
+            "%s stop: %d worker(s), deadline %.0fs",
+            "graceful" if graceful else "fast",
+            len(self.workers),
+            grace,
+        )
+
+    # -- reload ----------------------------------------------------------------------------
+
+    def _begin_reload(self) -> None:
+        if self.state != "running":
+            log.warning("reload ignored while %s", self.state)
+            return
+        if self.reload is not None:
+            log.warning("reload ignored: a reload is already in progress")
+            return
+        self.metrics.reload_last_timestamp.set(time.time())
+        try:
+            new_config = load_config(self.config.source, self.overrides)
+        except ConfigError as error:
+            log.error("reload failed: %s; keeping the running configuration", error)
+            self.metrics.reload_last_success.set(0)
+            return
+        try:
+            opened, closing = self._apply_listeners(new_config)
+        except ListenerError as error:
+            log.error("reload failed: %s; keeping the running configuration", error)
+            self.metrics.reload_last_success.set(0)
+            return
+        self.notifier.reloading()
+        generation = self.generation + 1
+        reload = Reload(generation=generation, old_config=self.config)
+        reload.deadline = time.monotonic() + new_config.boot_timeout
+        reload.opened_listeners = opened
+        reload.closing_listeners = closing
+        self.reload = reload
+        self.config = new_config
+        for listener in opened:
+            self.listeners[listener.address] = listener
+        for listener in closing:
+            self.listeners.pop(listener.address, None)
+        self._set_title()
+        log.info("reloading: starting generation %d with %d workers", generation, new_config.workers)
+        for slot in range(new_config.workers):
+            reload.new_slots[slot] = self._spawn(slot, generation)
+
+    def _apply_listeners(self, new_config: Config) -> tuple[list[Listener], list[Listener]]:
+        """Bind the addresses new in ``new_config``; list those it no longer has."""
+        wanted = [str(getattr(a, "text", a)) for a in new_config.bind]
+        if set(wanted) == set(self.listeners) or self._inherited():
+            return [], []
+        new = [a for a in new_config.bind if str(getattr(a, "text", a)) not in self.listeners]
+        opened = bind_listeners(new) if new else []
+        closing = [l for address, l in self.listeners.items() if address not in wanted]
+        return opened, closing
+
+    def _inherited(self) -> bool:
+        return any(listener.name != listener.address for listener in self.listeners.values())
+
+    def _reload_complete(self) -> bool:
+        assert self.reload is not None
+        return all(
+            pid in self.workers and self.workers[pid].ready for pid in self.reload.new_slots.values()
+        )
+
+    def _commit_reload(self) -> None:
+        reload = self.reload
+        assert reload is not None
+        old = [self.workers[pid] for pid in self.slots.values() if pid in self.workers]
+        self.slots = dict(reload.new_slots)
+        self.desired = len(self.slots)
+        self.generation = reload.generation
+        self.spawn_at.clear()
+        self.failures.clear()
+        for worker in old:
+            self._retire(worker, "reload")
+            self.metrics.restarts.labels("reload").inc()
+        for listener in reload.closing_listeners:
+            listener.close()
+        self.reload = None
+        self.metrics.reload_generation.set(self.generation)
+        self.metrics.reload_last_success.set(1)
+        log.info("reload complete: generation %d serving, draining %d old worker(s)", self.generation, len(old))
+        self.notifier.ready(f"serving with {self.desired} workers, generation {self.generation}")
+
+    def _abort_reload(self, why: str) -> None:
+        reload = self.reload
+        assert reload is not None
+        log.error("reload failed: %s; generation %d keeps serving", why, self.generation)
+        for pid in reload.new_slots.values():
+            if pid in self.workers:
+                self._retire(self.workers[pid], "reload-aborted", graceful=False)
+                self._kill(pid, signal.SIGKILL)
+        for listener in reload.opened_listeners:
+            self.listeners.pop(listener.address, None)
+            listener.close()
+        for listener in reload.closing_listeners:
+            self.listeners[listener.address] = listener
+        self.config = reload.old_config
+        self.reload = None
+        self.metrics.reload_last_success.set(0)
+        self._set_title()
+        self.notifier.ready(f"serving with {self.desired} workers (reload failed)")
+
+    # -- reaping ---------------------------------------------------------------------------
+
+    def _reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            except OSError as error:
+                if error.errno == errno.EINTR:
+                    continue
+                raise
+            if pid == 0:
+                return
+            worker = self.workers.pop(pid, None)
+            if worker is not None:
+                self._forget_channel(worker)
+                self._on_exit(worker, status)
+
+    def _on_exit(self, worker: WorkerProcess, status: int) -> None:
+        how = _describe_status(status)
+        if worker.retiring is not None:
+            log.info("worker %d gen %d (pid %d) exited (%s): %s", worker.slot, worker.generation, worker.pid, worker.retiring, how)
+            return
+        if self.state == "stopping":
+            return
+        reason = "timeout" if worker.timed_out else "crash"
+        if self.reload is not None and worker.pid in self.reload.new_slots.values():
+            self._abort_reload(f"new worker {worker.slot} (pid {worker.pid}) {how} before READY")
+            return
+        if worker.replaces is not None:
+            log.error("recycling replacement for worker %d %s before READY; keeping the old one", worker.slot, how)
+            return
+        if self.state == "booting" and not worker.ready:
+            code = os.waitstatus_to_exitcode(status)
+            hint = " (the handler could not be loaded)" if code == EXIT_BOOT_ERROR else ""
+            message = f"worker {worker.slot} (pid {worker.pid}) {how} before it was ready{hint}; stopping"
+            log.error(message)
+            print(f"farm: {message}", file=sys.stderr, flush=True)
+            self.exit_code = 1
+            self._begin_stop(graceful=False)
+            return
+        if self.slots.get(worker.slot) != worker.pid:
+            return
+        self.metrics.restarts.labels(reason).inc()
+        now = time.monotonic()
+        young = not worker.ready or now - (worker.ready_at or now) < YOUNG_DEATH
+        if young:
+            self.failures[worker.slot] += 1
+            delay = min(BACKOFF_MAX, BACKOFF_START * 2 ** (self.failures[worker.slot] - 1))
+        else:
+            self.failures.pop(worker.slot, None)
+            delay = 0.0
+        log.error(
+            "worker %d gen %d (pid %d) %s (%s); respawning in %.0fs",
+            worker.slot,
+            worker.generation,
+            worker.pid,
+            how,
+            reason,
+            delay,
+        )
+        self.slots.pop(worker.slot, None)
+        self.spawn_at[worker.slot] = now + delay
+        self.metrics.backoff.labels(str(worker.slot)).set(delay)
+
+    # -- periodic work ---------------------------------------------------------------------
+
+    def _tick(self) -> None:
+        now = time.monotonic()
+        if self.state == "stopping":
+            self._tick_stopping(now)
+            return
+        for slot, when in list(self.spawn_at.items()):
+            if when <= now and slot < self.desired and slot not in self.slots:
+                del self.spawn_at[slot]
+                self.metrics.backoff.labels(str(slot)).set(0)
+                self.slots[slot] = self._spawn(slot, self.generation)
+        for worker in list(self.workers.values()):
+            self._check_health(worker, now)
+        if self.state == "booting" and now > self._boot_deadline:
+            message = f"no READY from every worker within {self.config.boot_timeout:.0f}s; stopping"
+            log.error(message)
+            print(f"farm: {message}", file=sys.stderr, flush=True)
+            self.exit_code = 1
+            self._begin_stop(graceful=False)
+            return
+        if self.reload is not None and now > self.reload.deadline:
+            self._abort_reload(f"the new workers were not READY within {self.config.boot_timeout:.0f}s")
+        self._watchdog(now)
+
+    def _check_health(self, worker: WorkerProcess, now: float) -> None:
+        if worker.kill_at is not None:
+            if now >= worker.kill_at:
+                worker.kill_at = None
+                self._kill(worker.pid, signal.SIGKILL)
+            return
+        if worker.retiring is not None:
+            if worker.retiring != "stop" and now - worker.last_beat > self.config.graceful_timeout + self.config.timeout:
+                self._kill(worker.pid, signal.SIGKILL)
+            return
+        if not worker.ready:
+            if now - worker.started > self.config.boot_timeout:
+                log.error("worker %d (pid %d) not READY after %.0fs: killing it", worker.slot, worker.pid, self.config.boot_timeout)
+                worker.timed_out = True
+                self._kill(worker.pid, signal.SIGKILL)
+                worker.kill_at = None
+            return
+        silent = now - worker.last_beat
+        if silent > self.config.timeout:
+            log.error(
+                "worker %d gen %d (pid %d) sent no heartbeat for %.1fs: dumping its stack, then killing it",
+                worker.slot,
+                worker.generation,
+                worker.pid,
+                silent,
+            )
+            worker.timed_out = True
+            self._kill(worker.pid, signal.SIGUSR2)
+            worker.kill_at = now + DUMP_GRACE
+
+    def _tick_stopping(self, now: float) -> None:
+        if not self.workers:
+            if self.exit_code is None:
+                self.exit_code = 0
+            log.info("stopped")
+            return
+        if self.stop_deadline is not None and now >= self.stop_deadline:
+            log.warning("%d worker(s) still running at the deadline: SIGKILL", len(self.workers))
+            for pid in list(self.workers):
+                self._kill(pid, signal.SIGKILL)
+            self.stop_deadline = None
+
+    def _watchdog(self, now: float) -> None:
+        interval = self.notifier.watchdog_interval
+        if not interval or now < self._next_watchdog:
+            return
+        if self.state == "running" and self._ready_count() > 0:
+            self.notifier.watchdog()
+            self._next_watchdog = now + interval
+
+    # -- metrics ---------------------------------------------------------------------------
+
+    def _refresh_metrics(self) -> None:
+        self.metrics.workers_desired.set(self.desired)
+        self.metrics.workers_ready.set(self._ready_count())
+
+
+def _describe_status(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        return f"was killed by {signal.Signals(os.WTERMSIG(status)).name}"
+    return f"exited with status {os.waitstatus_to_exitcode(status)}"
+
+

@@ -1,0 +1,99 @@
+"""The supervisor <-> worker channel: newline-delimited JSON messages over a socketpair.
+
+Both ends are non-blocking. EOF tells either side that the other is gone.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from typing import Any
+
+#: A message larger than this is a protocol error (metrics exposition fits well below it).
+MAX_MESSAGE = 16 * 1024 * 1024
+
+
+class ChannelClosed(Exception):
+    """The other end closed the channel (or broke it)."""
+
+
+class Channel:
+    """One end of a socketpair carrying JSON objects, one per line."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        self.sock = sock
+        self._inbox = bytearray()
+        self._outbox = bytearray()
+        self._eof = False
+
+    @classmethod
+    def pair(cls) -> tuple[Channel, Channel]:
+        """(supervisor end, worker end)."""
+        left, right = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        return cls(left), cls(right)
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def close(self) -> None:
+        self.sock.close()
+
+    # -- sending ---------------------------------------------------------------------------
+
+    def send(self, message: dict[str, Any]) -> None:
+        """Queue a message and write as much as the socket takes now."""
+        self._outbox += json.dumps(message, separators=(",", ":")).encode() + b"\n"
+        self.flush()
+
+    @property
+    def pending_output(self) -> int:
+        return len(self._outbox)
+
+    def flush(self) -> None:
+        """Write queued bytes without blocking; raise ChannelClosed if the peer is gone."""
+        while self._outbox:
+            try:
+                sent = self.sock.send(self._outbox)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as error:
+                raise ChannelClosed(str(error)) from None
+            del self._outbox[:sent]
+
+    # -- receiving -------------------------------------------------------------------------
+
+    def receive(self) -> list[dict[str, Any]]:
+        """Read what is available and return the complete messages; ChannelClosed at EOF."""
+        if self._eof:
+            raise ChannelClosed("end of file")
+        while True:
+            try:
+                chunk = self.sock.recv(262144)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as error:
+                raise ChannelClosed(str(error)) from None
+            if not chunk:
+                self._eof = True  # deliver what is complete first; raise on the next call
+                break
+            self._inbox += chunk
+            if len(chunk) < 262144:
+                break
+        messages = []
+        while True:
+            end = self._inbox.find(b"\n")
+            if end < 0:
+                if len(self._inbox) > MAX_MESSAGE:
+                    raise ChannelClosed("message too large")
+                if self._eof and not messages:
+                    raise ChannelClosed("end of file")
+                return messages
+            line = bytes(self._inbox[:end])
+            del self._inbox[: end + 1]
+            try:
+                message = json.loads(line)
+            except ValueError:
+                raise ChannelClosed("malformed message") from None
+            if isinstance(message, dict):
+                messages.append(message)

@@ -1,0 +1,155 @@
+"""A minimal non-blocking HTTP endpoint for /metrics, run by the supervisor's own loop.
+
+No thread (invariant 4: the supervisor forks). The exposition text comes from
+``prometheus_client``; content negotiation picks OpenMetrics when the scraper asks for it.
+"""
+
+from __future__ import annotations
+
+import logging
+import selectors
+import socket
+from collections.abc import Callable
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import choose_encoder
+
+log = logging.getLogger("farm.supervisor")
+
+MAX_REQUEST = 8192
+
+
+class MetricsHTTPServer:
+    """Serves ``GET /metrics`` on ``address`` (``HOST:PORT``) through ``selector``."""
+
+    def __init__(
+        self,
+        address: Any,
+        selector: selectors.BaseSelector,
+        registry: CollectorRegistry,
+        refresh: Callable[[], None],
+    ) -> None:
+        host, port = _split(address)
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self._sock = socket.socket(family, socket.SOCK_STREAM)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._sock.bind((host, port))
+        self._sock.listen(64)
+        self._sock.setblocking(False)
+        self._sock.set_inheritable(False)
+        self._selector = selector
+        self._registry = registry
+        self._refresh = refresh
+        self._clients: dict[int, tuple[socket.socket, bytearray, bytearray]] = {}
+        selector.register(self._sock, selectors.EVENT_READ, self._accept)
+        bound = self._sock.getsockname()
+        self.address = f"[{bound[0]}]:{bound[1]}" if family == socket.AF_INET6 else f"{bound[0]}:{bound[1]}"
+
+    def fds(self) -> list[int]:
+        """Every descriptor this server holds (a forked worker closes them)."""
+        return [self._sock.fileno(), *self._clients]
+
+    def close(self) -> None:
+        for fd in list(self._clients):
+            self._drop(fd)
+        try:
+            self._selector.unregister(self._sock)
+        except (KeyError, ValueError):
+            pass
+        self._sock.close()
+
+    def _accept(self) -> None:
+        for _ in range(16):
+            try:
+                conn, _ = self._sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as error:
+                log.warning("metrics: accept failed: %s", error)
+                return
+            conn.setblocking(False)
+            conn.set_inheritable(False)
+            fd = conn.fileno()
+            self._clients[fd] = (conn, bytearray(), bytearray())
+            self._selector.register(conn, selectors.EVENT_READ, lambda fd=fd: self._readable(fd))
+
+    def _readable(self, fd: int) -> None:
+        conn, inbox, _ = self._clients[fd]
+        try:
+            chunk = conn.recv(4096)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self._drop(fd)
+            return
+        if not chunk:
+            self._drop(fd)
+            return
+        inbox += chunk
+        if b"\r\n\r\n" in inbox or b"\n\n" in inbox:
+            self._respond(fd)
+        elif len(inbox) > MAX_REQUEST:
+            self._reply(fd, 431, "text/plain", b"request header too large\n")
+
+    def _respond(self, fd: int) -> None:
+        _, inbox, _ = self._clients[fd]
+        head = bytes(inbox).split(b"\r\n\r\n")[0].decode("latin-1")
+        lines = head.replace("\r\n", "\n").split("\n")
+        parts = lines[0].split()
+        headers = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+        if len(parts) < 2 or parts[0] not in ("GET", "HEAD"):
+            self._reply(fd, 405, "text/plain", b"only GET\n")
+            return
+        path = parts[1].split("?")[0]
+        if path not in ("/metrics", "/"):
+            self._reply(fd, 404, "text/plain", b"try /metrics\n")
+            return
+        self._refresh()
+        encoder, content_type = choose_encoder(headers.get("accept", ""))
+        body = encoder(self._registry)
+        self._reply(fd, 200, content_type, b"" if parts[0] == "HEAD" else body)
+
+    def _reply(self, fd: int, status: int, content_type: str, body: bytes) -> None:
+        conn, _, outbox = self._clients[fd]
+        reason = {200: "OK", 404: "Not Found", 405: "Method Not Allowed"}.get(status, "Error")
+        outbox += (
+            f"HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+        ).encode() + body
+        self._selector.modify(conn, selectors.EVENT_WRITE, lambda: self._writable(fd))
+        self._writable(fd)
+
+    def _writable(self, fd: int) -> None:
+        entry = self._clients.get(fd)
+        if entry is None:
+            return
+        conn, _, outbox = entry
+        try:
+            sent = conn.send(outbox)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self._drop(fd)
+            return
+        del outbox[:sent]
+        if not outbox:
+            self._drop(fd)
+
+    def _drop(self, fd: int) -> None:
+        conn, _, _ = self._clients.pop(fd)
+        try:
+            self._selector.unregister(conn)
+        except (KeyError, ValueError):
+            pass
+        conn.close()
+
+
+def _split(address: Any) -> tuple[str, int]:
+    if hasattr(address, "host") and hasattr(address, "port"):
+        return address.host, address.port
+    host, _, port = str(address).rpartition(":")
+    return host.strip("[]"), int(port)

@@ -1,0 +1,282 @@
+"""A worker process: one event loop serving SMTP on the listeners it inherited at fork.
+
+It reports READY once serving, heartbeats (loop lag, sessions, messages) on its channel, stops
+accepting at its session cap, drains on SIGTERM, stops at once on SIGINT/SIGQUIT, and exits when
+the supervisor's end of the channel closes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import faulthandler
+import logging
+import os
+import random
+import signal
+import socket
+import sys
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, NoReturn
+
+from farm.handler_loading import HandlerLoadError, load_handler
+from farm.logs import reopen_log_file
+from farm.smtp import SMTP
+from farm.smtp.drain import SessionTracker
+from farm.supervisor.channel import Channel, ChannelClosed
+
+log = logging.getLogger("farm.worker")
+
+#: Exit status of a worker that could not load its handler (a configuration error).
+EXIT_BOOT_ERROR = 3
+HEARTBEAT_INTERVAL = 1.0
+#: Signals the supervisor handles; a worker puts them back to their defaults first.
+SUPERVISOR_SIGNALS = (
+    signal.SIGTERM,
+    signal.SIGINT,
+    signal.SIGQUIT,
+    signal.SIGHUP,
+    signal.SIGTTIN,
+    signal.SIGTTOU,
+    signal.SIGUSR1,
+    signal.SIGUSR2,
+    signal.SIGCHLD,
+)
+
+
+@dataclass
+class WorkerSpec:
+    """Everything a freshly forked worker needs."""
+
+    slot: int
+    generation: int
+    config: Any
+    listeners: list[Any]
+    channel: Channel
+    #: Supervisor file descriptors the child must close.
+    close_fds: list[int] = field(default_factory=list)
+
+
+def run_worker(spec: WorkerSpec) -> NoReturn:
+    """The body of a forked child: never returns into the supervisor's code."""
+    code = 1
+    try:
+        code = _worker_process(spec)
+    except SystemExit as stop:
+        code = stop.code if isinstance(stop.code, int) else 1
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    finally:
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(code)
+
+
+def _worker_process(spec: WorkerSpec) -> int:
+    signal.set_wakeup_fd(-1)
+    for signum in SUPERVISOR_SIGNALS:
+        signal.signal(signum, signal.SIG_DFL)
+    for fd in spec.close_fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    try:
+        from setproctitle import setproctitle
+
+        setproctitle(f"farm: worker {spec.slot} gen {spec.generation}")
+    except ImportError:  # pragma: no cover - a declared dependency
+        pass
+    faulthandler.register(signal.SIGUSR2, file=sys.stderr, all_threads=True)
+    config = spec.config
+    try:
+        handler = load_handler(config.handler, config.handler_args)
+    except HandlerLoadError as error:
+        print(f"farm: worker {spec.slot}: {error}", file=sys.stderr, flush=True)
+        return EXIT_BOOT_ERROR
+    loop = _new_loop(config.uvloop)
+    asyncio.set_event_loop(loop)
+    try:
+        server = WorkerServer(spec, handler, loop)
+        return loop.run_until_complete(server.run())
+    finally:
+        loop.close()
+
+
+def _new_loop(use_uvloop: bool) -> asyncio.AbstractEventLoop:
+    if use_uvloop:
+        try:
+            import uvloop
+        except ImportError:
+            pass
+        else:
+            return uvloop.new_event_loop()
+    return asyncio.new_event_loop()
+
+
+class AcceptGate:
+    """Accepting on every listener, paused and resumed (at the session cap, in a drain)."""
+
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, listeners: list[Any], factory: Callable[[], SMTP]
+    ) -> None:
+        self._loop = loop
+        self._listeners = listeners
+        self._factory = factory
+        self._servers: list[asyncio.AbstractServer] = []
+        self.open = False
+
+    async def start(self) -> None:
+        if self.open:
+            return
+        self.open = True
+        for listener in self._listeners:
+            # A duplicate, so that pausing closes only this process's copy of the socket.
+            sock = listener.socket.dup()
+            if sock.family == socket.AF_UNIX:
+                server = await self._loop.create_unix_server(self._factory, sock=sock)
+            else:
+                server = await self._loop.create_server(self._factory, sock=sock, backlog=1024)
+            self._servers.append(server)
+
+    def stop(self) -> None:
+        self.open = False
+        for server in self._servers:
+            server.close()
+        self._servers.clear()
+
+
+class WorkerServer:
+    """The worker's event-loop side: serving, heartbeats, the session cap and stopping."""
+
+    def __init__(self, spec: WorkerSpec, handler: Any, loop: asyncio.AbstractEventLoop) -> None:
+        self.spec = spec
+        self.config = spec.config
+        self.handler = handler
+        self.loop = loop
+        self.channel = spec.channel
+        self.sessions = SessionTracker()
+        self.active = 0
+        self.messages = 0
+        self.gate = AcceptGate(loop, spec.listeners, self._new_session)
+        self._smtp_kwargs = self.config.smtp.as_kwargs()
+        self._done = loop.create_future()
+        self._stopping = False
+        self._recycle_at = self._recycle_threshold()
+        self._recycle_asked = False
+        self._beat_due = 0.0
+
+    def _recycle_threshold(self) -> int | None:
+        if not self.config.max_messages:
+            return None
+        jitter = self.config.max_messages_jitter
+        return self.config.max_messages + (random.randint(0, jitter) if jitter else 0)
+
+    # -- sessions --------------------------------------------------------------------------
+
+    def _new_session(self) -> SMTP:
+        protocol = SMTP(self.handler, loop=self.loop, **self._smtp_kwargs)
+        protocol.on_close = self._session_closed
+        self.sessions.add(protocol)
+        self.active += 1
+        if self.active >= self.config.max_sessions and self.gate.open and not self._stopping:
+            log.warning(
+                "worker %d: %d sessions, at the cap: not accepting", self.spec.slot, self.active
+            )
+            self.gate.stop()
+        return protocol
+
+    def _session_closed(self, protocol: SMTP) -> None:
+        self.active -= 1
+        self.messages += protocol.counts["accepted"]
+        if (
+            not self.gate.open
+            and not self._stopping
+            and self.active < self.config.max_sessions
+        ):
+            self.loop.create_task(self.gate.start())
+        if self._recycle_at is not None and self.messages >= self._recycle_at:
+            self._ask_recycle("max_messages")
+
+    def _ask_recycle(self, reason: str) -> None:
+        if not self._recycle_asked:
+            self._recycle_asked = True
+            self._send({"t": "recycle", "reason": reason})
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def run(self) -> int:
+        loop = self.loop
+        loop.add_signal_handler(signal.SIGTERM, self.stop, True)
+        loop.add_signal_handler(signal.SIGINT, self.stop, False)
+        loop.add_signal_handler(signal.SIGQUIT, self.stop, False)
+        loop.add_signal_handler(signal.SIGUSR1, self._reopen_logs)
+        loop.add_reader(self.channel.fileno(), self._on_channel)
+        await self.gate.start()
+        self._send({"t": "ready", "pid": os.getpid()})
+        self._beat_due = loop.time() + HEARTBEAT_INTERVAL
+        loop.call_at(self._beat_due, self._heartbeat)
+        return await self._done
+
+    def stop(self, graceful: bool) -> None:
+        if self._stopping and graceful:
+            return
+        self._stopping = True
+        self.gate.stop()
+        self.loop.create_task(self._stop(graceful))
+
+    async def _stop(self, graceful: bool) -> None:
+        if graceful:
+            await self.sessions.drain(self.config.graceful_timeout)
+        else:
+            for protocol in self.sessions.active:
+                protocol.abort()
+        if not self._done.done():
+            self._done.set_result(0)
+
+    def _reopen_logs(self) -> None:
+        if self.config.log_file:
+            reopen_log_file(self.config.log_file)
+
+    # -- the channel -----------------------------------------------------------------------
+
+    def _send(self, message: dict[str, Any]) -> None:
+        try:
+            self.channel.send(message)
+        except ChannelClosed:
+            self._supervisor_gone()
+
+    def _on_channel(self) -> None:
+        try:
+            messages = self.channel.receive()
+        except ChannelClosed:
+            self._supervisor_gone()
+            return
+        for message in messages:
+            kind = message.get("t")
+            if kind == "stop":
+                self.stop(bool(message.get("graceful", True)))
+
+    def _supervisor_gone(self) -> None:
+        self.loop.remove_reader(self.channel.fileno())
+        if not self._stopping:
+            log.warning("worker %d: the supervisor is gone; draining", self.spec.slot)
+            self.stop(True)
+
+    def _heartbeat(self) -> None:
+        now = self.loop.time()
+        lag = max(0.0, now - self._beat_due)
+        self._send(
+            {
+                "t": "hb",
+                "lag": round(lag, 6),
+                "sessions": self.active,
+                "messages": self.messages,
+            }
+        )
+        self._beat_due = now + HEARTBEAT_INTERVAL
+        self.loop.call_at(self._beat_due, self._heartbeat)
