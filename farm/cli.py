@@ -12,7 +12,6 @@ from farm import __version__
 from farm.config import Config, ConfigError, load_config
 from farm.logs import configure_logging
 from farm.supervisor.listeners import (
-    Listener,
     ListenerError,
     bind_listeners,
     inherit_systemd_listeners,

@@ -8,6 +8,7 @@ stops. Workers live in slots 0..N-1; a replacement inherits its slot.
 from __future__ import annotations
 
 import collections
+import contextlib
 import errno
 import logging
 import os
@@ -250,16 +251,16 @@ class Arbiter:
                 worker.messages = int(message.get("messages", 0))
             elif kind == "ready":
                 worker.ready_at = worker.last_beat = now
-                log.info("worker %d gen %d ready (pid %d)", worker.slot, worker.generation, worker.pid)
+                log.info(
+                    "worker %d gen %d ready (pid %d)", worker.slot, worker.generation, worker.pid
+                )
                 self._on_ready(worker)
             elif kind == "recycle":
                 self._recycle(worker, str(message.get("reason", "recycle")))
 
     def _forget_channel(self, worker: WorkerProcess) -> None:
-        try:
+        with contextlib.suppress(KeyError, ValueError):
             self._selector.unregister(worker.channel.fileno())
-        except (KeyError, ValueError):
-            pass
         worker.channel.close()
 
     def _on_ready(self, worker: WorkerProcess) -> None:
@@ -298,10 +299,8 @@ class Arbiter:
         self._kill(worker.pid, signal.SIGTERM if graceful else signal.SIGQUIT)
 
     def _kill(self, pid: int, signum: int) -> None:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signum)
-        except ProcessLookupError:
-            pass
 
     # -- signals ---------------------------------------------------------------------------
 
@@ -361,7 +360,9 @@ class Arbiter:
         now = time.monotonic()
         grace = self.config.graceful_timeout if graceful else FAST_STOP_GRACE
         deadline = now + grace
-        self.stop_deadline = deadline if self.stop_deadline is None else min(self.stop_deadline, deadline)
+        self.stop_deadline = (
+            deadline if self.stop_deadline is None else min(self.stop_deadline, deadline)
+        )
         if self._metrics_server is not None:
             self._metrics_server.close()
             self._metrics_server = None
@@ -409,7 +410,9 @@ class Arbiter:
         for listener in closing:
             self.listeners.pop(listener.address, None)
         self._set_title()
-        log.info("reloading: starting generation %d with %d workers", generation, new_config.workers)
+        log.info(
+            "reloading: starting generation %d with %d workers", generation, new_config.workers
+        )
         for slot in range(new_config.workers):
             reload.new_slots[slot] = self._spawn(slot, generation)
 
@@ -420,16 +423,17 @@ class Arbiter:
             return [], []
         new = [a for a in new_config.bind if str(getattr(a, "text", a)) not in self.listeners]
         opened = bind_listeners(new) if new else []
-        closing = [l for address, l in self.listeners.items() if address not in wanted]
+        closing = [ls for address, ls in self.listeners.items() if address not in wanted]
         return opened, closing
 
     def _inherited(self) -> bool:
-        return any(listener.name != listener.address for listener in self.listeners.values())
+        return any(listener.from_systemd for listener in self.listeners.values())
 
     def _reload_complete(self) -> bool:
         assert self.reload is not None
         return all(
-            pid in self.workers and self.workers[pid].ready for pid in self.reload.new_slots.values()
+            pid in self.workers and self.workers[pid].ready
+            for pid in self.reload.new_slots.values()
         )
 
     def _commit_reload(self) -> None:
@@ -449,7 +453,11 @@ class Arbiter:
         self.reload = None
         self.metrics.reload_generation.set(self.generation)
         self.metrics.reload_last_success.set(1)
-        log.info("reload complete: generation %d serving, draining %d old worker(s)", self.generation, len(old))
+        log.info(
+            "reload complete: generation %d serving, draining %d old worker(s)",
+            self.generation,
+            len(old),
+        )
         self.notifier.ready(f"serving with {self.desired} workers, generation {self.generation}")
 
     def _abort_reload(self, why: str) -> None:
@@ -493,7 +501,14 @@ class Arbiter:
     def _on_exit(self, worker: WorkerProcess, status: int) -> None:
         how = _describe_status(status)
         if worker.retiring is not None:
-            log.info("worker %d gen %d (pid %d) exited (%s): %s", worker.slot, worker.generation, worker.pid, worker.retiring, how)
+            log.info(
+                "worker %d gen %d (pid %d) exited (%s): %s",
+                worker.slot,
+                worker.generation,
+                worker.pid,
+                worker.retiring,
+                how,
+            )
             return
         if self.state == "stopping":
             return
@@ -502,12 +517,18 @@ class Arbiter:
             self._abort_reload(f"new worker {worker.slot} (pid {worker.pid}) {how} before READY")
             return
         if worker.replaces is not None:
-            log.error("recycling replacement for worker %d %s before READY; keeping the old one", worker.slot, how)
+            log.error(
+                "recycling replacement for worker %d %s before READY; keeping the old one",
+                worker.slot,
+                how,
+            )
             return
         if self.state == "booting" and not worker.ready:
             code = os.waitstatus_to_exitcode(status)
             hint = " (the handler could not be loaded)" if code == EXIT_BOOT_ERROR else ""
-            message = f"worker {worker.slot} (pid {worker.pid}) {how} before it was ready{hint}; stopping"
+            message = (
+                f"worker {worker.slot} (pid {worker.pid}) {how} before it was ready{hint}; stopping"
+            )
             log.error(message)
             print(f"farm: {message}", file=sys.stderr, flush=True)
             self.exit_code = 1
@@ -559,7 +580,9 @@ class Arbiter:
             self._begin_stop(graceful=False)
             return
         if self.reload is not None and now > self.reload.deadline:
-            self._abort_reload(f"the new workers were not READY within {self.config.boot_timeout:.0f}s")
+            self._abort_reload(
+                f"the new workers were not READY within {self.config.boot_timeout:.0f}s"
+            )
         self._watchdog(now)
 
     def _check_health(self, worker: WorkerProcess, now: float) -> None:
@@ -569,12 +592,20 @@ class Arbiter:
                 self._kill(worker.pid, signal.SIGKILL)
             return
         if worker.retiring is not None:
-            if worker.retiring != "stop" and now - worker.last_beat > self.config.graceful_timeout + self.config.timeout:
+            if (
+                worker.retiring != "stop"
+                and now - worker.last_beat > self.config.graceful_timeout + self.config.timeout
+            ):
                 self._kill(worker.pid, signal.SIGKILL)
             return
         if not worker.ready:
             if now - worker.started > self.config.boot_timeout:
-                log.error("worker %d (pid %d) not READY after %.0fs: killing it", worker.slot, worker.pid, self.config.boot_timeout)
+                log.error(
+                    "worker %d (pid %d) not READY after %.0fs: killing it",
+                    worker.slot,
+                    worker.pid,
+                    self.config.boot_timeout,
+                )
                 worker.timed_out = True
                 self._kill(worker.pid, signal.SIGKILL)
                 worker.kill_at = None
@@ -582,7 +613,8 @@ class Arbiter:
         silent = now - worker.last_beat
         if silent > self.config.timeout:
             log.error(
-                "worker %d gen %d (pid %d) sent no heartbeat for %.1fs: dumping its stack, then killing it",
+                "worker %d gen %d (pid %d) sent no heartbeat for %.1fs: "
+                "dumping its stack, then killing it",
                 worker.slot,
                 worker.generation,
                 worker.pid,
@@ -623,5 +655,3 @@ def _describe_status(status: int) -> str:
     if os.WIFSIGNALED(status):
         return f"was killed by {signal.Signals(os.WTERMSIG(status)).name}"
     return f"exited with status {os.waitstatus_to_exitcode(status)}"
-
-

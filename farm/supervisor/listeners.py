@@ -7,7 +7,6 @@ accept on the very same kernel socket; a worker's death never closes it.
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import os
 import socket
@@ -59,6 +58,8 @@ class Listener:
     socket: socket.socket
     address: str
     name: str
+    from_systemd: bool = False
+    """True for a socket passed by systemd (``LISTEN_FDS``): the unit owns its address."""
     unix_path: str | None = field(default=None, repr=False)
     """The socket file this process created (removed by :meth:`close` in the same process)."""
     owner_pid: int = field(default_factory=os.getpid, repr=False, compare=False)
@@ -240,9 +241,10 @@ def _remove_stale_socket(text: str, path: str) -> None:
         probe.connect(path)
     except (ConnectionRefusedError, FileNotFoundError):
         pass  # stale: nothing listens on it any more
+    except (TimeoutError, BlockingIOError):  # a listener with a full accept queue
+        raise ListenerError(f"cannot bind {text}: another process is listening on {path}") from None
     except OSError as error:
-        if error.errno != errno.ECONNREFUSED:
-            raise ListenerError(f"cannot bind {text}: {error}") from None
+        raise ListenerError(f"cannot bind {text}: {error}") from None
     else:
         raise ListenerError(f"cannot bind {text}: another process is listening on {path}")
     finally:
@@ -322,7 +324,9 @@ def inherit_systemd_listeners(
             label = f"systemd fd {fd}" + (f" ({name})" if name else "")
             sock = _adopt(fd, label)
             bound = format_sockname(sock)
-            listeners.append(Listener(socket=sock, address=bound, name=name or bound))
+            listeners.append(
+                Listener(socket=sock, address=bound, name=name or bound, from_systemd=True)
+            )
     except BaseException:
         for listener in listeners:
             listener.close()

@@ -6,6 +6,7 @@ No thread (invariant 4: the supervisor forks). The exposition text comes from
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import selectors
 import socket
@@ -44,7 +45,9 @@ class MetricsHTTPServer:
         self._clients: dict[int, tuple[socket.socket, bytearray, bytearray]] = {}
         selector.register(self._sock, selectors.EVENT_READ, self._accept)
         bound = self._sock.getsockname()
-        self.address = f"[{bound[0]}]:{bound[1]}" if family == socket.AF_INET6 else f"{bound[0]}:{bound[1]}"
+        self.address = (
+            f"[{bound[0]}]:{bound[1]}" if family == socket.AF_INET6 else f"{bound[0]}:{bound[1]}"
+        )
 
     def fds(self) -> list[int]:
         """Every descriptor this server holds (a forked worker closes them)."""
@@ -53,10 +56,8 @@ class MetricsHTTPServer:
     def close(self) -> None:
         for fd in list(self._clients):
             self._drop(fd)
-        try:
+        with contextlib.suppress(KeyError, ValueError):
             self._selector.unregister(self._sock)
-        except (KeyError, ValueError):
-            pass
         self._sock.close()
 
     def _accept(self) -> None:
@@ -141,10 +142,8 @@ class MetricsHTTPServer:
 
     def _drop(self, fd: int) -> None:
         conn, _, _ = self._clients.pop(fd)
-        try:
+        with contextlib.suppress(KeyError, ValueError):
             self._selector.unregister(conn)
-        except (KeyError, ValueError):
-            pass
         conn.close()
 
 

@@ -8,6 +8,7 @@ the supervisor's end of the channel closes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import faulthandler
 import logging
 import os
@@ -81,10 +82,8 @@ def _worker_process(spec: WorkerSpec) -> int:
     for signum in SUPERVISOR_SIGNALS:
         signal.signal(signum, signal.SIG_DFL)
     for fd in spec.close_fds:
-        try:
+        with contextlib.suppress(OSError):
             os.close(fd)
-        except OSError:
-            pass
     try:
         from setproctitle import setproctitle
 
@@ -112,9 +111,8 @@ def _new_loop(use_uvloop: bool) -> asyncio.AbstractEventLoop:
         try:
             import uvloop
         except ImportError:
-            pass
-        else:
-            return uvloop.new_event_loop()
+            return asyncio.new_event_loop()
+        return uvloop.new_event_loop()
     return asyncio.new_event_loop()
 
 
@@ -193,11 +191,7 @@ class WorkerServer:
     def _session_closed(self, protocol: SMTP) -> None:
         self.active -= 1
         self.messages += protocol.counts["accepted"]
-        if (
-            not self.gate.open
-            and not self._stopping
-            and self.active < self.config.max_sessions
-        ):
+        if not self.gate.open and not self._stopping and self.active < self.config.max_sessions:
             self.loop.create_task(self.gate.start())
         if self._recycle_at is not None and self.messages >= self._recycle_at:
             self._ask_recycle("max_messages")
