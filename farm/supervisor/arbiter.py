@@ -19,6 +19,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import psutil
+
 from farm import __version__
 from farm.config import Config, ConfigError, load_config
 from farm.logs import reopen_log_file
@@ -38,6 +40,7 @@ BACKOFF_MAX = 60.0
 #: Time a hung worker gets to write its stack dump before SIGKILL.
 DUMP_GRACE = 1.0
 FAST_STOP_GRACE = 5.0
+MEMORY_CHECK_INTERVAL = 5.0
 HANDLED_SIGNALS = (
     signal.SIGTERM,
     signal.SIGINT,
@@ -121,6 +124,7 @@ class Arbiter:
         self._metrics_server: MetricsHTTPServer | None = None
         self._next_watchdog = 0.0
         self._boot_deadline = 0.0
+        self._next_memory_check = 0.0
 
     # -- setup and the loop ----------------------------------------------------------------
 
@@ -583,6 +587,7 @@ class Arbiter:
             self._abort_reload(
                 f"the new workers were not READY within {self.config.boot_timeout:.0f}s"
             )
+        self._check_memory(now)
         self._watchdog(now)
 
     def _check_health(self, worker: WorkerProcess, now: float) -> None:
@@ -623,6 +628,23 @@ class Arbiter:
             worker.timed_out = True
             self._kill(worker.pid, signal.SIGUSR2)
             worker.kill_at = now + DUMP_GRACE
+
+    def _check_memory(self, now: float) -> None:
+        """Recycle serving workers whose RSS passed ``max_rss`` MiB (checked every few s)."""
+        if not self.config.max_rss or now < self._next_memory_check:
+            return
+        self._next_memory_check = now + MEMORY_CHECK_INTERVAL
+        limit = self.config.max_rss * 1024 * 1024
+        for pid in list(self.slots.values()):
+            worker = self.workers.get(pid)
+            if worker is None or not worker.ready or worker.retiring:
+                continue
+            try:
+                rss = psutil.Process(pid).memory_info().rss
+            except psutil.Error:
+                continue
+            if rss > limit:
+                self._recycle(worker, f"max_rss: {rss // (1024 * 1024)} MiB")
 
     def _tick_stopping(self, now: float) -> None:
         if not self.workers:
