@@ -5,6 +5,23 @@ and writes that port to PORTFILE (atomically, via a rename) once it is listening
 waits on readiness rather than on a sleep. One process, one event loop, logging at WARNING.
 SIGTERM or SIGINT closes the listener and exits; with ``--profile`` the run is profiled with
 cProfile and the stats are dumped to FILE on exit (see ``run.py --profile``).
+
+``--malloc`` pins down one thing that otherwise varies from process to process. On Python 3.11
+asyncio's socket transport reads with ``recv(256 KiB)``: every read allocates a 256 KiB bytes
+object, shrinks it to the data received and frees it. glibc serves allocations above its mmap
+threshold (128 KiB at start) with mmap, so each read costs mmap + mremap + munmap, unless the
+threshold has been raised, which glibc does for good the first time a large mmap'd block is
+freed whole. Whether that has happened by the time a server starts depends on accidents such as
+whether its modules were compiled from source or loaded from ``__pycache__``: the same server
+measured 51 or 120 CPU µs/msg depending on it. So:
+
+* ``warm`` (default): allocate and free a 4 MiB block at startup, as a long-running server does
+  the first time it receives a large message: reads then come from the heap, no syscalls.
+* ``cold``: pin the threshold at glibc's initial 128 KiB (``mallopt(M_MMAP_THRESHOLD)``), so
+  every asyncio read pays the three extra syscalls; this is a fresh process's state.
+* ``asis``: do nothing (the state is then whatever the imports left).
+
+uvloop reads into its own buffer and is unaffected.
 """
 
 from __future__ import annotations
@@ -23,6 +40,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 HOSTNAME = "bench.test"
+MALLOC_STATE = "asis"
 
 #: KIND -> (engine, event loop).
 KINDS: dict[str, tuple[str, str]] = {
@@ -67,7 +85,7 @@ async def serve(engine: str, portfile: Path) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     tmp = portfile.with_name(portfile.name + ".tmp")
-    tmp.write_text(f"{port} {os.getpid()} {handler_name}\n")
+    tmp.write_text(f"{port} {os.getpid()} {MALLOC_STATE} {handler_name}\n")
     tmp.replace(portfile)
     await stop.wait()
     server.close()
@@ -75,14 +93,38 @@ async def serve(engine: str, portfile: Path) -> None:
     # hang on a client that never closes.
 
 
+def set_malloc_state(state: str) -> str:
+    """Put glibc's mmap threshold in a known state (see the module docstring)."""
+    if state == "warm":
+        block = bytes(4 << 20)  # malloc'd, so mmap'd; freeing it raises the threshold
+        del block
+        return "warm"
+    if state == "cold":
+        import ctypes
+        import ctypes.util
+
+        try:
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            m_mmap_threshold = -3
+            if libc.mallopt(m_mmap_threshold, 128 * 1024) == 1:
+                return "cold"
+        except (OSError, AttributeError):
+            pass
+        return "asis-no-mallopt"
+    return "asis"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("kind", choices=sorted(KINDS))
     parser.add_argument("portfile", type=Path)
     parser.add_argument("--profile", type=Path, help="write cProfile stats here on exit")
+    parser.add_argument("--malloc", choices=("warm", "cold", "asis"), default="warm")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     engine, loop_name = KINDS[args.kind]
+    global MALLOC_STATE
+    MALLOC_STATE = set_malloc_state(args.malloc)
 
     def run() -> None:
         if loop_name == "uvloop":

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
+from typing import NamedTuple
 
 CRLF = b"\r\n"
 TERMINATOR = b"\r\n.\r\n"
@@ -28,16 +29,17 @@ EMPTY_BODY = b".\r\n"
 _TAIL = len(TERMINATOR) - 1
 
 
-@dataclass(slots=True, frozen=True)
-class Command:
-    """A complete command line, without its line ending."""
+class Command(NamedTuple):
+    """A complete command line, without its line ending (a tuple: cheap to build)."""
 
     line: bytes
 
 
-@dataclass(slots=True, frozen=True)
-class CommandTooLong:
+class CommandTooLong(NamedTuple):
     """A command line longer than the framer's limit was received and dropped."""
+
+
+_TOO_LONG = CommandTooLong()
 
 
 class DataError(Enum):
@@ -150,12 +152,13 @@ class Framer:
             if self._skipping:
                 self._skipping = False
                 self._compact()
-                return CommandTooLong()
+                return _TOO_LONG
+            too_long = end - start > self.max_command_line + 1  # one CR fits, as while reading
             while end > start and buf[end - 1] == 0x0D:
                 end -= 1
-            if end - start > self.max_command_line:
+            if too_long or end - start > self.max_command_line:
                 self._compact()
-                return CommandTooLong()
+                return _TOO_LONG
             line = bytes(buf[start:end])
             self._compact()
             return Command(line)
@@ -175,17 +178,14 @@ class Framer:
         if end < 0:
             self._scan = max(pos, len(buf) - _TAIL)
             if self._data_error is None:
-                self._check_lines(len(buf), final=False)
-                if self._data_limit is not None and len(buf) - pos > self._data_limit:
-                    self._data_error = DataError.TOO_MUCH_DATA
+                # Up to 2 octets (".\r") may be the start of the terminator, not body.
+                self._data_error = self._first_error(len(buf), len(buf) - 2, final=False)
             if self._data_error is not None:
                 self._discard_body()
             return None
         body_end = end + 2  # the body keeps the CRLF of its last line
         if self._data_error is None:
-            self._check_lines(body_end, final=True)
-            if self._data_limit is not None and body_end - pos > self._data_limit:
-                self._data_error = DataError.TOO_MUCH_DATA
+            self._data_error = self._first_error(body_end, body_end, final=True)
         if self._data_error is not None:
             return self._finish_message(pos, body_end, b"")
         start = pos + 1 if buf[pos] == 0x2E else pos  # unstuff the first line
@@ -196,8 +196,25 @@ class Framer:
 
     # -- helpers -------------------------------------------------------------------------
 
-    def _check_lines(self, upto: int, final: bool) -> None:
-        """Flag DATA lines longer than the limit (a stuffing dot does not count)."""
+    def _first_error(self, upto: int, body_upto: int, final: bool) -> DataError | None:
+        """The error the body shows first in stream order, looking at octets before ``upto``.
+
+        Both checks report the offset at which the error became certain, so the answer does
+        not depend on how the stream was split into reads.
+        """
+        line_at = self._long_line_at(upto, final)
+        limit = self._data_limit
+        if line_at is not None:
+            # The octets before line_at are all body: past the size limit, that came first.
+            if limit is not None and self._pos + limit + 1 < line_at:
+                return DataError.TOO_MUCH_DATA
+            return DataError.LINE_TOO_LONG
+        if limit is not None and body_upto - self._pos > limit:
+            return DataError.TOO_MUCH_DATA
+        return None
+
+    def _long_line_at(self, upto: int, final: bool) -> int | None:
+        """Where a DATA line is known to exceed the limit (a stuffing dot does not count)."""
         buf = self._buf
         limit = self._line_limit
         p = self._line_checked
@@ -207,10 +224,10 @@ class Framer:
             if last < 0:
                 if not final and window > len(buf):
                     break  # this line may still end in time
-                self._data_error = DataError.LINE_TOO_LONG
-                return
+                return window
             p = last + 2
         self._line_checked = p
+        return None
 
     def _discard_body(self) -> None:
         """Drop a refused body's bytes, keeping a tail that may start the terminator."""

@@ -15,12 +15,14 @@ import itertools
 import logging
 import os
 import socket
+import threading
 from collections.abc import Callable, Coroutine
 from typing import Any
 
 from farm import __version__
 from farm.smtp.framing import Command, DataError, Framer, Message
 from farm.smtp.hooks import HookTable, hook_table
+from farm.smtp.sasl import AUTH_FAILURE_LIMIT_DEFAULT, SASL_LINE_LIMIT, AuthMixin
 from farm.smtp.session import Envelope, Session
 from farm.smtp.syntax import (
     has_control_characters,
@@ -29,6 +31,7 @@ from farm.smtp.syntax import (
     split_command,
     strip_keyword,
 )
+from farm.smtp.tls import TLS_HANDSHAKE_TIMEOUT_DEFAULT, StartTLSMixin
 
 log = logging.getLogger("farm.smtp")
 
@@ -51,6 +54,11 @@ LOCAL_ERROR = "451 4.3.0 Requested action aborted: local error"
 SHUTTING_DOWN = "421 4.3.2 Service shutting down"
 #: Input kept while a hook runs or the client does not read; reading pauses past it.
 _MAX_PENDING_INPUT = 256 * 1024
+
+#: Seconds a closing connection has to take its last replies before it is aborted.
+_CLOSE_GRACE = 3.0
+_READ_BUFFER_SIZE = 64 * 1024
+_read_buffers = threading.local()
 
 _session_ids = itertools.count(1)
 _session_prefix = f"{os.getpid():x}"
@@ -85,7 +93,7 @@ def _hook_verbs(cls: type) -> dict[str, Callable[..., Coroutine[Any, Any, None]]
     return table
 
 
-class SMTP(asyncio.Protocol):
+class SMTP(AuthMixin, StartTLSMixin, asyncio.BufferedProtocol):
     """One SMTP session per instance; construct one per connection (a protocol factory)."""
 
     command_size_limit = 512
@@ -95,6 +103,8 @@ class SMTP(asyncio.Protocol):
     local_part_limit = 0
     #: Verbs that need HELO/EHLO first.
     _needs_helo = frozenset({"MAIL", "RCPT", "DATA"})
+    #: Verbs that always run in a task (they await the client or a TLS handshake).
+    _always_task = frozenset({"STARTTLS", "AUTH"})
     #: Hooks each verb may call (a verb with one of them present runs in a task).
     _verb_hooks: dict[str, tuple[str, ...]] = {
         "HELO": ("HELO",),
@@ -130,6 +140,8 @@ class SMTP(asyncio.Protocol):
         pipelining: bool = False,
         max_recipients: int | None = MAX_RECIPIENTS_DEFAULT,
         min_data_rate: float = 500.0,
+        tls_handshake_timeout: float = TLS_HANDSHAKE_TIMEOUT_DEFAULT,
+        auth_failure_limit: int = AUTH_FAILURE_LIMIT_DEFAULT,
     ) -> None:
         self.event_handler = handler
         self.data_size_limit = data_size_limit
@@ -156,10 +168,16 @@ class SMTP(asyncio.Protocol):
         self._task_verbs = _task_verbs(type(self), self._hooks)
         self._tls_protocol: Any = None
         self._tls_handshake_okay = True
+        self._tls_handshake_timeout = tls_handshake_timeout
+        self._auth_failures = 0
+        self._auth_failure_limit = auth_failure_limit
+        self._line_waiter: asyncio.Future[Any] | None = None
         self.session: Session | None = None
         self.envelope: Envelope | None = None
         self.transport: asyncio.BaseTransport | None = None
-        self._framer = Framer(self._max_command_size(), self.line_length_limit)
+        self._framer = Framer(
+            max(self._max_command_size(), SASL_LINE_LIMIT), self.line_length_limit
+        )
         self._out: list[str] = []
         self._task: asyncio.Task[None] | None = None
         self._task_is_delivery = False
@@ -189,6 +207,8 @@ class SMTP(asyncio.Protocol):
         return self.command_size_limit + extra
 
     def _command_limit(self, verb: str) -> int:
+        if verb == "AUTH":
+            return SASL_LINE_LIMIT
         if verb == "MAIL" and self.session is not None and self.session.extended_smtp:
             return self._max_command_size()
         return self.command_size_limit
@@ -238,13 +258,29 @@ class SMTP(asyncio.Protocol):
             session.ssl = {"cipher": transport.get_extra_info("cipher")}
         self.envelope = self._create_envelope()
         now = self._started = self._last_line = self.loop.time()
-        log.info("session=%s connect peer=%s", session.id, _peer_text(session.peer))
+        if log.isEnabledFor(logging.INFO):
+            log.info("session=%s connect peer=%s", session.id, _peer_text(session.peer))
         self._reply(f"220 {self.hostname} {self.__ident__}")
         self._flush()
         if self._timeout:
             self._timer = self.loop.call_at(now + self._timeout, self._on_timer)
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        """Reads land in one buffer per thread, copied into the framer at once.
+
+        (Plain asyncio would allocate 256 KiB per read for ``data_received``; with glibc that
+        can cost an mmap/munmap pair per read.)
+        """
+        try:
+            return _read_buffers.view
+        except AttributeError:
+            _read_buffers.view = memoryview(bytearray(_READ_BUFFER_SIZE))
+            return _read_buffers.view
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.data_received(_read_buffers.view[:nbytes])
+
+    def data_received(self, data: bytes | memoryview) -> None:
         framer = self._framer
         framer.feed(data)
         if framer.in_data and self._timeout:
@@ -254,9 +290,31 @@ class SMTP(asyncio.Protocol):
             )
         if self._task is None and not self._write_paused:
             self._process()
+        elif self._line_waiter is not None:
+            self._feed_line_waiter()
         elif not self._read_paused and not framer.in_data and framer.buffered > _MAX_PENDING_INPUT:
             self._read_paused = True
             self.transport.pause_reading()  # type: ignore[union-attr]
+
+    async def _read_line(self) -> bytes | None:
+        """Inside a command: the client's next line (a SASL response); None if too long."""
+        event = self._framer.next_event()
+        if event is None:
+            self._line_waiter = self.loop.create_future()  # type: ignore[union-attr]
+            try:
+                event = await self._line_waiter
+            finally:
+                self._line_waiter = None
+        if self._timeout:
+            self._last_line = self.loop.time()  # type: ignore[union-attr]
+        return event.line if type(event) is Command else None
+
+    def _feed_line_waiter(self) -> None:
+        waiter = self._line_waiter
+        if waiter is not None and not waiter.done():
+            event = self._framer.next_event()
+            if event is not None:
+                waiter.set_result(event)
 
     def eof_received(self) -> bool:
         self._eof = True
@@ -272,6 +330,15 @@ class SMTP(asyncio.Protocol):
         task = self._task
         if task is not None and not self._task_is_delivery:
             task.cancel()
+        if log.isEnabledFor(logging.INFO):
+            self._log_disconnect()
+        if self._closed_waiter is not None and not self._closed_waiter.done():
+            self._closed_waiter.set_result(None)
+        self.transport = None
+        if self.on_close is not None:
+            self.on_close(self)
+
+    def _log_disconnect(self) -> None:
         session = self.session
         counts = self.counts
         log.info(
@@ -285,11 +352,6 @@ class SMTP(asyncio.Protocol):
             counts["bytes"],
             (self.loop.time() - self._started) if self.loop else 0.0,
         )
-        if self._closed_waiter is not None and not self._closed_waiter.done():
-            self._closed_waiter.set_result(None)
-        self.transport = None
-        if self.on_close is not None:
-            self.on_close(self)
 
     def pause_writing(self) -> None:
         self._write_paused = True
@@ -445,6 +507,8 @@ class SMTP(asyncio.Protocol):
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
         self._task = None
+        if self._timeout and self.loop is not None:
+            self._last_line = self.loop.time()  # the client's idle time starts now
         if task.cancelled() or self._closed:
             return
         error = task.exception()
@@ -480,8 +544,19 @@ class SMTP(asyncio.Protocol):
             self._close()
 
     def _close(self) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.close()
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.close()
+            if transport.get_write_buffer_size():  # type: ignore[attr-defined]
+                # A client that does not read would hold the connection open forever.
+                self.loop.call_later(_CLOSE_GRACE, self._abort_unflushed, transport)  # type: ignore[union-attr]
+
+    def _abort_unflushed(self, transport: asyncio.BaseTransport) -> None:
+        if self.transport is transport:
+            log.info(
+                "session=%s replies not read within %ss: aborting", self.session.id, _CLOSE_GRACE
+            )  # type: ignore[union-attr]
+            transport.abort()  # type: ignore[attr-defined]
 
     def _on_timer(self) -> None:
         self._timer = None
@@ -563,6 +638,8 @@ class SMTP(asyncio.Protocol):
 
     def _on_message(self, message: Message) -> None:
         self.counts["bytes"] += message.size
+        if self._timeout:
+            self._last_line = self.loop.time()  # type: ignore[union-attr]
         if message.error is not None:
             self._set_post_data_state()
             if message.error is DataError.LINE_TOO_LONG:
@@ -625,7 +702,11 @@ class SMTP(asyncio.Protocol):
             return
         self._set_rset_state()
         self.session.extended_smtp = False  # type: ignore[union-attr]
-        status = await self._call_handler_hook("HELO", hostname)
+        status = (
+            await self._call_handler_hook("HELO", hostname)
+            if "HELO" in self._hooks.hooks
+            else MISSING
+        )
         if status is MISSING:
             self.session.host_name = hostname  # type: ignore[union-attr]
             status = f"250 {self.hostname}"
@@ -653,7 +734,9 @@ class SMTP(asyncio.Protocol):
 
     async def smtp_NOOP(self, arg: str | None) -> None:
         """NOOP [ignored]"""
-        status = await self._call_handler_hook("NOOP", arg)
+        status = (
+            await self._call_handler_hook("NOOP", arg) if "NOOP" in self._hooks.hooks else MISSING
+        )
         self._reply("250 OK" if status is MISSING else status)
 
     async def smtp_QUIT(self, arg: str | None) -> None:
@@ -661,7 +744,7 @@ class SMTP(asyncio.Protocol):
         if arg:
             self._reply("501 Syntax: QUIT")
             return
-        status = await self._call_handler_hook("QUIT")
+        status = await self._call_handler_hook("QUIT") if "QUIT" in self._hooks.hooks else MISSING
         self._reply("221 Bye" if status is MISSING else status)
         self._close_after_flush = True
 
@@ -671,7 +754,7 @@ class SMTP(asyncio.Protocol):
             self._reply("501 Syntax: RSET")
             return
         self._set_rset_state()
-        status = await self._call_handler_hook("RSET")
+        status = await self._call_handler_hook("RSET") if "RSET" in self._hooks.hooks else MISSING
         self._reply("250 OK" if status is MISSING else status)
 
     async def smtp_HELP(self, arg: str | None) -> None:
@@ -694,7 +777,11 @@ class SMTP(asyncio.Protocol):
         if not address:
             self._reply(f"502 Could not VRFY {arg}")
             return
-        status = await self._call_handler_hook("VRFY", address)
+        status = (
+            await self._call_handler_hook("VRFY", address)
+            if "VRFY" in self._hooks.hooks
+            else MISSING
+        )
         self._reply(
             "252 Cannot VRFY user, but will accept message and attempt delivery"
             if status is MISSING
@@ -704,26 +791,6 @@ class SMTP(asyncio.Protocol):
     async def smtp_EXPN(self, arg: str | None) -> None:
         """EXPN <address>"""
         self._reply("502 EXPN not implemented")
-
-    async def smtp_STARTTLS(self, arg: str | None) -> None:
-        """STARTTLS"""
-        if arg:
-            self._reply("501 Syntax: STARTTLS")
-            return
-        self._reply("454 TLS not available")
-
-    async def smtp_AUTH(self, arg: str | None) -> None:
-        """AUTH <mechanism>"""
-        if not self.session.host_name:  # type: ignore[union-attr]
-            self._reply("503 Error: send EHLO first")
-            return
-        if not self.session.extended_smtp:  # type: ignore[union-attr]
-            self._reply('500 Error: command "AUTH" not recognized')
-            return
-        if self._auth_require_tls and self._tls_protocol is None:
-            self._reply("538 5.7.11 Encryption required for requested authentication mechanism")
-            return
-        self._reply("504 5.5.4 Unrecognized authentication type")
 
     def _helo_missing(self) -> bool:
         if not self.session.host_name:  # type: ignore[union-attr]
@@ -787,7 +854,11 @@ class SMTP(asyncio.Protocol):
             return
         envelope.smtp_utf8 = bool(smtputf8)  # type: ignore[union-attr]
         self._data_started = self.loop.time()  # type: ignore[union-attr]
-        status = await self._call_handler_hook("MAIL", address, mail_options)
+        status = (
+            await self._call_handler_hook("MAIL", address, mail_options)
+            if "MAIL" in self._hooks.hooks
+            else MISSING
+        )
         if status is MISSING:
             envelope.mail_from = address  # type: ignore[union-attr]
             envelope.mail_options.extend(mail_options)  # type: ignore[union-attr]
@@ -831,7 +902,11 @@ class SMTP(asyncio.Protocol):
         if self._max_recipients and len(envelope.rcpt_tos) >= self._max_recipients:  # type: ignore[union-attr]
             self._reply("452 4.5.3 Error: too many recipients")
             return
-        status = await self._call_handler_hook("RCPT", address, rcpt_options)
+        status = (
+            await self._call_handler_hook("RCPT", address, rcpt_options)
+            if "RCPT" in self._hooks.hooks
+            else MISSING
+        )
         if status is MISSING:
             envelope.rcpt_tos.append(address)  # type: ignore[union-attr]
             envelope.rcpt_options.extend(rcpt_options)  # type: ignore[union-attr]
@@ -860,7 +935,11 @@ def _task_verbs(cls: type, hooks: HookTable) -> frozenset[str]:
     verbs = set()
     for verb, method in _hook_verbs(cls).items():
         overridden = getattr(SMTP, "smtp_" + verb, None) is not method
-        if overridden or any(name in hooks.hooks for name in SMTP._verb_hooks.get(verb, ())):
+        if (
+            overridden
+            or verb in SMTP._always_task
+            or any(name in hooks.hooks for name in SMTP._verb_hooks.get(verb, ()))
+        ):
             verbs.add(verb)
     return frozenset(verbs)
 

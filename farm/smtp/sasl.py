@@ -1,0 +1,205 @@
+"""SMTP AUTH (RFC 4954): the ``AUTH`` command, PLAIN and LOGIN, and handler mechanisms.
+
+Credentials are checked by ``authenticator(server, session, envelope, mechanism, auth_data)``
+(sync or async, returning an :class:`AuthResult`) or by the deprecated
+``auth_callback(mechanism, login, password) -> bool``. No AUTH line ever reaches a log.
+"""
+
+from __future__ import annotations
+
+import binascii
+import inspect
+import logging
+from base64 import b64decode, b64encode
+from typing import Any
+
+from farm.smtp.auth import AuthResult, LoginPassword
+
+log = logging.getLogger("farm.smtp")
+
+#: Failed AUTH attempts a session may make; the next failure closes it with 421.
+AUTH_FAILURE_LIMIT_DEFAULT = 3
+#: RFC 4954 4: an AUTH command or SASL response line may be this long.
+SASL_LINE_LIMIT = 12288
+BUILTIN_MECHANISMS = ("LOGIN", "PLAIN")
+
+AUTH_OK = "235 2.7.0 Authentication successful"
+AUTH_FAILED = "535 5.7.8 Authentication credentials invalid"
+AUTH_ABORTED = "501 5.7.0 Auth aborted"
+BAD_BASE64 = "501 5.5.2 Can't decode base64"
+
+
+class _Aborted(Exception):
+    """The client cancelled or garbled the exchange; the reply was already sent."""
+
+
+class AuthMixin:
+    """The ``AUTH`` command; mixed into :class:`farm.smtp.SMTP`."""
+
+    _auth_failures: int
+    _auth_failure_limit: int
+
+    async def smtp_AUTH(self, arg: str | None) -> None:
+        """AUTH <mechanism>"""
+        server: Any = self
+        session = server.session
+        if not session.host_name:
+            server._reply("503 Error: send EHLO first")
+            return
+        if not session.extended_smtp:
+            server._reply('500 Error: command "AUTH" not recognized')
+            return
+        if server._auth_require_tls and server._tls_protocol is None:
+            server._reply("538 5.7.11 Encryption required for requested authentication mechanism")
+            return
+        if session.authenticated:
+            server._reply("503 Already authenticated")
+            return
+        if server.envelope.mail_from is not None:
+            server._reply("503 5.5.1 Error: AUTH not permitted during a mail transaction")
+            return
+        if not arg:
+            server._reply("501 Not enough value")
+            return
+        args = arg.split()
+        if len(args) > 2:
+            server._reply("501 Too many values")
+            return
+        mechanism = args[0].upper()
+        if "AUTH" in server._hooks.hooks:
+            status = await server._call_handler_hook("AUTH", args)
+            server._reply(status)
+            return
+        method = self._mechanism(mechanism)
+        if method is None:
+            server._reply("504 5.5.4 Unrecognized authentication type")
+            return
+        try:
+            result = method(server, args)
+            if inspect.isawaitable(result):
+                result = await result
+        except _Aborted:
+            return  # the reply is sent; only a credential check counts as a failure
+        self._finish_auth(mechanism, result)
+
+    def _mechanism(self, name: str) -> Any:
+        server: Any = self
+        if name in server._auth_exclude_mechanism:
+            return None
+        handler_method = server._hooks.auth_mechanisms.get(name)
+        if handler_method is not None:
+            return handler_method
+        if name in BUILTIN_MECHANISMS:
+            return getattr(self, f"_auth_{name}")
+        return None
+
+    def _finish_auth(self, mechanism: str, result: Any) -> None:
+        server: Any = self
+        session = server.session
+        if isinstance(result, AuthResult):
+            success, handled, message = result.success, result.handled, result.message
+            auth_data = result.auth_data
+        else:  # aiosmtpd's older mechanisms return the auth data, or None/False on failure
+            success, handled, message = bool(result), False, None
+            auth_data = result
+        if success:
+            session.authenticated = True
+            session.auth_data = auth_data
+            server._reply(message or AUTH_OK)
+            log.info("session=%s authenticated with %s", session.id, mechanism)
+            return
+        self._auth_failures += 1
+        log.info(
+            "session=%s AUTH %s failed (%d of %d)",
+            session.id,
+            mechanism,
+            self._auth_failures,
+            self._auth_failure_limit,
+        )
+        if not handled or message:
+            server._reply(message or AUTH_FAILED)
+        if self._auth_failures >= self._auth_failure_limit:
+            server._reply("421 4.7.0 Too many failed authentication attempts, goodbye")
+            server._close_after_flush = True
+
+    # -- the exchange ----------------------------------------------------------------------
+
+    async def challenge_auth(self, challenge: str | bytes, encode_to_b64: bool = True) -> Any:
+        """Send a ``334`` challenge and return the client's decoded response (aiosmtpd API).
+
+        Returns :data:`MISSING` after replying, when the client aborts or sends bad base64.
+        """
+        from farm.smtp.server import MISSING
+
+        try:
+            return await self._challenge(challenge, encode_to_b64)
+        except _Aborted:
+            return MISSING
+
+    async def _challenge(self, challenge: str | bytes, encode: bool = True) -> bytes:
+        server: Any = self
+        data = challenge.encode() if isinstance(challenge, str) else challenge
+        text = b64encode(data).decode() if encode else data.decode()
+        server._reply(f"334 {text}")
+        server._flush()
+        line = await server._read_line()
+        if line is None:
+            server._reply("500 5.5.6 Authentication exchange line is too long")
+            raise _Aborted
+        if line == b"*":
+            server._reply(AUTH_ABORTED)
+            raise _Aborted
+        return self._decode(line)
+
+    def _decode(self, text: bytes | str) -> bytes:
+        try:
+            return b64decode(text, validate=True)
+        except (binascii.Error, ValueError):
+            server: Any = self
+            server._reply(BAD_BASE64)
+            raise _Aborted from None
+
+    async def _authenticate(self, mechanism: str, credentials: LoginPassword) -> AuthResult:
+        server: Any = self
+        authenticator = server._authenticator
+        if authenticator is not None:
+            result = authenticator(server, server.session, server.envelope, mechanism, credentials)
+            if inspect.isawaitable(result):
+                result = await result
+            if not isinstance(result, AuthResult):
+                result = AuthResult(success=bool(result), handled=False)
+            if result.success and result.auth_data is None:
+                result.auth_data = credentials
+            return result
+        callback = server._auth_callback
+        if callback is not None:
+            ok = callback(mechanism, credentials.login, credentials.password)
+            if inspect.isawaitable(ok):
+                ok = await ok
+            return AuthResult(success=bool(ok), handled=False, auth_data=credentials)
+        log.warning(
+            "session=%s AUTH attempted but no authenticator is configured", server.session.id
+        )
+        return AuthResult(success=False, handled=False)
+
+    async def _auth_PLAIN(self, server: Any, args: list[str]) -> AuthResult:
+        if len(args) == 1:
+            response = await self._challenge(b"")
+        elif args[1] == "=":
+            response = b""
+        else:
+            response = self._decode(args[1])
+        parts = response.split(b"\x00")
+        if len(parts) != 3:
+            server._reply("501 5.5.2 Can't split auth value")
+            raise _Aborted
+        _, login, password = parts
+        return await self._authenticate("PLAIN", LoginPassword(login, password))
+
+    async def _auth_LOGIN(self, server: Any, args: list[str]) -> AuthResult:
+        if len(args) == 2:
+            login = self._decode(args[1])
+        else:
+            login = await self._challenge(b"Username:")
+        password = await self._challenge(b"Password:")
+        return await self._authenticate("LOGIN", LoginPassword(login, password))

@@ -1,0 +1,797 @@
+"""Hostile clients against a real Controller, over raw sockets.
+
+SMTP smuggling vectors V1-V16 (security notes 1.4), over-long lines, over-size data, bad bytes
+in commands, unknown-command and recipient limits, pipelining, idle timeouts, failing handlers,
+a client that never reads, and swaks as an independent client.
+
+Every client socket has a 10 s timeout; replies are read until the server closes, so a test
+sees every reply the server sent. The only sleeps are in the idle-timeout tests, where the
+passing of time is what is tested.
+"""
+
+from __future__ import annotations
+
+import logging
+import select
+import shutil
+import socket
+import subprocess
+import threading
+import time
+import tracemalloc
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+TIMEOUT = 10.0
+HOST = "farm.test"
+
+
+@pytest.fixture(params=["asyncio", "uvloop"])
+def loop_kind(request: pytest.FixtureRequest) -> str:
+    """Every hostile test runs on plain asyncio and on uvloop (the farm's production loop)."""
+    return request.param
+
+
+# -- no tracebacks for client mistakes ----------------------------------------------------------
+
+
+class HandlerBoom(Exception):
+    """Raised on purpose by a test handler; the only traceback a log may carry."""
+
+
+@pytest.fixture(autouse=True)
+def no_tracebacks(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
+    """After each test (controllers stopped), no ERROR record and no traceback in the log,
+    except the deliberate :class:`HandlerBoom`."""
+    yield
+    records = [
+        *caplog.get_records("setup"),
+        *caplog.get_records("call"),
+        *caplog.get_records("teardown"),
+    ]
+    bad = [
+        r
+        for r in records
+        if (r.levelno >= logging.ERROR or r.exc_info)
+        and not (r.exc_info and isinstance(r.exc_info[1], HandlerBoom))
+    ]
+    assert not bad, [f"{r.name} {r.levelname} {r.getMessage()} {r.exc_info}" for r in bad]
+
+
+# -- a raw SMTP client --------------------------------------------------------------------------
+
+
+@dataclass
+class Reply:
+    code: int
+    lines: list[str]  # full lines, e.g. ["250-farm.test", ..., "250 HELP"]
+
+    @property
+    def text(self) -> str:
+        """The last line, e.g. ``"500 Command line too long"``."""
+        return self.lines[-1]
+
+
+class Client:
+    def __init__(self, controller: Any, small_buffers: bool = False) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        if small_buffers:  # keep the kernel from absorbing a flood (see the flood tests)
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
+        self.sock.settimeout(TIMEOUT)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock.connect((controller.hostname, controller.port))
+        self._buf = b""
+        self._pos = 0  # start of the unread part of _buf
+        self.eof = False
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.sock.close()
+
+    def send(self, data: bytes, bytewise: bool = False) -> None:
+        if not bytewise:
+            self.sock.sendall(data)
+            return
+        for i in range(len(data)):
+            self.sock.sendall(data[i : i + 1])
+
+    def _fill(self) -> bool:
+        try:
+            chunk = self.sock.recv(65536)
+        except ConnectionResetError:
+            chunk = b""
+        if not chunk:
+            self.eof = True
+            return False
+        self._buf = self._buf[self._pos :] + chunk
+        self._pos = 0
+        return True
+
+    def _line(self) -> bytes | None:
+        while (end := self._buf.find(b"\r\n", self._pos)) < 0:
+            if not self._fill():
+                rest = self._buf[self._pos :]
+                assert rest == b"", f"partial line before close: {rest!r}"
+                return None
+        line = self._buf[self._pos : end]
+        self._pos = end + 2
+        return line
+
+    def reply(self) -> Reply:
+        reply = self._reply()
+        assert reply is not None, "server closed instead of replying"
+        return reply
+
+    def _reply(self) -> Reply | None:
+        lines: list[str] = []
+        while True:
+            line = self._line()
+            if line is None:
+                assert not lines, f"close inside a multi-line reply: {lines}"
+                return None
+            text = line.decode("utf-8", "replace")
+            assert len(text) >= 3 and text[:3].isdigit(), f"not a reply line: {text!r}"
+            lines.append(text)
+            if text[3:4] != "-":
+                return Reply(int(text[:3]), lines)
+
+    def cmd(self, line: bytes) -> Reply:
+        self.send(line + b"\r\n")
+        return self.reply()
+
+    def replies_until_close(self) -> list[Reply]:
+        replies = []
+        while (reply := self._reply()) is not None:
+            replies.append(reply)
+        return replies
+
+
+def codes(replies: list[Reply]) -> list[int]:
+    return [r.code for r in replies]
+
+
+def wait_for(condition: Any, what: str, timeout: float = TIMEOUT) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.005)
+
+
+# -- transactions -------------------------------------------------------------------------------
+
+EHLO = b"EHLO client.example\r\n"
+ENVELOPE = b"MAIL FROM:<a@b>\r\nRCPT TO:<v@local>\r\n"
+HEADERS = b"From: a@b\r\nTo: v@local\r\nSubject: hello\r\n\r\n"
+SMUGGLED = (
+    b"MAIL FROM:<smuggled@x>\r\nRCPT TO:<v@local>\r\nDATA\r\n"
+    b"From: smuggled@x\r\nTo: v@local\r\n\r\nsmuggled body"
+)
+#: greeting, EHLO, MAIL, RCPT, 354, final reply, 221
+ONE_MESSAGE = [220, 250, 250, 250, 354, 250, 221]
+
+LOOKALIKES: dict[str, bytes] = {
+    "V1": b"\n.\n",
+    "V2": b"\n.\r\n",
+    "V3": b"\r.\r",
+    "V4": b"\r.\n",
+    "V5": b"\n.\r",
+    "V6": b"\r.\r\n",
+    "V7": b"\r\n.\n",
+    "V8": b"\r\n.\r",
+    "V9": b"\r\n.\r\r\n",
+    "V10": b"\r\r\n.\r\r\n",
+    "V11": b"\r\n\x00.\r\n",
+    "V12": b"\r\n.\x00\r\n",
+    "V13": b"\n\n.\r\n",
+    "V14": b"\r\n. \r\n",
+    "V15": b"\r\n..\r\n",
+}
+
+
+def unstuff(body: bytes) -> bytes:
+    """Content of a raw DATA body ending in CRLF: drop the first dot of each CRLF line."""
+    lines = body.split(b"\r\n")[:-1]
+    return b"".join((line[1:] if line.startswith(b".") else line) + b"\r\n" for line in lines)
+
+
+def transaction(raw_body: bytes) -> bytes:
+    """EHLO, MAIL, RCPT, DATA, ``raw_body`` (ending in CRLF), the dot line, QUIT."""
+    return EHLO + ENVELOPE + b"DATA\r\n" + raw_body + b".\r\nQUIT\r\n"
+
+
+def run_session(controller: Any, stream: bytes, bytewise: bool = False) -> list[Reply]:
+    with Client(controller) as client:
+        client.send(stream, bytewise)
+        return client.replies_until_close()
+
+
+def delivered(handler: Any, count: int = 1) -> list[Any]:
+    """The handler's envelopes, once ``count`` of them are in (bounded wait)."""
+    wait_for(lambda: len(handler.envelopes) >= count, f"{count} deliveries")
+    return handler.envelopes
+
+
+# -- SMTP smuggling -----------------------------------------------------------------------------
+
+WRITES = pytest.mark.parametrize("bytewise", [False, True], ids=["one-write", "1-byte-writes"])
+
+
+@WRITES
+@pytest.mark.parametrize("name", list(LOOKALIKES))
+def test_smuggling_lookalike_is_content(
+    make_controller: Any, handler: Any, name: str, bytewise: bool
+) -> None:
+    raw_body = HEADERS + b"body" + LOOKALIKES[name] + SMUGGLED + b"\r\n"
+    replies = run_session(make_controller(handler), transaction(raw_body), bytewise)
+    # exactly one final reply, after the real terminator; nothing for the smuggled commands
+    assert codes(replies) == ONE_MESSAGE, [r.text for r in replies]
+    assert replies[5].text == "250 OK"
+    assert len(handler.envelopes) == 1
+    envelope = handler.envelopes[0]
+    assert envelope.mail_from == "a@b"
+    assert envelope.rcpt_tos == ["v@local"]
+    assert envelope.content == unstuff(raw_body)
+    assert b"MAIL FROM:<smuggled@x>" in envelope.content  # the smuggled part is content
+    if name == "V15":
+        assert b"body\r\n.\r\nMAIL FROM:<smuggled@x>\r\n" in envelope.content
+
+
+@WRITES
+def test_smuggling_control_real_terminator_runs_the_second_transaction(
+    make_controller: Any, handler: Any, bytewise: bool
+) -> None:
+    """V16 is the real terminator: what follows is a second, legitimate transaction.
+    This is the outcome the lookalike tests above must never show."""
+    raw_body = HEADERS + b"body" + b"\r\n.\r\n" + SMUGGLED + b"\r\n"
+    replies = run_session(make_controller(handler), transaction(raw_body), bytewise)
+    assert codes(replies) == [220, 250, 250, 250, 354, 250, 250, 250, 354, 250, 221]
+    first, second = delivered(handler, 2)
+    assert first.content == HEADERS + b"body\r\n"
+    assert second.mail_from == "smuggled@x"
+
+
+@WRITES
+def test_v16_delivers_the_exact_bytes(make_controller: Any, handler: Any, bytewise: bool) -> None:
+    every_octet = bytes(b for b in range(256) if b not in b"\r\n")
+    lines = [
+        b"Subject: exact",
+        b"",
+        every_octet,
+        b".leading dot",
+        b"..two dots",
+        b".",
+        b"bare\rCR and bare\nLF and NUL\x00",
+        b" trailing space ",
+        b"\t",
+    ]
+    content = b"".join(line + b"\r\n" for line in lines)
+    stuffed = b"".join((b"." + x if x.startswith(b".") else x) + b"\r\n" for x in lines)
+    replies = run_session(make_controller(handler), transaction(stuffed), bytewise)
+    assert codes(replies) == ONE_MESSAGE
+    (envelope,) = handler.envelopes
+    assert envelope.content == content
+    assert envelope.original_content == content
+
+
+# -- over-long command lines --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("smtputf8", [False, True])
+def test_command_line_limit(make_controller: Any, handler: Any, smtputf8: bool) -> None:
+    controller = make_controller(handler, enable_SMTPUTF8=smtputf8)
+    with Client(controller) as client:
+        assert client.reply().code == 220
+        assert client.cmd(b"NOOP " + b"x" * 508).text == "500 Command line too long"  # 513
+        assert client.cmd(b"NOOP " + b"x" * 507).text == "250 OK"  # 512
+        assert client.cmd(b"EHLO client.example").code == 250
+        # ESMTP: MAIL may be 26 octets longer with SIZE, 10 more with SMTPUTF8
+        mail_limit = 512 + 26 + (10 if smtputf8 else 0)
+        head, tail = b"MAIL FROM:<", b"@b> SIZE=100"
+        fits = head + b"l" * (mail_limit - len(head) - len(tail)) + tail
+        assert len(fits) == mail_limit
+        assert client.cmd(fits[:10] + b"k" + fits[10:]).text == "500 Command line too long"
+        assert client.cmd(fits).text == "250 OK"
+        assert client.cmd(b"QUIT").text == "221 Bye"
+
+
+def test_ten_mib_command_line_without_crlf(controller: Any) -> None:
+    payload = b"NOOP " + b"x" * (10 * 2**20)
+    view = memoryview(payload)
+    tracemalloc.start()
+    try:
+        with Client(controller) as client:
+            assert client.reply().code == 220
+            tracemalloc.reset_peak()
+            base = tracemalloc.get_traced_memory()[0]
+            for start in range(0, len(payload), 2**20):
+                client.sock.sendall(view[start : start + 2**20])
+            client.send(b"\r\nNOOP\r\nQUIT\r\n")
+            replies = client.replies_until_close()
+            peak = tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
+    assert [r.text for r in replies] == ["500 Command line too long", "250 OK", "221 Bye"]
+    assert peak < 4 * 2**20, f"server buffered {peak} bytes for an over-long line"
+
+
+# -- DATA line length and size ------------------------------------------------------------------
+
+
+def test_data_line_of_1001_octets_refused_after_terminator(
+    make_controller: Any, handler: Any
+) -> None:
+    raw_body = HEADERS + b"x" * 1001 + b"\r\nmore\r\n"
+    stream = EHLO + ENVELOPE + b"DATA\r\n" + raw_body + b".\r\nRSET\r\nQUIT\r\n"
+    replies = run_session(make_controller(handler), stream)
+    assert codes(replies) == [220, 250, 250, 250, 354, 500, 250, 221]
+    assert replies[5].text == "500 Line too long (see RFC5321 4.5.3.1.6)"
+    assert handler.envelopes == []
+
+
+@pytest.mark.parametrize(
+    ("wire_line", "content_line"),
+    [
+        (b"x" * 1000, b"x" * 1000),
+        (b".." + b"y" * 999, b"." + b"y" * 999),  # 1000 octets plus a stuffing dot
+        (b"." + b"z" * 1000, b"z" * 1000),  # a needless stuffing dot is not counted either
+    ],
+    ids=["1000", "1000+stuffing-dot", "dot+1000"],
+)
+def test_data_line_of_1000_octets_accepted(
+    make_controller: Any, handler: Any, wire_line: bytes, content_line: bytes
+) -> None:
+    raw_body = HEADERS + wire_line + b"\r\n"
+    replies = run_session(make_controller(handler), transaction(raw_body))
+    assert codes(replies) == ONE_MESSAGE
+    assert handler.envelopes[0].content == HEADERS + content_line + b"\r\n"
+
+
+def test_huge_data_line_memory_bounded(make_controller: Any, handler: Any) -> None:
+    controller = make_controller(handler, data_size_limit=None)
+    line = b"L" * (16 * 2**20)
+    view = memoryview(line)
+    tracemalloc.start()
+    try:
+        with Client(controller) as client:
+            client.send(EHLO + ENVELOPE + b"DATA\r\n" + HEADERS)
+            assert codes([client.reply() for _ in range(5)]) == [220, 250, 250, 250, 354]
+            tracemalloc.reset_peak()
+            base = tracemalloc.get_traced_memory()[0]
+            for start in range(0, len(line), 2**20):
+                client.sock.sendall(view[start : start + 2**20])
+            client.send(b"\r\n.\r\n")
+            assert client.reply().text == "500 Line too long (see RFC5321 4.5.3.1.6)"
+            peak = tracemalloc.get_traced_memory()[1] - base
+            replies = run_rest(client, transaction(b"fine\r\n")[len(EHLO) :])
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * 2**20, f"server buffered {peak} bytes for an over-long DATA line"
+    assert codes(replies) == [250, 250, 354, 250, 221]
+    assert [e.content for e in handler.envelopes] == [b"fine\r\n"]
+
+
+def run_rest(client: Client, stream: bytes) -> list[Reply]:
+    client.send(stream)
+    return client.replies_until_close()
+
+
+def test_too_much_data(make_controller: Any, handler: Any) -> None:
+    controller = make_controller(handler, data_size_limit=10000)
+    big = (b"0123456789" * 7 + b"\r\n") * 300  # 21600 octets
+    small = b"small\r\n" * 1000  # 7000 octets
+    stream = (
+        EHLO
+        + ENVELOPE
+        + b"DATA\r\n"
+        + big
+        + b".\r\nRSET\r\n"
+        + ENVELOPE
+        + b"DATA\r\n"
+        + small
+        + b".\r\nQUIT\r\n"
+    )
+    replies = run_session(controller, stream)
+    assert codes(replies) == [220, 250, 250, 250, 354, 552, 250, 250, 250, 354, 250, 221]
+    assert replies[5].text == "552 Error: Too much mail data"
+    assert [e.content for e in delivered(handler)] == [small]
+
+
+def test_mail_size_parameter_over_limit(make_controller: Any, handler: Any) -> None:
+    controller = make_controller(handler, data_size_limit=10000)
+    with Client(controller) as client:
+        client.send(EHLO + b"MAIL FROM:<a@b> SIZE=10001\r\nMAIL FROM:<a@b> SIZE=10000\r\nQUIT\r\n")
+        replies = client.replies_until_close()
+    assert [r.text for r in replies[2:]] == [
+        "552 Error: message size exceeds fixed maximum message size",
+        "250 OK",
+        "221 Bye",
+    ]
+
+
+# -- bad bytes in commands ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        b"MAIL FROM:<a\x00b@x>",
+        b"MAIL FROM:<a\r@b>",
+        b"EHLO a\rX-Evil: 1",
+        b"NOOP \x00",
+        b"RCPT TO:<v@local>\x00",
+        b"\x00",
+    ],
+    ids=["nul-in-mail", "cr-in-mail", "cr-in-ehlo", "nul-noop", "nul-after-rcpt", "nul-only"],
+)
+def test_control_characters_in_command(controller: Any, line: bytes) -> None:
+    with Client(controller) as client:
+        client.send(EHLO + line + b"\r\nRSET\r\nNOOP\r\nQUIT\r\n")
+        replies = client.replies_until_close()
+    assert codes(replies) == [220, 250, 501, 250, 250, 221], [r.text for r in replies]
+
+
+@pytest.mark.parametrize(
+    "line",
+    ["MAIL FROM:<jürgen@b>", "RCPT TO:<ü@b>", "MAIL FROM:<a@bücher.example>"],
+)
+def test_non_ascii_without_smtputf8(controller: Any, line: str) -> None:
+    with Client(controller) as client:
+        client.send(EHLO + line.encode() + b"\r\nRSET\r\nQUIT\r\n")
+        replies = client.replies_until_close()
+    assert [r.text for r in replies[2:]] == ["500 Error: strict ASCII mode", "250 OK", "221 Bye"]
+
+
+def test_invalid_utf8_with_smtputf8_does_not_break_the_session(
+    make_controller: Any, handler: Any
+) -> None:
+    controller = make_controller(handler, enable_SMTPUTF8=True)
+    with Client(controller) as client:
+        client.send(
+            EHLO + b"MAIL FROM:<\xff\xfe@b> SMTPUTF8\r\nRCPT TO:<\xc3@local>\r\nRSET\r\nQUIT\r\n"
+        )
+        replies = client.replies_until_close()
+    assert codes(replies)[-2:] == [250, 221]
+    assert len(replies) == 6
+
+
+@pytest.mark.parametrize(
+    "address",
+    [b"l" * 65 + b"@b", b"a@" + b"d" * 250 + b".example", b"l" * 300 + b"@b"],
+    ids=["local-part-65", "path-257+", "local-part-300"],
+)
+def test_long_addresses_never_crash(make_controller: Any, handler: Any, address: bytes) -> None:
+    controller = make_controller(handler)
+    stream = EHLO + b"MAIL FROM:<" + address + b">\r\nRSET\r\nQUIT\r\n"
+    replies = run_session(controller, stream)
+    assert codes(replies)[:2] == [220, 250]
+    assert replies[2].code in (250, 500, 501, 553), replies[2].text
+    assert codes(replies)[3:] == [250, 221]
+
+
+def test_bare_lf_command_accepted(controller: Any) -> None:
+    """COMPAT profile: a command ending in bare LF is a command (DATA stays strict)."""
+    replies = run_session(controller, b"NOOP\nRSET\r\nQUIT\n")
+    assert [r.text for r in replies[1:]] == ["250 OK", "250 OK", "221 Bye"]
+
+
+# -- limits -------------------------------------------------------------------------------------
+
+
+def test_unknown_commands_limit(controller: Any) -> None:
+    stream = b"".join(b"FOO%d\r\n" % i for i in range(1, 6)) + b"NOOP\r\n"
+    with Client(controller) as client:
+        client.send(stream)
+        replies = client.replies_until_close()
+    assert [r.text for r in replies] == [
+        replies[0].text,
+        '500 Error: command "FOO1" not recognized',
+        '500 Error: command "FOO2" not recognized',
+        '500 Error: command "FOO3" not recognized',
+        '500 Error: command "FOO4" not recognized',
+        "502 5.5.1 Too many unrecognized commands, goodbye.",
+    ]
+    assert client.eof
+
+
+def test_recipient_limit(make_controller: Any, handler: Any) -> None:
+    rcpts = [b"r%d@local" % i for i in range(1001)]
+    stream = (
+        EHLO
+        + b"MAIL FROM:<a@b>\r\n"
+        + b"".join(b"RCPT TO:<" + r + b">\r\n" for r in rcpts)
+        + b"DATA\r\nhi\r\n.\r\nQUIT\r\n"
+    )
+    replies = run_session(make_controller(handler), stream)
+    assert codes(replies) == [220, 250, 250, *[250] * 1000, 452, 354, 250, 221]
+    assert replies[1003].text == "452 4.5.3 Error: too many recipients"
+    (envelope,) = handler.envelopes
+    assert envelope.rcpt_tos == [r.decode() for r in rcpts[:1000]]
+
+
+def test_pipelined_burst_answered_in_order(make_controller: Any, handler: Any) -> None:
+    with Client(make_controller(handler)) as client:
+        client.send(
+            EHLO
+            + b"MAIL FROM:<a@b>\r\n"
+            + b"RCPT TO:<one@local>\r\nRCPT TO:\r\nRCPT TO:<three@local>\r\n"
+            + b"DATA\r\n"
+        )
+        replies = [client.reply() for _ in range(7)]
+        assert codes(replies) == [220, 250, 250, 250, 501, 250, 354]
+        assert replies[1].lines[0] == f"250-{HOST}" and replies[1].text == "250 HELP"
+        assert replies[4].text.startswith("501 Syntax: RCPT TO: <address>")
+        client.send(b"Subject: burst\r\n\r\nbody\r\n.\r\nQUIT\r\n")
+        rest = client.replies_until_close()
+    assert [r.text for r in rest] == ["250 OK", "221 Bye"]
+    (envelope,) = handler.envelopes
+    assert envelope.rcpt_tos == ["one@local", "three@local"]
+    assert envelope.content == b"Subject: burst\r\n\r\nbody\r\n"
+
+
+# -- idle timeout (the only tests that sleep: time passing is what they test) -------------------
+
+TIMEOUT_REPLY = f"421 4.4.2 {HOST} Error: timeout exceeded"
+
+
+def test_idle_timeout_after_greeting(make_controller: Any, handler: Any) -> None:
+    controller = make_controller(handler, timeout=1)
+    with Client(controller) as client:
+        assert client.reply().code == 220
+        started = time.monotonic()
+        assert client.reply().text == TIMEOUT_REPLY
+        elapsed = time.monotonic() - started
+        assert client.replies_until_close() == []
+    assert 0.8 <= elapsed < 8, elapsed
+
+
+def test_idle_timeout_restarts_on_each_line(make_controller: Any, handler: Any) -> None:
+    controller = make_controller(handler, timeout=1)
+    with Client(controller) as client:
+        assert client.reply().code == 220
+        started = time.monotonic()
+        for _ in range(4):  # a NOOP every 0.5 s for 2 s: twice the timeout
+            time.sleep(0.5)
+            assert client.cmd(b"NOOP").text == "250 OK"
+        assert time.monotonic() - started >= 2.0
+        quiet = time.monotonic()
+        assert client.reply().text == TIMEOUT_REPLY
+        assert 0.8 <= time.monotonic() - quiet < 8
+        assert client.replies_until_close() == []
+
+
+def test_idle_timeout_after_354(make_controller: Any, handler: Any) -> None:
+    controller = make_controller(handler, timeout=1)
+    with Client(controller) as client:
+        client.send(EHLO + ENVELOPE + b"DATA\r\nSubject: never finished\r\n")
+        assert codes([client.reply() for _ in range(5)]) == [220, 250, 250, 250, 354]
+        started = time.monotonic()
+        assert client.reply().text == TIMEOUT_REPLY
+        assert time.monotonic() - started < 8
+        assert client.replies_until_close() == []
+    assert handler.envelopes == []
+
+
+def test_idle_timer_restarts_after_data(make_controller: Any, handler: Any) -> None:
+    controller = make_controller(handler, timeout=3)
+    with Client(controller) as client:
+        client.send(EHLO + ENVELOPE + b"DATA\r\n")
+        assert codes([client.reply() for _ in range(5)]) == [220, 250, 250, 250, 354]
+        time.sleep(2.0)  # a pause inside DATA, shorter than the timeout
+        client.send(b"Subject: slow\r\n\r\nbody\r\n.\r\n")
+        assert client.reply().text == "250 OK"
+        time.sleep(1.5)  # half the timeout of silence after the terminator line
+        client.send(b"NOOP\r\n")
+        assert client.reply().text == "250 OK"
+        client.send(b"QUIT\r\n")
+        assert [r.text for r in client.replies_until_close()] == ["221 Bye"]
+
+
+# -- failing handlers ---------------------------------------------------------------------------
+
+
+class FlakyHandler:
+    """handle_DATA fails the first time (raising, or returning None), then records."""
+
+    def __init__(self, failure: str) -> None:
+        self.failure = failure
+        self.calls = 0
+        self.envelopes: list[Any] = []
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str | None:
+        self.calls += 1
+        if self.calls == 1:
+            if self.failure == "raise":
+                raise HandlerBoom("deliberate")
+            return None
+        self.envelopes.append(envelope)
+        return "250 OK"
+
+
+@pytest.mark.parametrize("failure", ["raise", "none"])
+def test_failing_handler_gives_4xx_and_session_continues(
+    make_controller: Any, failure: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    handler = FlakyHandler(failure)
+    controller = make_controller(handler)
+    stream = (
+        EHLO
+        + ENVELOPE
+        + b"DATA\r\nfirst\r\n.\r\nRSET\r\n"
+        + ENVELOPE
+        + b"DATA\r\nsecond\r\n.\r\nQUIT\r\n"
+    )
+    replies = run_session(controller, stream)
+    assert codes(replies) == [220, 250, 250, 250, 354, 451, 250, 250, 250, 354, 250, 221]
+    assert replies[5].text.startswith("451 ")
+    assert [e.content for e in handler.envelopes] == [b"second\r\n"]
+    # the server thread's log reaches caplog (so the no-traceback check above is real)
+    booms = [r for r in caplog.records if r.exc_info and isinstance(r.exc_info[1], HandlerBoom)]
+    assert len(booms) == (1 if failure == "raise" else 0)
+
+
+# -- a client that never reads ------------------------------------------------------------------
+
+
+def _shrink_server_buffers(controller: Any) -> Any:
+    """The protocol of the connection just accepted, with a small kernel send buffer so
+    that the server's own flow control (pause writing, then pause reading) engages quickly
+    instead of the kernel absorbing megabytes of replies."""
+    protocol = controller.smtpd
+    sock = protocol.transport.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    return protocol
+
+
+def _fresh_session_works(controller: Any, handler: Any) -> None:
+    before = len(handler.envelopes)
+    replies = run_session(controller, transaction(b"fresh\r\n"))
+    assert codes(replies) == ONE_MESSAGE
+    assert handler.envelopes[before].content == b"fresh\r\n"
+
+
+def _drain(client: Client, noops: int, finish_sending: Any) -> None:
+    """Read the flood's replies in a thread while ``finish_sending()`` completes the flood,
+    then QUIT; every NOOP must have been answered, in order."""
+    result: list[Any] = []
+
+    def reader() -> None:
+        try:
+            result.append(client.replies_until_close())
+        except BaseException as error:  # reported below
+            result.append(error)
+
+    thread = threading.Thread(target=reader, daemon=True)
+    thread.start()
+    finish_sending()
+    client.sock.sendall(b"QUIT\r\n")
+    thread.join(60)
+    assert not thread.is_alive(), "flood replies never drained"
+    replies = result[0]
+    assert not isinstance(replies, BaseException), replies
+    assert len(replies) == noops + 1
+    assert all(r.text == "250 OK" for r in replies[:-1])
+    assert replies[-1].text == "221 Bye"
+
+
+def test_pipelined_noops_without_reading(make_controller: Any, handler: Any) -> None:
+    controller = make_controller(handler)
+    noops = 20_000
+    with Client(controller, small_buffers=True) as client:
+        assert client.reply().code == 220
+        protocol = _shrink_server_buffers(controller)
+        sender = threading.Thread(
+            target=client.sock.sendall, args=(b"NOOP\r\n" * noops,), daemon=True
+        )
+        sender.start()
+        # The server answers until its replies back up, then holds the rest unread.
+        wait_for(
+            lambda: (
+                protocol.counts["commands"] == noops
+                or protocol.transport.get_write_buffer_size() > 0
+            ),
+            "the server to process or hold the flood",
+        )
+        assert protocol.transport.get_write_buffer_size() < 2**20
+        _fresh_session_works(controller, handler)
+
+        def finish() -> None:
+            sender.join(TIMEOUT)
+            assert not sender.is_alive()
+
+        _drain(client, noops, finish)
+
+
+FLOOD_CHUNK = b"NOOP\r\n" * 1000
+
+
+def _flood_until_paused(client: Client, protocol: Any, cap: int = 64 * 2**20) -> int:
+    """Pipeline NOOPs without reading until the server pauses reading; the octets sent."""
+    client.sock.setblocking(False)
+    sent = 0
+    while protocol.transport.is_reading():
+        assert sent < cap, "the server kept reading a client that never reads"
+        try:
+            sent += client.sock.send(FLOOD_CHUNK[sent % len(FLOOD_CHUNK) :])
+        except BlockingIOError:
+            select.select([], [client.sock], [], 0.05)
+    client.sock.settimeout(TIMEOUT)
+    return sent
+
+
+def test_flood_until_backpressure(make_controller: Any, handler: Any) -> None:
+    """Keep pipelining NOOPs without reading: the server must stop reading (bounded memory)
+    instead of buffering without end, and still serve other clients."""
+    controller = make_controller(handler)
+    with Client(controller, small_buffers=True) as client:
+        assert client.reply().code == 220
+        protocol = _shrink_server_buffers(controller)
+        tracemalloc.start()
+        try:
+            tracemalloc.reset_peak()
+            base = tracemalloc.get_traced_memory()[0]
+            sent = _flood_until_paused(client, protocol)
+            peak = tracemalloc.get_traced_memory()[1] - base
+        finally:
+            tracemalloc.stop()
+        assert peak < 8 * 2**20, f"{peak} bytes held for a non-reading client"
+        _fresh_session_works(controller, handler)
+        offset = sent % len(FLOOD_CHUNK)
+        tail = FLOOD_CHUNK[offset:] if offset else b""
+        _drain(client, (sent + len(tail)) // 6, lambda: client.sock.sendall(tail))
+
+
+def test_non_reading_client_dropped_at_timeout(
+    make_controller: Any, handler: Any, loop_kind: str
+) -> None:
+    if loop_kind == "uvloop":
+        pytest.skip("same engine path; run once, since it waits out its bound")
+    controller = make_controller(handler, timeout=1)
+    with Client(controller, small_buffers=True) as client:
+        assert client.reply().code == 220
+        protocol = _shrink_server_buffers(controller)
+        _flood_until_paused(client, protocol)
+        # timeout 1 s, then a grace to flush the 421: the connection must be gone by then
+        wait_for(lambda: protocol.transport is None, "the connection to be dropped", 6.0)
+
+
+def test_half_close_inside_data_delivers_nothing(make_controller: Any, handler: Any) -> None:
+    with Client(make_controller(handler)) as client:
+        client.send(EHLO + ENVELOPE + b"DATA\r\nSubject: cut\r\n\r\npartial body\r\n")
+        assert codes([client.reply() for _ in range(5)]) == [220, 250, 250, 250, 354]
+        client.sock.shutdown(socket.SHUT_WR)
+        assert client.replies_until_close() == []
+    assert handler.envelopes == []
+
+
+# -- an independent client ----------------------------------------------------------------------
+
+
+@pytest.mark.skipif(shutil.which("swaks") is None, reason="swaks not installed")
+def test_swaks_sends_a_message(make_controller: Any, handler: Any) -> None:
+    controller = make_controller(handler)
+    result = subprocess.run(
+        [
+            "swaks",
+            "--server",
+            f"127.0.0.1:{controller.port}",
+            "--to",
+            "a@b",
+            "--from",
+            "c@d",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    (envelope,) = delivered(handler)
+    assert envelope.mail_from == "c@d"
+    assert envelope.rcpt_tos == ["a@b"]
+    assert b"This is a test mailing" in envelope.content

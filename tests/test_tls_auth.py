@@ -1,0 +1,281 @@
+"""STARTTLS, implicit TLS and AUTH, with real certificates (trustme), smtplib and swaks."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import shutil
+import smtplib
+import socket
+import ssl
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trustme
+
+from farm.smtp import AuthResult, LoginPassword
+
+
+@pytest.fixture(params=["asyncio", "uvloop"])
+def loop_kind(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+@pytest.fixture(scope="module")
+def server_context(ca: trustme.CA) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("farm.test", "127.0.0.1").configure_cert(context)
+    return context
+
+
+@pytest.fixture(scope="module")
+def client_context(ca: trustme.CA) -> ssl.SSLContext:
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    return context
+
+
+class Authenticator:
+    """Accepts user/secret; remembers what it was asked. Async, which aiosmtpd mishandles."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, bytes]] = []
+
+    async def __call__(
+        self, server: Any, session: Any, envelope: Any, mechanism: str, data: Any
+    ) -> AuthResult:
+        await asyncio.sleep(0)
+        assert isinstance(data, LoginPassword)
+        self.calls.append((mechanism, data.login))
+        ok = data.login == b"user" and data.password == b"secret"
+        return AuthResult(success=ok, handled=False, auth_data=data.login if ok else None)
+
+
+def plain(user: str, password: str) -> str:
+    return base64.b64encode(f"\0{user}\0{password}".encode()).decode()
+
+
+def test_starttls_then_auth_then_mail(
+    make_controller: Any, handler: Any, server_context: Any, client_context: Any
+) -> None:
+    auth = Authenticator()
+    controller = make_controller(handler, tls_context=server_context, authenticator=auth)
+    with smtplib.SMTP(controller.hostname, controller.port, timeout=10) as client:
+        client.ehlo("me")
+        assert client.has_extn("starttls")
+        assert not client.has_extn("auth")  # never offered over plaintext
+        assert client.starttls(context=client_context)[0] == 220
+        client.ehlo("me")
+        assert not client.has_extn("starttls")
+        assert client.esmtp_features["auth"].split() == ["LOGIN", "PLAIN"]
+        client.login("user", "secret")
+        client.sendmail("a@b.c", ["d@e.f"], b"over TLS\r\n")
+    session = handler.sessions[0]
+    assert session.ssl["version"].startswith("TLS")
+    assert session.authenticated is True
+    assert session.auth_data == b"user"
+    assert auth.calls[0][1] == b"user"
+
+
+def test_auth_login_mechanism(
+    make_controller: Any, handler: Any, server_context: Any, client_context: Any
+) -> None:
+    controller = make_controller(handler, tls_context=server_context, authenticator=Authenticator())
+    with smtplib.SMTP(controller.hostname, controller.port, timeout=10) as client:
+        client.starttls(context=client_context)
+        client.ehlo("me")
+        code, _ = client.docmd("AUTH LOGIN")
+        assert code == 334
+        assert client.docmd(base64.b64encode(b"user").decode()) == (334, b"UGFzc3dvcmQ6")
+        assert client.docmd(base64.b64encode(b"secret").decode()) == (
+            235,
+            b"2.7.0 Authentication successful",
+        )
+        assert client.docmd("AUTH PLAIN") == (503, b"Already authenticated")
+
+
+def test_auth_refused_over_plaintext(make_controller: Any, handler: Any) -> None:
+    controller = make_controller(handler, authenticator=Authenticator())
+    with smtplib.SMTP(controller.hostname, controller.port, timeout=10) as client:
+        client.ehlo("me")
+        assert not client.has_extn("auth")
+        assert client.docmd("AUTH PLAIN " + plain("user", "secret")) == (
+            538,
+            b"5.7.11 Encryption required for requested authentication mechanism",
+        )
+
+
+def test_auth_errors_and_failure_limit(
+    make_controller: Any, handler: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    controller = make_controller(handler, auth_require_tls=False, authenticator=Authenticator())
+    with smtplib.SMTP(controller.hostname, controller.port, timeout=10) as client:
+        assert client.docmd("AUTH PLAIN x")[0] == 503  # before EHLO
+        client.ehlo("me")
+        assert client.docmd("AUTH FOO") == (504, b"5.5.4 Unrecognized authentication type")
+        assert client.docmd("AUTH PLAIN !!!") == (501, b"5.5.2 Can't decode base64")
+        assert client.docmd("AUTH PLAIN")[0] == 334
+        assert client.docmd("*") == (501, b"5.7.0 Auth aborted")
+        assert client.docmd("AUTH PLAIN " + plain("user", "wrong"))[0] == 535
+        assert client.docmd("NOOP") == (250, b"OK")
+        code, text = client.docmd("AUTH PLAIN " + plain("user", "wrong2"))
+        assert code == 535
+        # The third failure closes the session.
+        assert client.docmd("AUTH PLAIN " + plain("user", "wrong3"))[0] == 535
+        assert client.getreply()[0] == 421
+    assert not any("wrong" in record.getMessage() for record in caplog.records)
+    assert not any(plain("user", "wrong") in record.getMessage() for record in caplog.records)
+
+
+def test_auth_required_blocks_mail(make_controller: Any, handler: Any) -> None:
+    controller = make_controller(
+        handler, auth_require_tls=False, auth_required=True, authenticator=Authenticator()
+    )
+    with smtplib.SMTP(controller.hostname, controller.port, timeout=10) as client:
+        client.ehlo("me")
+        assert client.docmd("MAIL FROM:<a@b>") == (530, b"5.7.0 Authentication required")
+        client.login("user", "secret")
+        assert client.docmd("MAIL FROM:<a@b>") == (250, b"OK")
+
+
+def test_handler_auth_mechanism_and_exclusion(make_controller: Any, handler: Any) -> None:
+    class WithToken(type(handler)):  # type: ignore[misc]
+        async def auth_X__TOKEN(self, server: Any, args: list[str]) -> AuthResult:
+            token = await server.challenge_auth("token?")
+            return AuthResult(success=token == b"letmein", handled=False)
+
+    controller = make_controller(
+        WithToken(), auth_require_tls=False, auth_exclude_mechanism=["LOGIN"]
+    )
+    with smtplib.SMTP(controller.hostname, controller.port, timeout=10) as client:
+        client.ehlo("me")
+        assert client.esmtp_features["auth"].split() == ["PLAIN", "X-TOKEN"]
+        assert client.docmd("AUTH LOGIN")[0] == 504
+        assert client.docmd("AUTH X-TOKEN") == (334, base64.b64encode(b"token?"))
+        assert client.docmd(base64.b64encode(b"letmein").decode())[0] == 235
+
+
+def test_starttls_injection_is_discarded(
+    make_controller: Any, handler: Any, server_context: Any, client_context: Any
+) -> None:
+    controller = make_controller(handler, tls_context=server_context)
+    raw = socket.create_connection((controller.hostname, controller.port), timeout=10)
+    reader = raw.makefile("rb")
+    reader.readline()
+    raw.sendall(b"EHLO me\r\n")
+    while reader.readline()[3:4] == b"-":
+        pass
+    # One write: STARTTLS plus commands that must never run.
+    raw.sendall(b"STARTTLS\r\nMAIL FROM:<injected@evil>\r\nEHLO injected\r\n")
+    assert reader.readline() == b"220 Ready to start TLS\r\n"
+    tls = client_context.wrap_socket(raw, server_hostname="farm.test")
+    tls.settimeout(1.0)
+    with pytest.raises((TimeoutError, socket.timeout)):
+        tls.recv(1024)  # silence: nothing was executed from the plaintext
+    tls.settimeout(10)
+    tls_reader = tls.makefile("rb")
+    tls.sendall(b"MAIL FROM:<a@b>\r\n")
+    assert tls_reader.readline() == b"503 Error: send HELO first\r\n"
+    tls.sendall(b"EHLO me\r\nMAIL FROM:<a@b>\r\n")
+    lines = []
+    while not (line := tls_reader.readline()).startswith(b"250 HELP"):
+        lines.append(line)
+    assert tls_reader.readline() == b"250 OK\r\n"
+    tls.close()
+
+
+def test_starttls_errors(make_controller: Any, handler: Any, server_context: Any) -> None:
+    controller = make_controller(handler, tls_context=server_context, tls_handshake_timeout=1.0)
+    with smtplib.SMTP(controller.hostname, controller.port, timeout=10) as client:
+        assert client.docmd("STARTTLS now") == (501, b"Syntax: STARTTLS")
+    # A client that never starts the handshake is dropped at the handshake timeout.
+    with socket.create_connection((controller.hostname, controller.port), timeout=10) as raw:
+        reader = raw.makefile("rb")
+        reader.readline()
+        raw.sendall(b"STARTTLS\r\n")
+        assert reader.readline() == b"220 Ready to start TLS\r\n"
+        assert raw.recv(1024) == b""  # closed by the server after the timeout
+
+
+def test_require_starttls(
+    make_controller: Any, handler: Any, server_context: Any, client_context: Any
+) -> None:
+    controller = make_controller(handler, tls_context=server_context, require_starttls=True)
+    with smtplib.SMTP(controller.hostname, controller.port, timeout=10) as client:
+        client.ehlo("me")
+        assert client.docmd("MAIL FROM:<a@b>") == (530, b"Must issue a STARTTLS command first")
+        client.starttls(context=client_context)
+        client.ehlo("me")
+        assert client.docmd("MAIL FROM:<a@b>") == (250, b"OK")
+
+
+def test_handle_starttls_false_refuses_commands(
+    make_controller: Any, server_context: Any, client_context: Any
+) -> None:
+    class Picky:
+        def handle_STARTTLS(self, server: Any, session: Any, envelope: Any) -> bool:
+            return False
+
+    controller = make_controller(Picky(), tls_context=server_context)
+    with smtplib.SMTP(controller.hostname, controller.port, timeout=10) as client:
+        client.starttls(context=client_context)
+        assert client.docmd("EHLO me") == (554, b"Command refused due to lack of security")
+        assert client.docmd("QUIT")[0] == 221
+
+
+def test_implicit_tls_counts_as_tls(
+    make_controller: Any, handler: Any, server_context: Any, client_context: Any
+) -> None:
+    controller = make_controller(
+        handler, ssl_context=server_context, authenticator=Authenticator()
+    )
+    with smtplib.SMTP_SSL(
+        controller.hostname, controller.port, context=client_context, timeout=10
+    ) as client:
+        client.ehlo("me")
+        assert not client.has_extn("starttls")
+        assert client.has_extn("auth")
+        client.login("user", "secret")
+        client.sendmail("a@b.c", ["d@e.f"], b"implicit\r\n")
+    assert handler.sessions[0].ssl is not None
+    assert handler.sessions[0].authenticated
+
+
+@pytest.mark.skipif(shutil.which("swaks") is None, reason="swaks is not installed")
+def test_swaks_starttls_and_auth(
+    make_controller: Any, handler: Any, server_context: Any, tmp_path: Path
+) -> None:
+    controller = make_controller(handler, tls_context=server_context, authenticator=Authenticator())
+    result = subprocess.run(
+        [
+            "swaks",
+            "--server",
+            f"{controller.hostname}:{controller.port}",
+            "--tls",
+            "--auth",
+            "PLAIN",
+            "--auth-user",
+            "user",
+            "--auth-password",
+            "secret",
+            "--to",
+            "a@example.com",
+            "--from",
+            "b@example.com",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "235 2.7.0 Authentication successful" in result.stdout
+    assert handler.sessions[0].ssl is not None
