@@ -160,7 +160,11 @@ class Framer:
                 self._compact()
                 return _TOO_LONG
             line = bytes(buf[start:end])
-            self._compact()
+            if self._pos == len(buf):
+                buf.clear()
+                self._pos = self._scan = 0
+            elif self._pos > 65536:
+                self._compact()
             return Command(line)
 
     def _next_message(self) -> Message | None:

@@ -24,13 +24,7 @@ from farm.smtp.framing import Command, DataError, Framer, Message
 from farm.smtp.hooks import HookTable, hook_table
 from farm.smtp.sasl import AUTH_FAILURE_LIMIT_DEFAULT, SASL_LINE_LIMIT, AuthMixin
 from farm.smtp.session import Envelope, Session
-from farm.smtp.syntax import (
-    has_control_characters,
-    parse_params,
-    parse_path,
-    split_command,
-    strip_keyword,
-)
+from farm.smtp.syntax import CONTROL_CHARACTERS, parse_params, parse_path, strip_keyword
 from farm.smtp.tls import TLS_HANDSHAKE_TIMEOUT_DEFAULT, StartTLSMixin
 
 log = logging.getLogger("farm.smtp")
@@ -58,6 +52,7 @@ _MAX_PENDING_INPUT = 256 * 1024
 #: Seconds a closing connection has to take its last replies before it is aborted.
 _CLOSE_GRACE = 3.0
 _READ_BUFFER_SIZE = 64 * 1024
+_has_control_characters = CONTROL_CHARACTERS.search
 _read_buffers = threading.local()
 
 _session_ids = itertools.count(1)
@@ -103,6 +98,37 @@ class SMTP(AuthMixin, StartTLSMixin, asyncio.BufferedProtocol):
     local_part_limit = 0
     #: Verbs that need HELO/EHLO first.
     _needs_helo = frozenset({"MAIL", "RCPT", "DATA"})
+    # Per-connection state that starts the same for every session: class defaults, set on
+    # the instance only once it changes (keeps building a protocol per connection cheap).
+    session: Session | None = None
+    envelope: Envelope | None = None
+    transport: asyncio.BaseTransport | None = None
+    #: Called with this protocol once its connection is lost (the farm's worker uses it).
+    on_close: Callable[[SMTP], None] | None = None
+    _tls_protocol: Any = None
+    _tls_handshake_okay = True
+    _auth_failures = 0
+    _line_waiter: asyncio.Future[Any] | None = None
+    _task: asyncio.Task[None] | None = None
+    _task_is_delivery = False
+    _closed = False
+    _close_after_flush = False
+    _eof = False
+    _draining = False
+    _write_paused = False
+    _read_paused = False
+    _bogus_budget = BOGUS_LIMIT
+    _call_counts: dict[str, int] | None = None
+    _timer: asyncio.TimerHandle | None = None
+    _last_line = 0.0
+    _data_deadline = 0.0
+    _data_started = 0.0
+    _task_started = 0.0
+    _closed_waiter: asyncio.Future[None] | None = None
+    _started = 0.0
+    _n_commands = 0
+    _checks = False
+
     #: Verbs that always run in a task (they await the client or a TLS handshake).
     _always_task = frozenset({"STARTTLS", "AUTH"})
     #: Hooks each verb may call (a verb with one of them present runs in a task).
@@ -166,39 +192,14 @@ class SMTP(AuthMixin, StartTLSMixin, asyncio.BufferedProtocol):
         self._hooks: HookTable = hook_table(handler)
         self._verbs = _hook_verbs(type(self))
         self._task_verbs = _task_verbs(type(self), self._hooks)
-        self._tls_protocol: Any = None
-        self._tls_handshake_okay = True
         self._tls_handshake_timeout = tls_handshake_timeout
-        self._auth_failures = 0
         self._auth_failure_limit = auth_failure_limit
-        self._line_waiter: asyncio.Future[Any] | None = None
-        self.session: Session | None = None
-        self.envelope: Envelope | None = None
-        self.transport: asyncio.BaseTransport | None = None
         self._framer = Framer(
             max(self._max_command_size(), SASL_LINE_LIMIT), self.line_length_limit
         )
         self._out: list[str] = []
-        self._task: asyncio.Task[None] | None = None
-        self._task_is_delivery = False
-        self._closed = False
-        self._close_after_flush = False
-        self._eof = False
-        self._draining = False
-        self._write_paused = False
-        self._read_paused = False
-        self._bogus_budget = BOGUS_LIMIT
-        self._call_counts: dict[str, int] = {}
-        self._timer: asyncio.TimerHandle | None = None
-        self._last_line = 0.0
-        self._data_deadline = 0.0
-        self._data_started = 0.0
-        self._task_started = 0.0
-        self._closed_waiter: asyncio.Future[None] | None = None
-        self._started = 0.0
-        self.counts = {"commands": 0, "accepted": 0, "rejected": 0, "bytes": 0}
-        #: Called with this protocol once its connection is lost (the farm's worker uses it).
-        self.on_close: Callable[[SMTP], None] | None = None
+        self._counts = {"accepted": 0, "rejected": 0, "bytes": 0}
+        self._update_checks()
 
     # -- configuration derived once --------------------------------------------------------
 
@@ -212,6 +213,11 @@ class SMTP(AuthMixin, StartTLSMixin, asyncio.BufferedProtocol):
         if verb == "MAIL" and self.session is not None and self.session.extended_smtp:
             return self._max_command_size()
         return self.command_size_limit
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """This session's commands, accepted and rejected messages, and body octets."""
+        return {"commands": self._n_commands, **self._counts}
 
     @property
     def tls_protocol(self) -> Any:
@@ -340,13 +346,13 @@ class SMTP(AuthMixin, StartTLSMixin, asyncio.BufferedProtocol):
 
     def _log_disconnect(self) -> None:
         session = self.session
-        counts = self.counts
+        counts = self._counts
         log.info(
             "session=%s disconnect peer=%s commands=%d accepted=%d rejected=%d bytes=%d "
             "duration=%.3fs",
             session.id if session else "-",
             _peer_text(session.peer) if session else "-",
-            counts["commands"],
+            self._n_commands,
             counts["accepted"],
             counts["rejected"],
             counts["bytes"],
@@ -366,6 +372,7 @@ class SMTP(AuthMixin, StartTLSMixin, asyncio.BufferedProtocol):
     def begin_shutdown(self) -> None:
         """Finish the transaction in flight (if any), then answer 421 and close."""
         self._draining = True
+        self._checks = True
         if self._task is None and not self._closed:
             self._finish_drain_if_idle()
             self._flush()
@@ -418,50 +425,37 @@ class SMTP(AuthMixin, StartTLSMixin, asyncio.BufferedProtocol):
             self._close()
 
     def _on_command(self, line: bytes) -> None:
-        self.counts["commands"] += 1
+        self._n_commands += 1
         if self._timeout:
             self._last_line = self.loop.time()  # type: ignore[union-attr]
-        if not line:
-            self._reply("500 Error: bad syntax")
-            return
-        verb_bytes, arg_bytes = split_command(line)
+        verb_bytes, space, arg_bytes = line.partition(b" ")
         try:
             verb = verb_bytes.upper().decode("ascii")
         except UnicodeDecodeError:
+            verb = ""
+        if not verb:
             self._reply("500 Error: bad syntax")
             return
-        arg: str | None
-        if len(verb_bytes) == len(line):
-            arg = None
-        elif self.enable_SMTPUTF8:
-            arg = arg_bytes.decode("utf-8", "surrogateescape")
-        else:
-            try:
-                arg = arg_bytes.decode("ascii")
-            except UnicodeDecodeError:
-                self._reply("500 Error: strict ASCII mode")
-                return
-        if len(line) > self._command_limit(verb):
+        arg: str | None = None
+        if space:
+            arg_bytes = arg_bytes.strip()
+            if self.enable_SMTPUTF8:
+                arg = arg_bytes.decode("utf-8", "surrogateescape")
+            else:
+                try:
+                    arg = arg_bytes.decode("ascii")
+                except UnicodeDecodeError:
+                    self._reply("500 Error: strict ASCII mode")
+                    return
+        if len(line) > self.command_size_limit and len(line) > self._command_limit(verb):
             self._reply("500 Command line too long")
             return
-        if has_control_characters(line):
+        if _has_control_characters(line) is not None:
             self._reply("501 5.5.2 Syntax error: invalid character in command")
             return
-        if not self._tls_handshake_okay and verb != "QUIT":
-            self._reply("554 Command refused due to lack of security")
-            return
-        if (
-            self._require_starttls
-            and self._tls_protocol is None
-            and verb not in ALLOWED_BEFORE_STARTTLS
-        ):
-            self._reply("530 Must issue a STARTTLS command first")
-            return
-        if self._draining and self.envelope.mail_from is None and verb != "QUIT":  # type: ignore[union-attr]
-            self._reply(SHUTTING_DOWN)
-            self._close_after_flush = True
-            return
         method = self._verbs.get(verb)
+        if self._checks and self._refused(verb, method is not None):
+            return
         if method is None:
             self._bogus_budget -= 1
             if self._bogus_budget < 1:
@@ -470,29 +464,9 @@ class SMTP(AuthMixin, StartTLSMixin, asyncio.BufferedProtocol):
             else:
                 self._reply(f'500 Error: command "{verb}" not recognized')
             return
-        if self._call_limits is not None:
-            used = self._call_counts.get(verb, 0) + 1
-            self._call_counts[verb] = used
-            if used > self._call_limits.get(verb, self._call_limits["*"]):
-                log.warning("session=%s %s sent too many times", self.session.id, verb)  # type: ignore[union-attr]
-                self._reply(f"421 4.7.0 {verb} sent too many times")
-                self._close_after_flush = True
-                return
-        if (
-            self._auth_required
-            and not self.session.authenticated  # type: ignore[union-attr]
-            and verb not in ALLOWED_BEFORE_AUTH
-        ):
-            self._reply("530 5.7.0 Authentication required")
-            return
-        self._run(method(self, arg), verb in self._task_verbs)
-
-    def _run(self, coro: Coroutine[Any, Any, None], in_task: bool, delivery: bool = False) -> None:
-        if in_task:
-            self._task_is_delivery = delivery
-            self._task_started = self.loop.time()  # type: ignore[union-attr]
-            self._task = task = self.loop.create_task(coro)  # type: ignore[union-attr]
-            task.add_done_callback(self._task_done)
+        coro = method(self, arg)
+        if verb in self._task_verbs:
+            self._run(coro)
             return
         try:
             coro.send(None)
@@ -504,6 +478,60 @@ class SMTP(AuthMixin, StartTLSMixin, asyncio.BufferedProtocol):
             return
         coro.close()
         raise RuntimeError("a command without hooks suspended; it must run in a task")
+
+    def _update_checks(self) -> None:
+        """Whether commands must pass the policy checks of :meth:`_refused` (rarely)."""
+        self._checks = bool(
+            not self._tls_handshake_okay
+            or (self._require_starttls and self._tls_protocol is None)
+            or self._draining
+            or self._call_limits is not None
+            or self._auth_required
+        )
+
+    def _refused(self, verb: str, known: bool) -> bool:
+        """Apply TLS, drain, call-limit and AUTH policies; True when a reply was given."""
+        if not self._tls_handshake_okay and verb != "QUIT":
+            self._reply("554 Command refused due to lack of security")
+            return True
+        if (
+            self._require_starttls
+            and self._tls_protocol is None
+            and verb not in ALLOWED_BEFORE_STARTTLS
+        ):
+            self._reply("530 Must issue a STARTTLS command first")
+            return True
+        if self._draining and self.envelope.mail_from is None and verb != "QUIT":  # type: ignore[union-attr]
+            self._reply(SHUTTING_DOWN)
+            self._close_after_flush = True
+            return True
+        if not known:
+            return False
+        if self._call_limits is not None:
+            if self._call_counts is None:
+                self._call_counts = {}
+            used = self._call_counts.get(verb, 0) + 1
+            self._call_counts[verb] = used
+            if used > self._call_limits.get(verb, self._call_limits["*"]):
+                log.warning("session=%s %s sent too many times", self.session.id, verb)  # type: ignore[union-attr]
+                self._reply(f"421 4.7.0 {verb} sent too many times")
+                self._close_after_flush = True
+                return True
+        if (
+            self._auth_required
+            and not self.session.authenticated  # type: ignore[union-attr]
+            and verb not in ALLOWED_BEFORE_AUTH
+        ):
+            self._reply("530 5.7.0 Authentication required")
+            return True
+        return False
+
+    def _run(self, coro: Coroutine[Any, Any, None], delivery: bool = False) -> None:
+        """Run a command or delivery coroutine that may suspend, in a task."""
+        self._task_is_delivery = delivery
+        self._task_started = self.loop.time()  # type: ignore[union-attr]
+        self._task = task = self.loop.create_task(coro)  # type: ignore[union-attr]
+        task.add_done_callback(self._task_done)
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
         self._task = None
@@ -534,12 +562,11 @@ class SMTP(AuthMixin, StartTLSMixin, asyncio.BufferedProtocol):
 
     def _flush(self) -> None:
         out = self._out
-        if out and self.transport is not None and not self._closed:
-            data = "\r\n".join(out).encode("utf-8", "surrogateescape") + b"\r\n"
+        if out:
+            text = out[0] + "\r\n" if len(out) == 1 else "\r\n".join(out) + "\r\n"
             out.clear()
-            self.transport.write(data)  # type: ignore[attr-defined]
-        else:
-            out.clear()
+            if self.transport is not None and not self._closed:
+                self.transport.write(text.encode("utf-8", "surrogateescape"))  # type: ignore[attr-defined]
         if self._close_after_flush:
             self._close()
 
@@ -637,7 +664,7 @@ class SMTP(AuthMixin, StartTLSMixin, asyncio.BufferedProtocol):
     # -- DATA completion -------------------------------------------------------------------
 
     def _on_message(self, message: Message) -> None:
-        self.counts["bytes"] += message.size
+        self._counts["bytes"] += message.size
         if self._timeout:
             self._last_line = self.loop.time()  # type: ignore[union-attr]
         if message.error is not None:
@@ -663,7 +690,7 @@ class SMTP(AuthMixin, StartTLSMixin, asyncio.BufferedProtocol):
         envelope.content = content  # type: ignore[union-attr]
         envelope.original_content = original  # type: ignore[union-attr]
         if "DATA" in self._hooks.hooks:
-            self._run(self._deliver(message.size), in_task=True, delivery=True)
+            self._run(self._deliver(message.size), delivery=True)
         else:
             self._set_post_data_state()
             self._end_message("250 OK", message.size, envelope)
@@ -676,11 +703,11 @@ class SMTP(AuthMixin, StartTLSMixin, asyncio.BufferedProtocol):
 
     def _end_message(self, status: str, size: int, envelope: Envelope | None = None) -> None:
         accepted = status.startswith("2")
-        self.counts["accepted" if accepted else "rejected"] += 1
+        self._counts["accepted" if accepted else "rejected"] += 1
         self._reply(status)
         if log.isEnabledFor(logging.INFO):
             session = self.session
-            n = self.counts["accepted"] + self.counts["rejected"]
+            n = self._counts["accepted"] + self._counts["rejected"]
             log.info(
                 "session=%s msg=%s.%d from=<%s> rcpts=%d size=%d outcome=%s duration=%.3fs",
                 session.id,  # type: ignore[union-attr]

@@ -15,7 +15,7 @@ _SIMPLE_PATH = re.compile(
     rf"<({_ATEXT}+(?:\.{_ATEXT}+)*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*)>(?:[ \t]+([^(]*))?\Z"
 )
 #: Control characters (RFC 5321 4.1.2: never valid in a command), except TAB.
-_CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+CONTROL_CHARACTERS = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 
 
 def split_command(line: bytes) -> tuple[bytes, bytes]:
@@ -28,7 +28,7 @@ def split_command(line: bytes) -> tuple[bytes, bytes]:
 
 def has_control_characters(line: bytes) -> bool:
     """True when a command line holds NUL, a bare CR/LF or another control character."""
-    return _CONTROL.search(line) is not None
+    return CONTROL_CHARACTERS.search(line) is not None
 
 
 def strip_keyword(keyword: str, arg: str) -> str | None:

@@ -89,4 +89,5 @@ class StartTLSMixin:
             except Exception:
                 log.exception("session=%s handle_STARTTLS failed", session.id)
                 self._tls_handshake_okay = False
+        server._update_checks()
         log.info("session=%s TLS established: %s", session.id, session.ssl.get("version"))
