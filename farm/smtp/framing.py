@@ -42,6 +42,13 @@ class CommandTooLong(NamedTuple):
 _TOO_LONG = CommandTooLong()
 
 
+class Chunk(NamedTuple):
+    """The octets of one BDAT chunk (empty when the chunk was discarded), and its size."""
+
+    data: bytes
+    size: int
+
+
 class DataError(Enum):
     """Why a DATA body was refused."""
 
@@ -61,7 +68,7 @@ class Message:
     error: DataError | None = None
 
 
-Event = Command | CommandTooLong | Message
+Event = Command | CommandTooLong | Message | Chunk
 
 
 class Framer:
@@ -69,6 +76,10 @@ class Framer:
 
     __slots__ = (
         "_buf",
+        "_chunk",
+        "_chunk_keep",
+        "_chunk_left",
+        "_chunk_size",
         "_data_error",
         "_data_limit",
         "_data_received",
@@ -94,6 +105,10 @@ class Framer:
         self._data_error: DataError | None = None
         self._data_received = 0  # octets of the body dropped while discarding
         self._line_checked = 0  # DATA: every line before this offset is within the limit
+        self._chunk_left: int | None = None  # BDAT: octets of the chunk still to come
+        self._chunk_size = 0
+        self._chunk_keep = True
+        self._chunk = bytearray()
 
     # -- input ---------------------------------------------------------------------------
 
@@ -108,7 +123,8 @@ class Framer:
 
     @property
     def in_data(self) -> bool:
-        return self._in_data
+        """Receiving message content (a DATA body or a BDAT chunk), not commands."""
+        return self._in_data or self._chunk_left is not None
 
     def take_buffered(self) -> bytes:
         """Remove and return all unconsumed input (e.g. to discard it before a TLS handshake)."""
@@ -127,13 +143,45 @@ class Framer:
         self._scan = self._pos
         self._line_checked = self._pos
 
+    def start_chunk(self, size: int, keep: bool = True) -> None:
+        """Switch to BDAT mode: the next event is the :class:`Chunk` of ``size`` octets.
+
+        With ``keep=False`` the octets are read and dropped (a refused chunk must still be
+        consumed, or its content would be taken for commands).
+        """
+        self._chunk_left = size
+        self._chunk_size = size
+        self._chunk_keep = keep
+        self._chunk = bytearray()
+
     # -- output --------------------------------------------------------------------------
 
     def next_event(self) -> Event | None:
         """The next complete event, or None until more bytes are fed."""
         if self._in_data:
             return self._next_message()
+        if self._chunk_left is not None:
+            return self._next_chunk()
         return self._next_command()
+
+    def _next_chunk(self) -> Chunk | None:
+        left = self._chunk_left
+        assert left is not None
+        take = min(left, len(self._buf) - self._pos)
+        if take:
+            if self._chunk_keep:
+                self._chunk += memoryview(self._buf)[self._pos : self._pos + take]
+            self._pos += take
+            self._scan = self._pos
+            self._compact()
+            left -= take
+        self._chunk_left = left
+        if left:
+            return None
+        self._chunk_left = None
+        data = bytes(self._chunk)
+        self._chunk = bytearray()
+        return Chunk(data, self._chunk_size)
 
     def _next_command(self) -> Command | CommandTooLong | None:
         buf = self._buf

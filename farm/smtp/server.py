@@ -20,8 +20,12 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from farm import __version__
-from farm.smtp.framing import Command, DataError, Framer, Message
+from farm.smtp.chunking import ChunkingMixin
+from farm.smtp.dsn import dsn_mail_options_valid, dsn_rcpt_options_valid
+from farm.smtp.framing import Chunk, Command, DataError, Framer, Message
 from farm.smtp.hooks import HookTable, hook_table
+from farm.smtp.proxy import ProxyProtocolMixin, parse_networks
+from farm.smtp.replies import format_multiline, with_enhanced_code
 from farm.smtp.sasl import AUTH_FAILURE_LIMIT_DEFAULT, SASL_LINE_LIMIT, AuthMixin
 from farm.smtp.session import Envelope, Session
 from farm.smtp.syntax import CONTROL_CHARACTERS, parse_params, parse_path, strip_keyword
@@ -88,7 +92,7 @@ def _hook_verbs(cls: type) -> dict[str, Callable[..., Coroutine[Any, Any, None]]
     return table
 
 
-class SMTP(AuthMixin, StartTLSMixin, asyncio.BufferedProtocol):
+class SMTP(AuthMixin, StartTLSMixin, ChunkingMixin, ProxyProtocolMixin, asyncio.BufferedProtocol):
     """One SMTP session per instance; construct one per connection (a protocol factory)."""
 
     command_size_limit = 512
@@ -128,6 +132,8 @@ class SMTP(AuthMixin, StartTLSMixin, asyncio.BufferedProtocol):
     _started = 0.0
     _n_commands = 0
     _checks = False
+    #: The verb being answered (for enhanced status codes).
+    _verb: str | None = None
 
     #: Verbs that always run in a task (they await the client or a TLS handshake).
     _always_task = frozenset({"STARTTLS", "AUTH"})
@@ -166,6 +172,10 @@ class SMTP(AuthMixin, StartTLSMixin, asyncio.BufferedProtocol):
         pipelining: bool = False,
         max_recipients: int | None = MAX_RECIPIENTS_DEFAULT,
         min_data_rate: float = 500.0,
+        enhanced_status_codes: bool = False,
+        chunking: bool = False,
+        dsn: bool = False,
+        proxy_trusted_networks: Any = None,
         tls_handshake_timeout: float = TLS_HANDSHAKE_TIMEOUT_DEFAULT,
         auth_failure_limit: int = AUTH_FAILURE_LIMIT_DEFAULT,
     ) -> None:
@@ -184,9 +194,13 @@ class SMTP(AuthMixin, StartTLSMixin, asyncio.BufferedProtocol):
         self._auth_callback = auth_callback
         self._authenticator = authenticator
         self._proxy_protocol_timeout = proxy_protocol_timeout
+        self._proxy_networks = parse_networks(proxy_trusted_networks)
         self._pipelining = pipelining
         self._max_recipients = max_recipients
         self._min_data_rate = min_data_rate
+        self._enhanced = enhanced_status_codes
+        self._chunking = chunking
+        self._dsn = dsn
         self.loop = loop
         self._call_limits = _call_limits(command_call_limit)
         self._hooks: HookTable = hook_table(handler)
@@ -232,6 +246,7 @@ class SMTP(AuthMixin, StartTLSMixin, asyncio.BufferedProtocol):
                 self._decode_data,
                 self.enable_SMTPUTF8,
                 self._pipelining,
+                (self._enhanced, self._chunking, self._dsn),
                 self.tls_context is not None and self._tls_protocol is None,
                 self._auth_mechanism_names()
                 if (not self._auth_require_tls or self._tls_protocol is not None)
@@ -245,6 +260,8 @@ class SMTP(AuthMixin, StartTLSMixin, asyncio.BufferedProtocol):
 
     def _supported_verbs(self) -> str:
         verbs = set(self._verbs) - {"EXPN"}
+        if not self._chunking:
+            verbs.discard("BDAT")
         if self.tls_context is None:
             verbs.discard("STARTTLS")
         return " ".join(sorted(verbs))
@@ -263,13 +280,21 @@ class SMTP(AuthMixin, StartTLSMixin, asyncio.BufferedProtocol):
             self._tls_protocol = ssl_object
             session.ssl = {"cipher": transport.get_extra_info("cipher")}
         self.envelope = self._create_envelope()
-        now = self._started = self._last_line = self.loop.time()
+        self._started = self.loop.time()
         if log.isEnabledFor(logging.INFO):
             log.info("session=%s connect peer=%s", session.id, _peer_text(session.peer))
-        self._reply(f"220 {self.hostname} {self.__ident__}")
+        if self._proxy_protocol_timeout:
+            self._expect_proxy_header()
+            return
+        self._greet()
+
+    def _greet(self) -> None:
+        """Send the 220 greeting and start the idle timer."""
+        now = self._last_line = self.loop.time()  # type: ignore[union-attr]
+        self._reply(f"220 {self.hostname} {self.__ident__}", plain=True)
         self._flush()
         if self._timeout:
-            self._timer = self.loop.call_at(now + self._timeout, self._on_timer)
+            self._timer = self.loop.call_at(now + self._timeout, self._on_timer)  # type: ignore[union-attr]
 
     def get_buffer(self, sizehint: int) -> memoryview:
         """Reads land in one buffer per thread, copied into the framer at once.
@@ -287,6 +312,9 @@ class SMTP(AuthMixin, StartTLSMixin, asyncio.BufferedProtocol):
         self.data_received(_read_buffers.view[:nbytes])
 
     def data_received(self, data: bytes | memoryview) -> None:
+        if self._proxy_parser is not None:
+            self._feed_proxy_header(data)
+            return
         framer = self._framer
         framer.feed(data)
         if framer.in_data and self._timeout:
@@ -333,6 +361,9 @@ class SMTP(AuthMixin, StartTLSMixin, asyncio.BufferedProtocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self._proxy_timer is not None:
+            self._proxy_timer.cancel()
+            self._proxy_timer = None
         task = self._task
         if task is not None and not self._task_is_delivery:
             task.cancel()
@@ -413,6 +444,8 @@ class SMTP(AuthMixin, StartTLSMixin, asyncio.BufferedProtocol):
                 self._on_command(event.line)  # type: ignore[union-attr]
             elif kind is Message:
                 self._on_message(event)  # type: ignore[arg-type]
+            elif kind is Chunk:
+                self._on_chunk(event)  # type: ignore[arg-type]
             else:
                 self._reply("500 Command line too long")
         if self._draining and self._task is None:
@@ -453,6 +486,7 @@ class SMTP(AuthMixin, StartTLSMixin, asyncio.BufferedProtocol):
         if _has_control_characters(line) is not None:
             self._reply("501 5.5.2 Syntax error: invalid character in command")
             return
+        self._verb = verb
         method = self._verbs.get(verb)
         if self._checks and self._refused(verb, method is not None):
             return
@@ -551,9 +585,12 @@ class SMTP(AuthMixin, StartTLSMixin, asyncio.BufferedProtocol):
 
     # -- output ----------------------------------------------------------------------------
 
-    def _reply(self, text: str) -> None:
+    def _reply(self, text: str, plain: bool = False) -> None:
+        """Queue a reply; ``plain``: never add enhanced status codes (greeting, EHLO)."""
         if "\n" in text:
             text = format_multiline(text)
+        if self._enhanced and not plain:
+            text = with_enhanced_code(text, self._verb)
         self._out.append(text)
 
     async def push(self, status: str) -> None:
@@ -628,9 +665,11 @@ class SMTP(AuthMixin, StartTLSMixin, asyncio.BufferedProtocol):
 
     def _set_rset_state(self) -> None:
         self.envelope = self._create_envelope()
+        self._bdat_content = None
 
     def _set_post_data_state(self) -> None:
         self.envelope = self._create_envelope()
+        self._bdat_content = None
 
     async def _call_handler_hook(self, name: str, *args: Any) -> Any:
         hook = self._hooks.hooks.get(name)
@@ -664,17 +703,19 @@ class SMTP(AuthMixin, StartTLSMixin, asyncio.BufferedProtocol):
     # -- DATA completion -------------------------------------------------------------------
 
     def _on_message(self, message: Message) -> None:
+        self._verb = "DATA"
         self._counts["bytes"] += message.size
         if self._timeout:
             self._last_line = self.loop.time()  # type: ignore[union-attr]
+        envelope = self.envelope
         if message.error is not None:
             self._set_post_data_state()
             if message.error is DataError.LINE_TOO_LONG:
-                self._end_message("500 Line too long (see RFC5321 4.5.3.1.6)", message.size)
+                status = "500 Line too long (see RFC5321 4.5.3.1.6)"
             else:
-                self._end_message("552 Error: Too much mail data", message.size)
+                status = "552 Error: Too much mail data"
+            self._end_message(status, message.size, envelope)
             return
-        envelope = self.envelope
         original = message.content
         content: bytes | str = original
         if self._decode_data:
@@ -685,7 +726,7 @@ class SMTP(AuthMixin, StartTLSMixin, asyncio.BufferedProtocol):
                     content = original.decode("ascii")
                 except UnicodeDecodeError:
                     self._set_post_data_state()
-                    self._end_message("500 Error: strict ASCII mode", message.size)
+                    self._end_message("500 Error: strict ASCII mode", message.size, envelope)
                     return
         envelope.content = content  # type: ignore[union-attr]
         envelope.original_content = original  # type: ignore[union-attr]
@@ -701,10 +742,24 @@ class SMTP(AuthMixin, StartTLSMixin, asyncio.BufferedProtocol):
         self._set_post_data_state()
         self._end_message(status, size, envelope)
 
-    def _end_message(self, status: str, size: int, envelope: Envelope | None = None) -> None:
-        accepted = status.startswith("2")
+    def _data_replies(self, status: Any, envelope: Envelope | None) -> list[str]:
+        """The reply lines for a finished message: one for SMTP (LMTP: one per recipient)."""
+        if isinstance(status, str):
+            return [status]
+        log.error(
+            "session=%s handle_DATA returned %s, not a reply string",
+            self.session.id,  # type: ignore[union-attr]
+            type(status).__name__,
+        )
+        return [LOCAL_ERROR]
+
+    def _end_message(self, status: Any, size: int, envelope: Envelope | None = None) -> None:
+        replies = self._data_replies(status, envelope)
+        accepted = any(reply.startswith("2") for reply in replies)
         self._counts["accepted" if accepted else "rejected"] += 1
-        self._reply(status)
+        for reply in replies:
+            self._reply(reply)
+        status = replies[0] if len(set(r[:3] for r in replies)) == 1 else "mixed"
         if log.isEnabledFor(logging.INFO):
             session = self.session
             n = self._counts["accepted"] + self._counts["rejected"]
@@ -757,7 +812,7 @@ class SMTP(AuthMixin, StartTLSMixin, asyncio.BufferedProtocol):
             lines.append("250 HELP")
             result = await self._call_handler_hook("EHLO", hostname, lines)
             lines = [result] if isinstance(result, str) else list(result)
-        self._reply("\r\n".join(lines))
+        self._reply("\r\n".join(lines), plain=True)
 
     async def smtp_NOOP(self, arg: str | None) -> None:
         """NOOP [ignored]"""
@@ -876,6 +931,9 @@ class SMTP(AuthMixin, StartTLSMixin, asyncio.BufferedProtocol):
             if self.data_size_limit and int(size) > self.data_size_limit:  # type: ignore[arg-type]
                 self._reply("552 Error: message size exceeds fixed maximum message size")
                 return
+        if self._dsn and not dsn_mail_options_valid(options):
+            self._reply(syntaxerr)
+            return
         if options:
             self._reply("555 MAIL FROM parameters not recognized or not implemented")
             return
@@ -923,6 +981,9 @@ class SMTP(AuthMixin, StartTLSMixin, asyncio.BufferedProtocol):
         if options is None:
             self._reply(syntaxerr)
             return
+        if self._dsn and not dsn_rcpt_options_valid(options):
+            self._reply(syntaxerr)
+            return
         if options:
             self._reply("555 RCPT TO parameters not recognized or not implemented")
             return
@@ -949,6 +1010,9 @@ class SMTP(AuthMixin, StartTLSMixin, asyncio.BufferedProtocol):
             return
         if arg:
             self._reply("501 Syntax: DATA")
+            return
+        if self._bdat_content is not None:
+            self._reply("503 5.5.1 Error: DATA cannot follow BDAT in one transaction")
             return
         self._reply("354 End data with <CR><LF>.<CR><LF>")
         self._framer.start_data(self.data_size_limit)
@@ -990,6 +1054,7 @@ def _ehlo_keywords(
     decode_data: bool,
     smtputf8: bool,
     pipelining: bool,
+    extensions: tuple[bool, bool, bool],
     starttls: bool,
     auth: tuple[str, ...] | None,
 ) -> tuple[str, ...]:
@@ -1002,30 +1067,18 @@ def _ehlo_keywords(
         lines.append("250-SMTPUTF8")
     if pipelining:
         lines.append("250-PIPELINING")
+    enhanced, chunking, dsn = extensions
+    if enhanced:
+        lines.append("250-ENHANCEDSTATUSCODES")
+    if chunking:
+        lines.append("250-CHUNKING")
+    if dsn:
+        lines.append("250-DSN")
     if starttls:
         lines.append("250-STARTTLS")
     if auth is not None:
         lines.append("250-AUTH " + " ".join(auth))
     return tuple(lines)
-
-
-def format_multiline(text: str) -> str:
-    """Make a reply with embedded line breaks a well-formed multi-line reply.
-
-    ``"250 a\\nb"`` and ``"250-a\\r\\n250-b"`` both become ``"250-a\\r\\n250 b"``: every
-    line carries the code, ``-`` after it on all lines but the last.
-    """
-    lines = [line.rstrip("\r") for line in text.split("\n")]
-    lines = [line for line in lines if line]
-    if not lines:
-        return text.strip()
-    code = lines[0][:3] if lines[0][:3].isdigit() else "451"
-    out = []
-    for i, line in enumerate(lines):
-        rest = line[4:] if line[:3].isdigit() and line[3:4] in ("", " ", "-") else line
-        sep = "-" if i < len(lines) - 1 else " "
-        out.append(f"{code}{sep}{rest}")
-    return "\r\n".join(out)
 
 
 def _peer_text(peer: Any) -> str:

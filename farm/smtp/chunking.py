@@ -1,0 +1,86 @@
+"""CHUNKING / BDAT (RFC 3030) for the SMTP protocol.
+
+A chunk's octets are always consumed, even when the command is refused, so that message
+content is never taken for commands. The handler sees the same Envelope as after DATA.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from farm.smtp.framing import Chunk, Message
+
+log = logging.getLogger("farm.smtp")
+
+BDAT_SYNTAX = "501 Syntax: BDAT <size> [LAST]"
+
+
+class ChunkingMixin:
+    """The ``BDAT`` command; mixed into :class:`farm.smtp.SMTP`."""
+
+    _chunking: bool
+    #: Content received by earlier BDAT chunks of this transaction (None: no BDAT yet).
+    _bdat_content: bytearray | None = None
+    #: For the chunk being read: (is it the last, the error reply to give after it, if any).
+    _bdat_pending: tuple[bool, str | None] = (False, None)
+
+    async def smtp_BDAT(self, arg: str | None) -> None:
+        """BDAT <size> [LAST]"""
+        server: Any = self
+        if not self._chunking:
+            server._reply('500 Error: command "BDAT" not recognized')
+            return
+        parts = (arg or "").split()
+        last = len(parts) == 2 and parts[1].upper() == "LAST"
+        if not parts or not parts[0].isdigit() or len(parts) > 2 or (len(parts) == 2 and not last):
+            # Without a size the chunk's end is unknown: the stream cannot be trusted any more.
+            server._reply(BDAT_SYNTAX)
+            server._close_after_flush = True
+            return
+        size = int(parts[0])
+        error = self._bdat_error(size)
+        if error is not None:
+            server._framer.start_chunk(size, keep=False)
+        else:
+            server._framer.start_chunk(size)
+            if self._bdat_content is None:
+                self._bdat_content = bytearray()
+        self._bdat_pending = (last, error)
+        if server._timeout:
+            server._data_deadline = server.loop.time() + server._timeout
+
+    def _bdat_error(self, size: int) -> str | None:
+        server: Any = self
+        if not server.session.host_name:
+            return "503 Error: send HELO first"
+        if not server.envelope.rcpt_tos:
+            return "503 Error: need RCPT command"
+        received = len(self._bdat_content or b"")
+        limit = server.data_size_limit
+        if limit and received + size > limit:
+            return "552 Error: Too much mail data"
+        return None
+
+    def _on_chunk(self, chunk: Chunk) -> None:
+        server: Any = self
+        last, error = self._bdat_pending
+        self._bdat_pending = (False, None)
+        if error is not None:
+            if error.startswith("552"):
+                server._counts["bytes"] += chunk.size
+                envelope = server.envelope
+                server._set_post_data_state()
+                server._end_message(error, chunk.size, envelope)
+            else:
+                server._reply(error)
+            return
+        content = self._bdat_content
+        assert content is not None
+        content += chunk.data
+        if not last:
+            server._reply(f"250 Message OK, {chunk.size} octets received")
+            return
+        self._bdat_content = None
+        body = bytes(content)
+        server._on_message(Message(body, len(body)))
