@@ -17,10 +17,12 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import difflib
+import ipaddress
 import json
 import math
 import os
 import re
+import ssl
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
@@ -90,6 +92,30 @@ def _optional_string(key: str, value: Any) -> str | None:
     if value is not None and (not isinstance(value, str) or not value):
         raise _expected(key, "a non-empty string", value)
     return value
+
+
+def _optional_positive(key: str, value: Any) -> float | None:
+    return None if value is None else _positive_number(key, value)
+
+
+def _readable_file(key: str, value: Any) -> str | None:
+    value = _optional_string(key, value)
+    if value is not None and not os.access(value, os.R_OK):
+        raise _expected(key, "a readable file", value)
+    return value
+
+
+def _networks(key: str, value: Any) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    if isinstance(value, str) or not isinstance(value, (list, tuple)):
+        raise _expected(key, 'a list of networks like "10.0.0.0/8"', value)
+    for item in value:
+        try:
+            ipaddress.ip_network(str(item), strict=False)
+        except ValueError:
+            raise _expected(key, 'a list of networks like "10.0.0.0/8"', item) from None
+    return tuple(str(item) for item in value)
 
 
 def _address(key: str, value: Any) -> Address:
@@ -231,7 +257,23 @@ class SMTPSettings:
         default=None, metadata=_checked(_call_limit)
     )
     pipelining: bool = field(default=True, metadata=_checked(_boolean))
+    enhanced_status_codes: bool = field(default=True, metadata=_checked(_boolean))
+    chunking: bool = field(default=True, metadata=_checked(_boolean))
+    dsn: bool = field(default=False, metadata=_checked(_boolean))
     min_data_rate: float = field(default=500.0, metadata=_checked(_positive_number))
+    #: PEM certificate chain and key: STARTTLS is offered when both are set.
+    tls_cert: str | None = field(default=None, metadata=_checked(_readable_file))
+    tls_key: str | None = field(default=None, metadata=_checked(_readable_file))
+    tls_handshake_timeout: float = field(default=30.0, metadata=_checked(_positive_number))
+    require_starttls: bool = field(default=False, metadata=_checked(_boolean))
+    auth_require_tls: bool = field(default=True, metadata=_checked(_boolean))
+    auth_failure_limit: int = field(default=3, metadata=_checked(_integer(1)))
+    proxy_protocol_timeout: float | None = field(
+        default=None, metadata=_checked(_optional_positive)
+    )
+    proxy_trusted_networks: tuple[str, ...] | None = field(
+        default=None, metadata=_checked(_networks)
+    )
 
     def __post_init__(self) -> None:
         _validate(self, "smtp.")
@@ -242,10 +284,18 @@ class SMTPSettings:
         return tuple(spec.name for spec in fields(cls))
 
     def as_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for ``farm.smtp.SMTP(handler, **kwargs)``."""
+        """Keyword arguments for ``farm.smtp.SMTP(handler, **kwargs)``.
+
+        ``tls_cert``/``tls_key`` become a ``tls_context`` (built here, in the worker).
+        """
         kwargs = {name: getattr(self, name) for name in self.names()}
         if isinstance(self.command_call_limit, Mapping):
             kwargs["command_call_limit"] = dict(self.command_call_limit)
+        cert, key = kwargs.pop("tls_cert"), kwargs.pop("tls_key")
+        if cert:
+            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            context.load_cert_chain(cert, key)
+            kwargs["tls_context"] = context
         return kwargs
 
     def replace(self, **changes: Any) -> SMTPSettings:

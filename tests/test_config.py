@@ -96,13 +96,23 @@ def test_defaults() -> None:
         "max_recipients": 1000,
         "command_call_limit": None,
         "pipelining": True,
+        "enhanced_status_codes": True,
+        "chunking": True,
+        "dsn": False,
         "min_data_rate": 500.0,
+        "tls_handshake_timeout": 30.0,
+        "require_starttls": False,
+        "auth_require_tls": True,
+        "auth_failure_limit": 3,
+        "proxy_protocol_timeout": None,
+        "proxy_trusted_networks": None,
     }
 
 
 def test_smtp_kwargs_are_engine_keywords() -> None:
     parameters = inspect.signature(SMTP).parameters
-    assert set(SMTPSettings.names()) <= set(parameters)
+    # tls_cert/tls_key become the engine's tls_context.
+    assert set(SMTPSettings.names()) - {"tls_cert", "tls_key"} <= set(parameters)
     config = Config(smtp={"command_call_limit": {"mail": 3}})
     SMTP(object(), **config.smtp_kwargs())  # accepted as is
     assert config.smtp_kwargs()["command_call_limit"] == {"MAIL": 3}
@@ -385,3 +395,26 @@ def test_describe_mentions_unset_values_and_int_call_limit(tmp_path: Path) -> No
     assert "# hostname: not set" in text
     assert "command_call_limit = 30" in text
     assert round_trip(tmp_path, config) == config
+
+
+def test_tls_files_become_a_context(tmp_path: Any) -> None:
+    import trustme
+
+    ca = trustme.CA()
+    cert = ca.issue_cert("farm.test")
+    chain, key = tmp_path / "chain.pem", tmp_path / "key.pem"
+    cert.private_key_and_cert_chain_pem.write_to_path(str(chain))
+    cert.private_key_pem.write_to_path(str(key))
+    config = Config(smtp={"tls_cert": str(chain), "tls_key": str(key)})
+    kwargs = config.smtp_kwargs()
+    assert "tls_cert" not in kwargs
+    assert kwargs["tls_context"].protocol is not None
+    with pytest.raises(ConfigError, match=r"smtp\.tls_cert: expected a readable file"):
+        Config(smtp={"tls_cert": str(tmp_path / "missing.pem")})
+
+
+def test_proxy_networks_are_checked() -> None:
+    config = Config(smtp={"proxy_protocol_timeout": 5, "proxy_trusted_networks": ["10.0.0.0/8"]})
+    assert config.smtp_kwargs()["proxy_trusted_networks"] == ("10.0.0.0/8",)
+    with pytest.raises(ConfigError, match="proxy_trusted_networks"):
+        Config(smtp={"proxy_trusted_networks": ["not-a-network"]})
