@@ -109,6 +109,8 @@ class _BaseController:
             sock.settimeout(max(self.ready_timeout, 1.0))
             if not self._factory_invoked.wait(self.ready_timeout) or self._thread_exception:
                 return
+            if self.SMTP_kwargs.get("proxy_protocol_timeout"):
+                return  # the server waits for a PROXY header: no greeting to read
             if self.ssl_context is not None:
                 client = ssl.create_default_context()
                 client.check_hostname = False

@@ -34,11 +34,7 @@ class LMTP(SMTP):
         """EHLO is not an LMTP command."""
         self._reply('500 Error: command "EHLO" not recognized')
 
-    def _helo_missing(self) -> bool:
-        if not self.session.host_name:  # type: ignore[union-attr]
-            self._reply("503 Error: send LHLO first")
-            return True
-        return False
+    _helo_required = "503 Error: send LHLO first"
 
     def _data_replies(self, status: Any, envelope: Envelope | None) -> list[str]:
         recipients = list(envelope.rcpt_tos) if envelope is not None else []

@@ -97,6 +97,8 @@ def test_helo_and_basic_transaction(controller: Any, handler: Any) -> None:
         ),
         (["HELO x", "MAIL FROM:<a@b>", "RCPT TO"], (501, b"Syntax: RCPT TO: <address>")),
         (["HELO x", "MAIL FROM:<@>"], (553, b"5.1.3 Error: malformed address")),
+        (["HELO x", 'MAIL FROM:"'], (553, b"5.1.3 Error: malformed address")),
+        (["HELO x", "MAIL FROM:<a@b>", 'RCPT TO:"'], (553, b"5.1.3 Error: malformed address")),
         (["HELO x", "MAIL FROM:<a@b>", "MAIL FROM:<c@d>"], (503, b"Error: nested MAIL command")),
         (["HELO x", "RCPT TO:<a@b>"], (503, b"Error: need MAIL command")),
         (["HELO x", "DATA"], (503, b"Error: need RCPT command")),

@@ -33,7 +33,8 @@ class ChunkingMixin:
             return
         parts = (arg or "").split()
         last = len(parts) == 2 and parts[1].upper() == "LAST"
-        if not parts or not parts[0].isdigit() or len(parts) > 2 or (len(parts) == 2 and not last):
+        valid_size = bool(parts) and parts[0].isascii() and parts[0].isdigit()
+        if not valid_size or len(parts) > 2 or (len(parts) == 2 and not last):
             # Without a size the chunk's end is unknown: the stream cannot be trusted any more.
             server._reply(BDAT_SYNTAX)
             server._close_after_flush = True
@@ -53,7 +54,7 @@ class ChunkingMixin:
     def _bdat_error(self, size: int) -> str | None:
         server: Any = self
         if not server.session.host_name:
-            return "503 Error: send HELO first"
+            return server._helo_required
         if not server.envelope.rcpt_tos:
             return "503 Error: need RCPT command"
         received = len(self._bdat_content or b"")
@@ -68,10 +69,15 @@ class ChunkingMixin:
         self._bdat_pending = (False, None)
         if error is not None:
             if error.startswith("552"):
+                # The transaction is over; only its last chunk gets (LMTP: per-recipient) replies.
                 server._counts["bytes"] += chunk.size
                 envelope = server.envelope
                 server._set_post_data_state()
-                server._end_message(error, chunk.size, envelope)
+                if last:
+                    server._end_message(error, chunk.size, envelope)
+                else:
+                    server._counts["rejected"] += 1
+                    server._reply(error)
             else:
                 server._reply(error)
             return

@@ -9,6 +9,24 @@ import re
 
 _XTEXT = re.compile(r"(?:[!-*,-<>-~]|\+[0-9A-F]{2})+\Z")
 _NOTIFY = {"SUCCESS", "FAILURE", "DELAY"}
+_ATOM = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+\Z")
+#: Parameters whose values are case-sensitive (RFC 3461 xtext): never upper-cased.
+_CASE_KEPT = ("ENVID", "ORCPT")
+
+
+def split_options(params: str | None, dsn: bool) -> list[str]:
+    """``"size=10 envid=Ab"`` -> ``["SIZE=10", "ENVID=Ab"]``: upper-cased as aiosmtpd does,
+    except the values of ENVID and ORCPT when DSN is on."""
+    if not params:
+        return []
+    if not dsn:
+        return params.upper().split()
+    options = []
+    for option in params.split():
+        name, eq, value = option.partition("=")
+        name = name.upper()
+        options.append(f"{name}{eq}{value if name in _CASE_KEPT else value.upper()}")
+    return options
 
 
 def dsn_mail_options_valid(options: dict[str, str | bool]) -> bool:
@@ -36,6 +54,6 @@ def dsn_rcpt_options_valid(options: dict[str, str | bool]) -> bool:
         if not isinstance(orcpt, str):
             return False
         kind, sep, address = orcpt.partition(";")
-        if not sep or not kind.isalnum() or not address or not _XTEXT.match(address):
+        if not sep or not _ATOM.match(kind) or not address or not _XTEXT.match(address):
             return False
     return True

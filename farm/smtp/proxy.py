@@ -88,6 +88,7 @@ class ProxyProtocolMixin:
         server.session.proxy_data = result
         server._framer.feed(result.rest)  # what followed the header comes first
         server._run(self._accept_proxy(result))
+        server._start_timer()  # a hung handle_PROXY is given up like any hung hook
 
     async def _accept_proxy(self, proxy_data: ProxyData) -> None:
         server: Any = self

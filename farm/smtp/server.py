@@ -21,7 +21,7 @@ from typing import Any
 
 from farm import __version__
 from farm.smtp.chunking import ChunkingMixin
-from farm.smtp.dsn import dsn_mail_options_valid, dsn_rcpt_options_valid
+from farm.smtp.dsn import dsn_mail_options_valid, dsn_rcpt_options_valid, split_options
 from farm.smtp.framing import Chunk, Command, DataError, Framer, Message
 from farm.smtp.hooks import HookTable, hook_table
 from farm.smtp.proxy import ProxyProtocolMixin, parse_networks
@@ -290,11 +290,16 @@ class SMTP(AuthMixin, StartTLSMixin, ChunkingMixin, ProxyProtocolMixin, asyncio.
 
     def _greet(self) -> None:
         """Send the 220 greeting and start the idle timer."""
-        now = self._last_line = self.loop.time()  # type: ignore[union-attr]
+        self._last_line = self.loop.time()  # type: ignore[union-attr]
         self._reply(f"220 {self.hostname} {self.__ident__}", plain=True)
         self._flush()
-        if self._timeout:
-            self._timer = self.loop.call_at(now + self._timeout, self._on_timer)  # type: ignore[union-attr]
+        self._start_timer()
+
+    def _start_timer(self) -> None:
+        """Arm the idle timer (once): it also gives up on hooks that hang."""
+        if self._timeout and self._timer is None:
+            deadline = self.loop.time() + self._timeout  # type: ignore[union-attr]
+            self._timer = self.loop.call_at(deadline, self._on_timer)  # type: ignore[union-attr]
 
     def get_buffer(self, sizehint: int) -> memoryview:
         """Reads land in one buffer per thread, copied into the framer at once.
@@ -874,9 +879,12 @@ class SMTP(AuthMixin, StartTLSMixin, ChunkingMixin, ProxyProtocolMixin, asyncio.
         """EXPN <address>"""
         self._reply("502 EXPN not implemented")
 
+    #: The reply to a transaction command sent before HELO/EHLO (LMTP: LHLO).
+    _helo_required = "503 Error: send HELO first"
+
     def _helo_missing(self) -> bool:
         if not self.session.host_name:  # type: ignore[union-attr]
-            self._reply("503 Error: send HELO first")
+            self._reply(self._helo_required)
             return True
         return False
 
@@ -906,7 +914,7 @@ class SMTP(AuthMixin, StartTLSMixin, ChunkingMixin, ProxyProtocolMixin, asyncio.
         if envelope.mail_from:  # type: ignore[union-attr]
             self._reply("503 Error: nested MAIL command")
             return
-        mail_options = params.upper().split() if params else []
+        mail_options = split_options(params, self._dsn)
         options = parse_params(mail_options)
         if options is None:
             self._reply(syntaxerr)
@@ -925,7 +933,7 @@ class SMTP(AuthMixin, StartTLSMixin, ChunkingMixin, ProxyProtocolMixin, asyncio.
             return
         size = options.pop("SIZE", None)
         if size is not None:
-            if size is True or not size.isdigit():  # type: ignore[union-attr]
+            if size is True or not (size.isascii() and size.isdigit()):  # type: ignore[union-attr]
                 self._reply(syntaxerr)
                 return
             if self.data_size_limit and int(size) > self.data_size_limit:  # type: ignore[arg-type]
@@ -976,7 +984,7 @@ class SMTP(AuthMixin, StartTLSMixin, ChunkingMixin, ProxyProtocolMixin, asyncio.
         if not address or (not esmtp and params):
             self._reply(syntaxerr)
             return
-        rcpt_options = params.upper().split() if params else []
+        rcpt_options = split_options(params, self._dsn)
         options = parse_params(rcpt_options)
         if options is None:
             self._reply(syntaxerr)

@@ -57,9 +57,9 @@ def parse_path(arg: str, local_part_limit: int = 0) -> tuple[str | None, str | N
                 token, rest = get_angle_addr(arg)
             else:
                 token, rest = get_addr_spec(arg)
-        except (HeaderParseError, IndexError):
+            address = token.addr_spec
+        except (HeaderParseError, IndexError, ValueError, AttributeError):
             return None, None
-        address = token.addr_spec
     if local_part_limit and len(address.rpartition("@")[0]) > local_part_limit:
         return None, None
     return address, rest
