@@ -29,7 +29,7 @@ from farm.supervisor.channel import Channel, ChannelClosed
 from farm.supervisor.listeners import Listener, ListenerError, bind_listeners
 from farm.supervisor.metrics_http import MetricsHTTPServer
 from farm.supervisor.systemd import Notifier
-from farm.supervisor.worker import EXIT_BOOT_ERROR, WorkerSpec, run_worker
+from farm.supervisor.worker import EXIT_BOOT_ERROR, WORKER_SIGNALS, WorkerSpec, run_worker
 
 log = logging.getLogger("farm.supervisor")
 
@@ -41,6 +41,8 @@ BACKOFF_MAX = 60.0
 DUMP_GRACE = 1.0
 FAST_STOP_GRACE = 5.0
 MEMORY_CHECK_INTERVAL = 5.0
+#: Seconds past ``graceful_timeout`` a retiring worker gets before SIGKILL.
+RETIRE_SLACK = 15.0
 HANDLED_SIGNALS = (
     signal.SIGTERM,
     signal.SIGINT,
@@ -73,6 +75,9 @@ class WorkerProcess:
     timed_out: bool = False
     #: For a recycling replacement: the pid it replaces once READY.
     replaces: int | None = None
+    retire_deadline: float | None = None
+    #: SIGKILL was sent: nothing more to check, only to reap.
+    killed: bool = False
 
     @property
     def ready(self) -> bool:
@@ -204,7 +209,14 @@ class Arbiter:
             close_fds += self._metrics_server.fds()
         sys.stdout.flush()
         sys.stderr.flush()
-        pid = os.fork()
+        # Signals stay blocked in the child until its own handlers are in place (the worker
+        # unblocks them): none is lost, and none kills it with a default action meanwhile.
+        previous_mask = signal.pthread_sigmask(signal.SIG_BLOCK, WORKER_SIGNALS)
+        try:
+            pid = os.fork()
+        except BaseException:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous_mask)
+            raise
         if pid == 0:
             spec = WorkerSpec(
                 slot=slot,
@@ -215,6 +227,7 @@ class Arbiter:
                 close_fds=close_fds,
             )
             run_worker(spec)  # never returns
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous_mask)
         worker_end.close()
         now = time.monotonic()
         worker = WorkerProcess(
@@ -279,7 +292,7 @@ class Arbiter:
             self.state = "running"
             log.info("farm ready: %d workers on %s", self.desired, ", ".join(self.listeners))
             self.notifier.ready(f"serving with {self.desired} workers")
-        if self.reload is not None and self._reload_complete():
+        if self.reload is not None and self.state == "running" and self._reload_complete():
             self._commit_reload()
 
     def _ready_count(self) -> int:
@@ -297,10 +310,21 @@ class Arbiter:
         self._spawn(worker.slot, worker.generation, replaces=worker.pid)
 
     def _retire(self, worker: WorkerProcess, reason: str, graceful: bool = True) -> None:
-        """Ask a worker to exit (drain when graceful)."""
-        if worker.retiring is None:
+        """Ask a worker to exit.
+
+        For a stop, graceful is SIGTERM (finish transactions, 421 to idle sessions). For a
+        reload, recycle or scale-down it is SIGHUP: stop accepting and let every session end
+        by itself (as Postfix's smtpd does on reload), 421 only at ``graceful_timeout``.
+        Otherwise SIGQUIT: abort the sessions.
+        """
+        if worker.retiring is None or reason == "stop":
             worker.retiring = reason
-        self._kill(worker.pid, signal.SIGTERM if graceful else signal.SIGQUIT)
+            worker.retire_deadline = time.monotonic() + self.config.graceful_timeout + RETIRE_SLACK
+        if not graceful:
+            signum = signal.SIGQUIT
+        else:
+            signum = signal.SIGTERM if reason == "stop" else signal.SIGHUP
+        self._kill(worker.pid, signum)
 
     def _kill(self, pid: int, signum: int) -> None:
         with contextlib.suppress(ProcessLookupError):
@@ -360,6 +384,9 @@ class Arbiter:
         if self.state == "stopping" and graceful:
             return
         self.state = "stopping"
+        if self.reload is not None:
+            log.info("stop: the reload to generation %d is abandoned", self.reload.generation)
+            self.reload = None
         self.notifier.stopping()
         now = time.monotonic()
         grace = self.config.graceful_timeout if graceful else FAST_STOP_GRACE
@@ -591,17 +618,21 @@ class Arbiter:
         self._watchdog(now)
 
     def _check_health(self, worker: WorkerProcess, now: float) -> None:
+        if worker.killed:
+            return
         if worker.kill_at is not None:
             if now >= worker.kill_at:
-                worker.kill_at = None
-                self._kill(worker.pid, signal.SIGKILL)
+                self._sigkill(worker)
             return
         if worker.retiring is not None:
-            if (
-                worker.retiring != "stop"
-                and now - worker.last_beat > self.config.graceful_timeout + self.config.timeout
-            ):
-                self._kill(worker.pid, signal.SIGKILL)
+            if worker.retire_deadline is not None and now > worker.retire_deadline:
+                log.warning(
+                    "worker %d (pid %d) still draining after %.0fs: SIGKILL",
+                    worker.slot,
+                    worker.pid,
+                    self.config.graceful_timeout + RETIRE_SLACK,
+                )
+                self._sigkill(worker)
             return
         if not worker.ready:
             if now - worker.started > self.config.boot_timeout:
@@ -612,8 +643,7 @@ class Arbiter:
                     self.config.boot_timeout,
                 )
                 worker.timed_out = True
-                self._kill(worker.pid, signal.SIGKILL)
-                worker.kill_at = None
+                self._sigkill(worker)
             return
         silent = now - worker.last_beat
         if silent > self.config.timeout:
@@ -628,6 +658,11 @@ class Arbiter:
             worker.timed_out = True
             self._kill(worker.pid, signal.SIGUSR2)
             worker.kill_at = now + DUMP_GRACE
+
+    def _sigkill(self, worker: WorkerProcess) -> None:
+        worker.kill_at = None
+        worker.killed = True
+        self._kill(worker.pid, signal.SIGKILL)
 
     def _check_memory(self, now: float) -> None:
         """Recycle serving workers whose RSS passed ``max_rss`` MiB (checked every few s)."""

@@ -32,6 +32,20 @@ log = logging.getLogger("farm.worker")
 #: Exit status of a worker that could not load its handler (a configuration error).
 EXIT_BOOT_ERROR = 3
 HEARTBEAT_INTERVAL = 1.0
+#: Signals the supervisor sends to workers; blocked from fork until the worker's loop handles
+#: them (TERM drain, INT/QUIT abort, HUP retire, USR1 reopen logs).
+WORKER_SIGNALS = frozenset(
+    {
+        signal.SIGTERM,
+        signal.SIGINT,
+        signal.SIGQUIT,
+        signal.SIGHUP,
+        signal.SIGUSR1,
+        signal.SIGTTIN,
+        signal.SIGTTOU,
+        signal.SIGCHLD,
+    }
+)
 #: Signals the supervisor handles; a worker puts them back to their defaults first.
 SUPERVISOR_SIGNALS = (
     signal.SIGTERM,
@@ -167,6 +181,7 @@ class WorkerServer:
         self._recycle_at = self._recycle_threshold()
         self._recycle_asked = False
         self._beat_due = 0.0
+        self._idle: asyncio.Future[None] | None = None
 
     def _recycle_threshold(self) -> int | None:
         if not self.config.max_messages:
@@ -190,6 +205,8 @@ class WorkerServer:
 
     def _session_closed(self, protocol: SMTP) -> None:
         self.active -= 1
+        if not self.active and self._idle is not None and not self._idle.done():
+            self._idle.set_result(None)
         self.messages += protocol.counts["accepted"]
         if not self.gate.open and not self._stopping and self.active < self.config.max_sessions:
             self.loop.create_task(self.gate.start())
@@ -209,6 +226,11 @@ class WorkerServer:
         loop.add_signal_handler(signal.SIGINT, self.stop, False)
         loop.add_signal_handler(signal.SIGQUIT, self.stop, False)
         loop.add_signal_handler(signal.SIGUSR1, self._reopen_logs)
+        loop.add_signal_handler(signal.SIGHUP, self.retire)
+        for ignored in (signal.SIGTTIN, signal.SIGTTOU):
+            signal.signal(ignored, signal.SIG_IGN)
+        # Blocked since the fork (see Arbiter._spawn): what arrived meanwhile is handled now.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, WORKER_SIGNALS)
         loop.add_reader(self.channel.fileno(), self._on_channel)
         await self.gate.start()
         self._send({"t": "ready", "pid": os.getpid()})
@@ -216,7 +238,34 @@ class WorkerServer:
         loop.call_at(self._beat_due, self._heartbeat)
         return await self._done
 
+    def retire(self) -> None:
+        """Stop accepting; let every session end by itself, within ``graceful_timeout``."""
+        if self._stopping:
+            return
+        self._stopping = True
+        self.gate.stop()
+        self._idle = idle = self.loop.create_future()
+        if not self.active:
+            idle.set_result(None)
+        self.loop.create_task(self._retire(idle))
+
+    async def _retire(self, idle: asyncio.Future[None]) -> None:
+        if not idle.done():
+            try:
+                await asyncio.wait_for(idle, self.config.graceful_timeout)
+            except TimeoutError:
+                log.info(
+                    "worker %d: %d session(s) still open after %ss: draining",
+                    self.spec.slot,
+                    self.active,
+                    self.config.graceful_timeout,
+                )
+        await self._stop(graceful=True)
+
     def stop(self, graceful: bool) -> None:
+        if graceful and self._idle is not None and not self._idle.done():
+            self._idle.set_result(None)  # retiring, now told to stop: drain at once
+            return
         if self._stopping and graceful:
             return
         self._stopping = True

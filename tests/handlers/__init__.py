@@ -1,0 +1,1 @@
+"""Tiny handlers that the supervisor tests load into real `farm serve` workers."""
