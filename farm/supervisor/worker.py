@@ -197,11 +197,16 @@ class WorkerServer:
         self.sessions.add(protocol)
         self.active += 1
         if self.active >= self.config.max_sessions and self.gate.open and not self._stopping:
+            # Not from inside the factory: the connection being set up needs its server open.
+            self.loop.call_soon(self._pause_at_cap)
+        return protocol
+
+    def _pause_at_cap(self) -> None:
+        if self.active >= self.config.max_sessions and self.gate.open and not self._stopping:
             log.warning(
                 "worker %d: %d sessions, at the cap: not accepting", self.spec.slot, self.active
             )
             self.gate.stop()
-        return protocol
 
     def _session_closed(self, protocol: SMTP) -> None:
         self.active -= 1

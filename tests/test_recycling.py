@@ -1,0 +1,66 @@
+"""Worker recycling (max_messages) and the per-worker session cap (max_sessions)."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.farm_helpers import FarmRunner, delivered, send_message
+from tests.test_supervisor import counting_config
+
+
+@pytest.fixture
+def farms(tmp_path: Path) -> Iterator[FarmRunner]:
+    runner = FarmRunner(tmp_path)
+    yield runner
+    runner.cleanup()
+
+
+def test_max_messages_recycles_the_worker_without_losing_mail(
+    farms: FarmRunner, tmp_path: Path
+) -> None:
+    out = tmp_path / "delivered"
+    config = counting_config(tmp_path / "farm.toml", out, max_messages=5)
+    farm = farms.start(config=config, workers=1)
+    first = farm.wait_ready(1)[0]
+    for n in range(6):
+        assert send_message(farm.port, f"r{n}@farm.test").startswith("250")
+    # After its 5th message the worker asks to be replaced; the replacement takes over once
+    # READY and the old worker exits with no session cut.
+    farm.wait_log(rf"worker 0 gen 1 \(pid {first}\) exited \(recycle\)")
+    for n in range(6, 9):
+        assert send_message(farm.port, f"r{n}@farm.test").startswith("250")
+    pids = [int(line.split()[0]) for line in delivered(out)]
+    assert len(pids) == 9
+    assert pids[:5] == [first] * 5
+    assert first not in pids[6:], "the recycled worker still served after it exited"
+    assert farm.metric("farm_worker_restarts_total", reason="recycle") >= 1
+    assert farm.metric("farm_worker_restarts_total", reason="crash") == 0
+
+
+def test_max_sessions_pauses_accepting_until_a_session_ends(
+    farms: FarmRunner, tmp_path: Path
+) -> None:
+    out = tmp_path / "delivered"
+    config = counting_config(tmp_path / "farm.toml", out, max_sessions=2)
+    farm = farms.start(config=config, workers=1)
+    farm.wait_ready(1)
+    held = [socket.create_connection(("127.0.0.1", farm.port), timeout=10) for _ in range(2)]
+    try:
+        for sock in held:
+            assert sock.recv(1024).startswith(b"220 ")
+        farm.wait_log(r"worker 0: 2 sessions, at the cap: not accepting")
+        with socket.create_connection(("127.0.0.1", farm.port), timeout=10) as waiting:
+            # Queued by the kernel, not served: the only worker is at its cap.
+            waiting.settimeout(1.0)
+            with pytest.raises(TimeoutError):
+                waiting.recv(1024)
+            held.pop().close()
+            waiting.settimeout(10)
+            assert waiting.recv(1024).startswith(b"220 ")
+    finally:
+        for sock in held:
+            sock.close()
