@@ -1,6 +1,7 @@
 """Drive aiosmtpd and farm with Postfix's ``smtp-source``, side by side, and print a table.
 
-Usage: ``.venv/bin/python benchmarks/run.py [--reps N] [--servers A,B] [--quick] [--profile KIND]``
+Usage: ``.venv/bin/python benchmarks/run.py [--reps N] [--servers A,B] [--farm] [--quick]
+[--profile KIND]``
 
 For every repetition, workload and server (servers interleaved, their order rotated each
 repetition so drift hits all alike) a fresh server process is started (``server.py``), warmed
@@ -9,11 +10,15 @@ measured with one ``smtp-source`` run: wall time, msgs/s, and the server process
 (user+sys, read just before and just after the run) per message. The best msgs/s and the
 median CPU µs/msg over the repetitions go into a Markdown table, printed and written to
 ``benchmarks/results/latest.md`` (raw samples in ``latest.json``). See ``benchmarks/README.md``.
+
+The ``farm-Nw`` kinds (not in the default set; ``--farm`` or ``--servers``) are the real
+``farm serve`` with N workers: their CPU time is the supervisor's plus all its descendants'.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -22,6 +27,7 @@ import re
 import resource
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -40,6 +46,13 @@ RESULTS = HERE / "results"
 #: Server kinds, in table order. The first is the baseline of the ratio column.
 BASELINE = "aiosmtpd-asyncio"
 SERVERS = ["aiosmtpd-asyncio", "aiosmtpd-uvloop", "farm-asyncio", "farm-uvloop"]
+#: The real ``farm serve`` (supervisor + N forked workers, see server.py ``FARM_KINDS``):
+#: KIND -> number of workers. Not run by default.
+FARM_SERVERS = {"farm-1w": 1, "farm-2w": 2, "farm-1w-asyncio": 1, "farm-2w-asyncio": 2}
+ALL_SERVERS = SERVERS + list(FARM_SERVERS)
+#: What ``--farm`` selects: the baseline, the single-process engine, and farm serve with 1 and
+#: 2 workers.
+FARM_SET = ["aiosmtpd-asyncio", "farm-uvloop", "farm-1w", "farm-2w"]
 #: CPU µs/msg relative to the baseline that each farm flavour should stay under.
 TARGETS = {"farm-asyncio": 0.5, "farm-uvloop": 0.2}
 
@@ -82,6 +95,8 @@ class Sample:
     client_cpu_s: float
     #: CPU time every other process on the machine used meanwhile (noise from outside).
     other_cpu_s: float = 0.0
+    #: farm serve: CPU seconds of the supervisor, then of each worker (busiest first).
+    split_cpu_s: list[float] = field(default_factory=list)
 
     @property
     def msgs_per_s(self) -> float:
@@ -131,14 +146,37 @@ class Server:
         self.port = 0
         self.handler = ""
         self.malloc_state = ""
+        #: farm serve: workers expected, the sd_notify socket it reports readiness on, and the
+        #: descendants seen (pid -> process), checked at every CPU reading and killed at stop.
+        self.workers = FARM_SERVERS.get(kind, 0)
+        self.notify: socket.socket | None = None
+        self.notify_path = workdir / f"{kind}.notify"
+        self.children: dict[int, psutil.Process] = {}
+        #: farm serve: user+sys CPU seconds per pid at the last :meth:`cpu_seconds`.
+        self.per_process: dict[int, float] = {}
 
     def __enter__(self) -> Server:
         self.portfile.unlink(missing_ok=True)
         cmd = [sys.executable, str(SERVER), self.kind, str(self.portfile), "--malloc", self.malloc]
         if self.profile is not None:
             cmd += ["--profile", str(self.profile)]
+        env = None
+        if self.workers:
+            # farm's supervisor sends sd_notify READY=1 once every worker has reported READY.
+            self.notify_path.unlink(missing_ok=True)
+            self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            self.notify.bind(str(self.notify_path))
+            self.notify.settimeout(0.05)
+            env = {
+                k: v
+                for k, v in os.environ.items()
+                if k not in ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "WATCHDOG_USEC")
+            }
+            env["NOTIFY_SOCKET"] = str(self.notify_path)
         with self.stderr_path.open("wb") as err:
-            self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=err, stderr=err)
+            self.proc = subprocess.Popen(
+                cmd, stdin=subprocess.DEVNULL, stdout=err, stderr=err, env=env
+            )
         deadline = time.monotonic() + 30
         while not self.portfile.exists():
             if self.proc.poll() is not None:
@@ -150,15 +188,80 @@ class Server:
         port, _pid, malloc_state, handler = self.portfile.read_text().strip().split(" ", 3)
         self.port, self.handler, self.malloc_state = int(port), handler, malloc_state
         self.ps = psutil.Process(self.proc.pid)
+        if self.workers:
+            try:
+                self._farm_ready(deadline)
+            except BaseException:
+                self.stop()
+                raise
+            self.handler += f" (farm serve -w {self.workers})"
         return self
+
+    def _farm_ready(self, deadline: float) -> None:
+        """Wait for READY=1, find the supervisor's listening port and check it answers 220."""
+        assert self.proc is not None and self.notify is not None
+        while True:
+            if self.proc.poll() is not None:
+                raise BenchError(f"{self.kind} exited at startup:\n{self.stderr()}")
+            if time.monotonic() > deadline:
+                raise BenchError(f"{self.kind} did not report READY=1 within 30s:\n{self.stderr()}")
+            try:
+                datagram = self.notify.recv(4096)
+            except TimeoutError:
+                continue
+            if "READY=1" in datagram.decode(errors="replace").splitlines():
+                break
+        ports = {
+            conn.laddr.port
+            for conn in self.ps.net_connections(kind="tcp")
+            if conn.status == psutil.CONN_LISTEN
+        }
+        if len(ports) != 1:
+            raise BenchError(f"{self.kind}: expected one listening port, found {sorted(ports)}")
+        self.port = ports.pop()
+        with socket.create_connection(("127.0.0.1", self.port), timeout=10) as probe:
+            greeting = probe.makefile("rb").readline()
+            if not greeting.startswith(b"220"):
+                raise BenchError(f"{self.kind}: greeting {greeting!r}, not 220")
+            probe.sendall(b"QUIT\r\n")
+        self.children = {p.pid: p for p in self.ps.children(recursive=True)}
+        if len(self.children) < self.workers:
+            raise BenchError(
+                f"{self.kind}: READY with {len(self.children)} child process(es), "
+                f"not {self.workers} workers"
+            )
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
     def cpu_seconds(self) -> tuple[float, float]:
-        """(user+sys, sys) CPU seconds the server process has used so far."""
-        times = self.ps.cpu_times()
-        return times.user + times.system, times.system
+        """(user+sys, sys) CPU seconds the server has used so far.
+
+        For farm serve: the supervisor's plus every descendant's. The workers live through the
+        whole run, so the difference of two readings is the farm's CPU time in between; a
+        process that came or went (a worker replaced, say) would make it wrong, so that is an
+        error.
+        """
+        if not self.workers:
+            times = self.ps.cpu_times()
+            return times.user + times.system, times.system
+        try:
+            children = self.ps.children(recursive=True)
+            if {p.pid for p in children} != set(self.children):
+                raise BenchError(
+                    f"{self.kind}: worker processes changed ({sorted(self.children)} -> "
+                    f"{sorted(p.pid for p in children)}):\n{self.stderr()[-2000:]}"
+                )
+            user = system = 0.0
+            for process in [self.ps, *children]:
+                times = process.cpu_times()
+                user, system = user + times.user, system + times.system
+                self.per_process[process.pid] = times.user + times.system
+        except psutil.NoSuchProcess as error:
+            raise BenchError(
+                f"{self.kind}: process {error.pid} vanished:\n{self.stderr()}"
+            ) from None
+        return user + system, system
 
     def stderr(self) -> str:
         try:
@@ -168,14 +271,35 @@ class Server:
 
     def stop(self, grace: float = 5.0) -> None:
         proc = self.proc
-        if proc is None or proc.poll() is not None:
-            return
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(grace)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        if proc is not None and proc.poll() is None:
+            if self.workers:
+                # Include workers forked since the last look, before the supervisor goes.
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    self.children.update((p.pid, p) for p in self.ps.children(recursive=True))
+                grace = 10.0  # a graceful farm stop: workers drain, then the supervisor exits
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(grace)
+            except subprocess.TimeoutExpired:
+                print(
+                    f"{self.kind}: still running {grace:.0f}s after SIGTERM, SIGKILL",
+                    file=sys.stderr,
+                )
+                proc.kill()
+                proc.wait()
+        if self.children:
+            # No worker may outlive its supervisor (it would keep a core busy, or the port).
+            _gone, alive = psutil.wait_procs(list(self.children.values()), timeout=5)
+            for process in alive:
+                print(f"{self.kind}: worker {process.pid} survived, SIGKILL", file=sys.stderr)
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    process.kill()
+            psutil.wait_procs(alive, timeout=5)
+            self.children = {}
+        if self.notify is not None:
+            self.notify.close()
+            self.notify = None
+            self.notify_path.unlink(missing_ok=True)
 
 
 def smtp_source(
@@ -241,10 +365,12 @@ def measure(ctx: Context, kind: str, workload: Workload, rep: int, workdir: Path
         busy0 = busy_cpu()
         client0 = children_cpu()
         cpu0 = server.cpu_seconds()
+        split0 = dict(server.per_process)
         t0 = time.perf_counter()
         proc = smtp_source(ctx, server.port, workload, workload.messages, count=False)
         t1 = time.perf_counter()
         cpu1 = server.cpu_seconds()
+        split = {pid: cpu - split0[pid] for pid, cpu in server.per_process.items()}
         client1 = children_cpu()
         busy1 = busy_cpu()
         check_run(server, workload, workload.messages, proc, counted=False)
@@ -258,6 +384,7 @@ def measure(ctx: Context, kind: str, workload: Workload, rep: int, workdir: Path
         cpu1[1] - cpu0[1],
         client1 - client0,
         max(0.0, (busy1 - busy0) - (cpu1[0] - cpu0[0]) - (client1 - client0)),
+        [split.pop(server.ps.pid), *sorted(split.values(), reverse=True)] if split else [],
     )
 
 
@@ -319,7 +446,14 @@ def render(
         "interleaved. msgs/s: the best run (outside load only ever slows a run down). "
         "CPU µs/msg: server process user+sys time during the measured run, per message; "
         "median (min-max in brackets); of which sys: the kernel's share. "
-        f"Ratio = CPU µs/msg ÷ {BASELINE}'s in the same workload.",
+        f"Ratio = CPU µs/msg ÷ {BASELINE}'s in the same workload."
+        + (
+            " farm-Nw: the real `farm serve -w N` (supervisor + N forked workers, uvloop unless "
+            "-asyncio); its CPU is the supervisor's plus all its children's, so server CPU % can "
+            "exceed 100 %; smtp-source shares the same cores."
+            if any(kind in FARM_SERVERS for kind in servers)
+            else ""
+        ),
         "",
         "| Workload | Server | msgs/s | CPU µs/msg | of which sys | x aiosmtpd-asyncio "
         "| server CPU % | target |",
@@ -366,10 +500,40 @@ def render(
         + ", ".join(sorted(ctx.malloc_states))
         + ".",
         "Handlers: " + "; ".join(f"{k}: {v}" for k, v in sorted(ctx.handlers.items())) + ".",
+        *_split_lines(samples, workloads, servers),
         f"Total benchmark time {elapsed:.0f}s.",
         "",
     ]
     return "\n".join(lines)
+
+
+def _split_lines(samples: list[Sample], workloads: list[Workload], servers: list[str]) -> list[str]:
+    """For farm serve: how the CPU time divided between the supervisor and the workers."""
+    cells = []
+    for workload in workloads:
+        for kind in servers:
+            mine = [
+                s
+                for s in samples
+                if s.workload == workload.key and s.server == kind and s.split_cpu_s
+            ]
+            if not mine:
+                continue
+            shares = [
+                _median([s.split_cpu_s[i] / s.server_cpu_s * 100 for s in mine if s.server_cpu_s])
+                for i in range(min(len(s.split_cpu_s) for s in mine))
+            ]
+            cells.append(
+                f"{kind} {workload.key} {shares[0]:.0f}% / "
+                + " / ".join(f"{share:.0f}%" for share in shares[1:])
+            )
+    if not cells:
+        return []
+    return [
+        "farm serve CPU split, supervisor / each worker (busiest first), medians: "
+        + "; ".join(cells)
+        + "."
+    ]
 
 
 # -- profiling -----------------------------------------------------------------------------
@@ -398,7 +562,15 @@ def report_sample(sample: Sample, reps: int, note: str = "") -> None:
         f"rep {sample.rep + 1}/{reps} {sample.workload:8} {sample.server:17} "
         f"{sample.msgs_per_s:8,.0f} msgs/s {sample.cpu_us_per_msg:6.0f} µs/msg "
         f"(server {sample.server_cpu_s:5.2f}s cpu, client {sample.client_cpu_s:5.2f}s cpu, "
-        f"wall {sample.wall_s:5.2f}s, others {sample.other_cpu_s:5.2f}s cpu) {note}".rstrip(),
+        f"wall {sample.wall_s:5.2f}s, others {sample.other_cpu_s:5.2f}s cpu)"
+        + (
+            f" [supervisor {sample.split_cpu_s[0]:.2f}s + workers "
+            + "/".join(f"{w:.2f}" for w in sample.split_cpu_s[1:])
+            + "s]"
+            if sample.split_cpu_s
+            else ""
+        )
+        + f" {note}".rstrip(),
         file=sys.stderr,
         flush=True,
     )
@@ -412,8 +584,13 @@ def main() -> int:
     parser.add_argument("--reps", type=int, default=3, help="runs per cell (median reported)")
     parser.add_argument(
         "--servers",
-        default=",".join(SERVERS),
-        help=f"comma-separated subset of {','.join(SERVERS)}",
+        default=None,
+        help=f"comma-separated, from {','.join(ALL_SERVERS)} (default: {','.join(SERVERS)})",
+    )
+    parser.add_argument(
+        "--farm",
+        action="store_true",
+        help=f"the real farm serve with 1 and 2 workers: --servers {','.join(FARM_SET)}",
     )
     parser.add_argument(
         "--workloads",
@@ -452,8 +629,11 @@ def main() -> int:
     if args.quick:
         args.reps, args.scale = 1, 0.25
 
-    servers = [s for s in args.servers.split(",") if s]
-    unknown = set(servers) - set(SERVERS)
+    if args.farm and args.servers is not None:
+        parser.error("--farm is a shorthand for --servers; give one or the other")
+    chosen = ",".join(FARM_SET) if args.farm else args.servers or ",".join(SERVERS)
+    servers = [s for s in chosen.split(",") if s]
+    unknown = set(servers) - set(ALL_SERVERS)
     if unknown:
         parser.error(f"unknown server(s): {', '.join(sorted(unknown))}")
     keys = [k for k in args.workloads.split(",") if k]
@@ -473,7 +653,7 @@ def main() -> int:
         try:
             if args.profile:
                 if args.profile not in SERVERS:
-                    parser.error(f"unknown server {args.profile}")
+                    parser.error(f"--profile needs one of {','.join(SERVERS)}")
                 profile(ctx, args.profile, workloads, workdir, args.top)
                 return 0
             samples: list[Sample] = []

@@ -1,6 +1,9 @@
 """Start one SMTP server for the benchmark: ``server.py KIND PORTFILE [--profile FILE]``.
 
-KIND is one of :data:`KINDS`. The server listens on 127.0.0.1, on a port the kernel picks,
+KIND is one of :data:`KINDS` (one process, one event loop) or :data:`FARM_KINDS` (the real
+``farm serve``: a supervisor and its workers, see :func:`farm_serve`).
+
+For :data:`KINDS`: The server listens on 127.0.0.1, on a port the kernel picks,
 and writes that port to PORTFILE (atomically, via a rename) once it is listening, so the runner
 waits on readiness rather than on a sleep. One process, one event loop, logging at WARNING.
 SIGTERM or SIGINT closes the listener and exits; with ``--profile`` the run is profiled with
@@ -22,6 +25,13 @@ measured 51 or 120 CPU µs/msg depending on it. So:
 * ``asis``: do nothing (the state is then whatever the imports left).
 
 uvloop reads into its own buffer and is unaffected.
+
+:data:`FARM_KINDS` run ``farm.cli.main(["serve", "-b", "127.0.0.1:0", "-w", N, "--handler",
+"farm.handlers:Sink", "--log-level", "WARNING", "--uvloop" | "--no-uvloop"])`` in this process,
+which is what ``python -m farm serve ...`` does, after the same ``--malloc`` step (the workers
+are forked from the supervisor and inherit its allocator state). PORTFILE then gets port 0: the
+supervisor binds a port the kernel picks, and the runner waits for its readiness (sd_notify
+``READY=1``, i.e. every worker READY), finds the port and checks it answers 220.
 """
 
 from __future__ import annotations
@@ -49,6 +59,42 @@ KINDS: dict[str, tuple[str, str]] = {
     "farm-asyncio": ("farm", "asyncio"),
     "farm-uvloop": ("farm", "uvloop"),
 }
+
+#: KIND -> (workers, event loop) for the real ``farm serve`` (supervisor + forked workers).
+FARM_KINDS: dict[str, tuple[int, str]] = {
+    "farm-1w": (1, "uvloop"),
+    "farm-2w": (2, "uvloop"),
+    "farm-1w-asyncio": (1, "asyncio"),
+    "farm-2w-asyncio": (2, "asyncio"),
+}
+FARM_HANDLER = "farm.handlers:Sink"
+
+
+def farm_argv(kind: str) -> list[str]:
+    """The ``farm`` command line for a :data:`FARM_KINDS` kind."""
+    workers, loop_name = FARM_KINDS[kind]
+    return [
+        "serve",
+        "-b",
+        "127.0.0.1:0",
+        "-w",
+        str(workers),
+        "--handler",
+        FARM_HANDLER,
+        "--log-level",
+        "WARNING",
+        "--uvloop" if loop_name == "uvloop" else "--no-uvloop",
+    ]
+
+
+def farm_serve(kind: str, portfile: Path) -> int:
+    """Run ``farm serve`` in this process (as ``python -m farm serve`` would); its exit status."""
+    from farm.cli import main as farm_main
+
+    tmp = portfile.with_name(portfile.name + ".tmp")
+    tmp.write_text(f"0 {os.getpid()} {MALLOC_STATE} {FARM_HANDLER}\n")
+    tmp.replace(portfile)
+    return farm_main(farm_argv(kind))
 
 
 def protocol_factory(engine: str) -> tuple[Callable[[], asyncio.Protocol], str]:
@@ -116,14 +162,19 @@ def set_malloc_state(state: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("kind", choices=sorted(KINDS))
+    parser.add_argument("kind", choices=sorted([*KINDS, *FARM_KINDS]))
     parser.add_argument("portfile", type=Path)
     parser.add_argument("--profile", type=Path, help="write cProfile stats here on exit")
     parser.add_argument("--malloc", choices=("warm", "cold", "asis"), default="warm")
     args = parser.parse_args()
+    global MALLOC_STATE
+    if args.kind in FARM_KINDS:
+        if args.profile is not None:
+            parser.error("--profile needs a single-process kind")
+        MALLOC_STATE = set_malloc_state(args.malloc)
+        sys.exit(farm_serve(args.kind, args.portfile))
     logging.basicConfig(level=logging.WARNING)
     engine, loop_name = KINDS[args.kind]
-    global MALLOC_STATE
     MALLOC_STATE = set_malloc_state(args.malloc)
 
     def run() -> None:

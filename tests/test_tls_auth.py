@@ -234,9 +234,7 @@ def test_handle_starttls_false_refuses_commands(
 def test_implicit_tls_counts_as_tls(
     make_controller: Any, handler: Any, server_context: Any, client_context: Any
 ) -> None:
-    controller = make_controller(
-        handler, ssl_context=server_context, authenticator=Authenticator()
-    )
+    controller = make_controller(handler, ssl_context=server_context, authenticator=Authenticator())
     with smtplib.SMTP_SSL(
         controller.hostname, controller.port, context=client_context, timeout=10
     ) as client:
