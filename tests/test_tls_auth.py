@@ -276,3 +276,25 @@ def test_swaks_starttls_and_auth(
     assert result.returncode == 0, result.stdout + result.stderr
     assert "235 2.7.0 Authentication successful" in result.stdout
     assert handler.sessions[0].ssl is not None
+
+
+@pytest.mark.skipif(shutil.which("swaks") is None, reason="swaks is not installed")
+def test_swaks_implicit_tls(make_controller: Any, handler: Any, server_context: Any) -> None:
+    controller = make_controller(handler, ssl_context=server_context)
+    result = subprocess.run(
+        [
+            "swaks",
+            "--server",
+            f"{controller.hostname}:{controller.port}",
+            "--tlsc",
+            "--to",
+            "a@example.com",
+            "--from",
+            "b@example.com",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert handler.sessions[0].ssl is not None
