@@ -672,6 +672,25 @@ def test_socket_activation_and_notify_sequence(farms: FarmRunner) -> None:
         notify.close()
 
 
+def test_watchdog_pings_while_healthy(farms: FarmRunner) -> None:
+    notify = NotifySocket()
+    try:
+        farm = farms.start(
+            "--handler",
+            "farm.handlers:Sink",
+            workers=1,
+            env={"NOTIFY_SOCKET": notify.path, "WATCHDOG_USEC": "400000"},
+        )
+        assert notify.next_with("READY")["READY"] == "1"
+        # WatchdogSec=0.4 s: pinged every 0.2 s while the farm is serving.
+        assert notify.next_with("WATCHDOG")["WATCHDOG"] == "1"
+        assert notify.next_with("WATCHDOG")["WATCHDOG"] == "1"
+        farm.signal(signal.SIGTERM)
+        assert farm.wait_exit(30) == 0
+    finally:
+        notify.close()
+
+
 def _try_connect(port: int) -> SMTPClient | None:
     try:
         return SMTPClient(port)
