@@ -15,29 +15,12 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from farm.smtp.framing import Command, CommandTooLong, DataError, Event, Framer, Message
+from tests.smuggling import LOOKALIKES
 
 MAX_COMMAND = 512
 LINE_LIMIT = 1000
 TERMINATOR = b"\r\n.\r\n"
 
-#: Smuggling lookalike terminators V1-V15 (security notes 1.4); V16 is the real one.
-LOOKALIKES: dict[str, bytes] = {
-    "V1": b"\n.\n",
-    "V2": b"\n.\r\n",
-    "V3": b"\r.\r",
-    "V4": b"\r.\n",
-    "V5": b"\n.\r",
-    "V6": b"\r.\r\n",
-    "V7": b"\r\n.\n",
-    "V8": b"\r\n.\r",
-    "V9": b"\r\n.\r\r\n",
-    "V10": b"\r\r\n.\r\r\n",
-    "V11": b"\r\n\x00.\r\n",
-    "V12": b"\r\n.\x00\r\n",
-    "V13": b"\n\n.\r\n",
-    "V14": b"\r\n. \r\n",
-    "V15": b"\r\n..\r\n",
-}
 SMUGGLED = (
     b"MAIL FROM:<smuggled@x>\r\nRCPT TO:<v@local>\r\nDATA\r\nFrom: smuggled@x\r\n\r\nsmuggled body"
 )

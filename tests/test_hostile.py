@@ -25,6 +25,8 @@ from typing import Any
 
 import pytest
 
+from tests.smuggling import LOOKALIKES
+
 TIMEOUT = 10.0
 HOST = "farm.test"
 
@@ -174,24 +176,6 @@ SMUGGLED = (
 )
 #: greeting, EHLO, MAIL, RCPT, 354, final reply, 221
 ONE_MESSAGE = [220, 250, 250, 250, 354, 250, 221]
-
-LOOKALIKES: dict[str, bytes] = {
-    "V1": b"\n.\n",
-    "V2": b"\n.\r\n",
-    "V3": b"\r.\r",
-    "V4": b"\r.\n",
-    "V5": b"\n.\r",
-    "V6": b"\r.\r\n",
-    "V7": b"\r\n.\n",
-    "V8": b"\r\n.\r",
-    "V9": b"\r\n.\r\r\n",
-    "V10": b"\r\r\n.\r\r\n",
-    "V11": b"\r\n\x00.\r\n",
-    "V12": b"\r\n.\x00\r\n",
-    "V13": b"\n\n.\r\n",
-    "V14": b"\r\n. \r\n",
-    "V15": b"\r\n..\r\n",
-}
 
 
 def unstuff(body: bytes) -> bytes:

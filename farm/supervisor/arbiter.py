@@ -29,7 +29,7 @@ from farm.supervisor.channel import Channel, ChannelClosed
 from farm.supervisor.listeners import Listener, ListenerError, bind_listeners
 from farm.supervisor.metrics_http import MetricsHTTPServer
 from farm.supervisor.systemd import Notifier
-from farm.supervisor.worker import EXIT_BOOT_ERROR, WORKER_SIGNALS, WorkerSpec, run_worker
+from farm.supervisor.worker import EXIT_BOOT_ERROR, SUPERVISOR_SIGNALS, WorkerSpec, run_worker
 
 log = logging.getLogger("farm.supervisor")
 
@@ -43,16 +43,6 @@ FAST_STOP_GRACE = 5.0
 MEMORY_CHECK_INTERVAL = 5.0
 #: Seconds past ``graceful_timeout`` a retiring worker gets before SIGKILL.
 RETIRE_SLACK = 15.0
-HANDLED_SIGNALS = (
-    signal.SIGTERM,
-    signal.SIGINT,
-    signal.SIGQUIT,
-    signal.SIGHUP,
-    signal.SIGTTIN,
-    signal.SIGTTOU,
-    signal.SIGUSR1,
-    signal.SIGCHLD,
-)
 
 
 @dataclass
@@ -161,7 +151,7 @@ class Arbiter:
         os.set_blocking(self._wakeup_w, False)
         os.set_blocking(self._wakeup_r, False)
         signal.set_wakeup_fd(self._wakeup_w, warn_on_full_buffer=False)
-        for signum in HANDLED_SIGNALS:
+        for signum in SUPERVISOR_SIGNALS:
             signal.signal(signum, self._record_signal)
         self._selector.register(self._wakeup_r, selectors.EVENT_READ, self._drain_wakeup)
 
@@ -188,7 +178,7 @@ class Arbiter:
 
     def _cleanup(self) -> None:
         signal.set_wakeup_fd(-1)
-        for signum in HANDLED_SIGNALS:
+        for signum in SUPERVISOR_SIGNALS:
             signal.signal(signum, signal.SIG_DFL)
         if self._metrics_server is not None:
             self._metrics_server.close()
@@ -211,7 +201,7 @@ class Arbiter:
         sys.stderr.flush()
         # Signals stay blocked in the child until its own handlers are in place (the worker
         # unblocks them): none is lost, and none kills it with a default action meanwhile.
-        previous_mask = signal.pthread_sigmask(signal.SIG_BLOCK, WORKER_SIGNALS)
+        previous_mask = signal.pthread_sigmask(signal.SIG_BLOCK, SUPERVISOR_SIGNALS)
         try:
             pid = os.fork()
         except BaseException:

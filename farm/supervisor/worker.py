@@ -32,21 +32,9 @@ log = logging.getLogger("farm.worker")
 #: Exit status of a worker that could not load its handler (a configuration error).
 EXIT_BOOT_ERROR = 3
 HEARTBEAT_INTERVAL = 1.0
-#: Signals the supervisor sends to workers; blocked from fork until the worker's loop handles
-#: them (TERM drain, INT/QUIT abort, HUP retire, USR1 reopen logs).
-WORKER_SIGNALS = frozenset(
-    {
-        signal.SIGTERM,
-        signal.SIGINT,
-        signal.SIGQUIT,
-        signal.SIGHUP,
-        signal.SIGUSR1,
-        signal.SIGTTIN,
-        signal.SIGTTOU,
-        signal.SIGCHLD,
-    }
-)
-#: Signals the supervisor handles; a worker puts them back to their defaults first.
+#: Signals the supervisor handles. It blocks them around fork; a worker puts them back to their
+#: defaults and unblocks them once its own loop handles them (TERM drain, INT/QUIT abort, HUP
+#: retire, USR1 reopen logs), so that none is lost or fatal while it boots.
 SUPERVISOR_SIGNALS = (
     signal.SIGTERM,
     signal.SIGINT,
@@ -55,7 +43,6 @@ SUPERVISOR_SIGNALS = (
     signal.SIGTTIN,
     signal.SIGTTOU,
     signal.SIGUSR1,
-    signal.SIGUSR2,
     signal.SIGCHLD,
 )
 
@@ -93,7 +80,7 @@ def run_worker(spec: WorkerSpec) -> NoReturn:
 
 def _worker_process(spec: WorkerSpec) -> int:
     signal.set_wakeup_fd(-1)
-    for signum in SUPERVISOR_SIGNALS:
+    for signum in (*SUPERVISOR_SIGNALS, signal.SIGUSR2):
         signal.signal(signum, signal.SIG_DFL)
     for fd in spec.close_fds:
         with contextlib.suppress(OSError):
@@ -235,7 +222,7 @@ class WorkerServer:
         for ignored in (signal.SIGTTIN, signal.SIGTTOU):
             signal.signal(ignored, signal.SIG_IGN)
         # Blocked since the fork (see Arbiter._spawn): what arrived meanwhile is handled now.
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, WORKER_SIGNALS)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, SUPERVISOR_SIGNALS)
         loop.add_reader(self.channel.fileno(), self._on_channel)
         await self.gate.start()
         self._send({"t": "ready", "pid": os.getpid()})
