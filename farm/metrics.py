@@ -1,8 +1,217 @@
-"""Every metric name the farm exports, defined once (invariant 7)."""
+"""Every metric name the farm exports, defined once (invariant 7).
+
+Workers count with plain integers (:class:`WorkerStats`: a dict increment on the hot path, no
+locks, no prometheus objects); a scrape turns them into metric families. The supervisor adds
+the ``worker`` label (the slot), keeps each slot's totals across restarts so that no counter
+ever goes backwards, and adds its own metrics.
+"""
 
 from __future__ import annotations
 
+from bisect import bisect_left
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Info
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+
+# -- names: workers ----------------------------------------------------------------------------
+CONNECTIONS = "farm_connections_accepted"  # counter
+SESSIONS_ACTIVE = "farm_sessions_active"  # gauge
+SESSIONS_ENDED = "farm_sessions_ended"  # counter {how}
+COMMANDS = "farm_commands"  # counter {verb}
+REPLIES = "farm_replies"  # counter {class}
+MESSAGES = "farm_messages"  # counter {outcome}
+RECEIVED_BYTES = "farm_received_bytes"  # counter
+MESSAGE_SIZE = "farm_message_size_bytes"  # histogram
+HANDLER_DURATION = "farm_handler_duration_seconds"  # histogram {hook}
+BANNER_DELAY = "farm_banner_delay_seconds"  # histogram
+TLS_HANDSHAKES = "farm_tls_handshakes"  # counter {result}
+AUTH_ATTEMPTS = "farm_auth_attempts"  # counter {result}
+LOOP_LAG = "farm_loop_lag_seconds"  # gauge
+SESSIONS_DRAINING = "farm_sessions_draining"  # gauge
+
+# -- names: supervisor --------------------------------------------------------------------------
+WORKERS_DESIRED = "farm_workers_desired"
+WORKERS_READY = "farm_workers_ready"
+WORKER_RESTARTS = "farm_worker_restarts"  # counter {reason}
+WORKER_BACKOFF = "farm_worker_backoff_seconds"  # gauge {worker}
+RELOAD_GENERATION = "farm_reload_generation"
+RELOAD_LAST_TIMESTAMP = "farm_reload_last_timestamp_seconds"
+RELOAD_LAST_SUCCESS = "farm_reload_last_success"
+BUILD = "farm_build"  # info
+WORKER_RSS = "farm_worker_resident_memory_bytes"  # gauge {worker}
+WORKER_CPU = "farm_worker_cpu_seconds"  # counter {worker}
+WORKER_FDS = "farm_worker_open_fds"  # gauge {worker}
+WORKER_THREADS = "farm_worker_threads"  # gauge {worker}
+LISTENER_QUEUE = "farm_listener_accept_queue"  # gauge {listener}
+LISTENER_QUEUE_LIMIT = "farm_listener_accept_queue_limit"  # gauge {listener}
+SCRAPE_ERRORS = "farm_scrape_errors"  # counter {worker}
+
+SIZE_BUCKETS = (1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216, 33554432)
+DURATION_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+#: How sessions end.
+ENDED_HOW = ("quit", "disconnect", "timeout", "shutdown", "error")
+
+
+@dataclass
+class Histogram:
+    """Bucket counts and a sum, cumulative only when exported."""
+
+    buckets: tuple[float, ...]
+    counts: list[int] = field(default_factory=list)
+    total: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not self.counts:
+            self.counts = [0] * (len(self.buckets) + 1)
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.buckets, value)] += 1
+        self.total += value
+
+    def cumulative(self) -> list[tuple[str, float]]:
+        out, running = [], 0
+        for bound, count in zip((*self.buckets, float("inf")), self.counts, strict=True):
+            running += count
+            out.append(("+Inf" if bound == float("inf") else _bound(bound), running))
+        return out
+
+
+def _bound(value: float) -> str:
+    return str(int(value)) if value == int(value) and value >= 1 else repr(value)
+
+
+class WorkerStats:
+    """A worker's counters: plain integers, updated by the engine, read at scrape time."""
+
+    def __init__(self) -> None:
+        self.connections = 0
+        self.active = 0
+        self.draining = 0
+        self.loop_lag = 0.0
+        self.ended = dict.fromkeys(ENDED_HOW, 0)
+        self.commands: dict[str, int] = {}
+        self.replies = {"2xx": 0, "3xx": 0, "4xx": 0, "5xx": 0}
+        self.messages = {"accepted": 0, "rejected": 0}
+        self.received_bytes = 0
+        self.sizes = Histogram(SIZE_BUCKETS)
+        self.banner = Histogram(DURATION_BUCKETS)
+        self.handlers: dict[str, Histogram] = {}
+        self.tls = {"ok": 0, "failed": 0}
+        self.auth = {"success": 0, "failure": 0}
+
+    def command(self, verb: str) -> None:
+        commands = self.commands
+        if verb in commands:
+            commands[verb] += 1
+        elif len(commands) < 64:  # unknown verbs are counted as one label, not one each
+            commands[verb] = 1
+
+    def reply(self, code_class: str) -> None:
+        if code_class in self.replies:
+            self.replies[code_class] += 1
+
+    def handler_time(self, hook: str, seconds: float) -> None:
+        histogram = self.handlers.get(hook)
+        if histogram is None:
+            histogram = self.handlers[hook] = Histogram(DURATION_BUCKETS)
+        histogram.observe(seconds)
+
+    def families(self) -> Iterator[Metric]:
+        """The counters as metric families (help texts included)."""
+        yield _counter(CONNECTIONS, "Connections accepted.", [((), self.connections)])
+        yield _gauge(SESSIONS_ACTIVE, "Sessions open now.", [((), self.active)])
+        yield _gauge(SESSIONS_DRAINING, "Sessions told to finish (drain).", [((), self.draining)])
+        yield _gauge(LOOP_LAG, "Event-loop lag at the last heartbeat.", [((), self.loop_lag)])
+        yield _counter(
+            SESSIONS_ENDED,
+            "Sessions by how they ended.",
+            [((how,), n) for how, n in self.ended.items()],
+            ("how",),
+        )
+        yield _counter(
+            COMMANDS,
+            "Commands received, by verb.",
+            [((verb,), n) for verb, n in sorted(self.commands.items())],
+            ("verb",),
+        )
+        yield _counter(
+            REPLIES,
+            "Replies sent, by class.",
+            [((cls,), n) for cls, n in self.replies.items()],
+            ("class",),
+        )
+        yield _counter(
+            MESSAGES,
+            "Messages by outcome (accepted: a 2xx after DATA/BDAT LAST).",
+            [((outcome,), n) for outcome, n in self.messages.items()],
+            ("outcome",),
+        )
+        yield _counter(RECEIVED_BYTES, "Message octets received.", [((), self.received_bytes)])
+        yield _histogram(MESSAGE_SIZE, "Size of received messages.", [((), self.sizes)])
+        yield _histogram(
+            HANDLER_DURATION,
+            "Time the handler took, by hook.",
+            [((hook,), h) for hook, h in sorted(self.handlers.items())],
+            ("hook",),
+        )
+        yield _histogram(BANNER_DELAY, "Time from accept to the 220 greeting.", [((), self.banner)])
+        yield _counter(
+            TLS_HANDSHAKES,
+            "STARTTLS handshakes, by result.",
+            [((r,), n) for r, n in self.tls.items()],
+            ("result",),
+        )
+        yield _counter(
+            AUTH_ATTEMPTS,
+            "AUTH credential checks, by result.",
+            [((r,), n) for r, n in self.auth.items()],
+            ("result",),
+        )
+
+
+def _counter(
+    name: str, doc: str, samples: list[tuple[tuple[str, ...], float]], labels: tuple = ()
+) -> CounterMetricFamily:
+    family = CounterMetricFamily(name, doc, labels=list(labels))
+    for values, value in samples:
+        family.add_metric(list(values), value)
+    return family
+
+
+def _gauge(
+    name: str, doc: str, samples: list[tuple[tuple[str, ...], float]], labels: tuple = ()
+) -> GaugeMetricFamily:
+    family = GaugeMetricFamily(name, doc, labels=list(labels))
+    for values, value in samples:
+        family.add_metric(list(values), value)
+    return family
+
+
+def _histogram(
+    name: str, doc: str, samples: list[tuple[tuple[str, ...], Histogram]], labels: tuple = ()
+) -> HistogramMetricFamily:
+    family = HistogramMetricFamily(name, doc, labels=list(labels))
+    for values, histogram in samples:
+        family.add_metric(list(values), histogram.cumulative(), histogram.total)
+    return family
+
+
+class StatsCollector:
+    """Exposes a :class:`WorkerStats` through a prometheus_client registry."""
+
+    def __init__(self, stats: WorkerStats) -> None:
+        self.stats = stats
+
+    def collect(self) -> Iterator[Metric]:
+        return self.stats.families()
 
 
 class SupervisorMetrics:
@@ -11,40 +220,44 @@ class SupervisorMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.workers_desired = Gauge(
-            "farm_workers_desired", "Workers the supervisor keeps running.", registry=self.registry
+            WORKERS_DESIRED, "Workers the supervisor keeps running.", registry=self.registry
         )
         self.workers_ready = Gauge(
-            "farm_workers_ready",
+            WORKERS_READY,
             "Workers of the serving generation that reported READY and are alive.",
             registry=self.registry,
         )
         self.restarts = Counter(
-            "farm_worker_restarts",
+            WORKER_RESTARTS,
             "Workers replaced, by reason (crash, timeout, recycle, reload).",
             ["reason"],
             registry=self.registry,
         )
         self.reload_generation = Gauge(
-            "farm_reload_generation",
+            RELOAD_GENERATION,
             "Generation of the workers serving now (1 at start, +1 per successful reload).",
             registry=self.registry,
         )
         self.reload_last_timestamp = Gauge(
-            "farm_reload_last_timestamp_seconds",
-            "Unix time of the last reload attempt.",
-            registry=self.registry,
+            RELOAD_LAST_TIMESTAMP, "Unix time of the last reload attempt.", registry=self.registry
         )
         self.reload_last_success = Gauge(
-            "farm_reload_last_success",
+            RELOAD_LAST_SUCCESS,
             "1 if the last reload attempt succeeded, 0 if it failed.",
             registry=self.registry,
         )
         self.backoff = Gauge(
-            "farm_worker_backoff_seconds",
+            WORKER_BACKOFF,
             "Delay before a crashed worker slot is respawned (0 when not throttled).",
             ["worker"],
             registry=self.registry,
         )
-        self.build = Info("farm_build", "Version of farm.", registry=self.registry)
+        self.scrape_errors = Counter(
+            SCRAPE_ERRORS,
+            "Scrapes for which a worker did not answer in time.",
+            ["worker"],
+            registry=self.registry,
+        )
+        self.build = Info(BUILD, "Version of farm.", registry=self.registry)
         for reason in ("crash", "timeout", "recycle", "reload"):
             self.restarts.labels(reason)

@@ -102,6 +102,8 @@ class AuthMixin:
         else:  # aiosmtpd's older mechanisms return the auth data, or None/False on failure
             success, handled, message = bool(result), False, None
             auth_data = result
+        if server.stats is not None:
+            server.stats.auth["success" if success else "failure"] += 1
         if success:
             session.authenticated = True
             session.auth_data = auth_data

@@ -132,6 +132,10 @@ class SMTP(AuthMixin, StartTLSMixin, ChunkingMixin, ProxyProtocolMixin, asyncio.
     _started = 0.0
     _n_commands = 0
     _checks = False
+    #: A :class:`farm.metrics.WorkerStats` the session counts into (the farm's workers set it).
+    stats: Any = None
+    #: How the session ended, for the stats: quit, timeout, shutdown (else disconnect/error).
+    _ended_how: str | None = None
     #: The verb being answered (for enhanced status codes).
     _verb: str | None = None
 
@@ -290,7 +294,9 @@ class SMTP(AuthMixin, StartTLSMixin, ChunkingMixin, ProxyProtocolMixin, asyncio.
 
     def _greet(self) -> None:
         """Send the 220 greeting and start the idle timer."""
-        self._last_line = self.loop.time()  # type: ignore[union-attr]
+        now = self._last_line = self.loop.time()  # type: ignore[union-attr]
+        if self.stats is not None:
+            self.stats.banner.observe(now - self._started)
         self._reply(f"220 {self.hostname} {self.__ident__}", plain=True)
         self._flush()
         self._start_timer()
@@ -372,6 +378,9 @@ class SMTP(AuthMixin, StartTLSMixin, ChunkingMixin, ProxyProtocolMixin, asyncio.
         task = self._task
         if task is not None and not self._task_is_delivery:
             task.cancel()
+        if self.stats is not None:
+            how = self._ended_how or ("error" if exc is not None else "disconnect")
+            self.stats.ended[how] += 1
         if log.isEnabledFor(logging.INFO):
             self._log_disconnect()
         if self._closed_waiter is not None and not self._closed_waiter.done():
@@ -435,6 +444,7 @@ class SMTP(AuthMixin, StartTLSMixin, ChunkingMixin, ProxyProtocolMixin, asyncio.
         ):
             self._reply(SHUTTING_DOWN)
             self._close_after_flush = True
+            self._ended_how = "shutdown"
 
     # -- the input loop --------------------------------------------------------------------
 
@@ -493,6 +503,8 @@ class SMTP(AuthMixin, StartTLSMixin, ChunkingMixin, ProxyProtocolMixin, asyncio.
             return
         self._verb = verb
         method = self._verbs.get(verb)
+        if self.stats is not None:
+            self.stats.command(verb if method is not None else "unknown")
         if self._checks and self._refused(verb, method is not None):
             return
         if method is None:
@@ -596,6 +608,8 @@ class SMTP(AuthMixin, StartTLSMixin, ChunkingMixin, ProxyProtocolMixin, asyncio.
             text = format_multiline(text)
         if self._enhanced and not plain:
             text = with_enhanced_code(text, self._verb)
+        if self.stats is not None:
+            self.stats.reply(text[:1] + "xx")
         self._out.append(text)
 
     async def push(self, status: str) -> None:
@@ -656,6 +670,7 @@ class SMTP(AuthMixin, StartTLSMixin, ChunkingMixin, ProxyProtocolMixin, asyncio.
             self._timer = self.loop.call_at(deadline, self._on_timer)  # type: ignore[union-attr]
             return
         log.info("session=%s timeout", self.session.id)  # type: ignore[union-attr]
+        self._ended_how = "timeout"
         self._reply(f"421 4.4.2 {self.hostname} Error: timeout exceeded")
         self._close_after_flush = True
         self._flush()
@@ -680,12 +695,15 @@ class SMTP(AuthMixin, StartTLSMixin, ChunkingMixin, ProxyProtocolMixin, asyncio.
         hook = self._hooks.hooks.get(name)
         if hook is None:
             return MISSING
+        started = self.loop.time()  # type: ignore[union-attr]
         try:
             status = hook(self, self.session, self.envelope, *args)
             if inspect.isawaitable(status):
                 status = await status
         except Exception as error:
             status = await self._handle_exception(error)
+        if self.stats is not None:
+            self.stats.handler_time(name, self.loop.time() - started)  # type: ignore[union-attr]
         if status is None:
             log.warning("session=%s handle_%s returned no reply", self.session.id, name)  # type: ignore[union-attr]
             return LOCAL_ERROR
@@ -762,6 +780,11 @@ class SMTP(AuthMixin, StartTLSMixin, ChunkingMixin, ProxyProtocolMixin, asyncio.
         replies = self._data_replies(status, envelope)
         accepted = any(reply.startswith("2") for reply in replies)
         self._counts["accepted" if accepted else "rejected"] += 1
+        stats = self.stats
+        if stats is not None:
+            stats.messages["accepted" if accepted else "rejected"] += 1
+            stats.received_bytes += size
+            stats.sizes.observe(size)
         for reply in replies:
             self._reply(reply)
         status = replies[0] if len(set(r[:3] for r in replies)) == 1 else "mixed"
@@ -834,6 +857,7 @@ class SMTP(AuthMixin, StartTLSMixin, ChunkingMixin, ProxyProtocolMixin, asyncio.
         status = await self._call_handler_hook("QUIT") if "QUIT" in self._hooks.hooks else MISSING
         self._reply("221 Bye" if status is MISSING else status)
         self._close_after_flush = True
+        self._ended_how = "quit"
 
     async def smtp_RSET(self, arg: str | None) -> None:
         """RSET"""

@@ -67,15 +67,18 @@ class StartTLSMixin:
                 ssl_handshake_timeout=self._tls_handshake_timeout,
             )
         except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as error:
-            log.info(
-                "session=%s TLS handshake failed: %s", session.id, error or type(error).__name__
-            )
+            reason = str(error) or type(error).__name__
+            log.info("session=%s TLS handshake failed: %s", session.id, reason)
+            if server.stats is not None:
+                server.stats.tls["failed"] += 1
             if server.transport is not None:
                 server.transport.abort()
             return
         if transport is None:  # the connection closed during the handshake
             return
         server.transport = transport
+        if server.stats is not None:
+            server.stats.tls["ok"] += 1
         self._tls_protocol = transport.get_extra_info("ssl_object")
         session.ssl = tls_session_info(transport)
         # RFC 3207 4.2: forget everything learnt before TLS.

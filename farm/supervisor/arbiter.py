@@ -16,10 +16,13 @@ import selectors
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import psutil
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import Metric
 
 from farm import __version__
 from farm.config import Config, ConfigError, load_config
@@ -28,6 +31,7 @@ from farm.metrics import SupervisorMetrics
 from farm.supervisor.channel import Channel, ChannelClosed
 from farm.supervisor.listeners import Listener, ListenerError, bind_listeners
 from farm.supervisor.metrics_http import MetricsHTTPServer
+from farm.supervisor.scrape import WorkerMetrics, listener_families
 from farm.supervisor.systemd import Notifier
 from farm.supervisor.worker import EXIT_BOOT_ERROR, SUPERVISOR_SIGNALS, WorkerSpec, run_worker
 
@@ -41,6 +45,8 @@ BACKOFF_MAX = 60.0
 DUMP_GRACE = 1.0
 FAST_STOP_GRACE = 5.0
 MEMORY_CHECK_INTERVAL = 5.0
+#: Seconds a scrape waits for the workers' answers (a hung worker delays it no longer).
+SCRAPE_TIMEOUT = 1.0
 #: Seconds past ``graceful_timeout`` a retiring worker gets before SIGKILL.
 RETIRE_SLACK = 15.0
 
@@ -120,6 +126,11 @@ class Arbiter:
         self._next_watchdog = 0.0
         self._boot_deadline = 0.0
         self._next_memory_check = 0.0
+        self.worker_metrics = WorkerMetrics()
+        self._scrape_waiters: list[Callable[[CollectorRegistry], None]] = []
+        self._scrape_pending: set[int] | None = None
+        self._scrape_deadline = 0.0
+        self._scrape_id = 0
 
     # -- setup and the loop ----------------------------------------------------------------
 
@@ -129,7 +140,7 @@ class Arbiter:
         self._set_title()
         if self.config.metrics:
             self._metrics_server = MetricsHTTPServer(
-                self.config.metrics, self._selector, self.metrics.registry, self._refresh_metrics
+                self.config.metrics, self._selector, self._begin_scrape
             )
             log.info("metrics on http://%s/metrics", self._metrics_server.address)
         self.metrics.reload_generation.set(self.generation)
@@ -264,6 +275,8 @@ class Arbiter:
                 self._on_ready(worker)
             elif kind == "recycle":
                 self._recycle(worker, str(message.get("reason", "recycle")))
+            elif kind == "metrics":
+                self._on_metrics(worker, message)
 
     def _forget_channel(self, worker: WorkerProcess) -> None:
         with contextlib.suppress(KeyError, ValueError):
@@ -516,7 +529,13 @@ class Arbiter:
                 return
             worker = self.workers.pop(pid, None)
             if worker is not None:
+                self._on_channel(worker)  # its last words: final metrics
                 self._forget_channel(worker)
+                self.worker_metrics.exited(pid)
+                if self._scrape_pending is not None and pid in self._scrape_pending:
+                    self._scrape_pending.discard(pid)
+                    if not self._scrape_pending:
+                        self._finish_scrape()
                 self._on_exit(worker, status)
 
     def _on_exit(self, worker: WorkerProcess, status: int) -> None:
@@ -583,6 +602,8 @@ class Arbiter:
 
     def _tick(self) -> None:
         now = time.monotonic()
+        if self._scrape_pending is not None and now > self._scrape_deadline:
+            self._finish_scrape()
         if self.state == "stopping":
             self._tick_stopping(now)
             return
@@ -693,9 +714,69 @@ class Arbiter:
 
     # -- metrics ---------------------------------------------------------------------------
 
-    def _refresh_metrics(self) -> None:
+    def _begin_scrape(self, done: Callable[[CollectorRegistry], None]) -> None:
+        """Ask every live worker for its metrics; ``done`` gets the registry (bounded wait)."""
+        self._scrape_waiters.append(done)
+        if self._scrape_pending is not None:
+            return  # a scrape is under way: this one shares its answers
+        self._scrape_id += 1
+        pending = set()
+        for worker in self.workers.values():
+            if worker.killed or worker.channel.sock.fileno() < 0:
+                continue
+            try:
+                worker.channel.send({"t": "metrics?", "id": self._scrape_id})
+            except ChannelClosed:
+                continue
+            pending.add(worker.pid)
+        self._scrape_pending = pending
+        self._scrape_deadline = time.monotonic() + SCRAPE_TIMEOUT
+        if not pending:
+            self._finish_scrape()
+
+    def _on_metrics(self, worker: WorkerProcess, message: dict[str, Any]) -> None:
+        self.worker_metrics.record(worker.pid, worker.slot, str(message.get("text", "")))
+        pending = self._scrape_pending
+        if pending is not None and message.get("id") == self._scrape_id:
+            pending.discard(worker.pid)
+            if not pending:
+                self._finish_scrape()
+
+    def _finish_scrape(self) -> None:
+        for pid in self._scrape_pending or ():
+            worker = self.workers.get(pid)
+            if worker is not None:
+                self.metrics.scrape_errors.labels(str(worker.slot)).inc()
+                log.warning(
+                    "worker %d (pid %d) did not answer the scrape in time", worker.slot, pid
+                )
+        self._scrape_pending = None
         self.metrics.workers_desired.set(self.desired)
         self.metrics.workers_ready.set(self._ready_count())
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(_Snapshot(self._collect_families()))
+        waiters, self._scrape_waiters = self._scrape_waiters, []
+        for done in waiters:
+            done(registry)
+
+    def _collect_families(self) -> list[Metric]:
+        live = {pid: w.slot for pid, w in self.workers.items() if not w.killed}
+        families = list(self.metrics.registry.collect())
+        families += self.worker_metrics.families(live)
+        families += listener_families(
+            (listener.name, listener.socket) for listener in self.listeners.values()
+        )
+        return families
+
+
+class _Snapshot:
+    """A collector that returns metric families gathered once, for one scrape."""
+
+    def __init__(self, families: list[Metric]) -> None:
+        self._families = families
+
+    def collect(self) -> list[Metric]:
+        return self._families
 
 
 def _describe_status(status: int) -> str:

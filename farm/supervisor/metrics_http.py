@@ -28,8 +28,7 @@ class MetricsHTTPServer:
         self,
         address: Any,
         selector: selectors.BaseSelector,
-        registry: CollectorRegistry,
-        refresh: Callable[[], None],
+        collect: Callable[[Callable[[CollectorRegistry], None]], None],
     ) -> None:
         host, port = _split(address)
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -40,8 +39,8 @@ class MetricsHTTPServer:
         self._sock.setblocking(False)
         self._sock.set_inheritable(False)
         self._selector = selector
-        self._registry = registry
-        self._refresh = refresh
+        self._collect = collect
+        self._waiting: set[int] = set()
         self._clients: dict[int, tuple[socket.socket, bytearray, bytearray]] = {}
         selector.register(self._sock, selectors.EVENT_READ, self._accept)
         bound = self._sock.getsockname()
@@ -87,6 +86,8 @@ class MetricsHTTPServer:
         if not chunk:
             self._drop(fd)
             return
+        if fd in self._waiting:
+            return  # already answering this request
         inbox += chunk
         if b"\r\n\r\n" in inbox or b"\n\n" in inbox:
             self._respond(fd)
@@ -109,10 +110,20 @@ class MetricsHTTPServer:
         if path not in ("/metrics", "/"):
             self._reply(fd, 404, "text/plain", b"try /metrics\n")
             return
-        self._refresh()
-        encoder, content_type = choose_encoder(headers.get("accept", ""))
-        body = encoder(self._registry)
-        self._reply(fd, 200, content_type, b"" if parts[0] == "HEAD" else body)
+        method, accept = parts[0], headers.get("accept", "")
+        self._waiting.add(fd)  # the workers answer asynchronously
+        conn = self._clients[fd][0]
+        self._collect(lambda registry: self._send_metrics(fd, conn, method, accept, registry))
+
+    def _send_metrics(
+        self, fd: int, conn: socket.socket, method: str, accept: str, registry: CollectorRegistry
+    ) -> None:
+        if fd not in self._clients or self._clients[fd][0] is not conn:
+            return  # the scraper went away meanwhile
+        self._waiting.discard(fd)
+        encoder, content_type = choose_encoder(accept)
+        body = encoder(registry)
+        self._reply(fd, 200, content_type, b"" if method == "HEAD" else body)
 
     def _reply(self, fd: int, status: int, content_type: str, body: bytes) -> None:
         conn, _, outbox = self._clients[fd]
@@ -141,6 +152,7 @@ class MetricsHTTPServer:
             self._drop(fd)
 
     def _drop(self, fd: int) -> None:
+        self._waiting.discard(fd)
         conn, _, _ = self._clients.pop(fd)
         with contextlib.suppress(KeyError, ValueError):
             self._selector.unregister(conn)

@@ -21,8 +21,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
+from prometheus_client import CollectorRegistry, generate_latest
+
 from farm.handler_loading import HandlerLoadError, load_handler
 from farm.logs import reopen_log_file
+from farm.metrics import StatsCollector, WorkerStats
 from farm.smtp import SMTP
 from farm.smtp.drain import SessionTracker
 from farm.supervisor.channel import Channel, ChannelClosed
@@ -102,7 +105,9 @@ def _worker_process(spec: WorkerSpec) -> int:
     asyncio.set_event_loop(loop)
     try:
         server = WorkerServer(spec, handler, loop)
-        return loop.run_until_complete(server.run())
+        code = loop.run_until_complete(server.run())
+        server.send_final_metrics()
+        return code
     finally:
         loop.close()
 
@@ -159,6 +164,9 @@ class WorkerServer:
         self.loop = loop
         self.channel = spec.channel
         self.sessions = SessionTracker()
+        self.stats = WorkerStats()
+        self._registry = CollectorRegistry(auto_describe=False)
+        self._registry.register(StatsCollector(self.stats))
         self.active = 0
         self.messages = 0
         self.gate = AcceptGate(loop, spec.listeners, self._new_session)
@@ -181,8 +189,11 @@ class WorkerServer:
     def _new_session(self) -> SMTP:
         protocol = SMTP(self.handler, loop=self.loop, **self._smtp_kwargs)
         protocol.on_close = self._session_closed
+        protocol.stats = stats = self.stats
         self.sessions.add(protocol)
         self.active += 1
+        stats.connections += 1
+        stats.active = self.active
         if self.active >= self.config.max_sessions and self.gate.open and not self._stopping:
             # Not from inside the factory: the connection being set up needs its server open.
             self.loop.call_soon(self._pause_at_cap)
@@ -197,6 +208,7 @@ class WorkerServer:
 
     def _session_closed(self, protocol: SMTP) -> None:
         self.active -= 1
+        self.stats.active = self.active
         if not self.active and self._idle is not None and not self._idle.done():
             self._idle.set_result(None)
         self.messages += protocol.counts["accepted"]
@@ -293,8 +305,23 @@ class WorkerServer:
             return
         for message in messages:
             kind = message.get("t")
-            if kind == "stop":
+            if kind == "metrics?":
+                self._send({"t": "metrics", "id": message.get("id"), "text": self.exposition()})
+            elif kind == "stop":
                 self.stop(bool(message.get("graceful", True)))
+
+    def exposition(self) -> str:
+        """This worker's metrics in the Prometheus text format."""
+        self.stats.draining = sum(1 for p in self.sessions.active if p._draining)
+        return generate_latest(self._registry).decode()
+
+    def send_final_metrics(self) -> None:
+        """On the way out: the last totals, so the supervisor's counters lose nothing."""
+        with contextlib.suppress(ChannelClosed, OSError):
+            self.channel.send({"t": "metrics", "id": None, "text": self.exposition()})
+            self.channel.sock.setblocking(True)
+            self.channel.sock.settimeout(1.0)
+            self.channel.flush()
 
     def _supervisor_gone(self) -> None:
         self.loop.remove_reader(self.channel.fileno())
@@ -305,6 +332,7 @@ class WorkerServer:
     def _heartbeat(self) -> None:
         now = self.loop.time()
         lag = max(0.0, now - self._beat_due)
+        self.stats.loop_lag = lag
         self._send(
             {
                 "t": "hb",
