@@ -5,12 +5,14 @@ from __future__ import annotations
 import os
 import signal
 import smtplib
+import ssl
 import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import trustme
 
 from farm import metrics as names
 from tests.farm_helpers import FarmRunner, send_message, toml_config, wait_for
@@ -49,11 +51,24 @@ def fail_auth(port: int) -> None:
         assert client.docmd("AUTH PLAIN AHVzZXIAd3Jvbmc=")[0] == 535
 
 
+def tls_files(tmp_path: Path) -> tuple[str, str, ssl.SSLContext]:
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    chain, key = tmp_path / "chain.pem", tmp_path / "key.pem"
+    cert.private_key_and_cert_chain_pem.write_to_path(str(chain))
+    cert.private_key_pem.write_to_path(str(key))
+    client = ssl.create_default_context()
+    ca.configure_trust(client)
+    return str(chain), str(key), client
+
+
 def test_every_worker_metric_is_exported_with_its_slot(farms: FarmRunner, tmp_path: Path) -> None:
+    chain, key, client_context = tls_files(tmp_path)
     config = toml_config(
         tmp_path / "farm.toml",
-        {"handler": "farm.handlers:Sink"},
-        smtp={"auth_require_tls": False},
+        {"handler": "tests.handlers.counting:Counting"},
+        handler_args={"path": str(tmp_path / "delivered")},
+        smtp={"auth_require_tls": False, "tls_cert": chain, "tls_key": key},
     )
     farm = farms.start(config=config, workers=2)
     farm.wait_ready(2)
@@ -62,20 +77,26 @@ def test_every_worker_metric_is_exported_with_its_slot(farms: FarmRunner, tmp_pa
     for n in range(6):
         assert send_message(farm.port, f"r{n}@farm.test").startswith("250")
     fail_auth(farm.port)
+    with smtplib.SMTP("127.0.0.1", farm.port, timeout=10) as client:
+        client.starttls(context=client_context)
+        client.ehlo("me")
     samples = farm.metrics()
 
     accepted = per_worker(samples, "farm_messages_total", outcome="accepted")
     assert set(accepted) <= {"0", "1"}
     assert sum(accepted.values()) == 6
-    assert sum(per_worker(samples, "farm_connections_accepted_total").values()) == probes + 7
+    assert sum(per_worker(samples, "farm_connections_accepted_total").values()) == probes + 8
     assert sum(per_worker(samples, "farm_commands_total", verb="MAIL").values()) == 6
     assert sum(per_worker(samples, "farm_replies_total", **{"class": "2xx"}).values()) >= 30
     assert sum(per_worker(samples, "farm_replies_total", **{"class": "5xx"}).values()) == 1
     assert sum(per_worker(samples, "farm_auth_attempts_total", result="failure").values()) == 1
     assert sum(per_worker(samples, "farm_message_size_bytes_count").values()) == 6
     assert sum(per_worker(samples, "farm_received_bytes_total").values()) > 0
-    assert sum(per_worker(samples, "farm_sessions_ended_total", how="quit").values()) == 7
-    assert sum(per_worker(samples, "farm_banner_delay_seconds_count").values()) == probes + 7
+    assert sum(per_worker(samples, "farm_sessions_ended_total", how="quit").values()) == 8
+    assert sum(per_worker(samples, "farm_banner_delay_seconds_count").values()) == probes + 8
+    assert sum(per_worker(samples, "farm_tls_handshakes_total", result="ok").values()) == 1
+    data_hook = per_worker(samples, "farm_handler_duration_seconds_count", hook="DATA")
+    assert sum(data_hook.values()) == 6
     assert set(per_worker(samples, "farm_worker_resident_memory_bytes")) == {"0", "1"}
     assert all(v > 1e6 for v in per_worker(samples, "farm_worker_resident_memory_bytes").values())
     assert set(per_worker(samples, "farm_worker_open_fds")) == {"0", "1"}
