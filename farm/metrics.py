@@ -35,6 +35,7 @@ TLS_HANDSHAKES = "farm_tls_handshakes"  # counter {result}
 AUTH_ATTEMPTS = "farm_auth_attempts"  # counter {result}
 LOOP_LAG = "farm_loop_lag_seconds"  # gauge
 SESSIONS_DRAINING = "farm_sessions_draining"  # gauge
+SESSIONS_LIMIT = "farm_sessions_limit"  # gauge: max_sessions, where the worker stops accepting
 
 # -- names: supervisor --------------------------------------------------------------------------
 WORKERS_DESIRED = "farm_workers_desired"
@@ -95,6 +96,7 @@ class WorkerStats:
         self.connections = 0
         self.active = 0
         self.draining = 0
+        self.limit = 0
         self.loop_lag = 0.0
         self.ended = dict.fromkeys(ENDED_HOW, 0)
         self.commands: dict[str, int] = {}
@@ -129,6 +131,9 @@ class WorkerStats:
         yield _counter(CONNECTIONS, "Connections accepted.", [((), self.connections)])
         yield _gauge(SESSIONS_ACTIVE, "Sessions open now.", [((), self.active)])
         yield _gauge(SESSIONS_DRAINING, "Sessions told to finish (drain).", [((), self.draining)])
+        yield _gauge(
+            SESSIONS_LIMIT, "Sessions at which the worker stops accepting.", [((), self.limit)]
+        )
         yield _gauge(LOOP_LAG, "Event-loop lag at the last heartbeat.", [((), self.loop_lag)])
         yield _counter(
             SESSIONS_ENDED,

@@ -244,6 +244,9 @@ class Arbiter:
         self._selector.register(
             supervisor_end.fileno(), selectors.EVENT_READ, lambda: self._on_channel(worker)
         )
+        # Series exist from the start, so that increase() sees their first change.
+        self.metrics.backoff.labels(str(slot))
+        self.metrics.scrape_errors.labels(str(slot))
         log.info("worker %d gen %d started (pid %d)", slot, generation, pid)
         return pid
 

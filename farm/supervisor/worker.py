@@ -165,6 +165,7 @@ class WorkerServer:
         self.channel = spec.channel
         self.sessions = SessionTracker()
         self.stats = WorkerStats()
+        self.stats.limit = self.config.max_sessions
         self._registry = CollectorRegistry(auto_describe=False)
         self._registry.register(StatsCollector(self.stats))
         self.active = 0
