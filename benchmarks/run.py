@@ -49,7 +49,9 @@ SERVERS = ["aiosmtpd-asyncio", "aiosmtpd-uvloop", "farm-asyncio", "farm-uvloop"]
 #: The real ``farm serve`` (supervisor + N forked workers, see server.py ``FARM_KINDS``):
 #: KIND -> number of workers. Not run by default.
 FARM_SERVERS = {"farm-1w": 1, "farm-2w": 2, "farm-1w-asyncio": 1, "farm-2w-asyncio": 2}
-ALL_SERVERS = SERVERS + list(FARM_SERVERS)
+#: Servers only run when asked for: the engine counting into metrics (prices the metrics).
+EXTRA_SERVERS = ["farm-uvloop-stats"]
+ALL_SERVERS = SERVERS + EXTRA_SERVERS + list(FARM_SERVERS)
 #: What ``--farm`` selects: the baseline, the single-process engine, and farm serve with 1 and
 #: 2 workers.
 FARM_SET = ["aiosmtpd-asyncio", "farm-uvloop", "farm-1w", "farm-2w"]

@@ -58,6 +58,8 @@ KINDS: dict[str, tuple[str, str]] = {
     "aiosmtpd-uvloop": ("aiosmtpd", "uvloop"),
     "farm-asyncio": ("farm", "asyncio"),
     "farm-uvloop": ("farm", "uvloop"),
+    # The engine counting into a worker's metrics (WorkerStats), to price the metrics.
+    "farm-uvloop-stats": ("farm-stats", "uvloop"),
 }
 
 #: KIND -> (workers, event loop) for the real ``farm serve`` (supervisor + forked workers).
@@ -119,6 +121,17 @@ def protocol_factory(engine: str) -> tuple[Callable[[], asyncio.Protocol], str]:
             """No hooks at all: every command takes farm's synchronous path."""
 
         handler, name = LocalSink(), "hook-less local Sink"
+    if engine == "farm-stats":
+        from farm.metrics import WorkerStats
+
+        stats = WorkerStats()
+
+        def counting() -> FarmSMTP:
+            protocol = FarmSMTP(handler, hostname=HOSTNAME)
+            protocol.stats = stats
+            return protocol
+
+        return counting, name + " + WorkerStats"
     return (lambda: FarmSMTP(handler, hostname=HOSTNAME)), name
 
 
