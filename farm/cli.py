@@ -93,7 +93,7 @@ def serve(config: Config, overrides: dict[str, Any]) -> int:
     try:
         listeners = inherit_systemd_listeners()
         if listeners is None:
-            listeners = bind_listeners(config.bind)
+            listeners = bind_listeners(config.listen_addresses())
         else:
             log.info("using %d socket(s) passed by systemd", len(listeners))
     except ListenerError as error:

@@ -141,6 +141,12 @@ def _bind(key: str, value: Any) -> tuple[Address, ...]:
     return addresses
 
 
+def _tls_bind(key: str, value: Any) -> tuple[Address, ...]:
+    if value is None or value == [] or value == ():
+        return ()
+    return _bind(key, value)
+
+
 def _metrics(key: str, value: Any) -> Address | None:
     if value is None:
         return None
@@ -309,6 +315,8 @@ class Config:
     """The farm's effective configuration (see the module docstring for stored types)."""
 
     bind: tuple[Address, ...] = field(default=DEFAULT_BIND, metadata=_checked(_bind))
+    #: Listeners that speak TLS from the first byte (SMTPS, port 465 style).
+    tls_bind: tuple[Address, ...] = field(default=(), metadata=_checked(_tls_bind))
     workers: int = field(default_factory=_cpu_count, metadata=_checked(_integer(1)))
     handler: str = field(default="farm.handlers:Debugging", metadata=_checked(_handler))
     handler_args: Mapping[str, Any] = field(
@@ -334,6 +342,15 @@ class Config:
 
     def __post_init__(self) -> None:
         _validate(self, "")
+        if self.tls_bind and not (self.smtp.tls_cert and self.smtp.tls_key):
+            raise ConfigError("tls_bind: needs smtp.tls_cert and smtp.tls_key", "tls_bind")
+        both = {a.text for a in self.bind} & {a.text for a in self.tls_bind}
+        if both:
+            raise ConfigError(f"tls_bind: {sorted(both)[0]!r} is in bind too", "tls_bind")
+
+    def listen_addresses(self) -> tuple[Address, ...]:
+        """Every address to listen on: ``bind`` then ``tls_bind``."""
+        return self.bind + self.tls_bind
 
     @classmethod
     def names(cls) -> tuple[str, ...]:

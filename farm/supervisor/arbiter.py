@@ -455,10 +455,10 @@ class Arbiter:
 
     def _apply_listeners(self, new_config: Config) -> tuple[list[Listener], list[Listener]]:
         """Bind the addresses new in ``new_config``; list those it no longer has."""
-        wanted = [str(getattr(a, "text", a)) for a in new_config.bind]
+        wanted = [a.text for a in new_config.listen_addresses()]
         if set(wanted) == set(self.listeners) or self._inherited():
             return [], []
-        new = [a for a in new_config.bind if str(getattr(a, "text", a)) not in self.listeners]
+        new = [a for a in new_config.listen_addresses() if a.text not in self.listeners]
         opened = bind_listeners(new) if new else []
         closing = [ls for address, ls in self.listeners.items() if address not in wanted]
         return opened, closing

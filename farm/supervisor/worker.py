@@ -123,14 +123,22 @@ def _new_loop(use_uvloop: bool) -> asyncio.AbstractEventLoop:
 
 
 class AcceptGate:
-    """Accepting on every listener, paused and resumed (at the session cap, in a drain)."""
+    """Accepting on every listener, paused and resumed (at the session cap, in a drain).
+
+    ``tls`` maps the listeners that speak TLS from the first byte to their SSL context.
+    """
 
     def __init__(
-        self, loop: asyncio.AbstractEventLoop, listeners: list[Any], factory: Callable[[], SMTP]
+        self,
+        loop: asyncio.AbstractEventLoop,
+        listeners: list[Any],
+        factory: Callable[[], SMTP],
+        tls: dict[str, Any] | None = None,
     ) -> None:
         self._loop = loop
         self._listeners = listeners
         self._factory = factory
+        self._tls = tls or {}
         self._servers: list[asyncio.AbstractServer] = []
         self.open = False
 
@@ -141,10 +149,13 @@ class AcceptGate:
         for listener in self._listeners:
             # A duplicate, so that pausing closes only this process's copy of the socket.
             sock = listener.socket.dup()
+            ssl = self._tls.get(listener.address)
             if sock.family == socket.AF_UNIX:
-                server = await self._loop.create_unix_server(self._factory, sock=sock)
+                server = await self._loop.create_unix_server(self._factory, sock=sock, ssl=ssl)
             else:
-                server = await self._loop.create_server(self._factory, sock=sock, backlog=1024)
+                server = await self._loop.create_server(
+                    self._factory, sock=sock, backlog=1024, ssl=ssl
+                )
             self._servers.append(server)
 
     def stop(self) -> None:
@@ -170,8 +181,15 @@ class WorkerServer:
         self._registry.register(StatsCollector(self.stats))
         self.active = 0
         self.messages = 0
-        self.gate = AcceptGate(loop, spec.listeners, self._new_session)
         self._smtp_kwargs = self.config.smtp.as_kwargs()
+        context = self._smtp_kwargs.get("tls_context")
+        implicit = {a.text for a in self.config.tls_bind}
+        tls = {
+            listener.address: context
+            for listener in spec.listeners
+            if listener.address in implicit or listener.name in ("smtps", "submissions")
+        }
+        self.gate = AcceptGate(loop, spec.listeners, self._new_session, tls)
         self._done = loop.create_future()
         self._stopping = False
         self._recycle_at = self._recycle_threshold()
