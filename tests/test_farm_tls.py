@@ -64,5 +64,5 @@ def test_tls_bind_needs_a_certificate(tmp_path: Path) -> None:
     from farm.config import ConfigError, load_config
 
     config = toml_config(tmp_path / "farm.toml", {"tls_bind": ["127.0.0.1:0"]})
-    with pytest.raises(ConfigError, match="tls_bind: needs smtp.tls_cert and smtp.tls_key"):
+    with pytest.raises(ConfigError, match=r"tls_bind: needs smtp\.tls_cert and smtp\.tls_key"):
         load_config(config)
