@@ -6,11 +6,13 @@ import asyncio
 import socket
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from farm.controller import Controller
+from tests.farm_helpers import FarmRunner
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -87,3 +89,11 @@ def make_controller(loop_kind: str) -> Iterator[Any]:
 def controller(make_controller: Any, handler: RecordingHandler) -> Controller:
     """A started Controller with a RecordingHandler and aiosmtpd's SMTP defaults."""
     return make_controller(handler, enable_SMTPUTF8=False)
+
+
+@pytest.fixture
+def farms(tmp_path: Path) -> Iterator[FarmRunner]:
+    """Starts ``farm serve`` processes for one test; kills whatever is left at teardown."""
+    runner = FarmRunner(tmp_path)
+    yield runner
+    runner.cleanup()

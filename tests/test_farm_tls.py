@@ -5,20 +5,12 @@ from __future__ import annotations
 import re
 import smtplib
 import ssl
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import trustme
 
 from tests.farm_helpers import FarmRunner, toml_config
-
-
-@pytest.fixture
-def farms(tmp_path: Path) -> Iterator[FarmRunner]:
-    runner = FarmRunner(tmp_path)
-    yield runner
-    runner.cleanup()
 
 
 def test_starttls_and_implicit_tls_listeners(farms: FarmRunner, tmp_path: Path) -> None:

@@ -8,23 +8,14 @@ import smtplib
 import ssl
 import time
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 import trustme
 
 from farm import metrics as names
 from tests.farm_helpers import FarmRunner, send_message, toml_config, wait_for
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
-
-
-@pytest.fixture
-def farms(tmp_path: Path) -> Iterator[FarmRunner]:
-    runner = FarmRunner(tmp_path)
-    yield runner
-    runner.cleanup()
 
 
 def per_worker(samples: Samples, name: str, **labels: str) -> dict[str, float]:

@@ -185,13 +185,6 @@ def _unix(timestamp: str) -> float:
 
 
 @pytest.fixture
-def farms(tmp_path: Path) -> Iterator[FarmRunner]:
-    runner = FarmRunner(tmp_path)
-    yield runner
-    runner.cleanup()
-
-
-@pytest.fixture
 def prometheus_factory(tmp_path: Path) -> Iterator[Any]:
     started: list[Prometheus] = []
 

@@ -3,20 +3,12 @@
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.farm_helpers import FarmRunner, delivered, send_message
 from tests.test_supervisor import counting_config
-
-
-@pytest.fixture
-def farms(tmp_path: Path) -> Iterator[FarmRunner]:
-    runner = FarmRunner(tmp_path)
-    yield runner
-    runner.cleanup()
 
 
 def test_max_messages_recycles_the_worker_without_losing_mail(

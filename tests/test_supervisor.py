@@ -58,13 +58,6 @@ COUNTING = "tests.handlers.counting:Counting"
 BLOCKING = "tests.handlers.blocking:Blocking"
 
 
-@pytest.fixture
-def farms(tmp_path: Path) -> Iterator[FarmRunner]:
-    runner = FarmRunner(tmp_path)
-    yield runner
-    runner.cleanup()
-
-
 def counting_config(path: Path, out: Path, delay: float = 0.0, **top: object) -> Path:
     """A farm.toml serving tests.handlers.counting into ``out``."""
     settings: dict[str, object] = {"handler": COUNTING, "graceful_timeout": 20}

@@ -5,20 +5,12 @@ from __future__ import annotations
 import os
 import signal
 import smtplib
-from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
 import pytest
 
 from tests.farm_helpers import FarmRunner, living, send_message, toml_config, wait_for
-
-
-@pytest.fixture
-def farms(tmp_path: Path) -> Iterator[FarmRunner]:
-    runner = FarmRunner(tmp_path)
-    yield runner
-    runner.cleanup()
 
 
 def crash_a_worker(port: int) -> None:
