@@ -281,6 +281,15 @@ class Arbiter:
             elif kind == "metrics":
                 self._on_metrics(worker, message)
 
+    def _read_final_metrics(self, worker: WorkerProcess) -> None:
+        """A reaped worker's last words: only its final metrics still matter."""
+        with contextlib.suppress(ChannelClosed, OSError):
+            for message in worker.channel.receive():
+                if message.get("t") == "metrics":
+                    self.worker_metrics.record(
+                        worker.pid, worker.slot, str(message.get("text", ""))
+                    )
+
     def _forget_channel(self, worker: WorkerProcess) -> None:
         with contextlib.suppress(KeyError, ValueError):
             self._selector.unregister(worker.channel.fileno())
@@ -532,7 +541,7 @@ class Arbiter:
                 return
             worker = self.workers.pop(pid, None)
             if worker is not None:
-                self._on_channel(worker)  # its last words: final metrics
+                self._read_final_metrics(worker)
                 self._forget_channel(worker)
                 self.worker_metrics.exited(pid)
                 if self._scrape_pending is not None and pid in self._scrape_pending:
@@ -725,8 +734,8 @@ class Arbiter:
         self._scrape_id += 1
         pending = set()
         for worker in self.workers.values():
-            if worker.killed or worker.channel.sock.fileno() < 0:
-                continue
+            if not worker.ready or worker.killed or worker.channel.sock.fileno() < 0:
+                continue  # a worker still booting has nothing to say yet
             try:
                 worker.channel.send({"t": "metrics?", "id": self._scrape_id})
             except ChannelClosed:
