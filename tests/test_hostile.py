@@ -779,3 +779,39 @@ def test_swaks_sends_a_message(make_controller: Any, handler: Any) -> None:
     assert envelope.mail_from == "c@d"
     assert envelope.rcpt_tos == ["a@b"]
     assert b"This is a test mailing" in envelope.content
+
+
+def test_data_body_of_a_client_that_does_not_read_stays_bounded(
+    make_controller: Any, handler: Any
+) -> None:
+    """Replies back up right before DATA; the body that follows must not pile up unread."""
+    controller = make_controller(handler, data_size_limit=1_000_000)
+    with Client(controller, small_buffers=True) as client:
+        assert client.reply().code == 220
+        protocol = _shrink_server_buffers(controller)
+        # One read: every command, DATA included, is processed before the write backs up.
+        client.sock.sendall(EHLO + ENVELOPE + b"HELP\r\n" * 2000 + b"DATA\r\n")
+        wait_for(lambda: protocol._framer.in_data, "DATA to be processed")
+        wait_for(lambda: protocol._write_paused, "the server's replies to back up")
+        client.sock.setblocking(False)
+        sent, body = 0, b"x" * 998 + b"\r\n"
+        while protocol.transport.is_reading():
+            assert sent < 64 * 2**20, "the server kept reading a client that never reads"
+            try:
+                sent += client.sock.send(body * 64)
+            except BlockingIOError:
+                select.select([], [client.sock], [], 0.05)
+        assert protocol._framer.buffered < 4 * 2**20
+
+
+def test_eof_during_an_auth_exchange_closes_at_once(make_controller: Any, handler: Any) -> None:
+    controller = make_controller(handler, auth_require_tls=False, timeout=30)
+    with Client(controller) as client:
+        assert client.reply().code == 220
+        client.send(b"EHLO me\r\nAUTH LOGIN\r\n")
+        replies = [client.reply() for _ in range(2)]
+        assert replies[-1].text == "334 VXNlcm5hbWU6"
+        started = time.monotonic()
+        client.sock.shutdown(socket.SHUT_WR)
+        assert client.replies_until_close() == []  # no 451 blaming a handler
+        assert time.monotonic() - started < 10

@@ -144,7 +144,10 @@ class AuthMixin:
         text = b64encode(data).decode() if encode else data.decode()
         server._reply(f"334 {text}")
         server._flush()
-        line = await server._read_line()
+        try:
+            line = await server._read_line()
+        except ConnectionAbortedError:
+            raise _Aborted from None  # the client is gone: nothing to answer
         if line is None:
             server._reply("500 5.5.6 Authentication exchange line is too long")
             raise _Aborted

@@ -29,7 +29,7 @@ from farm.smtp.replies import format_multiline, with_enhanced_code
 from farm.smtp.sasl import AUTH_FAILURE_LIMIT_DEFAULT, SASL_LINE_LIMIT, AuthMixin
 from farm.smtp.session import Envelope, Session
 from farm.smtp.syntax import CONTROL_CHARACTERS, parse_params, parse_path, strip_keyword
-from farm.smtp.tls import TLS_HANDSHAKE_TIMEOUT_DEFAULT, StartTLSMixin
+from farm.smtp.tls import TLS_HANDSHAKE_TIMEOUT_DEFAULT, StartTLSMixin, tls_session_info
 
 log = logging.getLogger("farm.smtp")
 
@@ -282,7 +282,7 @@ class SMTP(AuthMixin, StartTLSMixin, ChunkingMixin, ProxyProtocolMixin, asyncio.
         ssl_object = transport.get_extra_info("ssl_object")
         if ssl_object is not None:  # implicit TLS listener
             self._tls_protocol = ssl_object
-            session.ssl = {"cipher": transport.get_extra_info("cipher")}
+            session.ssl = tls_session_info(transport)
         self.envelope = self._create_envelope()
         self._started = self.loop.time()
         if log.isEnabledFor(logging.INFO):
@@ -337,12 +337,18 @@ class SMTP(AuthMixin, StartTLSMixin, ChunkingMixin, ProxyProtocolMixin, asyncio.
             self._process()
         elif self._line_waiter is not None:
             self._feed_line_waiter()
-        elif not self._read_paused and not framer.in_data and framer.buffered > _MAX_PENDING_INPUT:
+        elif not self._read_paused and (
+            self._write_paused  # the client does not read our replies: stop reading it
+            or (not framer.in_data and framer.buffered > _MAX_PENDING_INPUT)
+        ):
             self._read_paused = True
             self.transport.pause_reading()  # type: ignore[union-attr]
 
     async def _read_line(self) -> bytes | None:
-        """Inside a command: the client's next line (a SASL response); None if too long."""
+        """Inside a command: the client's next line (a SASL response); None if too long.
+
+        Raises ConnectionAbortedError when the client closes its side meanwhile.
+        """
         event = self._framer.next_event()
         if event is None:
             self._line_waiter = self.loop.create_future()  # type: ignore[union-attr]
@@ -363,6 +369,9 @@ class SMTP(AuthMixin, StartTLSMixin, ChunkingMixin, ProxyProtocolMixin, asyncio.
 
     def eof_received(self) -> bool:
         self._eof = True
+        waiter = self._line_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(ConnectionAbortedError("the client closed its side"))
         if self._task is None:
             self._close()
         return True

@@ -49,6 +49,8 @@ MEMORY_CHECK_INTERVAL = 5.0
 SCRAPE_TIMEOUT = 1.0
 #: Seconds past ``graceful_timeout`` a retiring worker gets before SIGKILL.
 RETIRE_SLACK = 15.0
+#: Seconds past the stop's grace before SIGKILL, so a worker's own drain deadline comes first.
+STOP_SLACK = 3.0
 
 
 @dataclass
@@ -201,7 +203,13 @@ class Arbiter:
 
     # -- spawning --------------------------------------------------------------------------
 
-    def _spawn(self, slot: int, generation: int, replaces: int | None = None) -> int:
+    def _spawn(
+        self,
+        slot: int,
+        generation: int,
+        replaces: int | None = None,
+        config: Config | None = None,
+    ) -> int:
         supervisor_end, worker_end = Channel.pair()
         close_fds = [supervisor_end.fileno(), self._wakeup_r, self._wakeup_w]
         close_fds += [w.channel.fileno() for w in self.workers.values()]
@@ -222,7 +230,7 @@ class Arbiter:
             spec = WorkerSpec(
                 slot=slot,
                 generation=generation,
-                config=self.config,
+                config=config or self.config,
                 listeners=list(self.listeners.values()),
                 channel=worker_end,
                 close_fds=close_fds,
@@ -298,8 +306,12 @@ class Arbiter:
     def _on_ready(self, worker: WorkerProcess) -> None:
         if worker.replaces is not None:
             old = self.workers.get(worker.replaces)
-            if self.slots.get(worker.slot) == worker.replaces:
-                self.slots[worker.slot] = worker.pid
+            if self.slots.get(worker.slot) != worker.replaces:
+                # Its slot changed hands meanwhile (reload, scale-down): it is not needed.
+                worker.replaces = None
+                self._retire(worker, "recycle")
+                return
+            self.slots[worker.slot] = worker.pid
             if old is not None:
                 self._retire(old, "recycle")
             worker.replaces = None
@@ -321,8 +333,12 @@ class Arbiter:
         if any(w.replaces == worker.pid for w in self.workers.values()):
             return
         log.info("worker %d (pid %d) asks to be recycled: %s", worker.slot, worker.pid, reason)
+        try:
+            self._spawn(worker.slot, worker.generation, replaces=worker.pid)
+        except OSError as error:
+            log.error("cannot start a replacement for worker %d: %s", worker.slot, error)
+            return
         self.metrics.restarts.labels("recycle").inc()
-        self._spawn(worker.slot, worker.generation, replaces=worker.pid)
 
     def _retire(self, worker: WorkerProcess, reason: str, graceful: bool = True) -> None:
         """Ask a worker to exit.
@@ -334,7 +350,12 @@ class Arbiter:
         """
         if worker.retiring is None or reason == "stop":
             worker.retiring = reason
-            worker.retire_deadline = time.monotonic() + self.config.graceful_timeout + RETIRE_SLACK
+            # A stop drains for graceful_timeout; a retirement first lets sessions end by
+            # themselves for graceful_timeout, then drains for as long again.
+            drains = 1 if reason == "stop" else 2
+            worker.retire_deadline = (
+                time.monotonic() + drains * self.config.graceful_timeout + RETIRE_SLACK
+            )
         if not graceful:
             signum = signal.SIGQUIT
         else:
@@ -389,8 +410,9 @@ class Arbiter:
             self.spawn_at.pop(slot, None)
             self.failures.pop(slot, None)
             pid = self.slots.pop(slot, None)
-            if pid is not None and pid in self.workers:
-                self._retire(self.workers[pid], "scale")
+            for worker in list(self.workers.values()):
+                if worker.pid == pid or (worker.slot == slot and worker.replaces is not None):
+                    self._retire(worker, "scale")
         log.info("workers desired: %d", self.desired)
 
     # -- stopping --------------------------------------------------------------------------
@@ -405,7 +427,7 @@ class Arbiter:
         self.notifier.stopping()
         now = time.monotonic()
         grace = self.config.graceful_timeout if graceful else FAST_STOP_GRACE
-        deadline = now + grace
+        deadline = now + grace + STOP_SLACK  # the workers' own drain ends first
         self.stop_deadline = (
             deadline if self.stop_deadline is None else min(self.stop_deadline, deadline)
         )
@@ -459,8 +481,11 @@ class Arbiter:
         log.info(
             "reloading: starting generation %d with %d workers", generation, new_config.workers
         )
-        for slot in range(new_config.workers):
-            reload.new_slots[slot] = self._spawn(slot, generation)
+        try:
+            for slot in range(new_config.workers):
+                reload.new_slots[slot] = self._spawn(slot, generation)
+        except OSError as error:
+            self._abort_reload(f"cannot start the new workers: {error}")
 
     def _apply_listeners(self, new_config: Config) -> tuple[list[Listener], list[Listener]]:
         """Bind the addresses new in ``new_config``; list those it no longer has."""
@@ -485,7 +510,9 @@ class Arbiter:
     def _commit_reload(self) -> None:
         reload = self.reload
         assert reload is not None
-        old = [self.workers[pid] for pid in self.slots.values() if pid in self.workers]
+        new_pids = set(reload.new_slots.values())
+        # Every other worker goes, recycling replacements still booting included.
+        old = [w for w in self.workers.values() if w.pid not in new_pids and w.retiring is None]
         self.slots = dict(reload.new_slots)
         self.desired = len(self.slots)
         self.generation = reload.generation
@@ -614,6 +641,8 @@ class Arbiter:
 
     def _tick(self) -> None:
         now = time.monotonic()
+        if self._metrics_server is not None:
+            self._metrics_server.expire(now)
         if self._scrape_pending is not None and now > self._scrape_deadline:
             self._finish_scrape()
         if self.state == "stopping":
@@ -623,7 +652,12 @@ class Arbiter:
             if when <= now and slot < self.desired and slot not in self.slots:
                 del self.spawn_at[slot]
                 self.metrics.backoff.labels(str(slot)).set(0)
-                self.slots[slot] = self._spawn(slot, self.generation)
+                serving = self.reload.old_config if self.reload is not None else self.config
+                try:
+                    self.slots[slot] = self._spawn(slot, self.generation, config=serving)
+                except OSError as error:
+                    log.error("cannot start worker %d: %s; retrying in 5s", slot, error)
+                    self.spawn_at[slot] = now + 5.0
         for worker in list(self.workers.values()):
             self._check_health(worker, now)
         if self.state == "booting" and now > self._boot_deadline:
@@ -772,7 +806,7 @@ class Arbiter:
             done(registry)
 
     def _collect_families(self) -> list[Metric]:
-        live = {pid: w.slot for pid, w in self.workers.items() if not w.killed}
+        live = {pid: w.slot for pid, w in self.workers.items()}  # until reaped
         families = list(self.metrics.registry.collect())
         families += self.worker_metrics.families(live)
         families += listener_families(

@@ -10,6 +10,7 @@ import contextlib
 import logging
 import selectors
 import socket
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -19,6 +20,12 @@ from prometheus_client.exposition import choose_encoder
 log = logging.getLogger("farm.supervisor")
 
 MAX_REQUEST = 8192
+#: Scrapers served at once; more wait in the listen queue.
+MAX_CLIENTS = 32
+#: Seconds a scraper may take to send its request and read the answer.
+CLIENT_TIMEOUT = 10.0
+#: Seconds accepting pauses when the process is out of file descriptors.
+ACCEPT_PAUSE = 1.0
 
 
 class MetricsHTTPServer:
@@ -41,6 +48,9 @@ class MetricsHTTPServer:
         self._selector = selector
         self._collect = collect
         self._waiting: set[int] = set()
+        self._since: dict[int, float] = {}
+        self._accepting = True
+        self._resume_at = 0.0
         self._clients: dict[int, tuple[socket.socket, bytearray, bytearray]] = {}
         selector.register(self._sock, selectors.EVENT_READ, self._accept)
         bound = self._sock.getsockname()
@@ -55,23 +65,47 @@ class MetricsHTTPServer:
     def close(self) -> None:
         for fd in list(self._clients):
             self._drop(fd)
+        self._accepting = False
         with contextlib.suppress(KeyError, ValueError):
             self._selector.unregister(self._sock)
         self._sock.close()
 
+    def expire(self, now: float) -> None:
+        """Drop scrapers that took too long; resume accepting after a pause."""
+        if self._sock.fileno() < 0:
+            return
+        for fd, since in list(self._since.items()):
+            if now - since > CLIENT_TIMEOUT:
+                self._drop(fd)
+        if not self._accepting and now >= self._resume_at and len(self._clients) < MAX_CLIENTS:
+            self._accepting = True
+            self._selector.register(self._sock, selectors.EVENT_READ, self._accept)
+
+    def _pause_accepting(self, seconds: float) -> None:
+        if self._accepting:
+            self._accepting = False
+            self._resume_at = time.monotonic() + seconds
+            with contextlib.suppress(KeyError, ValueError):
+                self._selector.unregister(self._sock)
+
     def _accept(self) -> None:
         for _ in range(16):
+            if len(self._clients) >= MAX_CLIENTS:
+                self._pause_accepting(0.0)  # resumed once a scraper is done
+                return
             try:
                 conn, _ = self._sock.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as error:
-                log.warning("metrics: accept failed: %s", error)
+                log.warning("metrics: accept failed: %s; pausing %ss", error, ACCEPT_PAUSE)
+                self._pause_accepting(ACCEPT_PAUSE)
                 return
             conn.setblocking(False)
             conn.set_inheritable(False)
             fd = conn.fileno()
             self._clients[fd] = (conn, bytearray(), bytearray())
+            self._since[fd] = time.monotonic()
             self._selector.register(conn, selectors.EVENT_READ, lambda fd=fd: self._readable(fd))
 
     def _readable(self, fd: int) -> None:
@@ -153,6 +187,7 @@ class MetricsHTTPServer:
 
     def _drop(self, fd: int) -> None:
         self._waiting.discard(fd)
+        self._since.pop(fd, None)
         conn, _, _ = self._clients.pop(fd)
         with contextlib.suppress(KeyError, ValueError):
             self._selector.unregister(conn)

@@ -139,6 +139,7 @@ class AcceptGate:
         self._listeners = listeners
         self._factory = factory
         self._tls = tls or {}
+        self._epoch = 0  # bumped by stop(): a start() in progress then gives up
         self._servers: list[asyncio.AbstractServer] = []
         self.open = False
 
@@ -146,6 +147,7 @@ class AcceptGate:
         if self.open:
             return
         self.open = True
+        epoch = self._epoch
         for listener in self._listeners:
             # A duplicate, so that pausing closes only this process's copy of the socket.
             sock = listener.socket.dup()
@@ -156,10 +158,14 @@ class AcceptGate:
                 server = await self._loop.create_server(
                     self._factory, sock=sock, backlog=1024, ssl=ssl
                 )
+            if self._epoch != epoch:  # stopped while this server was being created
+                server.close()
+                return
             self._servers.append(server)
 
     def stop(self) -> None:
         self.open = False
+        self._epoch += 1
         for server in self._servers:
             server.close()
         self._servers.clear()
