@@ -71,3 +71,29 @@ def test_max_rss_recycles_the_worker(farms: FarmRunner, tmp_path: Path) -> None:
     farm.wait_log(rf"worker 0 \(pid {first}\) asks to be recycled: max_rss: \d+ MiB")
     farm.wait_log(rf"worker 0 gen 1 \(pid {first}\) exited \(recycle\)")
     assert send_message(farm.port, "after@farm.test").startswith("250")
+
+
+def test_reload_retires_a_recycle_replacement_still_booting(
+    farms: FarmRunner, tmp_path: Path
+) -> None:
+    delay = tmp_path / "delay"
+    delay.write_text("0")
+    config = toml_config(
+        tmp_path / "farm.toml",
+        {"handler": "tests.handlers.slowboot:SlowBoot", "max_messages": 1},
+        handler_args={"delay_file": str(delay)},
+    )
+    farm = farms.start(config=config, workers=1)
+    farm.wait_ready(1)
+    delay.write_text("4")  # the recycling replacement will take 4 s to boot
+    assert send_message(farm.port, "one@farm.test").startswith("250")
+    farm.wait_log(r"asks to be recycled: max_messages")
+    delay.write_text("0")  # the reload's workers boot at once
+    farm.signal(signal.SIGHUP)
+    farm.wait_log(r"reload complete: generation 2 serving")
+    # Once the old replacement finishes booting, it must not serve: only generation 2 runs.
+    wait_for(
+        lambda: [gen for _, gen in farm.workers().values()] == [2],
+        what="only generation 2 left",
+        timeout=30,
+    )
