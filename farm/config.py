@@ -283,6 +283,13 @@ class SMTPSettings:
 
     def __post_init__(self) -> None:
         _validate(self, "smtp.")
+        if self.proxy_protocol_timeout and self.proxy_trusted_networks is None:
+            # Otherwise any client could claim any source address in a PROXY header.
+            raise ConfigError(
+                "smtp.proxy_trusted_networks: required with proxy_protocol_timeout "
+                '(the proxies\' networks, e.g. ["10.0.0.0/8"])',
+                "smtp.proxy_trusted_networks",
+            )
 
     @classmethod
     def names(cls) -> tuple[str, ...]:

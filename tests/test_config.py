@@ -418,3 +418,8 @@ def test_proxy_networks_are_checked() -> None:
     assert config.smtp_kwargs()["proxy_trusted_networks"] == ("10.0.0.0/8",)
     with pytest.raises(ConfigError, match="proxy_trusted_networks"):
         Config(smtp={"proxy_trusted_networks": ["not-a-network"]})
+
+
+def test_proxy_protocol_needs_trusted_networks() -> None:
+    with pytest.raises(ConfigError, match=r"smtp\.proxy_trusted_networks: required"):
+        Config(smtp={"proxy_protocol_timeout": 5})
