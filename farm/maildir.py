@@ -1,0 +1,225 @@
+"""A durable Maildir delivery handler: 250 only once the message is safely on disk.
+
+Each message is written, exactly as received, to ``tmp/<unique name>``, fsynced, renamed into
+``new/``, and the ``new/`` directory is fsynced; only then does the client get ``250``. Any
+``OSError`` (disk full, permissions, I/O error) gives ``451 4.3.0`` and leaves nothing behind in
+``tmp/`` or ``new/``. The file I/O runs in the loop's default executor, so the event loop keeps
+serving other sessions meanwhile.
+
+Use it from ``farm.toml``::
+
+    handler = "farm.maildir:Maildir"
+    [handler_args]
+    path = "/var/mail/inbound"
+    per_recipient = true
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import functools
+import itertools
+import logging
+import os
+import re
+import socket
+import time
+from collections.abc import Iterable
+from typing import Any
+
+__all__ = ["DELIVERY_FAILED", "Maildir", "mailbox_dir_name"]
+
+log = logging.getLogger("farm.maildir")
+
+DELIVERY_FAILED = "451 4.3.0 Requested action aborted: error in processing"
+
+#: Characters kept in a per-recipient directory name; anything else becomes ``_``.
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
+#: Longest per-recipient directory name (file names are limited to 255 bytes).
+_MAX_NAME = 200
+_SUBDIRS = ("tmp", "new", "cur")
+_DIR_MODE = 0o700
+_FILE_MODE = 0o600
+
+
+def mailbox_dir_name(address: str) -> str:
+    """The per-recipient directory for ``address``: its local part, sanitised.
+
+    Only ``[A-Za-z0-9._-]`` are kept (others become ``_``); a name that would be hidden, empty,
+    ``.`` or ``..`` gets a leading ``_``, so it can never leave the Maildir root.
+    """
+    local = address.rpartition("@")[0] if "@" in address else address
+    name = _UNSAFE.sub("_", local)[:_MAX_NAME]
+    if not name or name.startswith("."):
+        name = "_" + name
+    return name
+
+
+def _host_part() -> str:
+    """This host's name as the Maildir convention writes it (``/`` and ``:`` escaped)."""
+    host = socket.gethostname() or "localhost"
+    return host.replace("/", r"\057").replace(":", r"\072")
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _unlink_quietly(paths: Iterable[str]) -> None:
+    for path in paths:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+
+
+class Maildir:
+    """Deliver every message durably into the Maildir at ``path``.
+
+    With ``per_recipient``, each distinct recipient gets one copy in its own Maildir,
+    ``path/<local part>/`` (see :func:`mailbox_dir_name`); a message either reaches all of
+    them or, with ``451``, none. ``fsync=False`` skips the fsyncs (faster, not crash-safe).
+    Missing directories are created with mode 0700.
+    """
+
+    def __init__(
+        self, path: str | os.PathLike[str], per_recipient: bool = False, fsync: bool = True
+    ) -> None:
+        self.path = os.fspath(path)
+        self.per_recipient = bool(per_recipient)
+        self.fsync = bool(fsync)
+        self._counter = itertools.count(1)
+        self._host = _host_part()
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        content = envelope.original_content
+        if content is None:  # not from our engine: fall back on the (possibly decoded) content
+            content = envelope.content
+            if isinstance(content, str):
+                content = content.encode("utf-8", "surrogateescape")
+        deliver = functools.partial(self._deliver, bytes(content), self._targets(envelope))
+        session_id = getattr(session, "id", "") or "-"
+        try:
+            names = await asyncio.get_running_loop().run_in_executor(None, deliver)
+        except OSError as error:
+            log.warning(
+                "session=%s maildir delivery failed path=%s: %s",
+                session_id,
+                self.path,
+                _describe(error),
+            )
+            return DELIVERY_FAILED
+        log.debug("session=%s maildir delivered %s", session_id, " ".join(names))
+        return f"250 2.0.0 Ok: queued as {names[0]}"
+
+    def _targets(self, envelope: Any) -> list[str]:
+        """The Maildirs this message goes to (each once)."""
+        if not self.per_recipient:
+            return [self.path]
+        targets = [os.path.join(self.path, mailbox_dir_name(r)) for r in envelope.rcpt_tos]
+        return list(dict.fromkeys(targets)) or [self.path]
+
+    def _unique_name(self) -> str:
+        """``<sec>.M<usec>P<pid>Q<n>.<host>``: unique across time, processes and deliveries."""
+        now = time.time_ns()
+        seconds, nanos = divmod(now, 1_000_000_000)
+        return f"{seconds}.M{nanos // 1000}P{os.getpid()}Q{next(self._counter)}.{self._host}"
+
+    # -- blocking part: runs in the executor ------------------------------------------------
+
+    def _deliver(self, content: bytes, targets: list[str]) -> list[str]:
+        """Write ``content`` into every Maildir of ``targets``; the new names.
+
+        All-or-nothing: on an ``OSError`` every file written so far (in ``tmp/`` or ``new/``)
+        is removed before the error propagates.
+        """
+        written: list[tuple[str, str, str]] = []  # (maildir, name, tmp path)
+        renamed: list[str] = []
+        try:
+            for maildir in targets:
+                name = self._unique_name()
+                tmp = os.path.join(maildir, "tmp", name)
+                written.append((maildir, name, tmp))
+                self._write_tmp(maildir, tmp, content)
+            for maildir, name, tmp in written:
+                final = os.path.join(maildir, "new", name)
+                try:
+                    os.rename(tmp, final)
+                except FileNotFoundError:  # new/ went missing since tmp/ was checked
+                    self._make_maildir(maildir)
+                    os.rename(tmp, final)
+                renamed.append(final)
+            if self.fsync:
+                for maildir in dict.fromkeys(m for m, _, _ in written):
+                    _fsync_dir(os.path.join(maildir, "new"))
+        except BaseException:
+            _unlink_quietly(renamed)
+            _unlink_quietly(tmp for _, _, tmp in written[len(renamed) :])
+            raise
+        return [name for _, name, _ in written]
+
+    def _write_tmp(self, maildir: str, tmp: str, content: bytes) -> None:
+        """Create ``tmp`` (exclusively), write all of ``content`` and fsync it."""
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+        try:
+            fd = os.open(tmp, flags, _FILE_MODE)
+        except FileNotFoundError:
+            self._make_maildir(maildir)
+            fd = os.open(tmp, flags, _FILE_MODE)
+        try:
+            view = memoryview(content)
+            while view:
+                count = os.write(fd, view)
+                if count <= 0:  # pragma: no cover - os.write raises rather than return 0
+                    raise OSError(errno.EIO, "short write")
+                view = view[count:]
+            if self.fsync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def _make_maildir(self, maildir: str) -> None:
+        """Create ``maildir`` and its ``tmp``/``new``/``cur`` (mode 0700), durably."""
+        created = _makedirs(maildir)
+        for sub in _SUBDIRS:
+            path = os.path.join(maildir, sub)
+            try:
+                os.mkdir(path, _DIR_MODE)
+            except FileExistsError:
+                continue
+            created.append(path)
+        if self.fsync:
+            for parent in dict.fromkeys(os.path.dirname(path) for path in created):
+                _fsync_dir(parent or ".")
+
+
+def _makedirs(path: str) -> list[str]:
+    """``os.makedirs(path, 0o700, exist_ok=True)`` that returns the directories it created."""
+    path = os.path.abspath(path)
+    missing: list[str] = []
+    while not os.path.isdir(path):
+        missing.append(path)
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    created: list[str] = []
+    for directory in reversed(missing):
+        try:
+            os.mkdir(directory, _DIR_MODE)
+        except FileExistsError:
+            if not os.path.isdir(directory):
+                raise
+            continue
+        created.append(directory)
+    return created
+
+
+def _describe(error: OSError) -> str:
+    """One line about an I/O error (no traceback)."""
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
