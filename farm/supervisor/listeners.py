@@ -15,7 +15,7 @@ import struct
 import sys
 from collections.abc import Iterable, MutableMapping
 from dataclasses import dataclass, field
-from typing import NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol
 
 log = logging.getLogger("farm.supervisor")
 
@@ -168,18 +168,23 @@ def _bind_tcp(address: AddressLike, backlog: int) -> Listener:
         raise ListenerError(f"cannot resolve {text}: {error}") from None
     family, kind, proto, _, sockaddr = infos[0]  # like gunicorn/aiosmtpd: the first result
     sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if family == socket.AF_INET6:
+        # [::]:25 must not also claim IPv4, so that 0.0.0.0:25 can be bound beside it.
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    return Listener(socket=_listen(sock, sockaddr, text, backlog), address=text, name=text)
+
+
+def _listen(sock: socket.socket, sockaddr: Any, text: str, backlog: int) -> socket.socket:
+    """Bind and listen, or close the socket and raise a one-line ListenerError."""
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if family == socket.AF_INET6:
-            # [::]:25 must not also claim IPv4, so that 0.0.0.0:25 can be bound beside it.
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         sock.bind(sockaddr)
         sock.listen(backlog)
         _finish(sock)
     except OSError as error:
         sock.close()
         raise ListenerError(f"cannot bind {text}: {error}") from None
-    return Listener(socket=sock, address=text, name=text)
+    return sock
 
 
 def _bind_unix(
@@ -189,14 +194,9 @@ def _bind_unix(
     path = address.path or ""
     if path.startswith("@"):  # Linux abstract namespace: no file, no mode, no owner
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.bind("\0" + path[1:])
-            sock.listen(backlog)
-            _finish(sock)
-        except OSError as error:
-            sock.close()
-            raise ListenerError(f"cannot bind {text}: {error}") from None
-        return Listener(socket=sock, address=text, name=text)
+        return Listener(
+            socket=_listen(sock, "\0" + path[1:], text, backlog), address=text, name=text
+        )
 
     _remove_stale_socket(text, path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
