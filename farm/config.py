@@ -94,6 +94,13 @@ def _optional_string(key: str, value: Any) -> str | None:
     return value
 
 
+def _non_negative_number(key: str, value: Any) -> float:
+    number_like = _is_int(value) or isinstance(value, float)
+    if not number_like or not math.isfinite(value) or value < 0:
+        raise _expected(key, "a number >= 0", value)
+    return float(value)
+
+
 def _optional_positive(key: str, value: Any) -> float | None:
     return None if value is None else _positive_number(key, value)
 
@@ -274,6 +281,8 @@ class SMTPSettings:
     require_starttls: bool = field(default=False, metadata=_checked(_boolean))
     auth_require_tls: bool = field(default=True, metadata=_checked(_boolean))
     auth_failure_limit: int = field(default=3, metadata=_checked(_integer(1)))
+    #: Seconds the client must stay silent before the 220 (0: greet at once); talkers: 554.
+    greeting_delay: float = field(default=0.0, metadata=_checked(_non_negative_number))
     proxy_protocol_timeout: float | None = field(
         default=None, metadata=_checked(_optional_positive)
     )

@@ -104,6 +104,7 @@ def test_defaults() -> None:
         "require_starttls": False,
         "auth_require_tls": True,
         "auth_failure_limit": 3,
+        "greeting_delay": 0.0,
         "proxy_protocol_timeout": None,
         "proxy_trusted_networks": None,
     }

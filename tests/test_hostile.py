@@ -815,3 +815,20 @@ def test_eof_during_an_auth_exchange_closes_at_once(make_controller: Any, handle
         client.sock.shutdown(socket.SHUT_WR)
         assert client.replies_until_close() == []  # no 451 blaming a handler
         assert time.monotonic() - started < 10
+
+
+def test_early_talker_is_refused(make_controller: Any, handler: Any) -> None:
+    controller = make_controller(handler, greeting_delay=0.5)
+    with Client(controller) as client:
+        # Talks at once, without waiting for the greeting: refused, nothing runs.
+        client.send(EHLO + ENVELOPE + b"DATA\r\nbody\r\n.\r\n")
+        assert [r.text for r in client.replies_until_close()] == [
+            "554 5.5.0 Error: SMTP protocol synchronization"
+        ]
+    assert handler.envelopes == []
+    # A client that waits for the 220 is served as usual.
+    with Client(controller) as client:
+        assert client.reply().code == 220
+        client.send(transaction(b"patient\r\n"))
+        assert codes(client.replies_until_close()) == ONE_MESSAGE[1:]
+    assert handler.envelopes[0].content == b"patient\r\n"

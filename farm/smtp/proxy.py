@@ -103,4 +103,4 @@ class ProxyProtocolMixin:
             log.info("session=%s PROXY header not accepted by the handler", server.session.id)
             server._close_after_flush = True
             return
-        server._greet()
+        server._greet_after_delay()

@@ -132,6 +132,9 @@ class SMTP(AuthMixin, StartTLSMixin, ChunkingMixin, ProxyProtocolMixin, asyncio.
     _started = 0.0
     _n_commands = 0
     _checks = False
+    #: Set while a ``greeting_delay`` runs: any byte from the client then is an early talk.
+    _early_talker_watch = False
+    _greet_handle: asyncio.TimerHandle | None = None
     #: A :class:`farm.metrics.WorkerStats` the session counts into (the farm's workers set it).
     stats: Any = None
     #: How the session ended, for the stats: quit, timeout, shutdown (else disconnect/error).
@@ -180,6 +183,7 @@ class SMTP(AuthMixin, StartTLSMixin, ChunkingMixin, ProxyProtocolMixin, asyncio.
         chunking: bool = False,
         dsn: bool = False,
         proxy_trusted_networks: Any = None,
+        greeting_delay: float = 0.0,
         tls_handshake_timeout: float = TLS_HANDSHAKE_TIMEOUT_DEFAULT,
         auth_failure_limit: int = AUTH_FAILURE_LIMIT_DEFAULT,
     ) -> None:
@@ -199,6 +203,7 @@ class SMTP(AuthMixin, StartTLSMixin, ChunkingMixin, ProxyProtocolMixin, asyncio.
         self._authenticator = authenticator
         self._proxy_protocol_timeout = proxy_protocol_timeout
         self._proxy_networks = parse_networks(proxy_trusted_networks)
+        self._greeting_delay = greeting_delay
         self._pipelining = pipelining
         self._max_recipients = max_recipients
         self._min_data_rate = min_data_rate
@@ -290,10 +295,30 @@ class SMTP(AuthMixin, StartTLSMixin, ChunkingMixin, ProxyProtocolMixin, asyncio.
         if self._proxy_protocol_timeout:
             self._expect_proxy_header()
             return
-        self._greet()
+        self._greet_after_delay()
+
+    def _greet_after_delay(self) -> None:
+        """Greet now, or after ``greeting_delay`` seconds during which the client must be silent."""
+        if not self._greeting_delay:
+            self._greet()
+            return
+        self._early_talker_watch = True
+        self._greet_handle = self.loop.call_later(self._greeting_delay, self._greet)  # type: ignore[union-attr]
+
+    def _early_talker(self) -> None:
+        """The client spoke before the greeting: a bot that does not wait (Postfix postscreen)."""
+        log.info("session=%s spoke before the greeting: refused", self.session.id)  # type: ignore[union-attr]
+        if self._greet_handle is not None:
+            self._greet_handle.cancel()
+        self._ended_how = "error"
+        self._reply("554 5.5.0 Error: SMTP protocol synchronization", plain=True)
+        self._close_after_flush = True
+        self._flush()
 
     def _greet(self) -> None:
         """Send the 220 greeting and start the idle timer."""
+        self._early_talker_watch = False
+        self._greet_handle = None
         now = self._last_line = self.loop.time()  # type: ignore[union-attr]
         if self.stats is not None:
             self.stats.banner.observe(now - self._started)
@@ -325,6 +350,10 @@ class SMTP(AuthMixin, StartTLSMixin, ChunkingMixin, ProxyProtocolMixin, asyncio.
     def data_received(self, data: bytes | memoryview) -> None:
         if self._proxy_parser is not None:
             self._feed_proxy_header(data)
+            return
+        if self._early_talker_watch:
+            if not self._close_after_flush:
+                self._early_talker()
             return
         framer = self._framer
         framer.feed(data)
@@ -384,6 +413,9 @@ class SMTP(AuthMixin, StartTLSMixin, ChunkingMixin, ProxyProtocolMixin, asyncio.
         if self._proxy_timer is not None:
             self._proxy_timer.cancel()
             self._proxy_timer = None
+        if self._greet_handle is not None:
+            self._greet_handle.cancel()
+            self._greet_handle = None
         task = self._task
         if task is not None and not self._task_is_delivery:
             task.cancel()
