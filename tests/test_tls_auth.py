@@ -10,7 +10,6 @@ import smtplib
 import socket
 import ssl
 import subprocess
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -247,32 +246,19 @@ def test_implicit_tls_counts_as_tls(
     assert handler.sessions[0].authenticated
 
 
+def swaks(controller: Any, *flags: str) -> subprocess.CompletedProcess[str]:
+    """Send one message with swaks to the controller; ``flags`` pick TLS and AUTH."""
+    server = f"{controller.hostname}:{controller.port}"
+    command = ["swaks", "--server", server, *flags, "--to", "a@example.com"]
+    command += ["--from", "b@example.com"]
+    return subprocess.run(command, capture_output=True, text=True, timeout=60)
+
+
 @pytest.mark.skipif(shutil.which("swaks") is None, reason="swaks is not installed")
-def test_swaks_starttls_and_auth(
-    make_controller: Any, handler: Any, server_context: Any, tmp_path: Path
-) -> None:
+def test_swaks_starttls_and_auth(make_controller: Any, handler: Any, server_context: Any) -> None:
     controller = make_controller(handler, tls_context=server_context, authenticator=Authenticator())
-    result = subprocess.run(
-        [
-            "swaks",
-            "--server",
-            f"{controller.hostname}:{controller.port}",
-            "--tls",
-            "--auth",
-            "PLAIN",
-            "--auth-user",
-            "user",
-            "--auth-password",
-            "secret",
-            "--to",
-            "a@example.com",
-            "--from",
-            "b@example.com",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    auth = ("--auth", "PLAIN", "--auth-user", "user", "--auth-password", "secret")
+    result = swaks(controller, "--tls", *auth)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "235 2.7.0 Authentication successful" in result.stdout
     assert handler.sessions[0].ssl is not None
@@ -281,20 +267,6 @@ def test_swaks_starttls_and_auth(
 @pytest.mark.skipif(shutil.which("swaks") is None, reason="swaks is not installed")
 def test_swaks_implicit_tls(make_controller: Any, handler: Any, server_context: Any) -> None:
     controller = make_controller(handler, ssl_context=server_context)
-    result = subprocess.run(
-        [
-            "swaks",
-            "--server",
-            f"{controller.hostname}:{controller.port}",
-            "--tlsc",
-            "--to",
-            "a@example.com",
-            "--from",
-            "b@example.com",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = swaks(controller, "--tlsc")
     assert result.returncode == 0, result.stdout + result.stderr
     assert handler.sessions[0].ssl is not None

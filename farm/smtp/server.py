@@ -100,8 +100,6 @@ class SMTP(AuthMixin, StartTLSMixin, ChunkingMixin, ProxyProtocolMixin, asyncio.
     line_length_limit = 1000
     #: Longest local part of an address; 0: no limit (aiosmtpd's default).
     local_part_limit = 0
-    #: Verbs that need HELO/EHLO first.
-    _needs_helo = frozenset({"MAIL", "RCPT", "DATA"})
     # Per-connection state that starts the same for every session: class defaults, set on
     # the instance only once it changes (keeps building a protocol per connection cheap).
     session: Session | None = None

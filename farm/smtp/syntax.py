@@ -18,19 +18,6 @@ _SIMPLE_PATH = re.compile(
 CONTROL_CHARACTERS = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 
 
-def split_command(line: bytes) -> tuple[bytes, bytes]:
-    """Split a command line into its verb and the raw argument (stripped)."""
-    i = line.find(b" ")
-    if i < 0:
-        return line, b""
-    return line[:i], line[i + 1 :].strip()
-
-
-def has_control_characters(line: bytes) -> bool:
-    """True when a command line holds NUL, a bare CR/LF or another control character."""
-    return CONTROL_CHARACTERS.search(line) is not None
-
-
 def strip_keyword(keyword: str, arg: str) -> str | None:
     """``FROM:<a@b>`` -> ``<a@b>`` for keyword ``FROM:`` (case-insensitive); None if absent."""
     n = len(keyword)
