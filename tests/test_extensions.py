@@ -8,7 +8,6 @@ replies). Every socket has a 10 s timeout; nothing sleeps.
 from __future__ import annotations
 
 import itertools
-import logging
 import re
 import smtplib
 import socket
@@ -18,6 +17,7 @@ from typing import Any
 import pytest
 
 from farm.lmtp import LMTP
+from tests.logcheck import logged_errors
 
 TIMEOUT = 10.0
 HOST = "farm.test"
@@ -61,15 +61,8 @@ class HandlerBoom(Exception):
 
 
 def errors_logged(caplog: pytest.LogCaptureFixture) -> list[str]:
-    records = [*caplog.get_records("setup"), *caplog.get_records("call")]
-    return [
-        f"{r.name} {r.levelname} {r.getMessage()} {r.exc_info}"
-        for r in records
-        if (r.levelno >= logging.ERROR or r.exc_info)
-        # the errors a test provokes on purpose:
-        and "gave no reply" not in r.getMessage()
-        and not (r.exc_info and isinstance(r.exc_info[1], HandlerBoom))
-    ]
+    # the errors a test provokes on purpose: HandlerBoom, and handle_DATA giving no reply
+    return logged_errors(caplog, (HandlerBoom,), lambda r: "gave no reply" in r.getMessage())
 
 
 # -- a raw client -------------------------------------------------------------------------------

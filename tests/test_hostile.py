@@ -11,7 +11,6 @@ passing of time is what is tested.
 
 from __future__ import annotations
 
-import logging
 import select
 import shutil
 import socket
@@ -25,6 +24,7 @@ from typing import Any
 
 import pytest
 
+from tests.logcheck import logged_errors
 from tests.smuggling import LOOKALIKES
 
 TIMEOUT = 10.0
@@ -49,18 +49,8 @@ def no_tracebacks(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
     """After each test (controllers stopped), no ERROR record and no traceback in the log,
     except the deliberate :class:`HandlerBoom`."""
     yield
-    records = [
-        *caplog.get_records("setup"),
-        *caplog.get_records("call"),
-        *caplog.get_records("teardown"),
-    ]
-    bad = [
-        r
-        for r in records
-        if (r.levelno >= logging.ERROR or r.exc_info)
-        and not (r.exc_info and isinstance(r.exc_info[1], HandlerBoom))
-    ]
-    assert not bad, [f"{r.name} {r.levelname} {r.getMessage()} {r.exc_info}" for r in bad]
+    bad = logged_errors(caplog, (HandlerBoom,), phases=("setup", "call", "teardown"))
+    assert not bad, bad
 
 
 # -- a raw SMTP client --------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 
 from farm.proxy_protocol import AF, PROTO, V2_CMD
+from tests.logcheck import logged_errors
 
 TIMEOUT = 10.0
 HOST = "farm.test"
@@ -71,14 +72,8 @@ def no_tracebacks(
     yield
     if request.node.get_closest_marker("xfail") is not None:
         return
-    records = [*caplog.get_records("setup"), *caplog.get_records("call")]
-    bad = [
-        r
-        for r in records
-        if (r.levelno >= logging.ERROR or r.exc_info)
-        and not (r.exc_info and isinstance(r.exc_info[1], HandlerBoom))
-    ]
-    assert not bad, [f"{r.name} {r.levelname} {r.getMessage()} {r.exc_info}" for r in bad]
+    bad = logged_errors(caplog, (HandlerBoom,))
+    assert not bad, bad
 
 
 # -- handlers and a raw client --------------------------------------------------------------
