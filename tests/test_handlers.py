@@ -521,3 +521,27 @@ def test_proxy_smtputf8(serve: Callable[..., ServerThread], upstream_utf8: bool)
                 send()
             assert info.value.smtp_code == 553
             assert upstream.received == []
+
+
+class ClosingHandler:
+    """Records the senders of the sessions whose connection ended (the ``handle_CLOSE`` hook)."""
+
+    def __init__(self) -> None:
+        self.closed: list[str | None] = []
+        self.abandoned = threading.Event()
+
+    async def handle_CLOSE(self, server: Any, session: Any, envelope: Any) -> None:
+        self.closed.append(envelope.mail_from)
+        if envelope.mail_from is not None:
+            self.abandoned.set()
+
+
+def test_handle_close_runs_once_when_the_client_leaves(make_controller: Any) -> None:
+    handler = ClosingHandler()
+    controller = make_controller(handler)
+    client = smtplib.SMTP(controller.hostname, controller.port, timeout=WAIT)
+    client.ehlo("client.test")
+    client.mail("anne@example.com")
+    client.close()  # vanish mid-transaction, no QUIT
+    assert handler.abandoned.wait(WAIT)  # the abandoned transaction is visible to the hook
+    assert handler.closed.count("anne@example.com") == 1

@@ -21,6 +21,7 @@ HOOK_NAMES = (
     "AUTH",
     "PROXY",
     "STARTTLS",
+    "CLOSE",
 )
 
 

@@ -63,6 +63,10 @@ _session_ids = itertools.count(1)
 _session_prefix = f"{os.getpid():x}"
 
 
+#: handle_CLOSE tasks still running (a strong reference, so none is collected mid-way).
+_close_tasks: set[asyncio.Task[None]] = set()
+
+
 def _reset_session_ids() -> None:
     """A forked worker numbers its sessions afresh, under its own pid."""
     global _session_ids, _session_prefix
@@ -425,8 +429,25 @@ class SMTP(AuthMixin, StartTLSMixin, ChunkingMixin, ProxyProtocolMixin, asyncio.
         if self._closed_waiter is not None and not self._closed_waiter.done():
             self._closed_waiter.set_result(None)
         self.transport = None
+        close_hook = self._hooks.hooks.get("CLOSE")
+        if close_hook is not None:
+            self._call_close_hook(close_hook)
         if self.on_close is not None:
             self.on_close(self)
+
+    def _call_close_hook(self, hook: Any) -> None:
+        """``handle_CLOSE(server, session, envelope)``: the connection is gone (a farm extension,
+        for handlers holding per-session resources). Runs in its own task; errors are logged."""
+
+        async def close() -> None:
+            try:
+                await hook(self, self.session, self.envelope)
+            except Exception:
+                log.exception("session=%s handle_CLOSE failed", self.session.id)  # type: ignore[union-attr]
+
+        task = self.loop.create_task(close())  # type: ignore[union-attr]
+        _close_tasks.add(task)
+        task.add_done_callback(_close_tasks.discard)
 
     def _log_disconnect(self) -> None:
         session = self.session
