@@ -1,29 +1,52 @@
-"""``Relay``: the inbound-MX handler. Recipient policy at RCPT, delivery to a next hop at DATA.
+"""``Relay``: the inbound-MX handler. A 250 is a promise: no message is ever lost.
 
-Policy (``handle_RCPT``): a recipient is accepted when its domain is one of ``domains`` (exact,
-or ``.example.com`` for any subdomain of example.com; case-insensitive, a trailing dot ignored),
-or when the session is authenticated, or when the client address is in ``trusted_networks``.
-The client address is the PROXY header's source when the session has a valid one (the engine
-only lets a PROXY header through from ``proxy_trusted_networks``), else the socket peer. The
-classic open-relay probe forms are refused for everyone, trusted or not: the percent hack
-(``r%ext@ours``), bang paths (``ext!r``), a quoted local part holding ``@``, ``%`` or ``!``,
-an ``@`` in the local part, and IP-literal domains (``r@[192.0.2.1]``) not listed in
-``domains``. A refusal is ``550 5.7.1 Relay access denied``. (Source routes, ``<@a:r@b>``,
-are stripped by the engine's address parser as RFC 5321 4.1.1.3 asks; what is left, ``r@b``,
-goes through the same policy.)
+Policy (``handle_RCPT``, ``farm.relay_policy``): a recipient is accepted when its domain is one
+of ``domains`` (exact, or ``.example.com`` for any subdomain; case-insensitive, a trailing dot
+ignored), or when the session is authenticated, or when the client address (the PROXY header's
+source when the session has a valid one, else the peer) is in ``trusted_networks``. The classic
+open-relay probe forms are refused for everyone: the percent hack (``r%ext@ours``), bang paths,
+a quoted local part holding ``@``, ``%`` or ``!``, an ``@`` in the local part, and IP-literal
+domains not listed in ``domains``. A refusal is ``550 5.7.1 Relay access denied``.
 
-Delivery (``handle_DATA``): one connection to ``next_hop`` per message over asyncio streams
-(no thread, no connection reuse): ``EHLO`` (``HELO`` if EHLO is refused; ``LHLO`` with
-``lmtp=True``), ``MAIL FROM``, one ``RCPT TO`` per recipient, ``DATA``, with a ``Received:``
-header put in front. Stray CR, LF (not part of a CRLF) and NUL in the content are replaced with
-a space, so no line end the sender hid in the body reaches the next hop (outbound smuggling
-guard). The reply is ``250`` only after the next hop accepted the message for at least one
-recipient; recipients it refused are logged. When it refused every recipient, or MAIL, or
-the data, its own ``4xx``/``5xx`` is passed on (``421`` becomes ``451``). A next hop that cannot
-be reached gives ``451 4.4.1``, one that times out or drops the connection ``451 4.4.2``.
-Behind an LMTP front-end (``farm.lmtp.LMTP``) the reply is a list with one entry per
-recipient; an LMTP next hop (``lmtp=True``) gives one result per recipient and they are mapped
-back. Each attempt logs one line on the ``farm.relay`` logger.
+Routes (``farm.relay_routes``): ``routes`` maps a recipient domain (``example.com`` exactly, or
+``.example.org`` for anything under it) to a next hop, ``HOST:PORT``, ``smtp:HOST:PORT`` or
+``lmtp:HOST:PORT``; other recipients go to ``next_hop`` (LMTP with ``lmtp=True``). One client
+transaction goes to one next hop: a recipient routed elsewhere than the transaction's first
+accepted one gets ``452 4.5.3`` and the client sends it in a new transaction (RFC 5321
+4.5.3.1.10).
+
+Live recipients: at the first recipient that passes the policy the relay takes a connection to
+its next hop and sends ``MAIL FROM`` (``SMTPUTF8`` when the client declared it or an address
+needs it; ``BODY=8BITMIME`` when the client declared it and the next hop offers it), then
+forwards each ``RCPT TO`` and answers the client with the next hop's own verdict: ``250``, or
+its ``4xx``/``5xx`` (text made printable; ``421`` becomes ``451``); an unreachable next hop gives
+``451 4.4.1``, a timeout ``451 4.4.2``, a TLS failure ``451 4.7.5``. Only recipients the next
+hop accepted are in the message. At the end of the data the relay sends the content (with a
+``Received:`` header in front; stray CR, LF and NUL replaced with a space so no line end hidden
+in the body reaches the next hop) and answers ``250`` only after the next hop's ``250``. An LMTP
+next hop answers per recipient: unless every recipient was accepted, an SMTP client gets
+``451 4.3.0`` for the whole message and sends it again (the recipients that had it may get a
+duplicate: logged; loss is not possible). Behind an LMTP front-end (``farm.lmtp.LMTP``) the
+reply is one entry per recipient. A client ``RSET``, a new ``MAIL``, ``QUIT``, a disconnect or a
+hook timeout ends the next hop's transaction (``RSET`` there and the connection goes back to the
+pool; one whose state is unknown is closed).
+
+Connections (``farm.relay_pool``): kept per next hop and reused: at most ``pool_size`` idle,
+each for ``pool_idle_timeout`` seconds, at most ``pool_max_messages`` transactions per
+connection. A reused connection found dead when its ``MAIL`` is sent (closed, reset, ``421``) is
+dropped and the attempt made once more on a new connection, unseen by the client. ``aclose()``
+closes them all (a worker calls it when it stops).
+
+TLS to the next hop (``farm.relay_client``): ``tls = "none"`` | ``"starttls"`` (when offered) |
+``"required"`` | ``"implicit"``; ``tls_verify`` checks the certificate and the host name
+(``tls_server_name``, default the next hop's host) against the system CAs or ``tls_ca_file``.
+A next hop that sends anything after its ``220`` to ``STARTTLS`` before the handshake, or any
+reply nobody asked for, is dropped with a temporary failure; replies are bounded in size.
+
+Logging (``farm.relay`` logger): one line per message at the end of its data (session id, next
+hop, recipients, accepted, refused, size, outcome, duration), one per transaction whose next hop
+failed before the data, one per policy refusal; never a traceback or a secret for a next-hop
+failure.
 """
 
 from __future__ import annotations
@@ -35,26 +58,36 @@ import logging
 import re
 import socket
 import time
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable, Mapping
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import format_datetime
 from typing import Any
 
-from farm.addresses import parse_address
+from farm.relay_client import (
+    NEXT_HOP_LOST,
+    ClientSettings,
+    Connection,
+    NextHopError,
+    Reply,
+    failure,
+    make_ssl_context,
+)
+from farm.relay_policy import RecipientPolicy, client_ip
+from farm.relay_pool import Pool
+from farm.relay_routes import Route, RouteTable, parse_route
 
-__all__ = ["RELAY_DENIED", "Relay"]
+__all__ = ["RELAY_DENIED", "Relay", "clean_content", "dot_stuff"]
 
 log = logging.getLogger("farm.relay")
 
 RELAY_DENIED = "550 5.7.1 Relay access denied"
-NEXT_HOP_UNAVAILABLE = "451 4.4.1 Next hop unavailable, try again later"
-NEXT_HOP_TIMEOUT = "451 4.4.2 Next hop timed out, try again later"
-NEXT_HOP_LOST = "451 4.4.2 Connection to next hop lost, try again later"
+OTHER_ROUTE = "452 4.5.3 Too many recipients (this one goes in another transaction)"
 NO_SMTPUTF8 = "553 5.6.7 Next hop does not support SMTPUTF8"
+UNDECLARED_SMTPUTF8 = "553 5.6.7 Must declare SMTPUTF8 to send unicode address"
+PARTIAL = "451 4.3.0 Next hop refused some recipients, try again later"
 ACCEPTED = "250 2.0.0 OK: relayed"
-
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+RCPT_OK = "250 2.1.5 OK"
 
 #: Characters allowed in the names and addresses that go into the ``Received:`` header.
 _UNSAFE = re.compile(r"[^A-Za-z0-9.:_\[\]-]")
@@ -62,114 +95,6 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9.:_\[\]-]")
 _STRAY = re.compile(rb"\r(?!\n)|(?<!\r)\n|\x00")
 #: A dot at the start of a line (after the first line), for dot-stuffing.
 _LEADING_DOT = re.compile(rb"\r\n\.")
-_REPLY_LINE = re.compile(rb"([2-5][0-9][0-9])([ -])?(.*)\Z", re.DOTALL)
-#: Reply text we pass on: printable ASCII only.
-_UNPRINTABLE = re.compile(r"[^\x20-\x7e]")
-_MAX_REPLY_LINES = 100
-
-
-class _Unavailable(Exception):
-    """The next hop could not be reached or refused the session: ``reply`` for the client."""
-
-    def __init__(self, reply: str, detail: str) -> None:
-        super().__init__(detail)
-        self.reply = reply
-
-
-class Reply:
-    """One reply from the next hop: ``code`` and its text joined into one line."""
-
-    __slots__ = ("code", "lines", "text")
-
-    def __init__(self, code: int, lines: list[str]) -> None:
-        self.code = code
-        self.lines = lines
-        self.text = " ".join(line for line in lines if line)
-
-    @property
-    def ok(self) -> bool:
-        return 200 <= self.code <= 299
-
-    def passthrough(self) -> str:
-        """Our reply to the client for this refusal (``421`` → ``451``, non-4/5xx → 451 4.4.2)."""
-        if not 400 <= self.code <= 599:
-            return NEXT_HOP_LOST
-        code = 451 if self.code == 421 else self.code
-        text = self.text or "Requested action not taken"
-        return f"{code} {text}"
-
-    def __repr__(self) -> str:
-        return f"{self.code} {self.text}"
-
-
-def _normalise_domain(domain: str) -> str:
-    """Lower-case, without a trailing dot, IDNA (ASCII) form when possible."""
-    domain = domain.strip().rstrip(".").lower()
-    if domain and not domain.isascii():
-        with contextlib.suppress(UnicodeError):
-            domain = domain.encode("idna").decode("ascii")
-    return domain
-
-
-def _ip_literal(domain: str) -> IPAddress | None:
-    """The address of ``[192.0.2.1]`` or ``[IPv6:2001:db8::1]``; None if not a valid literal."""
-    if not (domain.startswith("[") and domain.endswith("]")):
-        return None
-    inner = domain[1:-1]
-    try:
-        if inner.lower().startswith("ipv6:"):
-            return ipaddress.IPv6Address(inner[5:])
-        return ipaddress.IPv4Address(inner)
-    except ValueError:
-        return None
-
-
-def _split_address(address: str) -> tuple[str, str | None]:
-    """``(local part, domain)``; the domain is None when there is no ``@`` outside quotes."""
-    in_quotes = escaped = False
-    at = -1
-    for i, char in enumerate(address):
-        if escaped:
-            escaped = False
-        elif char == "\\":
-            escaped = True
-        elif char == '"':
-            in_quotes = not in_quotes
-        elif char == "@" and not in_quotes:
-            at = i
-    if at < 0:
-        return address, None
-    return address[:at], address[at + 1 :]
-
-
-def _client_ip(session: Any) -> IPAddress | None:
-    """The PROXY header's source address if the session has a valid one, else the peer's."""
-    proxy = getattr(session, "proxy_data", None)
-    if proxy is not None and getattr(proxy, "valid", False):
-        source = getattr(proxy, "src_addr", None)
-        if isinstance(source, ipaddress.IPv4Address | ipaddress.IPv6Address):
-            return _unmapped(source)
-    peer = getattr(session, "peer", None)
-    host = peer[0] if isinstance(peer, tuple | list) and peer else peer
-    if not isinstance(host, str):
-        return None
-    try:
-        return _unmapped(ipaddress.ip_address(host.split("%", 1)[0]))
-    except ValueError:
-        return None
-
-
-def _unmapped(address: IPAddress) -> IPAddress:
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return address.ipv4_mapped
-    return address
-
-
-def _safe(text: str | None, default: str) -> str:
-    """``text`` with anything but ``[A-Za-z0-9.:_[]-]`` replaced, cut to 255 characters."""
-    if not text:
-        return default
-    return _UNSAFE.sub("_", text)[:255] or default
 
 
 def clean_content(content: bytes) -> bytes:
@@ -187,72 +112,43 @@ def dot_stuff(content: bytes) -> bytes:
     return _LEADING_DOT.sub(b"\r\n..", content) + b".\r\n"
 
 
-class _Client:
-    """A minimal SMTP/LMTP client over asyncio streams; every step bounded by ``timeout``."""
+def _safe(text: str | None, default: str) -> str:
+    """``text`` with anything but ``[A-Za-z0-9.:_[]-]`` replaced, cut to 255 characters."""
+    if not text:
+        return default
+    return _UNSAFE.sub("_", text)[:255] or default
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, timeout: float):
-        self.reader = reader
-        self.writer = writer
-        self.timeout = timeout
-        self.extensions: set[str] = set()
 
-    async def read_reply(self) -> Reply:
-        lines: list[str] = []
-        code = 0
-        while True:
-            raw = await asyncio.wait_for(self.reader.readline(), self.timeout)
-            if not raw:
-                raise ConnectionResetError("next hop closed the connection")
-            match = _REPLY_LINE.match(raw.rstrip(b"\r\n"))
-            if match is None:
-                raise ConnectionError(f"malformed reply {raw[:40]!r}")
-            if code and int(match.group(1)) != code:
-                raise ConnectionError("reply code changed within a multi-line reply")
-            code = int(match.group(1))
-            text = match.group(3).decode("utf-8", "replace")
-            lines.append(_UNPRINTABLE.sub("?", text).strip())
-            if match.group(2) != b"-":
-                return Reply(code, lines)
-            if len(lines) > _MAX_REPLY_LINES:
-                raise ConnectionError("reply too long")
+@dataclass(eq=False)
+class _Transaction:
+    """One client transaction's counterpart at the next hop."""
 
-    async def send(self, data: bytes) -> None:
-        self.writer.write(data)
-        await asyncio.wait_for(self.writer.drain(), self.timeout)
-
-    async def command(self, line: str, *, utf8: bool = False) -> Reply:
-        await self.send(line.encode("utf-8" if utf8 else "ascii", "surrogateescape") + b"\r\n")
-        return await self.read_reply()
-
-    async def hello(self, name: str, lmtp: bool) -> Reply:
-        reply = await self.command(f"{'LHLO' if lmtp else 'EHLO'} {name}")
-        if not reply.ok and not lmtp and 500 <= reply.code <= 599:
-            return await self.command(f"HELO {name}")
-        if reply.ok:
-            # The first line is the server's name; the rest start with an extension keyword.
-            self.extensions = {line.split(" ", 1)[0].upper() for line in reply.lines[1:] if line}
-        return reply
-
-    async def close(self) -> None:
-        try:
-            if not self.writer.is_closing():
-                self.writer.write(b"QUIT\r\n")
-                await asyncio.wait_for(self.writer.drain(), min(self.timeout, 1.0))
-        except (OSError, TimeoutError):
-            pass
-        finally:
-            self.writer.close()
-            with contextlib.suppress(OSError, TimeoutError):
-                await asyncio.wait_for(self.writer.wait_closed(), min(self.timeout, 1.0))
+    session: Any
+    envelope: Any
+    route: Route
+    pool: Pool
+    connection: Connection | None = None
+    smtputf8: bool = False
+    #: Recipients asked of the next hop, and those it refused: (address, our reply).
+    asked: int = 0
+    refused: list[tuple[str, str]] = field(default_factory=list)
+    #: Set when the next hop cannot be used for the rest of this transaction.
+    broken: NextHopError | None = None
+    #: The next hop gave its final reply to the data: no RSET needed.
+    complete: bool = False
+    #: A hook is using the connection; ``orphaned``: the client left meanwhile.
+    busy: bool = False
+    orphaned: bool = False
 
 
 class Relay:
-    """Accept mail for ``domains`` (and relay for trusted or authenticated clients) and
-    forward every message to ``next_hop`` (``HOST:PORT``; SMTP, or LMTP with ``lmtp=True``).
+    """Accept mail for ``domains`` (and relay for trusted or authenticated clients) and pass it
+    on to its next hop: ``routes`` by recipient domain, else ``next_hop``.
 
-    ``timeout`` bounds each step with the next hop (connect, each reply, each write);
+    ``timeout`` bounds each step with a next hop (connect, handshake, each reply, each write);
     ``hostname`` is our name in ``EHLO`` and in the ``Received:`` header (default: the server's
-    hostname, else the FQDN of this host).
+    hostname, else the FQDN of this host). Every argument can be given in farm.toml's
+    ``[handler_args]``.
     """
 
     def __init__(
@@ -264,81 +160,60 @@ class Relay:
         lmtp: bool = False,
         timeout: float = 60.0,
         hostname: str | None = None,
+        routes: Mapping[str, str] | None = None,
+        pool_size: int = 10,
+        pool_idle_timeout: float = 30.0,
+        pool_max_messages: int = 100,
+        tls: str = "none",
+        tls_verify: bool = True,
+        tls_ca_file: str | None = None,
+        tls_server_name: str | None = None,
     ) -> None:
-        address = parse_address(next_hop)
-        if address.kind != "tcp" or not address.port:
-            raise ValueError(f"bad next hop {next_hop!r}: expected HOST:PORT")
-        self.next_hop = address.text
-        self._host = address.host
-        self._port = address.port
-        if isinstance(domains, str):
-            raise TypeError("domains must be a list of domains, not one string")
-        self._exact: set[str] = set()
-        self._parents: tuple[str, ...] = ()
-        self._literals: set[IPAddress] = set()
-        parents = []
-        for entry in domains:
-            domain = _normalise_domain(entry)
-            literal = _ip_literal(domain)
-            if literal is not None:
-                self._literals.add(_unmapped(literal))
-            elif domain.startswith(".") and len(domain) > 1:
-                parents.append(domain)
-            elif domain:
-                self._exact.add(domain)
-            else:
-                raise ValueError(f"bad domain {entry!r}")
-        self._parents = tuple(parents)
-        self.trusted_networks: tuple[Network, ...] = tuple(
-            ipaddress.ip_network(net, strict=False) for net in trusted_networks
-        )
-        self.lmtp = lmtp
-        self.timeout = timeout
+        default = parse_route(next_hop, lmtp=lmtp)
+        self.next_hop = default.text
+        self.routes = RouteTable(default, routes)
+        self.policy = RecipientPolicy(domains, trusted_networks)
+        self.trusted_networks = self.policy.trusted_networks
+        self.lmtp = default.lmtp
+        self.timeout = float(timeout)
         self.hostname = hostname
+        if pool_size < 0 or pool_max_messages < 1 or pool_idle_timeout < 0:
+            raise ValueError("pool_size >= 0, pool_max_messages >= 1, pool_idle_timeout >= 0")
+        self.pool_size = int(pool_size)
+        self.pool_idle_timeout = float(pool_idle_timeout)
+        self.pool_max_messages = int(pool_max_messages)
+        tls_context = None if tls == "none" else make_ssl_context(tls_verify, tls_ca_file)
+        self.settings = ClientSettings(self.timeout, tls, tls_context, tls_server_name)
+        self._pools: dict[tuple[Route, asyncio.AbstractEventLoop], Pool] = {}
+        self._transactions: dict[int, _Transaction] = {}
 
     # -- policy --------------------------------------------------------------------------------
 
     def is_local_domain(self, domain: str) -> bool:
         """True when ``domain`` is one of ours (an exact entry, or under a ``.parent`` entry)."""
-        domain = _normalise_domain(domain)
-        literal = _ip_literal(domain)
-        if literal is not None:
-            return _unmapped(literal) in self._literals
-        if domain in self._exact:
-            return True
-        return any(domain.endswith(parent) for parent in self._parents)
+        return self.policy.is_local_domain(domain)
 
     def is_trusted(self, session: Any) -> bool:
         """True when the session is authenticated or its client is in ``trusted_networks``."""
-        if getattr(session, "authenticated", False):
-            return True
-        ip = _client_ip(session)
-        return ip is not None and any(ip in net for net in self.trusted_networks)
+        return self.policy.is_trusted(session)
 
     def check_recipient(self, session: Any, address: str) -> str | None:
         """None when ``address`` may be accepted in ``session``; else why not (for the log)."""
-        local, domain = _split_address(address)
-        if any(ord(char) < 0x20 or char == "\x7f" for char in address):
-            return "control character"
-        if local.startswith("@"):
-            return "source route"
-        if "!" in local:
-            return "bang path"
-        if "%" in local:
-            return "percent hack"
-        if "@" in local:
-            return "@ in local part"
-        if domain is None:
-            if local.lower() == "postmaster":  # RFC 5321 4.5.1: must be accepted
-                return None
-            return "no domain"
-        if _ip_literal(domain.strip()) is not None or domain.startswith("["):
-            return None if self.is_local_domain(domain) else "foreign IP literal"
-        if self.is_local_domain(domain):
-            return None
-        if self.is_trusted(session):
-            return None
-        return "foreign domain"
+        return self.policy.check_recipient(session, address)
+
+    async def handle_PROXY(self, server: Any, session: Any, envelope: Any, proxy_data: Any) -> bool:
+        """Accept a valid PROXY header (the engine has checked ``proxy_trusted_networks``)."""
+        return bool(getattr(proxy_data, "valid", False))
+
+    # -- transaction hooks ---------------------------------------------------------------------
+
+    async def handle_MAIL(
+        self, server: Any, session: Any, envelope: Any, address: str, mail_options: list[str]
+    ) -> str:
+        await self._end(session)
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 OK"
 
     async def handle_RCPT(
         self, server: Any, session: Any, envelope: Any, address: str, rcpt_options: list[str]
@@ -347,24 +222,336 @@ class Relay:
         if why is not None:
             log.info(
                 "session=%s relay denied client=%s reason=%s",
-                getattr(session, "id", "") or "-",
-                _client_ip(session),
+                _session_id(session),
+                client_ip(session),
                 why.replace(" ", "_"),
             )
             return RELAY_DENIED
-        envelope.rcpt_tos.append(address)
-        envelope.rcpt_options.extend(rcpt_options)
-        return "250 2.1.5 OK"
+        route = self.routes.for_address(address)
+        transaction = self._transactions.get(id(session))
+        if transaction is not None and (
+            transaction.session is not session
+            or transaction.envelope is not envelope
+            or (transaction.route != route and not envelope.rcpt_tos)
+        ):
+            await self._end(session)  # a stale transaction, or nothing accepted on its route yet
+            transaction = None
+        if transaction is not None and transaction.route != route:
+            return OTHER_ROUTE
+        if transaction is None:
+            transaction = _Transaction(session, envelope, route, self._pool(route))
+            self._transactions[id(session)] = transaction
+        if transaction.broken is not None:
+            return transaction.broken.reply
+        async with self._using(transaction):
+            reply = await self._recipient(server, transaction, address)
+        if reply is None:
+            envelope.rcpt_tos.append(address)
+            envelope.rcpt_options.extend(rcpt_options)
+            return RCPT_OK
+        return reply
 
-    async def handle_PROXY(self, server: Any, session: Any, envelope: Any, proxy_data: Any) -> bool:
-        """Accept a valid PROXY header (the engine has checked ``proxy_trusted_networks``)."""
-        return bool(getattr(proxy_data, "valid", False))
+    async def handle_RSET(self, server: Any, session: Any, envelope: Any) -> str:
+        await self._end(session)
+        return "250 OK"
+
+    async def handle_QUIT(self, server: Any, session: Any, envelope: Any) -> str:
+        await self._end(session)
+        return "221 Bye"
+
+    async def handle_CLOSE(self, server: Any, session: Any, envelope: Any) -> None:
+        """The client is gone: end the next hop's transaction (unless a hook still uses it)."""
+        await self._end(session)
 
     # -- delivery ------------------------------------------------------------------------------
 
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str | list[str]:
+        started = time.monotonic()
+        content = envelope.original_content
+        if content is None:
+            content = envelope.content
+            if isinstance(content, str):
+                content = content.encode("utf-8", "surrogateescape")
+        data = self.received_header(server, session, envelope) + clean_content(bytes(content))
+        recipients = list(envelope.rcpt_tos)
+        transaction = self._transactions.get(id(session))
+        if transaction is not None and transaction.envelope is not envelope:
+            transaction = None
+        results: list[Reply | str]
+        error = ""
+        if transaction is None or transaction.connection is None:
+            lost = (transaction.broken if transaction else None) or NextHopError(
+                NEXT_HOP_LOST, "no open transaction at the next hop"
+            )
+            results, error = [lost.reply] * len(recipients), str(lost)
+        else:
+            async with self._using(transaction):
+                try:
+                    results = await self._data(transaction, recipients, data)
+                except Exception as exc:
+                    lost = failure(exc)
+                    self._drop(transaction)
+                    results, error = [lost.reply] * len(recipients), str(lost)
+        if transaction is not None:
+            await self._end(session, transaction)
+        return self._reply_and_log(
+            server, session, transaction, recipients, results, len(data), started, error
+        )
+
+    async def _data(
+        self, transaction: _Transaction, recipients: list[str], data: bytes
+    ) -> list[Reply | str]:
+        """One result per recipient: the next hop's ``Reply``."""
+        connection = transaction.connection
+        assert connection is not None
+        reply = await connection.command("DATA")
+        if reply.code != 354:
+            return [reply] * len(recipients)
+        await connection.send(dot_stuff(data))
+        if transaction.route.lmtp:
+            results: list[Reply | str] = []
+            for i in range(len(recipients)):
+                results.append(await connection.read_reply(final=i == len(recipients) - 1))
+        else:
+            results = [await connection.read_reply()] * len(recipients)
+        transaction.complete = True
+        return results
+
+    def _reply_and_log(
+        self,
+        server: Any,
+        session: Any,
+        transaction: _Transaction | None,
+        recipients: list[str],
+        results: list[Reply | str],
+        size: int,
+        started: float,
+        error: str,
+    ) -> str | list[str]:
+        replies = [_client_reply(result) for result in results]
+        accepted = [rcpt for rcpt, reply in zip(recipients, replies, strict=True) if _ok(reply)]
+        refused = [
+            (r, reply) for r, reply in zip(recipients, replies, strict=True) if not _ok(reply)
+        ]
+        note = ""
+        if _is_lmtp_server(server):
+            reply: str | list[str] = replies
+            outcome = ",".join(sorted({r[:3] for r in replies}))
+        elif refused and accepted:
+            reply, outcome = PARTIAL, PARTIAL[:3]
+            note = " note=partial_delivery_resend_may_duplicate"
+        else:
+            reply = ACCEPTED if accepted else _collapse(replies)
+            outcome = reply[:3]
+        earlier = transaction.refused if transaction is not None else []
+        all_refused = earlier + refused
+        log.log(
+            logging.INFO if accepted and not all_refused else logging.WARNING,
+            "session=%s relay next_hop=%s rcpts=%d accepted=%d refused=%d size=%d "
+            "outcome=%s duration=%.3fs%s%s%s",
+            _session_id(session),
+            transaction.route.text if transaction is not None else self.next_hop,
+            len(recipients) + len(earlier),
+            len(accepted),
+            len(all_refused),
+            size,
+            outcome,
+            time.monotonic() - started,
+            note,
+            (" refused_rcpts=" + ";".join(f"{a!r}:{r[:80]}" for a, r in all_refused))[:2000]
+            if all_refused and accepted
+            else "",
+            f" error={error}" if error else "",
+        )
+        return reply
+
+    # -- the next hop's transaction ------------------------------------------------------------
+
+    def _pool(self, route: Route) -> Pool:
+        key = (route, asyncio.get_running_loop())
+        pool = self._pools.get(key)
+        if pool is None:
+            pool = self._pools[key] = Pool(
+                route,
+                self.settings,
+                size=self.pool_size,
+                idle_timeout=self.pool_idle_timeout,
+                max_messages=self.pool_max_messages,
+            )
+        return pool
+
+    async def _recipient(self, server: Any, transaction: _Transaction, address: str) -> str | None:
+        """None when the next hop accepted ``address``; else our reply to the client."""
+        if transaction.connection is None:
+            refusal = await self._begin(server, transaction, address)
+            if refusal is not None:
+                return refusal
+        connection = transaction.connection
+        assert connection is not None
+        if not transaction.smtputf8 and not address.isascii():
+            return UNDECLARED_SMTPUTF8
+        transaction.asked += 1
+        try:
+            reply = await connection.command(f"RCPT TO:<{address}>", utf8=transaction.smtputf8)
+        except Exception as exc:
+            return self._fail(transaction, failure(exc), "RCPT")
+        if reply.ok:
+            return None
+        transaction.refused.append((address, reply.passthrough()))
+        if reply.code == 421:  # the next hop is closing: nothing more goes through it
+            return self._fail(transaction, NextHopError(reply.passthrough(), "421"), "RCPT")
+        return reply.passthrough()
+
+    async def _begin(self, server: Any, transaction: _Transaction, first: str) -> str | None:
+        """Take a connection and send ``MAIL FROM``; None when the next hop accepted it.
+
+        A reused connection that turns out dead (closed, reset, ``421``) is dropped and the
+        attempt made once more on a new connection: nothing was promised to the client yet.
+        """
+        envelope = transaction.envelope
+        mail_from = envelope.mail_from or "<>"
+        # An 8-bit address needs SMTPUTF8 towards the next hop even if the client did not ask.
+        smtputf8 = bool(getattr(envelope, "smtp_utf8", False)) or not (
+            mail_from.isascii() and first.isascii()
+        )
+        transaction.smtputf8 = smtputf8
+        mail_options = [opt.upper() for opt in getattr(envelope, "mail_options", None) or []]
+        sender = mail_from if mail_from == "<>" else f"<{mail_from}>"
+        pool = transaction.pool
+        name = _safe(self._our_name(server), "localhost")
+        for attempt in (1, 2):
+            try:
+                connection, reused = await pool.acquire(name, fresh=attempt > 1)
+            except NextHopError as exc:
+                return self._fail(transaction, exc, "connect")
+            params = []
+            if smtputf8:
+                if "SMTPUTF8" not in connection.extensions:
+                    pool.release(connection)
+                    return self._fail(
+                        transaction,
+                        NextHopError(NO_SMTPUTF8, "no SMTPUTF8 at the next hop"),
+                        "MAIL",
+                    )
+                params.append("SMTPUTF8")
+            if "BODY=8BITMIME" in mail_options and "8BITMIME" in connection.extensions:
+                params.append("BODY=8BITMIME")
+            try:
+                reply = await connection.command(
+                    " ".join([f"MAIL FROM:{sender}", *params]), utf8=smtputf8
+                )
+            except asyncio.CancelledError:
+                pool.discard(connection)
+                raise
+            except Exception as exc:
+                pool.discard(connection)
+                if reused:
+                    log.info("session=%s relay reused connection dead: %s", _sid(transaction), exc)
+                    continue
+                return self._fail(transaction, failure(exc), "MAIL")
+            if reply.code == 421:
+                pool.discard(connection)
+                if reused:
+                    log.info("session=%s relay reused connection got 421", _sid(transaction))
+                    continue
+                return self._fail(transaction, NextHopError(reply.passthrough(), "421"), "MAIL")
+            if not reply.ok:
+                pool.release(connection)  # no transaction was started: clean
+                return reply.passthrough()
+            connection.transactions += 1
+            transaction.connection = connection
+            return None
+        return self._fail(transaction, NextHopError(NEXT_HOP_LOST, "retry failed"), "MAIL")
+
+    def _fail(self, transaction: _Transaction, error: NextHopError, stage: str) -> str:
+        """The next hop cannot be used for the rest of this transaction: log once, drop it."""
+        self._drop(transaction)
+        transaction.broken = error
+        log.warning(
+            "session=%s relay next_hop=%s stage=%s outcome=%s error=%s",
+            _sid(transaction),
+            transaction.route.text,
+            stage,
+            error.reply[:3],
+            str(error),
+        )
+        return error.reply
+
+    def _drop(self, transaction: _Transaction) -> None:
+        """Close the transaction's connection at once (its state is unknown)."""
+        connection, transaction.connection = transaction.connection, None
+        if connection is not None:
+            transaction.pool.discard(connection)
+        if transaction.broken is None:
+            transaction.broken = NextHopError(NEXT_HOP_LOST, "transaction abandoned")
+
+    @contextlib.asynccontextmanager
+    async def _using(self, transaction: _Transaction) -> AsyncIterator[None]:
+        """Mark the transaction in use by a hook; on cancellation (client gone, hook timeout)
+        or an unexpected error its connection is dropped."""
+        transaction.busy = True
+        try:
+            yield
+        except BaseException:
+            self._drop(transaction)
+            raise
+        finally:
+            transaction.busy = False
+            if transaction.orphaned:
+                await self._finish(transaction)
+
+    async def _end(self, session: Any, transaction: _Transaction | None = None) -> None:
+        """End the session's transaction at the next hop (if any)."""
+        current = self._transactions.get(id(session))
+        if current is None or (transaction is not None and current is not transaction):
+            if transaction is not None:
+                await self._finish(transaction)
+            return
+        del self._transactions[id(session)]
+        if current.busy:
+            current.orphaned = True  # the hook using it finishes it
+        else:
+            await self._finish(current)
+
+    async def _finish(self, transaction: _Transaction) -> None:
+        """Give the connection back: as it is after a complete transaction, else after RSET."""
+        transaction.orphaned = False
+        connection, transaction.connection = transaction.connection, None
+        if connection is None:
+            return
+        pool = transaction.pool
+        if transaction.complete:
+            pool.release(connection)
+            return
+        try:
+            reply = await connection.command("RSET")
+        except BaseException as exc:
+            pool.discard(connection)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        if reply.ok:
+            pool.release(connection)
+        else:
+            pool.discard(connection)
+
+    async def aclose(self) -> None:
+        """Close every next-hop connection of this event loop (the handler stays usable)."""
+        loop = asyncio.get_running_loop()
+        for key, transaction in list(self._transactions.items()):
+            if not transaction.busy:
+                del self._transactions[key]
+                self._drop(transaction)
+        for key in [key for key in self._pools if key[1] is loop]:
+            await self._pools.pop(key).aclose()
+
+    close = aclose
+
+    # -- trace header --------------------------------------------------------------------------
+
     def received_header(self, server: Any, session: Any, envelope: Any) -> bytes:
         """The ``Received:`` trace header (RFC 5321 4.4) for this message, CRLF-terminated."""
-        ip = _client_ip(session)
+        ip = client_ip(session)
         if ip is None:
             address = "unknown"
         elif isinstance(ip, ipaddress.IPv6Address):
@@ -404,124 +591,14 @@ class Relay:
         name = getattr(server, "hostname", None)
         return name if isinstance(name, str) and name else socket.getfqdn()
 
-    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str | list[str]:
-        started = time.monotonic()
-        content = envelope.original_content
-        if content is None:
-            content = envelope.content
-            if isinstance(content, str):
-                content = content.encode("utf-8", "surrogateescape")
-        data = self.received_header(server, session, envelope) + clean_content(bytes(content))
-        recipients = list(envelope.rcpt_tos)
-        error = ""
-        try:
-            results = await self._deliver(server, envelope, recipients, data)
-        except _Unavailable as failure:
-            results = [failure.reply] * len(recipients)
-            error = str(failure)
-        replies = [r if isinstance(r, str) else _result_reply(r) for r in results]
-        accepted = [rcpt for rcpt, r in zip(recipients, results, strict=True) if _ok(r)]
-        refused = [(rcpt, r) for rcpt, r in zip(recipients, results, strict=True) if not _ok(r)]
-        if _is_lmtp_server(server):
-            reply: str | list[str] = replies
-            outcome = ",".join(sorted({r[:3] for r in replies}))
-        else:
-            reply = ACCEPTED if accepted else _collapse(replies)
-            outcome = reply[:3]
-        log.log(
-            logging.INFO if accepted else logging.WARNING,
-            "session=%s relay next_hop=%s rcpts=%d accepted=%d refused=%d size=%d "
-            "outcome=%s duration=%.3fs%s%s",
-            getattr(session, "id", "") or "-",
-            self.next_hop,
-            len(recipients),
-            len(accepted),
-            len(refused),
-            len(data),
-            outcome,
-            time.monotonic() - started,
-            (" refused_rcpts=" + ";".join(f"{a!r}:{r}" for a, r in refused)[:2000])
-            if accepted and refused
-            else "",
-            f" error={error}" if error else "",
-        )
-        return reply
 
-    async def _deliver(
-        self, server: Any, envelope: Any, recipients: list[str], data: bytes
-    ) -> list[Reply | str]:
-        """One result per recipient: the next hop's ``Reply`` or our reply string."""
-        try:
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(self._host, self._port), self.timeout
-            )
-        except TimeoutError as error:
-            raise _Unavailable(NEXT_HOP_TIMEOUT, "connect timed out") from error
-        except OSError as error:
-            raise _Unavailable(NEXT_HOP_UNAVAILABLE, _describe(error)) from error
-        client = _Client(reader, writer, self.timeout)
-        try:
-            return await self._transaction(client, server, envelope, recipients, data)
-        except TimeoutError as error:
-            raise _Unavailable(NEXT_HOP_TIMEOUT, "timed out") from error
-        except (OSError, ConnectionError, ValueError, asyncio.IncompleteReadError) as error:
-            # ValueError: StreamReader's line limit (a reply line over 64 KiB).
-            raise _Unavailable(NEXT_HOP_LOST, _describe(error)) from error
-        finally:
-            await client.close()
-
-    async def _transaction(
-        self, client: _Client, server: Any, envelope: Any, recipients: list[str], data: bytes
-    ) -> list[Reply | str]:
-        greeting = await client.read_reply()
-        if greeting.code != 220:
-            raise _Unavailable(NEXT_HOP_UNAVAILABLE, f"greeting {greeting!r}")
-        name = _safe(self._our_name(server), "localhost")
-        hello = await client.hello(name, self.lmtp)
-        if not hello.ok:
-            raise _Unavailable(NEXT_HOP_UNAVAILABLE, f"hello refused {hello!r}")
-        mail_from = envelope.mail_from or "<>"
-        # An 8-bit address needs SMTPUTF8 towards the next hop even if the client did not ask.
-        smtputf8 = bool(getattr(envelope, "smtp_utf8", False)) or not all(
-            address.isascii() for address in (mail_from, *recipients)
-        )
-        params = []
-        if smtputf8:
-            if "SMTPUTF8" not in client.extensions:
-                return [NO_SMTPUTF8] * len(recipients)
-            params.append("SMTPUTF8")
-        mail_options = [opt.upper() for opt in getattr(envelope, "mail_options", []) or []]
-        if "BODY=8BITMIME" in mail_options and "8BITMIME" in client.extensions:
-            params.append("BODY=8BITMIME")
-        sender = mail_from if mail_from == "<>" else f"<{mail_from}>"
-        reply = await client.command(" ".join([f"MAIL FROM:{sender}", *params]), utf8=smtputf8)
-        if not reply.ok:
-            return [reply] * len(recipients)
-        results: list[Reply | str] = []
-        for rcpt in recipients:
-            results.append(await client.command(f"RCPT TO:<{rcpt}>", utf8=smtputf8))
-        accepted = [i for i, result in enumerate(results) if _ok(result)]
-        if not accepted:
-            return results
-        reply = await client.command("DATA")
-        if reply.code != 354:
-            return [reply if _ok(r) else r for r in results]
-        await client.send(dot_stuff(data))
-        if self.lmtp:
-            for i in accepted:
-                results[i] = await client.read_reply()
-            return results
-        final = await client.read_reply()
-        for i in accepted:
-            results[i] = final
-        return results
+def _ok(reply: str) -> bool:
+    return reply.startswith("2")
 
 
-def _ok(result: Reply | str) -> bool:
-    return result.ok if isinstance(result, Reply) else result.startswith("2")
-
-
-def _result_reply(result: Reply) -> str:
+def _client_reply(result: Reply | str) -> str:
+    if isinstance(result, str):
+        return result
     return ACCEPTED if result.ok else result.passthrough()
 
 
@@ -539,7 +616,9 @@ def _is_lmtp_server(server: Any) -> bool:
     return isinstance(server, LMTP)
 
 
-def _describe(error: BaseException) -> str:
-    """One line about a delivery failure (no traceback)."""
-    text = " ".join(str(error).split())
-    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+def _session_id(session: Any) -> str:
+    return getattr(session, "id", "") or "-"
+
+
+def _sid(transaction: _Transaction) -> str:
+    return _session_id(transaction.session)

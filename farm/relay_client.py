@@ -1,0 +1,404 @@
+"""The relay's SMTP/LMTP client: one connection to a next hop, every step bounded by a timeout.
+
+Written on a plain ``asyncio.Protocol`` (own read buffer) so that it can tell when the next hop
+sent bytes nobody asked for: we never pipeline, so anything left in the buffer after a reply is
+a protocol error (the connection is closed, never reused), and anything after the ``220`` to our
+``STARTTLS`` is a response-injection attempt (the attempt fails with ``451 4.7.5``). Replies are
+bounded: at most ``MAX_REPLY_LINES`` lines of at most ``MAX_LINE`` bytes each.
+
+TLS modes: ``none``; ``starttls`` (used when the next hop offers it, else plain);
+``required`` (``STARTTLS`` must be offered and succeed); ``implicit`` (TLS from the connect).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import ssl
+from dataclasses import dataclass
+
+from farm.relay_routes import Route
+
+__all__ = [
+    "NEXT_HOP_LOST",
+    "NEXT_HOP_TIMEOUT",
+    "NEXT_HOP_UNAVAILABLE",
+    "TLS_FAILED",
+    "TLS_MODES",
+    "ClientSettings",
+    "Connection",
+    "NextHopError",
+    "ProtocolError",
+    "Reply",
+    "connect",
+    "describe",
+    "failure",
+    "make_ssl_context",
+]
+
+NEXT_HOP_UNAVAILABLE = "451 4.4.1 Next hop unavailable, try again later"
+NEXT_HOP_TIMEOUT = "451 4.4.2 Next hop timed out, try again later"
+NEXT_HOP_LOST = "451 4.4.2 Connection to next hop lost, try again later"
+TLS_FAILED = "451 4.7.5 TLS with next hop failed, try again later"
+
+TLS_MODES = ("none", "starttls", "required", "implicit")
+MAX_LINE = 4096
+MAX_REPLY_LINES = 100
+#: Reading pauses while this much unread data is buffered.
+_HIGH_WATER = 64 * 1024
+
+_REPLY_LINE = re.compile(rb"([2-5][0-9][0-9])([ -])?(.*)\Z", re.DOTALL)
+_UNPRINTABLE = re.compile(r"[^\x20-\x7e]")
+_FORBIDDEN = re.compile(r"[\r\n\x00]")
+
+
+class NextHopError(Exception):
+    """The next hop could not be used: ``reply`` for the client, the message for the log."""
+
+    def __init__(self, reply: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reply = reply
+
+
+class ProtocolError(ConnectionError):
+    """The next hop broke the protocol (malformed, unsolicited or oversized replies)."""
+
+
+class Reply:
+    """One reply from the next hop: ``code`` and its text joined into one printable line."""
+
+    __slots__ = ("code", "lines", "text")
+
+    def __init__(self, code: int, lines: list[str]) -> None:
+        self.code = code
+        self.lines = lines
+        self.text = " ".join(line for line in lines if line)
+
+    @property
+    def ok(self) -> bool:
+        return 200 <= self.code <= 299
+
+    def passthrough(self) -> str:
+        """Our reply to the client for this refusal (``421`` → ``451``, non-4/5xx → 451 4.4.2)."""
+        if not 400 <= self.code <= 599:
+            return NEXT_HOP_LOST
+        code = 451 if self.code == 421 else self.code
+        return f"{code} {self.text or 'Requested action not taken'}"
+
+    def __repr__(self) -> str:
+        return f"{self.code} {self.text}"
+
+
+@dataclass(frozen=True, slots=True)
+class ClientSettings:
+    """How to talk to next hops: the per-step ``timeout`` and the TLS policy."""
+
+    timeout: float = 60.0
+    tls: str = "none"
+    ssl_context: ssl.SSLContext | None = None
+    tls_server_name: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.tls not in TLS_MODES:
+            raise ValueError(f"bad tls {self.tls!r}: expected one of {', '.join(TLS_MODES)}")
+        if self.tls != "none" and self.ssl_context is None:
+            raise ValueError(f"tls={self.tls!r} needs an SSL context")
+
+
+def make_ssl_context(verify: bool = True, ca_file: str | None = None) -> ssl.SSLContext:
+    """A client context: certificate and host name checked (against ``ca_file`` if given)."""
+    context = ssl.create_default_context(cafile=ca_file)
+    if not verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def describe(error: BaseException) -> str:
+    """One line about a failure (no traceback)."""
+    text = " ".join(str(error).split())[:300]
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def failure(error: BaseException) -> NextHopError:
+    """The ``NextHopError`` for an error raised by a ``Connection`` in use."""
+    if isinstance(error, NextHopError):
+        return error
+    if isinstance(error, TimeoutError):
+        return NextHopError(NEXT_HOP_TIMEOUT, "timed out")
+    if isinstance(error, ssl.SSLError):
+        return NextHopError(TLS_FAILED, describe(error))
+    return NextHopError(NEXT_HOP_LOST, describe(error))
+
+
+class _Protocol(asyncio.Protocol):
+    """Buffers what the next hop sends; flow control both ways."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.transport: asyncio.Transport | None = None
+        self.buffer = bytearray()
+        self.eof = False
+        self.closed: asyncio.Future[None] = loop.create_future()
+        self._waiter: asyncio.Future[None] | None = None
+        self._drain: asyncio.Future[None] | None = None
+        self._reading_paused = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        if len(self.buffer) > _HIGH_WATER and not self._reading_paused and self.transport:
+            self._reading_paused = True
+            self.transport.pause_reading()
+        self._wake()
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        self._wake()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.eof = True
+        self._wake()
+        if self._drain is not None and not self._drain.done():
+            self._drain.set_result(None)
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    def pause_writing(self) -> None:
+        if self._drain is None or self._drain.done():
+            self._drain = self.loop.create_future()
+
+    def resume_writing(self) -> None:
+        if self._drain is not None and not self._drain.done():
+            self._drain.set_result(None)
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def drain(self) -> None:
+        if self._drain is not None and not self._drain.done():
+            await self._drain
+        if self.closed.done():
+            raise ConnectionResetError("next hop closed the connection")
+
+    async def readline(self) -> bytes:
+        while True:
+            end = self.buffer.find(b"\n", 0, MAX_LINE + 1)
+            if end >= 0:
+                line = bytes(self.buffer[: end + 1])
+                del self.buffer[: end + 1]
+                if self._reading_paused and len(self.buffer) < _HIGH_WATER // 2 and self.transport:
+                    self._reading_paused = False
+                    self.transport.resume_reading()
+                return line
+            if len(self.buffer) > MAX_LINE:
+                raise ProtocolError("reply line too long")
+            if self.eof:
+                raise ConnectionResetError("next hop closed the connection")
+            self._waiter = self.loop.create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+
+
+class Connection:
+    """An open session with a next hop (greeted, ``EHLO``/``LHLO`` done, TLS as configured)."""
+
+    def __init__(self, route: Route, protocol: _Protocol, settings: ClientSettings) -> None:
+        self.route = route
+        self.settings = settings
+        self.timeout = settings.timeout
+        self._protocol = protocol
+        self.extensions: set[str] = set()
+        self.tls = False
+        #: Transactions started on this connection (``MAIL`` accepted).
+        self.transactions = 0
+        self.loop = protocol.loop
+        #: The pool's idle-timeout callback while the connection is idle.
+        self.idle_handle: asyncio.TimerHandle | None = None
+
+    @property
+    def transport(self) -> asyncio.Transport:
+        transport = self._protocol.transport
+        if transport is None:
+            raise ConnectionResetError("not connected")
+        return transport
+
+    def usable(self) -> bool:
+        """Still open, with nothing unsolicited buffered (an idle next hop's ``421``, an EOF)."""
+        protocol = self._protocol
+        transport = protocol.transport
+        return (
+            transport is not None
+            and not transport.is_closing()
+            and not protocol.eof
+            and not protocol.buffer
+        )
+
+    # -- protocol ------------------------------------------------------------------------------
+
+    async def read_reply(self, *, final: bool = True) -> Reply:
+        """The next reply. ``final``: nothing may follow it (we never pipeline)."""
+        lines: list[str] = []
+        code = 0
+        async with asyncio.timeout(self.timeout):
+            while True:
+                raw = await self._protocol.readline()
+                match = _REPLY_LINE.match(raw.rstrip(b"\r\n"))
+                if match is None:
+                    raise ProtocolError(f"malformed reply {raw[:40]!r}")
+                if code and int(match.group(1)) != code:
+                    raise ProtocolError("reply code changed within a multi-line reply")
+                code = int(match.group(1))
+                text = match.group(3).decode("utf-8", "replace")
+                lines.append(_UNPRINTABLE.sub("?", text).strip())
+                if match.group(2) != b"-":
+                    break
+                if len(lines) >= MAX_REPLY_LINES:
+                    raise ProtocolError("reply too long")
+        if final and self._protocol.buffer:
+            raise ProtocolError("unsolicited data after a reply")
+        return Reply(code, lines)
+
+    async def send(self, data: bytes) -> None:
+        """Write ``data`` (bounded wait for the peer to take it)."""
+        if self._protocol.buffer:
+            raise ProtocolError("unsolicited data from the next hop")
+        if self._protocol.eof:
+            raise ConnectionResetError("next hop closed the connection")
+        self.transport.write(data)
+        async with asyncio.timeout(self.timeout):
+            await self._protocol.drain()
+
+    async def command(self, line: str, *, utf8: bool = False, final: bool = True) -> Reply:
+        """Send one command line and read its reply. CR, LF and NUL are never sent."""
+        if _FORBIDDEN.search(line):
+            raise ProtocolError("refusing to send a command with CR, LF or NUL")
+        await self.send(line.encode("utf-8" if utf8 else "ascii", "surrogateescape") + b"\r\n")
+        return await self.read_reply(final=final)
+
+    async def hello(self, name: str) -> Reply:
+        """``LHLO`` (LMTP) or ``EHLO``, falling back to ``HELO``; records the extensions."""
+        lmtp = self.route.lmtp
+        reply = await self.command(f"{'LHLO' if lmtp else 'EHLO'} {name}")
+        if not reply.ok and not lmtp and 500 <= reply.code <= 599:
+            reply = await self.command(f"HELO {name}")
+            self.extensions = set()
+            return reply
+        if reply.ok:
+            # The first line is the server's name; the rest start with an extension keyword.
+            self.extensions = {line.split(" ", 1)[0].upper() for line in reply.lines[1:] if line}
+        return reply
+
+    async def open(self, name: str) -> None:
+        """Greeting, hello, and ``STARTTLS`` when the TLS mode asks for it."""
+        greeting = await self.read_reply()
+        if greeting.code != 220:
+            raise NextHopError(NEXT_HOP_UNAVAILABLE, f"greeting {greeting!r}")
+        hello = await self.hello(name)
+        if not hello.ok:
+            raise NextHopError(NEXT_HOP_UNAVAILABLE, f"hello refused {hello!r}")
+        mode = self.settings.tls
+        if mode not in ("starttls", "required") or self.tls:
+            return
+        if "STARTTLS" not in self.extensions:
+            if mode == "required":
+                raise NextHopError(TLS_FAILED, "STARTTLS not offered")
+            return
+        reply = await self.command("STARTTLS", final=False)
+        if reply.code != 220:
+            if mode == "required":
+                raise NextHopError(TLS_FAILED, f"STARTTLS refused {reply!r}")
+            if self._protocol.buffer:
+                raise ProtocolError("unsolicited data after a reply")
+            return
+        if self._protocol.buffer:
+            # Bytes sent before the handshake would be read as if they came over TLS.
+            raise NextHopError(TLS_FAILED, "response injection: data after the STARTTLS reply")
+        await self._start_tls()
+        hello = await self.hello(name)
+        if not hello.ok:
+            raise NextHopError(NEXT_HOP_UNAVAILABLE, f"hello after STARTTLS refused {hello!r}")
+
+    async def _start_tls(self) -> None:
+        settings = self.settings
+        assert settings.ssl_context is not None
+        try:
+            async with asyncio.timeout(self.timeout):
+                transport = await self.loop.start_tls(
+                    self.transport,
+                    self._protocol,
+                    settings.ssl_context,
+                    server_hostname=settings.tls_server_name or self.route.host,
+                    ssl_handshake_timeout=self.timeout,
+                )
+        except TimeoutError:
+            raise NextHopError(TLS_FAILED, "TLS handshake timed out") from None
+        except (ssl.SSLError, ssl.CertificateError, OSError) as error:
+            raise NextHopError(TLS_FAILED, describe(error)) from None
+        if transport is None:
+            raise NextHopError(TLS_FAILED, "TLS handshake failed")
+        self._protocol.transport = transport
+        self.tls = True
+
+    # -- closing -------------------------------------------------------------------------------
+
+    def abort(self) -> None:
+        """Drop the connection now (its state is unknown)."""
+        transport = self._protocol.transport
+        if transport is not None:
+            transport.abort()
+
+    async def aclose(self) -> None:
+        """``QUIT`` without waiting for the reply, close, wait (bounded) until closed."""
+        transport = self._protocol.transport
+        if transport is None:
+            return
+        if not transport.is_closing():
+            with contextlib.suppress(Exception):
+                transport.write(b"QUIT\r\n")
+            transport.close()
+        try:
+            async with asyncio.timeout(min(self.timeout, 2.0)):
+                await asyncio.shield(self._protocol.closed)
+        except TimeoutError:
+            transport.abort()
+
+
+async def connect(route: Route, settings: ClientSettings, name: str) -> Connection:
+    """A ready ``Connection`` to ``route``; ``NextHopError`` when it cannot be had."""
+    loop = asyncio.get_running_loop()
+    protocol = _Protocol(loop)
+    implicit = settings.tls == "implicit"
+    try:
+        async with asyncio.timeout(settings.timeout):
+            await loop.create_connection(
+                lambda: protocol,
+                route.host,
+                route.port,
+                ssl=settings.ssl_context if implicit else None,
+                server_hostname=(settings.tls_server_name or route.host) if implicit else None,
+                ssl_handshake_timeout=settings.timeout if implicit else None,
+            )
+    except TimeoutError:
+        raise NextHopError(NEXT_HOP_TIMEOUT, "connect timed out") from None
+    except (ssl.SSLError, ssl.CertificateError) as error:
+        raise NextHopError(TLS_FAILED, describe(error)) from None
+    except OSError as error:
+        raise NextHopError(NEXT_HOP_UNAVAILABLE, describe(error)) from None
+    connection = Connection(route, protocol, settings)
+    connection.tls = implicit
+    try:
+        await connection.open(name)
+    except BaseException as error:
+        connection.abort()
+        if isinstance(error, Exception):
+            raise failure(error) from None
+        raise
+    return connection

@@ -1,0 +1,129 @@
+"""Recipient policy for ``farm.relay.Relay``: whose mail we take, and who may relay through us.
+
+A recipient is accepted when its domain is one of ``domains`` (exact, or ``.example.com`` for
+any subdomain of example.com; case-insensitive, a trailing dot ignored), or when the session is
+authenticated, or when the client address is in ``trusted_networks``. The client address is the
+PROXY header's source when the session has a valid one, else the socket peer. The classic
+open-relay probe forms are refused for everyone (percent hack, bang path, quoted or unquoted
+``@`` in the local part, foreign IP literals).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable
+from typing import Any
+
+from farm.relay_routes import normalise_domain, split_address
+
+__all__ = ["IPAddress", "RecipientPolicy", "client_ip"]
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def ip_literal(domain: str) -> IPAddress | None:
+    """The address of ``[192.0.2.1]`` or ``[IPv6:2001:db8::1]``; None if not a valid literal."""
+    if not (domain.startswith("[") and domain.endswith("]")):
+        return None
+    inner = domain[1:-1]
+    try:
+        if inner.lower().startswith("ipv6:"):
+            return ipaddress.IPv6Address(inner[5:])
+        return ipaddress.IPv4Address(inner)
+    except ValueError:
+        return None
+
+
+def unmapped(address: IPAddress) -> IPAddress:
+    """``::ffff:a.b.c.d`` as ``a.b.c.d``; any other address unchanged."""
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+def client_ip(session: Any) -> IPAddress | None:
+    """The PROXY header's source address if the session has a valid one, else the peer's."""
+    proxy = getattr(session, "proxy_data", None)
+    if proxy is not None and getattr(proxy, "valid", False):
+        source = getattr(proxy, "src_addr", None)
+        if isinstance(source, ipaddress.IPv4Address | ipaddress.IPv6Address):
+            return unmapped(source)
+    peer = getattr(session, "peer", None)
+    host = peer[0] if isinstance(peer, tuple | list) and peer else peer
+    if not isinstance(host, str):
+        return None
+    try:
+        return unmapped(ipaddress.ip_address(host.split("%", 1)[0]))
+    except ValueError:
+        return None
+
+
+class RecipientPolicy:
+    """``domains`` we accept mail for; ``trusted_networks`` that may relay anywhere."""
+
+    def __init__(self, domains: Iterable[str], trusted_networks: Iterable[str] = ()) -> None:
+        if isinstance(domains, str):
+            raise TypeError("domains must be a list of domains, not one string")
+        if isinstance(trusted_networks, str):
+            raise TypeError("trusted_networks must be a list of networks, not one string")
+        self._exact: set[str] = set()
+        self._literals: set[IPAddress] = set()
+        parents = []
+        for entry in domains:
+            domain = normalise_domain(entry)
+            literal = ip_literal(domain)
+            if literal is not None:
+                self._literals.add(unmapped(literal))
+            elif domain.startswith(".") and len(domain) > 1:
+                parents.append(domain)
+            elif domain:
+                self._exact.add(domain)
+            else:
+                raise ValueError(f"bad domain {entry!r}")
+        self._parents = tuple(parents)
+        self.trusted_networks: tuple[Network, ...] = tuple(
+            ipaddress.ip_network(net, strict=False) for net in trusted_networks
+        )
+
+    def is_local_domain(self, domain: str) -> bool:
+        """True when ``domain`` is one of ours (an exact entry, or under a ``.parent`` entry)."""
+        domain = normalise_domain(domain)
+        literal = ip_literal(domain)
+        if literal is not None:
+            return unmapped(literal) in self._literals
+        if domain in self._exact:
+            return True
+        return any(domain.endswith(parent) for parent in self._parents)
+
+    def is_trusted(self, session: Any) -> bool:
+        """True when the session is authenticated or its client is in ``trusted_networks``."""
+        if getattr(session, "authenticated", False):
+            return True
+        ip = client_ip(session)
+        return ip is not None and any(ip in net for net in self.trusted_networks)
+
+    def check_recipient(self, session: Any, address: str) -> str | None:
+        """None when ``address`` may be accepted in ``session``; else why not (for the log)."""
+        local, domain = split_address(address)
+        if any(ord(char) < 0x20 or char == "\x7f" for char in address):
+            return "control character"
+        if local.startswith("@"):
+            return "source route"
+        if "!" in local:
+            return "bang path"
+        if "%" in local:
+            return "percent hack"
+        if "@" in local:
+            return "@ in local part"
+        if domain is None:
+            if local.lower() == "postmaster":  # RFC 5321 4.5.1: must be accepted
+                return None
+            return "no domain"
+        if ip_literal(domain.strip()) is not None or domain.startswith("["):
+            return None if self.is_local_domain(domain) else "foreign IP literal"
+        if self.is_local_domain(domain):
+            return None
+        if self.is_trusted(session):
+            return None
+        return "foreign domain"
