@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-fast test-slow bench lint venv clean
+.PHONY: run test test-fast test-slow bench bench-relay lint venv clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,10 @@ test-slow: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run.py
+
+## Relay throughput: smtp-source -> smtp-sink directly vs through farm serve (farm.relay:Relay).
+bench-relay: $(STAMP)
+	$(BIN)/python benchmarks/relay.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check farm tests benchmarks

@@ -16,6 +16,7 @@ import smtplib
 import stat
 import subprocess
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from typing import Any
 import pytest
 
 from farm.maildir import DELIVERY_FAILED, Maildir, mailbox_dir_name
+from tests.conftest import new_loop
 from tests.farm_helpers import (
     SMTP_SOURCE,
     FarmRunner,
@@ -375,3 +377,246 @@ def test_farm_delivers_everything_it_accepted(farms: FarmRunner, tmp_path: Path)
             assert text.endswith("x" * 200 + "\r\n"), f"partial file {name}"
             stored.add(token)
     assert accepted - stored == set()
+
+
+# -- stale tmp/ files ---------------------------------------------------------------------------
+
+HOUR = 3600.0
+STALE = 36 * HOUR
+
+
+class Envelope:
+    """The parts of an envelope Maildir reads."""
+
+    def __init__(self, rcpts: list[str], content: bytes = MESSAGE) -> None:
+        self.original_content = content
+        self.content = content
+        self.rcpt_tos = rcpts
+
+
+class Session:
+    id = "test.1"
+
+
+def make_maildir(path: Path) -> Path:
+    for sub in ("tmp", "new", "cur"):
+        (path / sub).mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def aged(path: Path, seconds: float, data: bytes = b"partial") -> Path:
+    """``path`` (a new file holding ``data`` unless it exists) last touched ``seconds`` ago."""
+    if not os.path.lexists(path):
+        path.write_bytes(data)
+    then = path.lstat().st_mtime - seconds
+    os.utime(path, (then, then), follow_symlinks=False)
+    return path
+
+
+def deliver(handler: Maildir, rcpts: list[str], loop_kind: str) -> str:
+    """One delivery through ``handle_DATA`` on a fresh loop, any sweep it started awaited."""
+
+    async def main() -> str:
+        reply = await handler.handle_DATA(None, Session(), Envelope(rcpts))
+        if handler._cleanup_task is not None:
+            await handler._cleanup_task
+        return reply
+
+    loop = new_loop(loop_kind)
+    try:
+        return loop.run_until_complete(main())
+    finally:
+        loop.close()
+
+
+def test_only_stale_regular_files_in_tmp_are_removed(tmp_path: Path) -> None:
+    box = make_maildir(tmp_path / "inbox")
+    old = aged(box / "tmp" / "1.M1P1Q1.host", STALE + HOUR)
+    older = aged(box / "tmp" / "2.M2P2Q2.host", 30 * 24 * HOUR)
+    partial = aged(box / "tmp" / "3.M3P3Q3.host", 0)  # being written right now
+    young = aged(box / "tmp" / "4.M4P4Q4.host", STALE - HOUR)
+    read_lately = aged(box / "tmp" / "5.M5P5Q5.host", STALE + HOUR)
+    os.utime(read_lately, (read_lately.stat().st_mtime + 2 * HOUR, read_lately.stat().st_mtime))
+    old_dir = box / "tmp" / "subdir"
+    old_dir.mkdir()
+    aged(old_dir, STALE + HOUR)
+    old_new = aged(box / "new" / "6.M6P6Q6.host", STALE + HOUR)  # delivered: not tmp's business
+    old_cur = aged(box / "cur" / "7.M7P7Q7.host:2,S", STALE + HOUR)
+
+    assert Maildir(box).remove_stale_tmp() == (2, [])
+    assert not old.exists() and not older.exists()
+    for kept in (partial, young, read_lately, old_dir, old_new, old_cur):
+        assert kept.exists(), kept
+    assert partial.read_bytes() == b"partial"
+    assert Maildir(box).remove_stale_tmp() == (0, [])
+
+
+def test_a_symlink_in_tmp_is_neither_followed_nor_removed(tmp_path: Path) -> None:
+    box = make_maildir(tmp_path / "inbox")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    target = aged(elsewhere / "precious", STALE * 10, b"precious")
+    target_dir = elsewhere / "dir"
+    target_dir.mkdir()
+    inside = aged(target_dir / "old", STALE * 10, b"inside")
+    link = box / "tmp" / "link"
+    link.symlink_to(target)
+    aged(link, STALE * 10)  # the link itself is old too
+    dir_link = box / "tmp" / "dir-link"
+    dir_link.symlink_to(target_dir, target_is_directory=True)
+    dangling = box / "tmp" / "dangling"
+    dangling.symlink_to(tmp_path / "nothing")
+
+    assert Maildir(box).remove_stale_tmp() == (0, [])
+    assert link.is_symlink() and dir_link.is_symlink() and dangling.is_symlink()
+    assert target.read_bytes() == b"precious"
+    assert inside.read_bytes() == b"inside"
+
+
+def test_a_symlinked_tmp_directory_is_not_swept(tmp_path: Path) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    victim = aged(elsewhere / "old", STALE * 10)
+    box = tmp_path / "inbox"
+    for sub in ("new", "cur"):
+        (box / sub).mkdir(parents=True)
+    (box / "tmp").symlink_to(elsewhere, target_is_directory=True)
+
+    removed, failures = Maildir(box).remove_stale_tmp()
+    assert removed == 0
+    assert failures == [f"{box / 'tmp'} is a symbolic link, not swept"]
+    assert victim.exists()
+
+
+def test_per_recipient_sweeps_every_mailbox_but_not_through_symlinks(tmp_path: Path) -> None:
+    alice = aged(make_maildir(tmp_path / "alice") / "tmp" / "old", STALE + HOUR)
+    bob = aged(make_maildir(tmp_path / "bob") / "tmp" / "old", STALE + HOUR)
+    root = aged(make_maildir(tmp_path) / "tmp" / "old", STALE + HOUR)
+    other = make_maildir(tmp_path.parent / f"{tmp_path.name}-other")
+    foreign = aged(other / "tmp" / "old", STALE + HOUR)
+    (tmp_path / "carol").symlink_to(other, target_is_directory=True)
+
+    assert Maildir(tmp_path, per_recipient=True).remove_stale_tmp() == (3, [])
+    assert not alice.exists() and not bob.exists() and not root.exists()
+    assert foreign.exists()
+
+
+def test_missing_maildir_is_not_an_error(tmp_path: Path) -> None:
+    assert Maildir(tmp_path / "not-yet").remove_stale_tmp() == (0, [])
+    assert Maildir(tmp_path / "not-yet", per_recipient=True).remove_stale_tmp() == (0, [])
+    assert not (tmp_path / "not-yet").exists()
+
+
+def test_stale_tmp_age_is_configurable(tmp_path: Path) -> None:
+    box = make_maildir(tmp_path / "inbox")
+    hour_old = aged(box / "tmp" / "hour-old", HOUR + 60)
+    minute_old = aged(box / "tmp" / "minute-old", 60)
+    assert Maildir(box, stale_tmp_age=HOUR).remove_stale_tmp() == (1, [])
+    assert not hour_old.exists() and minute_old.exists()
+    with pytest.raises(ValueError, match="stale_tmp_age"):
+        Maildir(box, stale_tmp_age=-1)
+
+
+def test_sweep_at_first_delivery_then_at_most_hourly(
+    tmp_path: Path, loop_kind: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    box = make_maildir(tmp_path / "inbox")
+    first = aged(box / "tmp" / "first", STALE + HOUR)
+    handler = Maildir(box)
+    with caplog.at_level(logging.INFO, logger="farm.maildir"):
+        assert deliver(handler, ["bart@example.com"], loop_kind).startswith("250 ")
+    assert not first.exists()
+    assert entries(box / "tmp") == []
+    [name] = entries(box / "new")
+    assert (box / "new" / name).read_bytes() == MESSAGE
+    lines = [r.getMessage() for r in caplog.records if r.name == "farm.maildir"]
+    assert lines == [f"maildir tmp cleanup path={box} removed=1"]
+    sweep = handler._cleanup_task
+
+    # Within the hour: no new sweep, however stale tmp/ has become.
+    second = aged(box / "tmp" / "second", STALE + HOUR)
+    assert deliver(handler, ["bart@example.com"], loop_kind).startswith("250 ")
+    assert handler._cleanup_task is sweep
+    assert second.exists()
+
+    # The next sweep is due an hour after the first (monotonic clock); once it is, the next
+    # delivery sweeps again.
+    assert 3500 < handler._next_cleanup - time.monotonic() <= 3600
+    handler._next_cleanup = time.monotonic() - 1
+    assert deliver(handler, ["bart@example.com"], loop_kind).startswith("250 ")
+    assert handler._cleanup_task is not sweep
+    assert not second.exists()
+    assert len(entries(box / "new")) == 3
+
+
+def test_stale_tmp_age_zero_never_sweeps(tmp_path: Path, loop_kind: str) -> None:
+    box = make_maildir(tmp_path / "inbox")
+    old = aged(box / "tmp" / "old", STALE * 10)
+    handler = Maildir(box, stale_tmp_age=0)
+    assert deliver(handler, ["bart@example.com"], loop_kind).startswith("250 ")
+    assert handler._cleanup_task is None
+    assert old.exists()
+
+
+def test_sweep_errors_are_warnings_and_delivery_goes_on(
+    tmp_path: Path,
+    loop_kind: str,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    box = make_maildir(tmp_path / "inbox")
+    stuck = aged(box / "tmp" / "stuck", STALE + HOUR)
+    gone = aged(box / "tmp" / "gone", STALE + HOUR)
+    real_unlink = os.unlink
+
+    def unlink(path: Any, *args: Any, **kwargs: Any) -> None:
+        if os.fspath(path) == "stuck":
+            raise PermissionError(1, "Operation not permitted")
+        real_unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "unlink", unlink)
+    handler = Maildir(box)
+    with caplog.at_level(logging.INFO, logger="farm.maildir"):
+        assert deliver(handler, ["bart@example.com"], loop_kind).startswith("250 ")
+    assert stuck.exists() and not gone.exists()
+    records = [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "farm.maildir"]
+    assert records == [
+        (logging.INFO, f"maildir tmp cleanup path={box} removed=1"),
+        (
+            logging.WARNING,
+            f"maildir tmp cleanup path={box}: {box / 'tmp' / 'stuck'}: "
+            "PermissionError: [Errno 1] Operation not permitted",
+        ),
+    ]
+
+    # A sweep that fails outright is one warning; the delivery does not notice.
+    def broken(now: float | None = None) -> tuple[int, list[str]]:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(handler, "remove_stale_tmp", broken)
+    handler._next_cleanup = 0.0
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="farm.maildir"):
+        assert deliver(handler, ["bart@example.com"], loop_kind).startswith("250 ")
+    records = [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "farm.maildir"]
+    assert records == [
+        (
+            logging.WARNING,
+            f"maildir tmp cleanup failed path={box}: PermissionError: [Errno 13] Permission denied",
+        )
+    ]
+    assert all(r.exc_info is None for r in caplog.records)
+    assert len(entries(box / "new")) == 2
+
+
+def test_delivery_over_smtp_sweeps_tmp(make_controller: Any, tmp_path: Path) -> None:
+    alice = aged(make_maildir(tmp_path / "alice") / "tmp" / "old", STALE + HOUR)
+    partial = aged(tmp_path / "alice" / "tmp" / "partial", 0)
+    controller = make_controller(Maildir(tmp_path, per_recipient=True))
+    code, _ = send(controller.port, ["alice@example.com", "bob@example.com"])
+    assert code == 250
+    wait_for(lambda: not alice.exists(), WAIT, what="the stale tmp/ file removed")
+    assert partial.exists()
+    for name in ("alice", "bob"):
+        box = mailbox.Maildir(tmp_path / name, create=False)
+        assert [box.get_bytes(key) for key in box.iterkeys()] == [MESSAGE]

@@ -1,0 +1,566 @@
+"""Relay throughput: smtp-source to smtp-sink directly, and through ``farm serve`` relaying.
+
+Usage: ``.venv/bin/python benchmarks/relay.py [--messages N] [--reps N] [--workers 1,2]
+[--workloads per-conn,long] [--uvloop | --no-uvloop]``
+
+One ``smtp-sink`` (Postfix's C test server, no dump: it throws the mail away) listens on a free
+loopback port for the whole run. For every repetition and workload, each mode is measured once,
+the order rotated each repetition so that drift hits all alike:
+
+* ``direct``: ``smtp-source -s 20 -l 1024 -m N`` straight at the sink;
+* ``farm-Nw``: a fresh ``farm serve -w N`` with ``handler = "farm.relay:Relay"``,
+  ``next_hop`` the sink, ``domains = ["bench.test"]``, and the same smtp-source load at it.
+  The farm answers 250 only once the sink has accepted the message. How many SMTP sessions
+  with the sink that took (one per message, or fewer with connection reuse) is reported too:
+  the sink's session counter over the run, per message.
+
+Every run (a short warm-up too) is checked: smtp-source must exit 0 with nothing on stderr and
+its ``-c`` counter must end at the message count, and the sink's own counter must have grown
+by exactly that count (so each message really reached the sink); anything else is an error,
+not a figure. Reported per workload: msgs/s (median over the repetitions), the ratio of each
+farm's msgs/s to direct's, and the farm's CPU µs/msg (supervisor + all its workers, as
+``run.py --farm`` measures it). The table is printed and written to
+``benchmarks/results/relay.md`` (raw samples in ``relay.json``). See ``benchmarks/README.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import IO
+
+import psutil
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import run as bench  # noqa: E402  (benchmarks/run.py: farm start/stop, CPU readings)
+
+ROOT = HERE.parent
+RESULTS = HERE / "results"
+
+SESSIONS = 20
+MSG_SIZE = 1024
+DOMAIN = "bench.test"
+SENDER = f"sender@{DOMAIN}"
+RECIPIENT = f"rcpt@{DOMAIN}"
+DIRECT = "direct"
+
+#: ``farm serve`` in a fresh interpreter, after run.py's ``--malloc warm`` step (server.py), so
+#: the workers forked from it start in the same allocator state as in ``run.py --farm``.
+LAUNCHER = (
+    "import sys; sys.path[:0] = [sys.argv.pop(1), sys.argv.pop(1)]; "
+    "import server; server.set_malloc_state('warm'); "
+    "from farm.cli import main; sys.exit(main(sys.argv[1:]))"
+)
+
+
+@dataclass(frozen=True)
+class Workload:
+    key: str
+    title: str
+    flags: tuple[str, ...]
+    warmup: int
+
+
+WORKLOADS = [
+    # One connection per message: HELO MAIL RCPT DATA QUIT (and the farm: one more to the sink).
+    Workload("per-conn", "1 msg/connection", (), 200),
+    # -d: each of the 20 sessions sends messages/20 messages over one connection.
+    Workload("long", "many msgs/connection (-d)", ("-d",), 400),
+]
+
+
+@dataclass
+class Sample:
+    mode: str
+    workload: str
+    rep: int
+    messages: int
+    wall_s: float
+    #: The farm's CPU seconds (supervisor + workers); 0 for direct.
+    farm_cpu_s: float = 0.0
+    #: CPU seconds every process but the farm, smtp-source and smtp-sink used meanwhile.
+    other_cpu_s: float = 0.0
+    #: SMTP sessions with the sink that ended during the run (direct: smtp-source's).
+    sink_sessions: int = 0
+    #: farm: CPU seconds of the supervisor, then each worker (busiest first).
+    split_cpu_s: list[float] = field(default_factory=list)
+
+    @property
+    def msgs_per_s(self) -> float:
+        return self.messages / self.wall_s
+
+    @property
+    def cpu_us_per_msg(self) -> float:
+        return self.farm_cpu_s * 1e6 / self.messages
+
+
+# -- processes -----------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def greets(port: int) -> bool:
+    """Whether 127.0.0.1:port answers with a 220 greeting (and then QUIT)."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as probe:
+            if not probe.makefile("rb").readline().startswith(b"220"):
+                return False
+            probe.sendall(b"QUIT\r\n")
+            return True
+    except OSError:
+        return False
+
+
+class Sink:
+    """``smtp-sink -c`` on a free loopback port; its message counter; stopped by PID."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.out_path = workdir / "smtp-sink.out"
+        self.err_path = workdir / "smtp-sink.err"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.port = 0
+
+    def __enter__(self) -> Sink:
+        program = shutil.which("smtp-sink") or shutil.which("smtp-sink", path="/usr/sbin:/usr/bin")
+        if not program:
+            raise SystemExit("smtp-sink not found (Debian: apt-get install postfix)")
+        user = ["-u", "nobody"] if os.geteuid() == 0 else []  # it will not run as root
+        try:
+            for _attempt in range(3):  # the port picked may be taken before smtp-sink binds it
+                self.port = free_port()
+                cmd = [program, "-c", *user, f"127.0.0.1:{self.port}", "256"]
+                with self.out_path.open("wb") as out, self.err_path.open("wb") as err:
+                    self.proc = subprocess.Popen(
+                        cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=err
+                    )
+                deadline = time.monotonic() + 10
+                while self.proc.poll() is None and time.monotonic() < deadline:
+                    if greets(self.port):
+                        return self
+                    time.sleep(0.01)
+                self.stop()
+        except BaseException:
+            self.stop()
+            raise
+        raise bench.BenchError(f"smtp-sink did not start:\n{self.stderr()}")
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stderr(self) -> str:
+        with contextlib.suppress(FileNotFoundError):
+            return self.err_path.read_text(errors="replace").strip()
+        return ""
+
+    def counters(self) -> tuple[int, int]:
+        """(sessions ended, messages received) so far: ``-c`` writes ``sess=N quit=N mesg=N``
+        whenever they change."""
+        with self.out_path.open("rb") as out:
+            out.seek(max(0, self.out_path.stat().st_size - 4096))
+            found = re.findall(rb"sess=(\d+) quit=\d+ mesg=(\d+)", out.read())
+        return (int(found[-1][0]), int(found[-1][1])) if found else (0, 0)
+
+    def messages(self) -> int:
+        return self.counters()[1]
+
+    def wait_messages(self, expected: int, timeout: float = 10.0) -> int:
+        """The counter once it reaches ``expected`` (or its value after ``timeout``)."""
+        deadline = time.monotonic() + timeout
+        while (count := self.messages()) < expected and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return count
+
+    def check_alive(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            raise bench.BenchError(f"smtp-sink died:\n{self.stderr()}")
+
+    def stop(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+class RelayFarm(bench.Server):
+    """``farm serve -w N`` relaying to the sink; readiness, CPU and stop as in run.py."""
+
+    def __init__(self, workdir: Path, workers: int, sink_port: int, uvloop: bool) -> None:
+        super().__init__(f"farm-{workers}w", workdir)
+        self.workers = workers
+        self.uvloop = uvloop
+        self.config = workdir / f"relay-{workers}w.toml"
+        self.config.write_text(
+            'handler = "farm.relay:Relay"\n'
+            "[handler_args]\n"
+            f'next_hop = "127.0.0.1:{sink_port}"\n'
+            f'domains = ["{DOMAIN}"]\n'
+        )
+
+    def __enter__(self) -> RelayFarm:
+        cmd = [sys.executable, "-c", LAUNCHER, str(HERE), str(ROOT), "serve"]
+        cmd += ["-c", str(self.config), "-b", "127.0.0.1:0", "-w", str(self.workers)]
+        cmd += ["--log-level", "WARNING", "--uvloop" if self.uvloop else "--no-uvloop"]
+        self.notify_path.unlink(missing_ok=True)
+        self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.notify.bind(str(self.notify_path))
+        self.notify.settimeout(0.05)
+        env = {
+            key: value
+            for key, value in os.environ.items()
+            if not key.startswith(("LISTEN_", "NOTIFY_SOCKET", "WATCHDOG_"))
+        }
+        env["NOTIFY_SOCKET"] = str(self.notify_path)
+        try:
+            with self.stderr_path.open("wb") as err:
+                self.proc = subprocess.Popen(
+                    cmd, stdin=subprocess.DEVNULL, stdout=err, stderr=err, env=env, cwd=ROOT
+                )
+            self.ps = psutil.Process(self.proc.pid)
+            self._farm_ready(time.monotonic() + 30)
+        except BaseException:
+            self.stop()
+            raise
+        self.handler = f"farm.relay:Relay (farm serve -w {self.workers})"
+        return self
+
+
+def smtp_source(
+    program: str, port: int, workload: Workload, messages: int, out: IO[bytes], err: IO[bytes]
+) -> int:
+    """Run smtp-source with ``-c`` (its counter to ``out``); its exit status."""
+    cmd = [program, "-s", str(SESSIONS), "-l", str(MSG_SIZE), "-m", str(messages), "-c"]
+    cmd += [*workload.flags, "-f", SENDER, "-t", RECIPIENT, "-M", "client.test"]
+    cmd.append(f"127.0.0.1:{port}")
+    timeout = 30 + messages / 50  # generous: even 50 msgs/s finishes
+    try:
+        return subprocess.run(cmd, stdout=out, stderr=err, timeout=timeout).returncode
+    except subprocess.TimeoutExpired:  # run() has killed it
+        raise bench.BenchError(f"smtp-source still running after {timeout:.0f}s") from None
+
+
+def checked_run(
+    program: str,
+    mode: str,
+    port: int,
+    workload: Workload,
+    messages: int,
+    sink: Sink,
+    farm: RelayFarm | None,
+    workdir: Path,
+    measure: bool,
+) -> Sample:
+    """One smtp-source run, verified end to end; the sample (CPU figures only if ``measure``)."""
+    out_path, err_path = workdir / "smtp-source.out", workdir / "smtp-source.err"
+    sessions0, sink0 = sink.counters()
+    cpu0, split0, busy0, client0 = (0.0, 0.0), {}, bench.busy_cpu(), bench.children_cpu()
+    sink_cpu0 = _cpu(sink)
+    if farm is not None and measure:
+        cpu0 = farm.cpu_seconds()
+        split0 = dict(farm.per_process)
+    with out_path.open("wb") as out, err_path.open("wb") as err:
+        t0 = time.perf_counter()
+        status = smtp_source(program, port, workload, messages, out, err)
+        t1 = time.perf_counter()
+    sample = Sample(mode, workload.key, 0, messages, t1 - t0)
+    if farm is not None and measure:
+        cpu1 = farm.cpu_seconds()
+        sample.farm_cpu_s = cpu1[0] - cpu0[0]
+        split = {pid: cpu - split0.get(pid, 0.0) for pid, cpu in farm.per_process.items()}
+        sample.split_cpu_s = [split.pop(farm.ps.pid), *sorted(split.values(), reverse=True)]
+    others = (bench.busy_cpu() - busy0) - sample.farm_cpu_s - (bench.children_cpu() - client0)
+    sample.other_cpu_s = max(0.0, others - (_cpu(sink) - sink_cpu0))
+
+    counter = re.findall(r"\d+", out_path.read_text(errors="replace"))
+    stderr = err_path.read_text(errors="replace").strip()
+    problem = ""
+    if status != 0:
+        problem = f"smtp-source exit status {status}"
+    elif stderr:
+        problem = "smtp-source wrote on stderr"
+    elif not counter or int(counter[-1]) != messages:
+        problem = f"smtp-source's counter ended at {counter[-1] if counter else 'nothing'}"
+    else:
+        received = sink.wait_messages(sink0 + messages) - sink0
+        if received != messages:
+            problem = f"the sink received {received} messages"
+        sample.sink_sessions = sink.counters()[0] - sessions0
+    if problem:
+        where = f"\nfarm stderr: {farm.stderr()[-2000:]}" if farm is not None else ""
+        raise bench.BenchError(
+            f"{mode} / {workload.title}: {problem}, expected {messages}\n"
+            f"smtp-source stderr: {stderr[-2000:]}\nsink stderr: {sink.stderr()[-1000:]}{where}"
+        )
+    sink.check_alive()
+    if farm is not None and farm.proc is not None and farm.proc.poll() is not None:
+        raise bench.BenchError(f"{mode} died during the run:\n{farm.stderr()}")
+    return sample
+
+
+def _cpu(sink: Sink) -> float:
+    """smtp-sink's user+sys CPU seconds so far (it is not this process's waited-for child)."""
+    if sink.proc is None:
+        return 0.0
+    with contextlib.suppress(psutil.NoSuchProcess):
+        times = psutil.Process(sink.proc.pid).cpu_times()
+        return times.user + times.system
+    return 0.0
+
+
+def measure(
+    program: str,
+    mode: str,
+    workload: Workload,
+    messages: int,
+    sink: Sink,
+    workdir: Path,
+    uvloop: bool,
+) -> Sample:
+    """Warm up, then measure, ``mode`` under ``workload`` (a fresh farm for each sample)."""
+    if mode == DIRECT:
+        checked_run(program, mode, sink.port, workload, workload.warmup, sink, None, workdir, False)
+        return checked_run(program, mode, sink.port, workload, messages, sink, None, workdir, True)
+    workers = int(mode.removeprefix("farm-").removesuffix("w"))
+    with RelayFarm(workdir, workers, sink.port, uvloop) as farm:
+        checked_run(program, mode, farm.port, workload, workload.warmup, sink, farm, workdir, False)
+        return checked_run(program, mode, farm.port, workload, messages, sink, farm, workdir, True)
+
+
+# -- report --------------------------------------------------------------------------------
+
+
+def render(
+    samples: list[Sample],
+    workloads: list[Workload],
+    modes: list[str],
+    messages: int,
+    reps: int,
+    uvloop: bool,
+    elapsed: float,
+) -> str:
+    farms = [m for m in modes if m != DIRECT]
+    loop = "uvloop" if uvloop else "asyncio"
+    head = ["Workload", "direct msgs/s"]
+    for mode in farms:
+        head += [f"farm -w{mode[5:-1]} msgs/s", "x direct"]
+    head += [f"farm -w{mode[5:-1]} CPU µs/msg" for mode in farms]
+    lines = [
+        "# Relay throughput: smtp-source to smtp-sink, directly and through the farm",
+        "",
+        f"{time.strftime('%Y-%m-%d %H:%M:%S')} · {bench._versions()}",
+        "",
+        f"`smtp-source -s {SESSIONS} -l {MSG_SIZE} -m {messages} -c -f {SENDER} -t {RECIPIENT}` "
+        "against `smtp-sink -c 127.0.0.1:PORT 256` (direct), or against `farm serve -w N` "
+        f'({loop}) with `handler = "farm.relay:Relay"`, `next_hop` = the sink, '
+        f'`domains = ["{DOMAIN}"]` (250 only once the sink has accepted). '
+        f"{reps} run(s) per cell, modes interleaved; msgs/s: median (min-max); x direct: "
+        "farm msgs/s ÷ direct msgs/s; CPU µs/msg: supervisor + workers user+sys time per "
+        "message, median. Every run verified: smtp-source's counter and the sink's both "
+        "reached the message count.",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|---|" + "---:|" * (len(head) - 1),
+    ]
+    for workload in workloads:
+        mine = {
+            m: [s for s in samples if s.workload == workload.key and s.mode == m] for m in modes
+        }
+        if not all(mine.values()):
+            continue
+        rate = {m: statistics.median(s.msgs_per_s for s in mine[m]) for m in modes}
+        cells = [f"{workload.title}, {messages} msgs", _rate(mine[DIRECT])]
+        for mode in farms:
+            cells += [_rate(mine[mode]), f"{rate[mode] / rate[DIRECT]:.2f}x"]
+        cells += [f"{statistics.median(s.cpu_us_per_msg for s in mine[m]):.0f}" for m in farms]
+        lines.append("| " + " | ".join(cells) + " |")
+    other = [s.other_cpu_s / s.wall_s * 100 for s in samples]
+    lines += [
+        "",
+        f"Other processes' CPU during the measured runs: median {statistics.median(other):.0f}% "
+        f"of a core, at most {max(other):.0f}%"
+        + (
+            " - the machine was not quiet, the figures are suspect."
+            if max(other) > bench.NOISY * 100
+            else "."
+        ),
+        "Sink sessions ended per message during the measured runs, median: "
+        + "; ".join(
+            f"{workload.key} "
+            + ", ".join(
+                f"{mode} {statistics.median(s.sink_sessions / s.messages for s in mine):.2f}"
+                for mode in modes
+                if (mine := [s for s in samples if s.workload == workload.key and s.mode == mode])
+            )
+            for workload in workloads
+        )
+        + ".",
+        *_split_lines(samples, workloads, farms),
+        f"Total benchmark time {elapsed:.0f}s.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _rate(samples: list[Sample]) -> str:
+    rates = [s.msgs_per_s for s in samples]
+    spread = f" ({min(rates):,.0f}-{max(rates):,.0f})" if len(rates) > 1 else ""
+    return f"{statistics.median(rates):,.0f}{spread}"
+
+
+def _split_lines(samples: list[Sample], workloads: list[Workload], farms: list[str]) -> list[str]:
+    cells = []
+    for workload in workloads:
+        for mode in farms:
+            mine = [s for s in samples if s.workload == workload.key and s.mode == mode]
+            if not mine or not all(s.farm_cpu_s for s in mine):
+                continue
+            shares = [
+                statistics.median(s.split_cpu_s[i] / s.farm_cpu_s * 100 for s in mine)
+                for i in range(min(len(s.split_cpu_s) for s in mine))
+            ]
+            cells.append(
+                f"{mode} {workload.key} {shares[0]:.0f}% / "
+                + " / ".join(f"{share:.0f}%" for share in shares[1:])
+            )
+    if not cells:
+        return []
+    return ["Farm CPU split, supervisor / each worker (busiest first): " + "; ".join(cells) + "."]
+
+
+def report_sample(sample: Sample, reps: int, note: str = "") -> None:
+    farm = (
+        f" farm {sample.cpu_us_per_msg:5.0f} µs/msg ({sample.farm_cpu_s:5.2f}s cpu)"
+        if sample.mode != DIRECT
+        else ""
+    )
+    print(
+        f"rep {sample.rep + 1}/{reps} {sample.workload:8} {sample.mode:7} "
+        f"{sample.msgs_per_s:8,.0f} msgs/s (wall {sample.wall_s:5.2f}s){farm} "
+        f"others {sample.other_cpu_s:4.2f}s cpu {note}".rstrip(),
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+# -- main ----------------------------------------------------------------------------------
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--messages", type=int, default=16000, help="messages per measured run (default 16000)"
+    )
+    parser.add_argument("--reps", type=int, default=3, help="runs per cell (median reported)")
+    parser.add_argument(
+        "--workers", default="1,2", help="comma-separated farm worker counts (default 1,2)"
+    )
+    parser.add_argument(
+        "--workloads",
+        default=",".join(w.key for w in WORKLOADS),
+        help="comma-separated subset of " + ",".join(w.key for w in WORKLOADS),
+    )
+    parser.add_argument(
+        "--uvloop",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the farm's event loop (default: uvloop, as farm serve's own default)",
+    )
+    parser.add_argument(
+        "--retry-budget",
+        type=float,
+        default=120,
+        help="re-run a sample disturbed by other processes only during the first S seconds",
+    )
+    parser.add_argument("--no-save", action="store_true", help="don't write results/relay.*")
+    args = parser.parse_args()
+    if args.reps < 1:
+        parser.error("--reps must be at least 1")
+    try:
+        workers = [int(w) for w in args.workers.split(",") if w]
+    except ValueError:
+        parser.error(f"--workers: not a list of numbers: {args.workers!r}")
+    if not workers or min(workers) < 1:
+        parser.error("--workers: give one or more counts >= 1")
+    messages = max(SESSIONS, round(args.messages / SESSIONS) * SESSIONS)  # whole sessions
+    keys = [k for k in args.workloads.split(",") if k]
+    workloads = [w for w in WORKLOADS if w.key in keys]
+    if not workloads or len(workloads) != len(set(keys)):
+        parser.error(f"--workloads: a subset of {','.join(w.key for w in WORKLOADS)}")
+    modes = [DIRECT, *dict.fromkeys(f"farm-{n}w" for n in workers)]
+
+    program = bench.find_smtp_source()
+    started = time.monotonic()
+    samples: list[Sample] = []
+    with tempfile.TemporaryDirectory(prefix="farm-bench-relay-") as tmp:
+        workdir = Path(tmp)
+        try:
+            with Sink(workdir) as sink:
+                for rep in range(args.reps):
+                    order = modes[rep % len(modes) :] + modes[: rep % len(modes)]
+                    for workload in workloads:
+                        for mode in order:
+                            run = (program, mode, workload, messages, sink, workdir, args.uvloop)
+                            sample = measure(*run)
+                            sample.rep = rep
+                            report_sample(sample, args.reps)
+                            # Other processes competed for the CPUs: measure again, once, while
+                            # the time budget allows, and keep the quieter run (as run.py does).
+                            if (
+                                sample.other_cpu_s > bench.NOISY * sample.wall_s
+                                and time.monotonic() - started < args.retry_budget
+                            ):
+                                again = measure(*run)
+                                again.rep = rep
+                                report_sample(again, args.reps, "(retry: the first was noisy)")
+                                sample = min(sample, again, key=lambda s: s.other_cpu_s / s.wall_s)
+                            samples.append(sample)
+        except bench.BenchError as error:
+            print(f"benchmark failed: {error}", file=sys.stderr)
+            return 1
+    elapsed = time.monotonic() - started
+    table = render(samples, workloads, modes, messages, args.reps, args.uvloop, elapsed)
+    print(table)
+    if not args.no_save:
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        (RESULTS / "relay.md").write_text(table)
+        raw = {
+            "messages": messages,
+            "sessions": SESSIONS,
+            "size": MSG_SIZE,
+            "loop": "uvloop" if args.uvloop else "asyncio",
+            "workloads": [asdict(w) for w in workloads],
+            "samples": [
+                {**asdict(s), "msgs_per_s": s.msgs_per_s, "cpu_us_per_msg": s.cpu_us_per_msg}
+                for s in samples
+            ],
+        }
+        (RESULTS / "relay.json").write_text(json.dumps(raw, indent=2) + "\n")
+        print(f"(written to {(RESULTS / 'relay.md').relative_to(ROOT)})", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
