@@ -48,7 +48,13 @@ BASELINE = "aiosmtpd-asyncio"
 SERVERS = ["aiosmtpd-asyncio", "aiosmtpd-uvloop", "farm-asyncio", "farm-uvloop"]
 #: The real ``farm serve`` (supervisor + N forked workers, see server.py ``FARM_KINDS``):
 #: KIND -> number of workers. Not run by default.
-FARM_SERVERS = {"farm-1w": 1, "farm-2w": 2, "farm-1w-asyncio": 1, "farm-2w-asyncio": 2}
+FARM_SERVERS = {
+    "farm-1w": 1,
+    "farm-2w": 2,
+    "farm-1w-asyncio": 1,
+    "farm-2w-asyncio": 2,
+    "farm-1w-limits": 1,
+}
 #: Servers only run when asked for: the engine counting into metrics (prices the metrics).
 EXTRA_SERVERS = ["farm-uvloop-stats"]
 ALL_SERVERS = SERVERS + EXTRA_SERVERS + list(FARM_SERVERS)

@@ -68,15 +68,29 @@ FARM_KINDS: dict[str, tuple[int, str]] = {
     "farm-2w": (2, "uvloop"),
     "farm-1w-asyncio": (1, "asyncio"),
     "farm-2w-asyncio": (2, "asyncio"),
+    # Per-client-IP limits on for the benchmark's client (loopback is exempt by default): the
+    # price of asking the supervisor's anvil once per connection and once per MAIL.
+    "farm-1w-limits": (1, "uvloop"),
 }
 FARM_HANDLER = "farm.handlers:Sink"
+LIMITS_TOML = """[limits]
+sessions_per_ip = 100000
+messages_per_ip = 1000000000
+exempt_networks = []
+"""
 
 
-def farm_argv(kind: str) -> list[str]:
+def farm_argv(kind: str, workdir: Path | None = None) -> list[str]:
     """The ``farm`` command line for a :data:`FARM_KINDS` kind."""
     workers, loop_name = FARM_KINDS[kind]
+    config: list[str] = []
+    if kind.endswith("-limits"):
+        path = (workdir or Path(".")) / f"{kind}.toml"
+        path.write_text(LIMITS_TOML)
+        config = ["-c", str(path)]
     return [
         "serve",
+        *config,
         "-b",
         "127.0.0.1:0",
         "-w",
@@ -96,7 +110,7 @@ def farm_serve(kind: str, portfile: Path) -> int:
     tmp = portfile.with_name(portfile.name + ".tmp")
     tmp.write_text(f"0 {os.getpid()} {MALLOC_STATE} {FARM_HANDLER}\n")
     tmp.replace(portfile)
-    return farm_main(farm_argv(kind))
+    return farm_main(farm_argv(kind, portfile.parent))
 
 
 def protocol_factory(engine: str) -> tuple[Callable[[], asyncio.Protocol], str]:

@@ -47,6 +47,7 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--group", help="group to run as after binding")
     parser.add_argument("--pidfile", help="write the supervisor's pid here")
     parser.add_argument("--graceful-timeout", type=float, help="seconds a stop may drain")
+    parser.add_argument("--stop-delay", type=float, help="seconds TERM serves on, /ready 503")
     parser.add_argument("--timeout", type=float, help="seconds without heartbeat = hung worker")
     parser.add_argument("--uvloop", action=argparse.BooleanOptionalAction, default=None)
     parser.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR")
@@ -64,6 +65,7 @@ def overrides_from(args: argparse.Namespace) -> dict[str, Any]:
         "group": args.group,
         "pidfile": args.pidfile,
         "graceful_timeout": args.graceful_timeout,
+        "stop_delay": args.stop_delay,
         "timeout": args.timeout,
         "uvloop": args.uvloop,
         "log_level": args.log_level,

@@ -30,8 +30,9 @@ from types import MappingProxyType
 from typing import Any
 
 from farm.addresses import Address, parse_address
+from farm.limits import DEFAULT_EXEMPT, ClientLimits
 
-__all__ = ["LOG_LEVELS", "Config", "ConfigError", "SMTPSettings", "load_config"]
+__all__ = ["LOG_LEVELS", "Config", "ConfigError", "LimitSettings", "SMTPSettings", "load_config"]
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 COMMAND_LINE = "command line"
@@ -232,6 +233,21 @@ def _smtp(key: str, value: Any) -> SMTPSettings:
     return SMTPSettings(**value)
 
 
+def _limits(key: str, value: Any) -> LimitSettings:
+    if isinstance(value, LimitSettings):
+        return value
+    if not isinstance(value, Mapping):
+        raise _expected(key, "a table", value)
+    _reject_unknown(value, LimitSettings.names(), f"{key}.")
+    return LimitSettings(**value)
+
+
+def _network_list(key: str, value: Any) -> tuple[str, ...]:
+    if value is None:
+        raise _expected(key, 'a list of networks like "10.0.0.0/8"', value)
+    return _networks(key, value) or ()
+
+
 # --- the dataclasses -----------------------------------------------------------------------------
 
 
@@ -281,6 +297,7 @@ class SMTPSettings:
     require_starttls: bool = field(default=False, metadata=_checked(_boolean))
     auth_require_tls: bool = field(default=True, metadata=_checked(_boolean))
     auth_failure_limit: int = field(default=3, metadata=_checked(_integer(1)))
+    unknown_command_limit: int = field(default=5, metadata=_checked(_integer(1)))
     #: Seconds the client must stay silent before the 220 (0: greet at once); talkers: 554.
     greeting_delay: float = field(default=0.0, metadata=_checked(_non_negative_number))
     proxy_protocol_timeout: float | None = field(
@@ -327,6 +344,38 @@ class SMTPSettings:
 
 
 @dataclass(frozen=True)
+class LimitSettings:
+    """The ``[limits]`` table: per-client-IP limits held across all workers (farm.limits)."""
+
+    #: Concurrent sessions from one client address (0: no limit).
+    sessions_per_ip: int = field(default=50, metadata=_checked(_integer(0)))
+    #: Messages (MAIL commands) per ``interval`` from one client address (0: no limit).
+    messages_per_ip: int = field(default=0, metadata=_checked(_integer(0)))
+    #: Failed AUTH attempts per ``interval`` from one client address (0: no limit).
+    auth_failures_per_ip: int = field(default=0, metadata=_checked(_integer(0)))
+    interval: float = field(default=60.0, metadata=_checked(_positive_number))
+    #: Client networks never limited (loopback by default).
+    exempt_networks: tuple[str, ...] = field(
+        default=DEFAULT_EXEMPT, metadata=_checked(_network_list)
+    )
+
+    def __post_init__(self) -> None:
+        _validate(self, "limits.")
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        """The names accepted in the ``[limits]`` table."""
+        return tuple(spec.name for spec in fields(cls))
+
+    def replace(self, **changes: Any) -> LimitSettings:
+        _reject_unknown(changes, self.names(), "limits.")
+        return dataclasses.replace(self, **changes)
+
+    def client_limits(self) -> ClientLimits:
+        return ClientLimits(**{name: getattr(self, name) for name in self.names()})
+
+
+@dataclass(frozen=True)
 class Config:
     """The farm's effective configuration (see the module docstring for stored types)."""
 
@@ -343,6 +392,8 @@ class Config:
     group: str | None = field(default=None, metadata=_checked(_optional_string))
     pidfile: str | None = field(default=None, metadata=_checked(_optional_string))
     graceful_timeout: float = field(default=30.0, metadata=_checked(_positive_number))
+    #: Seconds a SIGTERM keeps serving with /ready at 503 (for a load balancer) before the drain.
+    stop_delay: float = field(default=0.0, metadata=_checked(_non_negative_number))
     timeout: float = field(default=30.0, metadata=_checked(_positive_number))
     boot_timeout: float = field(default=30.0, metadata=_checked(_positive_number))
     uvloop: bool = field(default=True, metadata=_checked(_boolean))
@@ -353,6 +404,7 @@ class Config:
     log_level: str = field(default="INFO", metadata=_checked(_log_level))
     log_file: str | None = field(default=None, metadata=_checked(_optional_string))
     smtp: SMTPSettings = field(default_factory=SMTPSettings, metadata=_checked(_smtp))
+    limits: LimitSettings = field(default_factory=LimitSettings, metadata=_checked(_limits))
     #: The file this configuration was read from (not compared, not a TOML key).
     source: str | None = field(default=None, compare=False)
 
@@ -380,26 +432,34 @@ class Config:
     def replace(self, **changes: Any) -> Config:
         """A validated copy with ``changes`` applied (``smtp`` may be a partial mapping)."""
         _reject_unknown(changes, (*self.names(), "source"), "")
-        smtp = changes.get("smtp")
-        if isinstance(smtp, Mapping):
-            changes["smtp"] = self.smtp.replace(**smtp)
+        for name in _TABLES:
+            if isinstance(changes.get(name), Mapping):
+                changes[name] = getattr(self, name).replace(**changes[name])
         return dataclasses.replace(self, **changes)
 
     def as_dict(self) -> dict[str, Any]:
         """Plain data (addresses as text, tables as dicts, ``None`` kept), without ``source``."""
         data = {name: _plain(getattr(self, name)) for name in self.names()}
-        data["smtp"] = {name: _plain(getattr(self.smtp, name)) for name in SMTPSettings.names()}
+        for name, table in _TABLES.items():
+            settings = getattr(self, name)
+            data[name] = {key: _plain(getattr(settings, key)) for key in table.names()}
         return data
 
     def describe(self) -> str:
         """The effective configuration as TOML text that ``load_config`` reads back equal."""
         data = self.as_dict()
-        smtp, handler_args = data.pop("smtp"), data.pop("handler_args")
+        smtp, limits = data.pop("smtp"), data.pop("limits")
+        handler_args = data.pop("handler_args")
         lines = [f"# farm: effective configuration ({self.source or 'no file'})"]
         lines += _toml_lines(data)
         lines += ["", "[handler_args]", *_toml_lines(handler_args)]
         lines += ["", "[smtp]", *_toml_lines(smtp)]
+        lines += ["", "[limits]", *_toml_lines(limits)]
         return "\n".join(lines) + "\n"
+
+
+#: The sub-tables of farm.toml that hold settings objects.
+_TABLES: dict[str, Any] = {"smtp": SMTPSettings, "limits": LimitSettings}
 
 
 def _reject_unknown(table: Mapping[str, Any], known: tuple[str, ...], prefix: str) -> None:
@@ -464,13 +524,14 @@ def _syntax_message(error: tomllib.TOMLDecodeError) -> str:
 
 
 def _check_table(table: Mapping[str, Any], where: str | None) -> None:
-    """Reject unknown keys and a non-table ``[smtp]`` before anything is merged into them."""
+    """Reject unknown keys and a non-table ``[smtp]``/``[limits]`` before merging into them."""
     try:
         _reject_unknown(table, Config.names(), "")
-        smtp = table.get("smtp", {})
-        if not isinstance(smtp, Mapping):
-            raise _expected("smtp", "a table", smtp)
-        _reject_unknown(smtp, SMTPSettings.names(), "smtp.")
+        for name, settings in _TABLES.items():
+            section = table.get(name, {})
+            if not isinstance(section, Mapping):
+                raise _expected(name, "a table", section)
+            _reject_unknown(section, settings.names(), f"{name}.")
     except ConfigError as error:
         raise error.located(where) from None
 
@@ -480,23 +541,26 @@ def _apply_overrides(
 ) -> tuple[dict[str, Any], set[str]]:
     """Merge ``overrides`` into a copy of ``table``; return it and the dotted keys overridden."""
     merged = dict(table)
-    smtp = dict(merged.get("smtp", {}))
+    sections = {name: dict(merged.get(name, {})) for name in _TABLES}
     given: set[str] = set()
     for key, value in _flatten(overrides):
         if value is None:
             continue
         given.add(key)
-        if key.startswith("smtp."):
-            smtp[key.removeprefix("smtp.")] = value
+        name, dot, rest = key.partition(".")
+        if dot and name in sections:
+            sections[name][rest] = value
         else:
             merged[key] = value
     try:
         _reject_unknown(merged, Config.names(), "")
-        _reject_unknown(smtp, SMTPSettings.names(), "smtp.")
+        for name, settings in _TABLES.items():
+            _reject_unknown(sections[name], settings.names(), f"{name}.")
     except ConfigError as error:
         raise error.located(COMMAND_LINE) from None
-    if smtp and "smtp" not in given:
-        merged["smtp"] = smtp
+    for name, section in sections.items():
+        if section and name not in given:
+            merged[name] = section
     return merged, given
 
 
@@ -504,8 +568,8 @@ def _flatten(overrides: Mapping[str, Any]) -> list[tuple[str, Any]]:
     """``{"smtp": {"hostname": h}}`` and ``{"smtp.hostname": h}`` both give ``smtp.hostname``."""
     items: list[tuple[str, Any]] = []
     for key, value in overrides.items():
-        if key == "smtp" and isinstance(value, Mapping):
-            items += [(f"smtp.{name}", item) for name, item in value.items()]
+        if key in _TABLES and isinstance(value, Mapping):
+            items += [(f"{key}.{name}", item) for name, item in value.items()]
         else:
             items.append((key, value))
     return items

@@ -102,6 +102,12 @@ class _BaseController:
         await self._sessions.drain(self.drain_timeout)
         if self.server is not None:
             await self.server.wait_closed()
+        close = getattr(self.handler, "aclose", None)
+        if close is not None:  # connections it keeps on this loop (the relay's pool)
+            try:
+                await asyncio.wait_for(close(), self.drain_timeout)
+            except Exception as error:
+                log.warning("handler aclose() failed: %s", error or type(error).__name__)
 
     def _trigger_server(self) -> None:
         """Connect once and read the greeting, proving the factory works."""

@@ -36,6 +36,7 @@ AUTH_ATTEMPTS = "farm_auth_attempts"  # counter {result}
 LOOP_LAG = "farm_loop_lag_seconds"  # gauge
 SESSIONS_DRAINING = "farm_sessions_draining"  # gauge
 SESSIONS_LIMIT = "farm_sessions_limit"  # gauge: max_sessions, where the worker stops accepting
+CLIENT_LIMITED = "farm_client_limit_refusals"  # counter {limit}: per-IP limits ([limits])
 
 # -- names: supervisor --------------------------------------------------------------------------
 WORKERS_DESIRED = "farm_workers_desired"
@@ -108,6 +109,7 @@ class WorkerStats:
         self.handlers: dict[str, Histogram] = {}
         self.tls = {"ok": 0, "failed": 0}
         self.auth = {"success": 0, "failure": 0}
+        self.limited = {"sessions": 0, "messages": 0, "auth": 0}
 
     def command(self, verb: str) -> None:
         commands = self.commands
@@ -179,6 +181,12 @@ class WorkerStats:
             "AUTH credential checks, by result.",
             [((r,), n) for r, n in self.auth.items()],
             ("result",),
+        )
+        yield _counter(
+            CLIENT_LIMITED,
+            "Refusals by a per-client-IP limit (sessions, messages, auth).",
+            [((limit,), n) for limit, n in self.limited.items()],
+            ("limit",),
         )
 
 

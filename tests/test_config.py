@@ -104,6 +104,7 @@ def test_defaults() -> None:
         "require_starttls": False,
         "auth_require_tls": True,
         "auth_failure_limit": 3,
+        "unknown_command_limit": 5,
         "greeting_delay": 0.0,
         "proxy_protocol_timeout": None,
         "proxy_trusted_networks": None,
@@ -424,3 +425,22 @@ def test_proxy_networks_are_checked() -> None:
 def test_proxy_protocol_needs_trusted_networks() -> None:
     with pytest.raises(ConfigError, match=r"smtp\.proxy_trusted_networks: required"):
         Config(smtp={"proxy_protocol_timeout": 5})
+
+
+def test_stop_delay_defaults_to_0_and_is_checked(tmp_path: Path) -> None:
+    assert Config().stop_delay == 0.0
+    config = load_config(write(tmp_path, "stop_delay = 5\n"))
+    assert config.stop_delay == 5.0 and isinstance(config.stop_delay, float)
+    assert load_config(None, {"stop_delay": 2.5}).stop_delay == 2.5
+    assert Config(stop_delay=0).stop_delay == 0.0
+    for bad, shown in (("-1", "-1"), ("inf", "inf"), ("true", "True"), ("'2s'", "'2s'")):
+        with pytest.raises(ConfigError, match=rf"stop_delay: expected a number >= 0, got {shown}"):
+            load_config(write(tmp_path, f"stop_delay = {bad}\n"))
+    assert "stop_delay = 5.0" in config.describe()
+
+
+def test_stop_delay_command_line_flag() -> None:
+    from farm.cli import build_parser, overrides_from
+
+    args = build_parser().parse_args(["serve", "--stop-delay", "3"])
+    assert load_config(None, overrides_from(args)).stop_delay == 3.0

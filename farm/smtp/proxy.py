@@ -103,4 +103,5 @@ class ProxyProtocolMixin:
             log.info("session=%s PROXY header not accepted by the handler", server.session.id)
             server._close_after_flush = True
             return
-        server._greet_after_delay()
+        if await server._admitted():
+            server._greet_after_delay()

@@ -13,6 +13,7 @@ import logging
 from base64 import b64decode, b64encode
 from typing import Any
 
+from farm.limits import too_many_auth_failures
 from farm.smtp.auth import AuthResult, LoginPassword
 
 log = logging.getLogger("farm.smtp")
@@ -66,6 +67,8 @@ class AuthMixin:
             server._reply("501 Too many values")
             return
         mechanism = args[0].upper()
+        if server._limit_key is not None and not await self._auth_rate_allowed():
+            return
         if "AUTH" in server._hooks.hooks:
             status = await server._call_handler_hook("AUTH", args)
             server._reply(status)
@@ -81,6 +84,18 @@ class AuthMixin:
         except _Aborted:
             return  # the reply is sent; only a credential check counts as a failure
         self._finish_auth(mechanism, result)
+
+    async def _auth_rate_allowed(self) -> bool:
+        """The client's AUTH-failure allowance (``limiter``): False after replying 454."""
+        server: Any = self
+        limiter, key = server._limiter, server._limit_key
+        if not limiter.counts_auth or await limiter.auth_allowed(key):
+            return True
+        log.info("session=%s AUTH refused: too many AUTH failures from %s", server.session.id, key)
+        if server.stats is not None:
+            server.stats.limited["auth"] += 1
+        server._reply(too_many_auth_failures(key))
+        return False
 
     def _mechanism(self, name: str) -> Any:
         server: Any = self
@@ -111,6 +126,8 @@ class AuthMixin:
             log.info("session=%s authenticated with %s", session.id, mechanism)
             return
         self._auth_failures += 1
+        if server._limit_key is not None and server._limiter.counts_auth:
+            server._limiter.auth_failed(server._limit_key)
         log.info(
             "session=%s AUTH %s failed (%d of %d)",
             session.id,

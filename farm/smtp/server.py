@@ -9,6 +9,7 @@ batch of pipelined commands leave in a single write.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import inspect
 import itertools
@@ -20,6 +21,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from farm import __version__
+from farm.limits import client_address, too_many_connections, too_much_mail
 from farm.smtp.chunking import ChunkingMixin
 from farm.smtp.dsn import dsn_mail_options_valid, dsn_rcpt_options_valid, split_options
 from farm.smtp.framing import Chunk, Command, DataError, Framer, Message
@@ -143,6 +145,8 @@ class SMTP(AuthMixin, StartTLSMixin, ChunkingMixin, ProxyProtocolMixin, asyncio.
     _ended_how: str | None = None
     #: The verb being answered (for enhanced status codes).
     _verb: str | None = None
+    #: The client's key in the ``limiter`` once it was admitted (None: not limited).
+    _limit_key: str | None = None
 
     #: Verbs that always run in a task (they await the client or a TLS handshake).
     _always_task = frozenset({"STARTTLS", "AUTH"})
@@ -188,6 +192,8 @@ class SMTP(AuthMixin, StartTLSMixin, ChunkingMixin, ProxyProtocolMixin, asyncio.
         greeting_delay: float = 0.0,
         tls_handshake_timeout: float = TLS_HANDSHAKE_TIMEOUT_DEFAULT,
         auth_failure_limit: int = AUTH_FAILURE_LIMIT_DEFAULT,
+        limiter: Any = None,
+        unknown_command_limit: int = BOGUS_LIMIT,
     ) -> None:
         self.event_handler = handler
         self.data_size_limit = data_size_limit
@@ -219,6 +225,9 @@ class SMTP(AuthMixin, StartTLSMixin, ChunkingMixin, ProxyProtocolMixin, asyncio.
         self._task_verbs = _task_verbs(type(self), self._hooks)
         self._tls_handshake_timeout = tls_handshake_timeout
         self._auth_failure_limit = auth_failure_limit
+        self._limiter = limiter
+        if unknown_command_limit != BOGUS_LIMIT:
+            self._bogus_budget = unknown_command_limit
         self._framer = Framer(
             max(self._max_command_size(), SASL_LINE_LIMIT), self.line_length_limit
         )
@@ -297,7 +306,51 @@ class SMTP(AuthMixin, StartTLSMixin, ChunkingMixin, ProxyProtocolMixin, asyncio.
         if self._proxy_protocol_timeout:
             self._expect_proxy_header()
             return
-        self._greet_after_delay()
+        if self._limiter is None:
+            self._greet_after_delay()
+        else:
+            self._run_inline(self._admit_and_greet())
+
+    async def _admit_and_greet(self) -> None:
+        if await self._admitted():
+            self._greet_after_delay()
+
+    async def _admitted(self) -> bool:
+        """Ask the ``limiter`` whether this client may have another session (farm.limits)."""
+        limiter = self._limiter
+        if limiter is None:
+            return True
+        session = self.session
+        key = limiter.key(client_address(session.peer, session.proxy_data))  # type: ignore[union-attr]
+        if key is None:
+            return True
+        if not await limiter.open_session(key):
+            log.info("session=%s refused: too many connections from %s", session.id, key)  # type: ignore[union-attr]
+            if self.stats is not None:
+                self.stats.limited["sessions"] += 1
+            self._ended_how = "error"
+            self._reply(too_many_connections(self.hostname, key), plain=True)
+            self._close_after_flush = True
+            self._flush()
+            return False
+        if self._closed:
+            limiter.close_session(key)
+            return False
+        self._limit_key = key
+        return True
+
+    async def _mail_allowed(self) -> bool:
+        """The client's message rate (``limiter``): False after replying 450."""
+        key = self._limit_key
+        if key is None or not self._limiter.counts_messages:
+            return True
+        if await self._limiter.count_message(key):
+            return True
+        log.info("session=%s MAIL refused: too much mail from %s", self.session.id, key)  # type: ignore[union-attr]
+        if self.stats is not None:
+            self.stats.limited["messages"] += 1
+        self._reply(too_much_mail(key))
+        return False
 
     def _greet_after_delay(self) -> None:
         """Greet now, or after ``greeting_delay`` seconds during which the client must be silent."""
@@ -421,6 +474,9 @@ class SMTP(AuthMixin, StartTLSMixin, ChunkingMixin, ProxyProtocolMixin, asyncio.
         task = self._task
         if task is not None and not self._task_is_delivery:
             task.cancel()
+        if self._limit_key is not None:
+            self._limiter.close_session(self._limit_key)
+            self._limit_key = None
         if self.stats is not None:
             how = self._ended_how or ("error" if exc is not None else "disconnect")
             self.stats.ended[how] += 1
@@ -579,16 +635,20 @@ class SMTP(AuthMixin, StartTLSMixin, ChunkingMixin, ProxyProtocolMixin, asyncio.
         if verb in self._task_verbs:
             self._run(coro)
             return
+        self._run_inline(coro)
+
+    def _run_inline(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run ``coro`` right here; if it has to wait after all (say, for the ``limiter``), it
+        goes on in a task from where it stopped. Most commands never wait: no task for them."""
         try:
-            coro.send(None)
+            waiting_for = coro.send(None)
         except StopIteration:
             return
         except Exception:
             log.exception("session=%s internal error", self.session.id)  # type: ignore[union-attr]
             self._reply(LOCAL_ERROR)
             return
-        coro.close()
-        raise RuntimeError("a command without hooks suspended; it must run in a task")
+        self._run(_resume(coro, waiting_for))
 
     def _update_checks(self) -> None:
         """Whether commands must pass the policy checks of :meth:`_refused` (rarely)."""
@@ -1029,6 +1089,8 @@ class SMTP(AuthMixin, StartTLSMixin, ChunkingMixin, ProxyProtocolMixin, asyncio.
         if options:
             self._reply("555 MAIL FROM parameters not recognized or not implemented")
             return
+        if self._limit_key is not None and not await self._mail_allowed():
+            return
         envelope.smtp_utf8 = bool(smtputf8)  # type: ignore[union-attr]
         self._data_started = self.loop.time()  # type: ignore[union-attr]
         status = (
@@ -1110,6 +1172,28 @@ class SMTP(AuthMixin, StartTLSMixin, ChunkingMixin, ProxyProtocolMixin, asyncio.
         self._framer.start_data(self.data_size_limit)
         if self._timeout:
             self._data_deadline = self.loop.time() + self._timeout  # type: ignore[union-attr]
+
+
+async def _resume(coro: Coroutine[Any, Any, None], waiting_for: Any) -> None:
+    """Drive a coroutine that was started outside a task and suspended on ``waiting_for``,
+    as a task would: it reads the future's outcome itself, and a cancellation cancels it."""
+    while True:
+        try:
+            if waiting_for is None:  # a bare yield (asyncio.sleep(0))
+                await asyncio.sleep(0)
+            else:
+                await asyncio.wait((waiting_for,))
+        except asyncio.CancelledError:
+            if waiting_for is not None:
+                waiting_for.cancel()
+            with contextlib.suppress(StopIteration, asyncio.CancelledError):
+                coro.throw(asyncio.CancelledError())
+            coro.close()
+            raise
+        try:
+            waiting_for = coro.send(None)
+        except StopIteration:
+            return
 
 
 @functools.lru_cache(maxsize=256)

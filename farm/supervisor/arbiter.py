@@ -28,6 +28,7 @@ from farm import __version__
 from farm.config import Config, ConfigError, load_config
 from farm.logs import reopen_log_file
 from farm.metrics import SupervisorMetrics
+from farm.supervisor.anvil import AnvilService
 from farm.supervisor.channel import Channel, ChannelClosed
 from farm.supervisor.listeners import Listener, ListenerError, bind_listeners
 from farm.supervisor.metrics_http import MetricsHTTPServer
@@ -51,6 +52,10 @@ SCRAPE_TIMEOUT = 1.0
 RETIRE_SLACK = 15.0
 #: Seconds past the stop's grace before SIGKILL, so a worker's own drain deadline comes first.
 STOP_SLACK = 3.0
+
+
+#: How often the supervisor reaps, checks health and deadlines when nothing signals it.
+TICK_INTERVAL = 0.1
 
 
 @dataclass
@@ -121,6 +126,9 @@ class Arbiter:
         self.reload: Reload | None = None
         self.exit_code: int | None = None
         self.stop_deadline: float | None = None
+        #: While SIGTERM's ``stop_delay`` runs: when the graceful stop begins (None otherwise).
+        self.lame_duck_until: float | None = None
+        self._stop_notified = False
         self._signals: collections.deque[int] = collections.deque()
         self._selector = selectors.DefaultSelector()
         self._wakeup_r, self._wakeup_w = os.pipe()
@@ -133,6 +141,7 @@ class Arbiter:
         self._scrape_pending: set[int] | None = None
         self._scrape_deadline = 0.0
         self._scrape_id = 0
+        self.anvil = AnvilService(config.limits.client_limits())
 
     # -- setup and the loop ----------------------------------------------------------------
 
@@ -142,7 +151,7 @@ class Arbiter:
         self._set_title()
         if self.config.metrics:
             self._metrics_server = MetricsHTTPServer(
-                self.config.metrics, self._selector, self._begin_scrape
+                self.config.metrics, self._selector, self._begin_scrape, self.readiness
             )
             log.info("metrics on http://%s/metrics", self._metrics_server.address)
         self.metrics.reload_generation.set(self.generation)
@@ -150,12 +159,19 @@ class Arbiter:
         for slot in range(self.desired):
             self.slots[slot] = self._spawn(slot, self.generation)
         try:
+            next_tick = 0.0
             while self.exit_code is None:
                 for key, _ in self._selector.select(self._select_timeout()):
                     key.data()
+                signalled = bool(self._signals)
                 self._handle_signals()
-                self._reap()
-                self._tick()
+                now = time.monotonic()
+                # Channel traffic (anvil questions) wakes the loop often: the periodic work
+                # runs on signals and every TICK_INTERVAL, not on every wake-up.
+                if signalled or now >= next_tick:
+                    self._reap()
+                    self._tick()
+                    next_tick = now + TICK_INTERVAL
         finally:
             self._cleanup()
         return self.exit_code
@@ -271,9 +287,14 @@ class Arbiter:
             self._forget_channel(worker)
             return
         now = time.monotonic()
+        answers: list[dict[str, Any]] = []
         for message in messages:
             kind = message.get("t")
-            if kind == "hb":
+            if kind == "anvil":
+                answer = self.anvil.handle(worker.pid, message)
+                if answer is not None:
+                    answers.append(answer)
+            elif kind == "hb":
                 worker.last_beat = now
                 worker.lag = float(message.get("lag", 0.0))
                 worker.sessions = int(message.get("sessions", 0))
@@ -288,6 +309,9 @@ class Arbiter:
                 self._recycle(worker, str(message.get("reason", "recycle")))
             elif kind == "metrics":
                 self._on_metrics(worker, message)
+        if answers:
+            with contextlib.suppress(ChannelClosed):
+                worker.channel.send_many(answers)
 
     def _read_final_metrics(self, worker: WorkerProcess) -> None:
         """A reaped worker's last words: only its final metrics still matter."""
@@ -417,31 +441,72 @@ class Arbiter:
 
     # -- stopping --------------------------------------------------------------------------
 
+    def readiness(self) -> str:
+        """What ``/ready`` says: ``ready`` while serving, else why not (answered 503)."""
+        if self.state == "stopping" or self.lame_duck_until is not None:
+            return "stopping"
+        if self.state != "running":
+            return self.state
+        return "ready" if self._ready_count() else "no worker ready"
+
+    def _begin_lame_duck(self) -> None:
+        """SIGTERM with ``stop_delay``: /ready turns 503 at once, the drain starts later.
+
+        Meanwhile the farm serves as usual, so that a load balancer's health check takes it out
+        of rotation before it stops accepting.
+        """
+        delay = self.config.stop_delay
+        self.lame_duck_until = time.monotonic() + delay
+        self._notify_stopping()
+        self.notifier.extend_timeout(delay + self.config.graceful_timeout + 2 * STOP_SLACK)
+        log.info("stopping in %gs: /ready says 503, still serving meanwhile", delay)
+
+    def _notify_stopping(self) -> None:
+        if not self._stop_notified:
+            self._stop_notified = True
+            self.notifier.stopping()
+
     def _begin_stop(self, graceful: bool) -> None:
         if self.state == "stopping" and graceful:
             return
+        lame_duck = graceful and self.state == "running" and self.config.stop_delay > 0
+        if lame_duck and self.lame_duck_until is None:
+            self._begin_lame_duck()
+            return  # a second SIGTERM (or the delay's end) comes back here
+        self.lame_duck_until = None
         self.state = "stopping"
         if self.reload is not None:
             log.info("stop: the reload to generation %d is abandoned", self.reload.generation)
             self.reload = None
-        self.notifier.stopping()
+        self._notify_stopping()
         now = time.monotonic()
         grace = self.config.graceful_timeout if graceful else FAST_STOP_GRACE
         deadline = now + grace + STOP_SLACK  # the workers' own drain ends first
         self.stop_deadline = (
             deadline if self.stop_deadline is None else min(self.stop_deadline, deadline)
         )
-        if self._metrics_server is not None:
-            self._metrics_server.close()
-            self._metrics_server = None
+        # The metrics listener stays open: /ready says 503 to the end, /metrics shows the drain.
         for worker in list(self.workers.values()):
             self._retire(worker, "stop", graceful=graceful)
+        self._close_listeners()
         log.info(
             "%s stop: %d worker(s), deadline %.0fs",
             "graceful" if graceful else "fast",
             len(self.workers),
             grace,
         )
+
+    def _close_listeners(self) -> None:
+        """Close the supervisor's copies of the listening sockets (it never accepts on them).
+
+        The workers, told to stop just now, still hold theirs: each takes the connections
+        already queued before closing its copy, and once the last copy is closed new
+        connections are refused (a load balancer then retries elsewhere) instead of queueing
+        where nobody accepts them any more, to be reset at exit.
+        """
+        listeners, self.listeners = list(self.listeners.values()), {}
+        for listener in listeners:
+            listener.close()
 
     # -- reload ----------------------------------------------------------------------------
 
@@ -524,6 +589,7 @@ class Arbiter:
         for listener in reload.closing_listeners:
             listener.close()
         self.reload = None
+        self.anvil.update(self.config.limits.client_limits())
         self.metrics.reload_generation.set(self.generation)
         self.metrics.reload_last_success.set(1)
         log.info(
@@ -570,6 +636,7 @@ class Arbiter:
             if worker is not None:
                 self._read_final_metrics(worker)
                 self._forget_channel(worker)
+                self.anvil.worker_gone(pid)
                 self.worker_metrics.exited(pid)
                 if self._scrape_pending is not None and pid in self._scrape_pending:
                     self._scrape_pending.discard(pid)
@@ -641,12 +708,19 @@ class Arbiter:
 
     def _tick(self) -> None:
         now = time.monotonic()
+        for worker in self.workers.values():
+            if worker.channel.pending_output:
+                with contextlib.suppress(ChannelClosed, OSError):
+                    worker.channel.flush()
         if self._metrics_server is not None:
             self._metrics_server.expire(now)
         if self._scrape_pending is not None and now > self._scrape_deadline:
             self._finish_scrape()
         if self.state == "stopping":
             self._tick_stopping(now)
+            return
+        if self.lame_duck_until is not None and now >= self.lame_duck_until:
+            self._begin_stop(graceful=True)
             return
         for slot, when in list(self.spawn_at.items()):
             if when <= now and slot < self.desired and slot not in self.slots:

@@ -46,6 +46,12 @@ class Channel:
         self._outbox += json.dumps(message, separators=(",", ":")).encode() + b"\n"
         self.flush()
 
+    def send_many(self, messages: list[dict[str, Any]]) -> None:
+        """Queue several messages and write them with one system call."""
+        encode = json.JSONEncoder(separators=(",", ":")).encode
+        self._outbox += b"".join(encode(message).encode() + b"\n" for message in messages)
+        self.flush()
+
     @property
     def pending_output(self) -> int:
         return len(self._outbox)

@@ -1,7 +1,9 @@
-"""A minimal non-blocking HTTP endpoint for /metrics, run by the supervisor's own loop.
+"""A minimal non-blocking HTTP endpoint for /metrics and /ready, run by the supervisor's loop.
 
 No thread (invariant 4: the supervisor forks). The exposition text comes from
 ``prometheus_client``; content negotiation picks OpenMetrics when the scraper asks for it.
+``/ready`` is for load balancers' health checks: ``200 ready`` while the farm serves, ``503``
+with the reason (``booting``, ``stopping``, ...) otherwise.
 """
 
 from __future__ import annotations
@@ -26,16 +28,22 @@ MAX_CLIENTS = 32
 CLIENT_TIMEOUT = 10.0
 #: Seconds accepting pauses when the process is out of file descriptors.
 ACCEPT_PAUSE = 1.0
+#: The body of a 200 answer to ``/ready``.
+READY = "ready"
 
 
 class MetricsHTTPServer:
-    """Serves ``GET /metrics`` on ``address`` (``HOST:PORT``) through ``selector``."""
+    """Serves ``GET /metrics`` and ``GET /ready`` on ``address`` (``HOST:PORT``) via ``selector``.
+
+    ``readiness()`` returns ``"ready"`` (answered 200) or why the farm is not (answered 503).
+    """
 
     def __init__(
         self,
         address: Any,
         selector: selectors.BaseSelector,
         collect: Callable[[Callable[[CollectorRegistry], None]], None],
+        readiness: Callable[[], str] | None = None,
     ) -> None:
         host, port = _split(address)
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -47,6 +55,7 @@ class MetricsHTTPServer:
         self._sock.set_inheritable(False)
         self._selector = selector
         self._collect = collect
+        self._readiness = readiness or (lambda: READY)
         self._waiting: set[int] = set()
         self._since: dict[int, float] = {}
         self._accepting = True
@@ -141,8 +150,13 @@ class MetricsHTTPServer:
             self._reply(fd, 405, "text/plain", b"only GET\n")
             return
         path = parts[1].split("?")[0]
+        if path == "/ready":
+            state = self._readiness()
+            body = b"" if parts[0] == "HEAD" else f"{state}\n".encode()
+            self._reply(fd, 200 if state == READY else 503, "text/plain; charset=utf-8", body)
+            return
         if path not in ("/metrics", "/"):
-            self._reply(fd, 404, "text/plain", b"try /metrics\n")
+            self._reply(fd, 404, "text/plain", b"try /metrics or /ready\n")
             return
         method, accept = parts[0], headers.get("accept", "")
         self._waiting.add(fd)  # the workers answer asynchronously
@@ -161,7 +175,12 @@ class MetricsHTTPServer:
 
     def _reply(self, fd: int, status: int, content_type: str, body: bytes) -> None:
         conn, _, outbox = self._clients[fd]
-        reason = {200: "OK", 404: "Not Found", 405: "Method Not Allowed"}.get(status, "Error")
+        reason = {
+            200: "OK",
+            404: "Not Found",
+            405: "Method Not Allowed",
+            503: "Service Unavailable",
+        }.get(status, "Error")
         outbox += (
             f"HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\n"
             f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"

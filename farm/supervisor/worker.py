@@ -28,6 +28,7 @@ from farm.logs import reopen_log_file
 from farm.metrics import StatsCollector, WorkerStats
 from farm.smtp import SMTP
 from farm.smtp.drain import SessionTracker
+from farm.supervisor.anvil import ChannelLimiter
 from farm.supervisor.channel import Channel, ChannelClosed
 
 log = logging.getLogger("farm.worker")
@@ -35,6 +36,10 @@ log = logging.getLogger("farm.worker")
 #: Exit status of a worker that could not load its handler (a configuration error).
 EXIT_BOOT_ERROR = 3
 HEARTBEAT_INTERVAL = 1.0
+#: Seconds a handler's ``aclose()`` may take when the worker exits.
+HANDLER_CLOSE_TIMEOUT = 5.0
+#: Seconds a graceful stop gives sessions that have not begun a mail transaction to begin one.
+UNBEGUN_GRACE = 1.0
 #: Signals the supervisor handles. It blocks them around fork; a worker puts them back to their
 #: defaults and unblocks them once its own loop handles them (TERM drain, INT/QUIT abort, HUP
 #: retire, USR1 reopen logs), so that none is lost or fatal while it boots.
@@ -106,10 +111,22 @@ def _worker_process(spec: WorkerSpec) -> int:
     try:
         server = WorkerServer(spec, handler, loop)
         code = loop.run_until_complete(server.run())
+        loop.run_until_complete(_close_handler(handler))
         server.send_final_metrics()
         return code
     finally:
         loop.close()
+
+
+async def _close_handler(handler: Any) -> None:
+    """Let a handler holding connections (the relay's pool) close them: ``aclose()``, bounded."""
+    close = getattr(handler, "aclose", None)
+    if close is None:
+        return
+    try:
+        await asyncio.wait_for(close(), HANDLER_CLOSE_TIMEOUT)
+    except Exception as error:  # the worker is exiting anyway: say why, go on
+        log.warning("handler aclose() failed: %s", error or type(error).__name__)
 
 
 def _new_loop(use_uvloop: bool) -> asyncio.AbstractEventLoop:
@@ -126,6 +143,7 @@ class AcceptGate:
     """Accepting on every listener, paused and resumed (at the session cap, in a drain).
 
     ``tls`` maps the listeners that speak TLS from the first byte to their SSL context.
+    :meth:`close` stops accepting for good, taking what is queued first.
     """
 
     def __init__(
@@ -141,10 +159,11 @@ class AcceptGate:
         self._tls = tls or {}
         self._epoch = 0  # bumped by stop(): a start() in progress then gives up
         self._servers: list[asyncio.AbstractServer] = []
+        self._closed = False
         self.open = False
 
     async def start(self) -> None:
-        if self.open:
+        if self.open or self._closed:
             return
         self.open = True
         epoch = self._epoch
@@ -159,16 +178,96 @@ class AcceptGate:
                     self._factory, sock=sock, backlog=1024, ssl=ssl
                 )
             if self._epoch != epoch:  # stopped while this server was being created
-                server.close()
+                self._close_servers([server])
                 return
             self._servers.append(server)
 
     def stop(self) -> None:
         self.open = False
         self._epoch += 1
-        for server in self._servers:
-            server.close()
-        self._servers.clear()
+        servers, self._servers = self._servers, []
+        self._close_servers(servers)
+
+    def _close_servers(self, servers: list[asyncio.AbstractServer]) -> None:
+        if not isinstance(self._loop, asyncio.selector_events.BaseSelectorEventLoop):
+            for server in servers:  # uvloop accepts and attaches in one callback: no race
+                server.close()
+            return
+        # asyncio accepts in one callback and attaches the transport in a task: a server closed
+        # in between fails that task and loses the connection. So: no more accepts now, and
+        # the close once the tasks already created have run (they were scheduled before it).
+        for server in servers:
+            for sock in server.sockets:
+                self._loop.remove_reader(sock.fileno())
+        if servers:
+            self._loop.call_soon(_close_all, servers)
+
+    async def close(self, take_queued: bool, timeout: float) -> int:
+        """Stop accepting for good and close this process's copies of the listeners.
+
+        With ``take_queued``, first accept (without blocking, until the queue is empty) every
+        connection the kernel has queued, and serve them: when the last copy of a listener is
+        closed, the kernel resets the connections still queued (clients already saw them
+        connected), and from then on refuses new ones. Waits up to ``timeout`` s for the
+        taken connections to be set up; returns how many were taken.
+        """
+        if self._closed:
+            return 0
+        self._closed = True
+        self.stop()
+        await asyncio.sleep(0)  # the servers' deferred close runs first
+        taken: list[tuple[socket.socket, Any]] = []
+        for listener in self._listeners:
+            if take_queued:
+                taken += [(conn, self._tls.get(listener.address)) for conn in _queued(listener)]
+            listener.close()  # only this process's copy (the socket file is the supervisor's)
+        if not taken:
+            return 0
+        tasks = [
+            self._loop.create_task(self._loop.connect_accepted_socket(self._factory, conn, ssl=ssl))
+            for conn, ssl in taken
+        ]
+        _, pending = await asyncio.wait(tasks, timeout=timeout)
+        for task in tasks:
+            if task not in pending and not task.cancelled() and task.exception() is not None:
+                log.debug("a queued connection was lost: %s", task.exception())
+        return len(taken)
+
+
+def _close_all(servers: list[asyncio.AbstractServer]) -> None:
+    for server in servers:
+        server.close()
+
+
+def _unbegun(protocol: SMTP) -> bool:
+    """Whether a session has had no mail transaction yet (none in flight, none done)."""
+    counts, envelope = protocol.counts, protocol.envelope
+    in_flight = envelope is not None and envelope.mail_from is not None
+    return not (in_flight or counts["accepted"] or counts["rejected"])
+
+
+#: Connections taken from one listener's queue at most, as it closes.
+MAX_QUEUED = 4096
+
+
+def _queued(listener: Any) -> list[socket.socket]:
+    """Accept, without blocking, what is queued on ``listener`` (nothing if it is not open)."""
+    sock = listener.socket
+    if sock.fileno() < 0:
+        return []
+    sock.setblocking(False)  # it is already; accept() must never wait here
+    conns = []
+    while len(conns) < MAX_QUEUED:
+        try:
+            conn, _ = sock.accept()
+        except (BlockingIOError, InterruptedError):
+            break
+        except OSError as error:  # out of descriptors, or the socket is not listening
+            log.warning("cannot take the queued connections of %s: %s", listener.address, error)
+            break
+        conn.setblocking(False)
+        conns.append(conn)
+    return conns
 
 
 class WorkerServer:
@@ -188,6 +287,11 @@ class WorkerServer:
         self.active = 0
         self.messages = 0
         self._smtp_kwargs = self.config.smtp.as_kwargs()
+        limits = self.config.limits.client_limits()
+        self.limiter = ChannelLimiter(limits, self._send_many, loop) if limits.active else None
+        if self.limiter is not None:
+            self._smtp_kwargs["limiter"] = self.limiter
+        self._flushing = False
         context = self._smtp_kwargs.get("tls_context")
         implicit = {a.text for a in self.config.tls_bind}
         tls = {
@@ -198,6 +302,7 @@ class WorkerServer:
         self.gate = AcceptGate(loop, spec.listeners, self._new_session, tls)
         self._done = loop.create_future()
         self._stopping = False
+        self._farm_stops = False
         self._recycle_at = self._recycle_threshold()
         self._recycle_asked = False
         self._beat_due = 0.0
@@ -292,6 +397,7 @@ class WorkerServer:
         await self._stop(graceful=True)
 
     def stop(self, graceful: bool) -> None:
+        self._farm_stops = True  # not a retirement: the listeners' queues are ours to take
         if graceful and self._idle is not None and not self._idle.done():
             self._idle.set_result(None)  # retiring, now told to stop: drain at once
             return
@@ -302,13 +408,41 @@ class WorkerServer:
         self.loop.create_task(self._stop(graceful))
 
     async def _stop(self, graceful: bool) -> None:
+        # In a graceful stop of the farm, take what is queued before closing the listeners.
+        # A retiring worker does not: the supervisor and the new generation go on serving.
+        timeout = self.config.graceful_timeout
+        taken = await self.gate.close(graceful and self._farm_stops, timeout / 2)
+        if taken:
+            log.info("worker %d: took %d queued connection(s) on stopping", self.spec.slot, taken)
         if graceful:
-            await self.sessions.drain(self.config.graceful_timeout)
+            await self._drain(timeout)
         else:
             for protocol in self.sessions.active:
                 protocol.abort()
         if not self._done.done():
             self._done.set_result(0)
+
+    async def _drain(self, timeout: float) -> None:
+        """Drain within ``timeout``; sessions that have not begun a transaction go last.
+
+        Sessions in a transaction finish it, then get 421; those that had one and are idle
+        get 421 at once. A session that has not begun one yet was most likely opened just now
+        (maybe by a load balancer that had not yet seen us stop, or taken from the listen
+        queue): it gets :data:`UNBEGUN_GRACE` s to begin its transaction (which then
+        finishes) or to leave, so that its first MAIL is not refused; then it is drained too.
+        """
+        deadline = self.loop.time() + timeout
+        sessions = self.sessions.active
+        unbegun = [p for p in sessions if _unbegun(p)]
+        for protocol in sessions:
+            if protocol not in unbegun:
+                protocol.begin_shutdown()
+        if unbegun:
+            waiters = [asyncio.ensure_future(p.wait_closed()) for p in unbegun]
+            _, pending = await asyncio.wait(waiters, timeout=min(UNBEGUN_GRACE, timeout / 2))
+            for waiter in pending:
+                waiter.cancel()
+        await self.sessions.drain(max(0.0, deadline - self.loop.time()))
 
     def _reopen_logs(self) -> None:
         if self.config.log_file:
@@ -317,9 +451,29 @@ class WorkerServer:
     # -- the channel -----------------------------------------------------------------------
 
     def _send(self, message: dict[str, Any]) -> None:
+        self._send_many([message])
+
+    def _send_many(self, messages: list[dict[str, Any]]) -> None:
         try:
-            self.channel.send(message)
+            self.channel.send_many(messages)
         except ChannelClosed:
+            self._supervisor_gone()
+            return
+        if self.channel.pending_output and not self._flushing:
+            self._flushing = True
+            self.loop.add_writer(self.channel.fileno(), self._flush_channel)
+
+    def _flush_channel(self) -> None:
+        """Write what the channel could not take at once (the socket buffer was full)."""
+        gone = False
+        try:
+            self.channel.flush()
+        except ChannelClosed:
+            gone = True
+        if gone or not self.channel.pending_output:
+            self._flushing = False
+            self.loop.remove_writer(self.channel.fileno())
+        if gone:
             self._supervisor_gone()
 
     def _on_channel(self) -> None:
@@ -334,6 +488,8 @@ class WorkerServer:
                 self._send({"t": "metrics", "id": message.get("id"), "text": self.exposition()})
             elif kind == "stop":
                 self.stop(bool(message.get("graceful", True)))
+            elif kind == "anvil" and self.limiter is not None:
+                self.limiter.on_answer(message)
 
     def exposition(self) -> str:
         """This worker's metrics in the Prometheus text format."""

@@ -1,0 +1,283 @@
+"""Per-client-IP limits, counted like Postfix's anvil(8): concurrent sessions, a message rate and
+an AUTH-failure rate per client address.
+
+:class:`Anvil` holds the counters (no I/O, an injectable clock). Rates are token buckets: a
+client may send ``messages_per_ip`` messages at once, then one more each ``interval /
+messages_per_ip`` seconds; AUTH failures likewise. :class:`LocalLimiter` puts an Anvil behind
+the engine's ``limiter`` interface for one process (a Controller); a farm shares one Anvil in
+its supervisor so that the limits hold across all workers (``farm.supervisor.anvil``).
+
+The engine (``farm.smtp.SMTP(limiter=...)``) asks at these points, for the client address
+(the PROXY header's source when the proxy is trusted, else the peer):
+
+* before the greeting: ``open_session`` (refused: ``421 4.7.0 <host> Error: too many
+  connections from <ip>``, then close); ``close_session`` when the connection ends;
+* at ``MAIL``: ``count_message`` (refused: ``450 4.7.1 Error: too much mail from <ip>``);
+* at ``AUTH``: ``auth_allowed`` (refused: ``454 4.7.0 Error: too many AUTH failures from
+  <ip>``); every failed credential check calls ``auth_failed``.
+
+Clients in ``exempt_networks`` (loopback by default, as Postfix exempts ``$mynetworks``) are
+never counted; ``key`` returns None for them and the engine skips every check.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = [
+    "Anvil",
+    "ClientLimits",
+    "Limiter",
+    "LocalLimiter",
+    "client_address",
+    "too_many_auth_failures",
+    "too_many_connections",
+    "too_much_mail",
+]
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+DEFAULT_EXEMPT = ("127.0.0.0/8", "::1/128")
+#: The Anvil forgets idle clients in a sweep at most this often (seconds).
+SWEEP_INTERVAL = 10.0
+
+
+def too_many_connections(hostname: str, ip: str) -> str:
+    return f"421 4.7.0 {hostname} Error: too many connections from {ip}"
+
+
+def too_much_mail(ip: str) -> str:
+    return f"450 4.7.1 Error: too much mail from {ip}"
+
+
+def too_many_auth_failures(ip: str) -> str:
+    return f"454 4.7.0 Error: too many AUTH failures from {ip}"
+
+
+@dataclass(frozen=True)
+class ClientLimits:
+    """The limits; 0 switches one off."""
+
+    #: Concurrent sessions from one address.
+    sessions_per_ip: int = 50
+    #: Messages (MAIL commands) per ``interval`` from one address.
+    messages_per_ip: int = 0
+    #: Failed AUTH attempts per ``interval`` from one address.
+    auth_failures_per_ip: int = 0
+    #: The time unit of the rates, in seconds.
+    interval: float = 60.0
+    #: Client networks never limited.
+    exempt_networks: tuple[str, ...] = DEFAULT_EXEMPT
+    _networks: tuple[Network, ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        for name in ("sessions_per_ip", "messages_per_ip", "auth_failures_per_ip"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an integer >= 0, not {value!r}")
+        if not self.interval > 0:
+            raise ValueError(f"interval must be > 0, not {self.interval!r}")
+        networks = tuple(ipaddress.ip_network(str(n), strict=False) for n in self.exempt_networks)
+        object.__setattr__(self, "_networks", networks)
+
+    @property
+    def active(self) -> bool:
+        return bool(self.sessions_per_ip or self.messages_per_ip or self.auth_failures_per_ip)
+
+    def exempt(self, address: IPAddress) -> bool:
+        return any(address in network for network in self._networks)
+
+
+def client_address(peer: Any, proxy_data: Any = None) -> IPAddress | None:
+    """The client's address: a valid PROXY header's source, else the socket peer's host.
+
+    IPv4-mapped IPv6 addresses count as the IPv4 address; a Unix-socket peer has none.
+    """
+    address: Any = None
+    if proxy_data is not None and getattr(proxy_data, "valid", False):
+        address = getattr(proxy_data, "src_addr", None)
+    if not isinstance(address, ipaddress.IPv4Address | ipaddress.IPv6Address):
+        host = peer[0] if isinstance(peer, tuple | list) and peer else None
+        if not isinstance(host, str):
+            return None
+        try:
+            address = ipaddress.ip_address(host.split("%", 1)[0])
+        except ValueError:
+            return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+class _Bucket:
+    """A token bucket of ``capacity`` tokens refilled at ``rate`` per second."""
+
+    __slots__ = ("stamp", "tokens")
+
+    def __init__(self, capacity: float, now: float) -> None:
+        self.tokens = capacity
+        self.stamp = now
+
+    def level(self, capacity: float, rate: float, now: float) -> float:
+        self.tokens = min(capacity, self.tokens + (now - self.stamp) * rate)
+        self.stamp = now
+        return self.tokens
+
+
+class Anvil:
+    """The counters of every client address (keys are the addresses as text)."""
+
+    def __init__(self, limits: ClientLimits, clock: Callable[[], float] = time.monotonic) -> None:
+        self.limits = limits
+        self._clock = clock
+        self.sessions: dict[str, int] = {}
+        self._messages: dict[str, _Bucket] = {}
+        self._auth: dict[str, _Bucket] = {}
+        self._next_sweep = clock() + SWEEP_INTERVAL
+
+    def update(self, limits: ClientLimits) -> None:
+        """New limits (a reload); the counts so far are kept."""
+        self.limits = limits
+
+    def open_session(self, key: str) -> tuple[bool, int]:
+        """Count a new session unless the address is at its limit: (admitted, sessions now)."""
+        count = self.sessions.get(key, 0)
+        limit = self.limits.sessions_per_ip
+        if limit and count >= limit:
+            return False, count
+        self.sessions[key] = count + 1
+        return True, count + 1
+
+    def close_session(self, key: str) -> None:
+        count = self.sessions.get(key, 0) - 1
+        if count > 0:
+            self.sessions[key] = count
+        else:
+            self.sessions.pop(key, None)
+
+    def count_message(self, key: str) -> bool:
+        """Take one message from the address's allowance; False when it has none left."""
+        return self.take_messages(key, 1) == 1
+
+    def take_messages(self, key: str, wanted: int) -> int:
+        """Take up to ``wanted`` messages from the address's allowance: how many it got."""
+        limit = self.limits.messages_per_ip
+        if not limit:
+            return wanted
+        now = self._clock()
+        if now >= self._next_sweep:
+            self.sweep(now)
+        bucket = self._messages.get(key)
+        if bucket is None:
+            bucket = self._messages[key] = _Bucket(limit, now)
+        granted = min(wanted, int(bucket.level(limit, limit / self.limits.interval, now)))
+        bucket.tokens -= granted
+        return granted
+
+    def return_messages(self, key: str, count: int) -> None:
+        """Give back messages taken but not used."""
+        limit = self.limits.messages_per_ip
+        bucket = self._messages.get(key)
+        if limit and bucket is not None and count > 0:
+            bucket.tokens = min(limit, bucket.tokens + count)
+
+    def auth_allowed(self, key: str) -> bool:
+        """False while the address has used up its AUTH failures."""
+        return self._take(self._auth, self.limits.auth_failures_per_ip, key, consume=False)
+
+    def auth_failed(self, key: str) -> None:
+        self._take(self._auth, self.limits.auth_failures_per_ip, key, consume=True)
+
+    def _take(self, buckets: dict[str, _Bucket], limit: int, key: str, consume: bool) -> bool:
+        if not limit:
+            return True
+        now = self._clock()
+        if now >= self._next_sweep:
+            self.sweep(now)
+        bucket = buckets.get(key)
+        if bucket is None:
+            if not consume:
+                return True
+            bucket = buckets[key] = _Bucket(limit, now)
+        if bucket.level(limit, limit / self.limits.interval, now) < 1:
+            return False
+        if consume:
+            bucket.tokens -= 1
+        return True
+
+    def sweep(self, now: float | None = None) -> None:
+        """Forget the buckets that have refilled (their clients look new again)."""
+        now = self._clock() if now is None else now
+        self._next_sweep = now + SWEEP_INTERVAL
+        for buckets, limit in (
+            (self._messages, self.limits.messages_per_ip),
+            (self._auth, self.limits.auth_failures_per_ip),
+        ):
+            rate = limit / self.limits.interval if limit else 0.0
+            refilled = [
+                key for key, b in buckets.items() if not limit or b.level(limit, rate, now) >= limit
+            ]
+            for key in refilled:
+                del buckets[key]
+
+    @property
+    def tracked(self) -> int:
+        """Addresses with any state (for the metrics)."""
+        return len(self.sessions.keys() | self._messages.keys() | self._auth.keys())
+
+
+class Limiter:
+    """What every engine ``limiter`` shares: which clients are limited, and by what."""
+
+    def __init__(self, limits: ClientLimits) -> None:
+        self.limits = limits
+
+    def key(self, address: IPAddress | None) -> str | None:
+        """The counter key of a client, or None when it is not limited at all."""
+        if address is None or not self.limits.active or self.limits.exempt(address):
+            return None
+        return str(address)
+
+    @property
+    def counts_messages(self) -> bool:
+        return bool(self.limits.messages_per_ip)
+
+    @property
+    def counts_auth(self) -> bool:
+        return bool(self.limits.auth_failures_per_ip)
+
+
+class LocalLimiter(Limiter):
+    """The engine's ``limiter`` for one process: an :class:`Anvil` in this process.
+
+    ``LocalLimiter(sessions_per_ip=3)`` or ``LocalLimiter(ClientLimits(...))``.
+    """
+
+    def __init__(self, limits: ClientLimits | None = None, **kwargs: Any) -> None:
+        super().__init__(limits if limits is not None else ClientLimits(**kwargs))
+        self.anvil = Anvil(self.limits)
+
+    async def open_session(self, key: str) -> bool:
+        return self.anvil.open_session(key)[0]
+
+    def close_session(self, key: str) -> None:
+        self.anvil.close_session(key)
+
+    async def count_message(self, key: str) -> bool:
+        return self.anvil.count_message(key)
+
+    async def auth_allowed(self, key: str) -> bool:
+        return self.anvil.auth_allowed(key)
+
+    def auth_failed(self, key: str) -> None:
+        self.anvil.auth_failed(key)
+
+
+def networks_text(networks: Iterable[Any]) -> tuple[str, ...]:
+    """Validate and normalise a list of networks (for the configuration)."""
+    return tuple(str(ipaddress.ip_network(str(n), strict=False)) for n in networks)

@@ -1,0 +1,380 @@
+"""Per-client-IP limits: the Anvil's arithmetic, the engine's replies with a LocalLimiter, and a
+real two-worker farm whose limits hold across workers (and survive a worker's death).
+
+Clients connect from several loopback addresses (127.0.0.2, 127.0.0.3, ...): Linux routes the
+whole 127.0.0.0/8 to lo, so each is a distinct client address for the server.
+"""
+
+from __future__ import annotations
+
+import base64
+import ipaddress
+import os
+import signal
+import socket
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from farm.config import ConfigError, load_config
+from farm.limits import Anvil, ClientLimits, LocalLimiter, client_address
+from tests.farm_helpers import SMTPClient, toml_config, wait_for
+
+WAIT = 30.0
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class ClientFrom(SMTPClient):
+    """A raw SMTP client bound to a chosen loopback source address."""
+
+    def __init__(self, port: int, source: str, host: str = "127.0.0.1") -> None:
+        self.sock = socket.create_connection((host, port), timeout=WAIT, source_address=(source, 0))
+        self._buffer = b""
+
+
+# -- the Anvil ------------------------------------------------------------------------------------
+
+
+def test_sessions_are_counted_and_given_back() -> None:
+    anvil = Anvil(ClientLimits(sessions_per_ip=2, exempt_networks=()))
+    assert anvil.open_session("192.0.2.1") == (True, 1)
+    assert anvil.open_session("192.0.2.1") == (True, 2)
+    assert anvil.open_session("192.0.2.1") == (False, 2)
+    assert anvil.open_session("192.0.2.2") == (True, 1)  # another client is not affected
+    anvil.close_session("192.0.2.1")
+    assert anvil.open_session("192.0.2.1") == (True, 2)
+    for _ in range(5):  # more closes than opens never go negative
+        anvil.close_session("192.0.2.1")
+    assert "192.0.2.1" not in anvil.sessions
+
+
+def test_message_rate_is_a_token_bucket() -> None:
+    clock = Clock()
+    anvil = Anvil(ClientLimits(messages_per_ip=3, interval=60.0), clock)
+    assert [anvil.count_message("a") for _ in range(4)] == [True, True, True, False]
+    clock.now += 19.0  # one message comes back every 20 s
+    assert not anvil.count_message("a")
+    clock.now += 1.0
+    assert anvil.count_message("a")
+    assert not anvil.count_message("a")
+    assert anvil.count_message("b")
+    clock.now += 3600  # refilled: a sweep forgets both clients
+    anvil.sweep()
+    assert anvil.tracked == 0
+
+
+def test_auth_failures_block_further_attempts_for_a_while() -> None:
+    clock = Clock()
+    anvil = Anvil(ClientLimits(auth_failures_per_ip=2, interval=60.0), clock)
+    assert anvil.auth_allowed("a")
+    anvil.auth_failed("a")
+    assert anvil.auth_allowed("a")
+    anvil.auth_failed("a")
+    assert not anvil.auth_allowed("a")
+    assert anvil.auth_allowed("b")
+    clock.now += 30.0
+    assert anvil.auth_allowed("a")
+
+
+def test_zero_switches_a_limit_off() -> None:
+    anvil = Anvil(ClientLimits(sessions_per_ip=0))
+    assert all(anvil.open_session("a")[0] for _ in range(10_000))
+    assert all(anvil.count_message("a") for _ in range(10_000))
+    assert not ClientLimits(sessions_per_ip=0).active
+    with pytest.raises(ValueError):
+        ClientLimits(sessions_per_ip=-1)
+
+
+def test_client_address_prefers_a_valid_proxy_header() -> None:
+    assert client_address(("127.0.0.2", 25)) == ipaddress.ip_address("127.0.0.2")
+    assert client_address(("::ffff:192.0.2.7", 25, 0, 0)) == ipaddress.ip_address("192.0.2.7")
+    assert client_address("/run/farm.sock") is None
+    proxied = SimpleNamespace(valid=True, src_addr=ipaddress.ip_address("198.51.100.9"))
+    assert client_address(("127.0.0.1", 1), proxied) == ipaddress.ip_address("198.51.100.9")
+    broken = SimpleNamespace(valid=False, src_addr=ipaddress.ip_address("198.51.100.9"))
+    assert client_address(("127.0.0.1", 1), broken) == ipaddress.ip_address("127.0.0.1")
+
+
+def test_loopback_is_exempt_by_default() -> None:
+    limiter = LocalLimiter()
+    assert limiter.key(ipaddress.ip_address("127.0.0.2")) is None
+    assert limiter.key(ipaddress.ip_address("::1")) is None
+    assert limiter.key(ipaddress.ip_address("192.0.2.1")) == "192.0.2.1"
+    assert LocalLimiter(exempt_networks=()).key(ipaddress.ip_address("127.0.0.2")) == "127.0.0.2"
+
+
+# -- the engine with a LocalLimiter --------------------------------------------------------------
+
+
+def _greeted(client: SMTPClient) -> str:
+    return client.reply()
+
+
+def test_too_many_connections_from_one_address(make_controller: Any, handler: Any) -> None:
+    limiter = LocalLimiter(sessions_per_ip=2, exempt_networks=())
+    controller = make_controller(handler, limiter=limiter)
+    port = controller.port
+    held = [ClientFrom(port, "127.0.0.2") for _ in range(2)]
+    assert all(_greeted(c).startswith("220 ") for c in held)
+    refused = ClientFrom(port, "127.0.0.2")
+    reply = refused.reply()
+    assert reply.startswith("421 4.7.0 ") and "too many connections from 127.0.0.2" in reply
+    assert refused.at_eof()
+    other = ClientFrom(port, "127.0.0.3")
+    assert other.reply().startswith("220 ")  # other clients are not affected
+    held[0].command("QUIT")
+    held[0].close()
+
+    def admitted_again() -> bool:
+        client = ClientFrom(port, "127.0.0.2")
+        try:
+            return client.reply().startswith("220 ")
+        finally:
+            client.close()
+
+    wait_for(admitted_again, what="a session slot given back after QUIT")
+    for client in (*held, refused, other):
+        client.close()
+
+
+def test_message_rate_per_address(make_controller: Any, handler: Any) -> None:
+    limiter = LocalLimiter(sessions_per_ip=0, messages_per_ip=2, exempt_networks=())
+    controller = make_controller(handler, limiter=limiter, enhanced_status_codes=True)
+    client = ClientFrom(controller.port, "127.0.0.4")
+    client.reply()
+    client.command("EHLO client.test")
+    for _ in range(2):
+        assert client.command("MAIL FROM:<a@example.com>").startswith("250")
+        assert client.command("RSET").startswith("250")
+    reply = client.command("MAIL FROM:<a@example.com>")
+    assert reply.startswith("450 4.7.1 Error: too much mail from 127.0.0.4"), reply
+    assert client.command("NOOP").startswith("250")  # the session goes on
+    other = ClientFrom(controller.port, "127.0.0.5")
+    other.reply()
+    other.command("EHLO client.test")
+    assert other.command("MAIL FROM:<a@example.com>").startswith("250")
+    client.close()
+    other.close()
+
+
+class RefusingAuthenticator:
+    def __call__(self, server: Any, session: Any, envelope: Any, mechanism: str, data: Any) -> Any:
+        from farm.smtp import AuthResult
+
+        return AuthResult(success=False, handled=False)
+
+
+def _plain(user: str, password: str) -> str:
+    return base64.b64encode(f"\0{user}\0{password}".encode()).decode()
+
+
+def test_auth_failures_per_address_across_sessions(make_controller: Any, handler: Any) -> None:
+    limiter = LocalLimiter(sessions_per_ip=0, auth_failures_per_ip=2, exempt_networks=())
+    controller = make_controller(
+        handler,
+        limiter=limiter,
+        authenticator=RefusingAuthenticator(),
+        auth_require_tls=False,
+    )
+    for _ in range(2):  # two sessions, one failure each
+        client = ClientFrom(controller.port, "127.0.0.6")
+        client.reply()
+        client.command("EHLO client.test")
+        assert client.command(f"AUTH PLAIN {_plain('u', 'wrong')}").startswith("535")
+        client.close()
+    client = ClientFrom(controller.port, "127.0.0.6")
+    client.reply()
+    client.command("EHLO client.test")
+    reply = client.command(f"AUTH PLAIN {_plain('u', 'right?')}")
+    assert reply.startswith("454 4.7.0 Error: too many AUTH failures from 127.0.0.6"), reply
+    assert client.command("NOOP").startswith("250")
+    client.close()
+
+
+def test_proxy_header_source_is_the_limited_address(make_controller: Any) -> None:
+    class ProxyHandler:
+        async def handle_PROXY(self, server: Any, session: Any, envelope: Any, data: Any) -> bool:
+            return True
+
+    limiter = LocalLimiter(sessions_per_ip=1, exempt_networks=())
+    controller = make_controller(
+        ProxyHandler(),
+        limiter=limiter,
+        proxy_protocol_timeout=5.0,
+        proxy_trusted_networks=["127.0.0.1/32"],
+    )
+
+    def via_proxy(source: str) -> SMTPClient:
+        client = SMTPClient(controller.port)
+        client.send(f"PROXY TCP4 {source} 192.0.2.25 40000 25\r\n")
+        return client
+
+    first = via_proxy("198.51.100.7")
+    assert first.reply().startswith("220 ")
+    second = via_proxy("198.51.100.7")
+    assert "too many connections from 198.51.100.7" in second.reply()
+    third = via_proxy("198.51.100.8")  # same proxy peer, another real client
+    assert third.reply().startswith("220 ")
+    for client in (first, second, third):
+        client.close()
+
+
+# -- configuration --------------------------------------------------------------------------------
+
+
+def test_limits_table(tmp_path: Path) -> None:
+    path = toml_config(
+        tmp_path / "farm.toml",
+        {},
+        limits={"sessions_per_ip": 3, "messages_per_ip": 100, "exempt_networks": ["10.0.0.0/8"]},
+    )
+    config = load_config(path)
+    limits = config.limits.client_limits()
+    assert (limits.sessions_per_ip, limits.messages_per_ip) == (3, 100)
+    assert limits.exempt(ipaddress.ip_address("10.1.2.3"))
+    assert not limits.exempt(ipaddress.ip_address("127.0.0.1"))
+    assert load_config(path, {"limits.sessions_per_ip": 7}).limits.sessions_per_ip == 7
+    assert "[limits]" in config.describe()
+    bad = toml_config(tmp_path / "bad.toml", {}, limits={"session_per_ip": 3})
+    with pytest.raises(ConfigError, match=r"did you mean 'limits\.sessions_per_ip'"):
+        load_config(bad)
+    bad = toml_config(tmp_path / "bad2.toml", {}, limits={"exempt_networks": ["nonsense"]})
+    with pytest.raises(ConfigError, match=r"limits\.exempt_networks"):
+        load_config(bad)
+
+
+# -- a real farm: limits across workers ------------------------------------------------------------
+
+
+def _open_until_refused(port: int, source: str, most: int) -> tuple[list[SMTPClient], str]:
+    """Open sessions from ``source`` until one is refused; (the greeted ones, the refusal)."""
+    greeted: list[SMTPClient] = []
+    for _ in range(most):
+        client = ClientFrom(port, source)
+        reply = client.reply()
+        if not reply.startswith("220 "):
+            client.close()
+            return greeted, reply
+        greeted.append(client)
+    return greeted, ""
+
+
+def test_farm_limits_hold_across_workers_and_survive_a_worker_kill(
+    farms: Any, tmp_path: Path
+) -> None:
+    # max_sessions = 2: a worker stops accepting at 2 sessions, so 3 sessions need 2 workers.
+    config = toml_config(
+        tmp_path / "farm.toml",
+        {"max_sessions": 2},
+        limits={"sessions_per_ip": 3, "messages_per_ip": 4, "exempt_networks": []},
+    )
+    farm = farms.start(config=config, workers=2)
+    farm.wait_ready(2)
+    held, refusal = _open_until_refused(farm.port, "127.0.0.2", 10)
+    assert len(held) == 3, refusal
+    assert refusal.startswith("421 4.7.0 ") and "too many connections from 127.0.0.2" in refusal
+    active = {
+        dict(labels).get("worker"): value
+        for (name, labels), value in farm.metrics().items()
+        if name == "farm_sessions_active"
+    }
+    assert sum(1 for value in active.values() if value > 0) == 2, active  # both workers hold some
+    refusals = sum(
+        value
+        for (name, labels), value in farm.metrics().items()
+        if name == "farm_client_limit_refusals_total" and ("limit", "sessions") in labels
+    )
+    assert refusals == 1
+
+    # A worker's death gives its sessions back: kill both, and 3 new sessions fit again.
+    for pid in farm.slots().values():
+        os.kill(pid, signal.SIGKILL)
+    for client in held:
+        client.close()
+    farm.wait_metric("farm_workers_ready", 2)
+    farm.wait_ready(2)
+    held, refusal = _open_until_refused(farm.port, "127.0.0.2", 10)
+    assert len(held) == 3, refusal
+    for client in held:
+        client.command("QUIT")
+        client.close()
+
+    # The message rate is counted farm-wide: 4 messages, then 450, whichever worker serves.
+    outcomes = []
+    for _ in range(5):
+
+        def greeted() -> SMTPClient | None:
+            client = ClientFrom(farm.port, "127.0.0.3")
+            if client.reply().startswith("220 "):
+                return client
+            client.close()
+            return None
+
+        client = wait_for(greeted, what="a session from 127.0.0.3")
+        client.command("EHLO client.test")
+        outcomes.append(client.command("MAIL FROM:<a@example.com>")[:3])
+        client.command("QUIT")
+        client.close()
+    assert outcomes == ["250"] * 4 + ["450"]
+
+
+def test_unknown_command_limit(make_controller: Any, handler: Any) -> None:
+    controller = make_controller(handler, unknown_command_limit=2)
+    client = SMTPClient(controller.port)
+    client.reply()
+    assert client.command("FOO").startswith("500")
+    assert client.command("BAR").startswith("502 5.5.1 Too many unrecognized commands")
+    assert client.at_eof()
+    client.close()
+
+
+def test_leased_messages_never_exceed_the_farm_wide_limit() -> None:
+    """Two workers' limiters wired to one supervisor-side AnvilService, in one loop."""
+    import asyncio
+
+    from farm.supervisor.anvil import AnvilService, ChannelLimiter
+
+    limits = ClientLimits(sessions_per_ip=0, messages_per_ip=100, exempt_networks=())
+    service = AnvilService(limits)
+
+    async def scenario() -> tuple[int, int, float]:
+        loop = asyncio.get_running_loop()
+        workers: list[ChannelLimiter] = []
+
+        def wire(pid: int) -> ChannelLimiter:
+            def deliver(messages: list[dict[str, Any]]) -> None:
+                for message in messages:
+                    answer = service.handle(pid, message)
+                    if answer is not None:
+                        loop.call_soon(workers[pid].on_answer, answer)
+
+            return ChannelLimiter(limits, deliver, loop)
+
+        workers.extend([wire(0), wire(1)])
+        assert workers[0].lease == 5
+        assert all([await w.open_session("192.0.2.1") for w in workers])
+        sent = 0
+        for i in range(150):  # alternate workers; only 100 may pass
+            sent += await workers[i % 2].count_message("192.0.2.1")
+        refused_everywhere = not any([await w.count_message("192.0.2.1") for w in workers])
+        for worker in workers:
+            worker.close_session("192.0.2.1")
+        await asyncio.sleep(0)  # let the queued close messages go out (one loop iteration)
+        await asyncio.sleep(0)
+        bucket = service.anvil._messages["192.0.2.1"]
+        return sent, refused_everywhere, bucket.tokens
+
+    sent, refused, tokens = asyncio.run(scenario())
+    assert sent == 100
+    assert refused
+    assert tokens < 1  # everything leased was used: nothing to give back
+    assert service.anvil.sessions == {}
