@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import re
 import shutil
@@ -38,7 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
@@ -544,21 +543,13 @@ def main() -> int:
     table = render(samples, workloads, modes, messages, args.reps, args.uvloop, elapsed)
     print(table)
     if not args.no_save:
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        (RESULTS / "relay.md").write_text(table)
-        raw = {
+        meta = {
             "messages": messages,
             "sessions": SESSIONS,
             "size": MSG_SIZE,
             "loop": "uvloop" if args.uvloop else "asyncio",
-            "workloads": [asdict(w) for w in workloads],
-            "samples": [
-                {**asdict(s), "msgs_per_s": s.msgs_per_s, "cpu_us_per_msg": s.cpu_us_per_msg}
-                for s in samples
-            ],
         }
-        (RESULTS / "relay.json").write_text(json.dumps(raw, indent=2) + "\n")
-        print(f"(written to {(RESULTS / 'relay.md').relative_to(ROOT)})", file=sys.stderr)
+        bench.save_results("relay", table, meta, workloads, samples)
     return 0
 
 

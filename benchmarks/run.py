@@ -35,6 +35,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -688,21 +689,30 @@ def main() -> int:
     table = render(ctx, samples, workloads, servers, args.reps, time.monotonic() - started)
     print(table)
     if not args.no_save:
-        (RESULTS / "latest.md").write_text(table)
-        raw = {
-            "workloads": [asdict(w) for w in workloads],
+        meta = {
             "sessions": ctx.sessions,
             "size": ctx.size,
             "handlers": ctx.handlers,
             "malloc": sorted(ctx.malloc_states),
-            "samples": [
-                {**asdict(s), "msgs_per_s": s.msgs_per_s, "cpu_us_per_msg": s.cpu_us_per_msg}
-                for s in samples
-            ],
         }
-        (RESULTS / "latest.json").write_text(json.dumps(raw, indent=2) + "\n")
-        print(f"(written to {(RESULTS / 'latest.md').relative_to(ROOT)})", file=sys.stderr)
+        save_results("latest", table, meta, workloads, samples)
     return 0
+
+
+def save_results(name: str, table: str, meta: dict[str, Any], workloads: Any, samples: Any) -> None:
+    """Write ``results/NAME.md`` (the table) and ``results/NAME.json`` (every sample)."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{name}.md").write_text(table)
+    raw = {
+        **meta,
+        "workloads": [asdict(w) for w in workloads],
+        "samples": [
+            {**asdict(s), "msgs_per_s": s.msgs_per_s, "cpu_us_per_msg": s.cpu_us_per_msg}
+            for s in samples
+        ],
+    }
+    (RESULTS / f"{name}.json").write_text(json.dumps(raw, indent=2) + "\n")
+    print(f"(written to {(RESULTS / f'{name}.md').relative_to(ROOT)})", file=sys.stderr)
 
 
 if __name__ == "__main__":

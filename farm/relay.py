@@ -23,8 +23,20 @@ its ``4xx``/``5xx`` (text made printable; ``421`` becomes ``451``); an unreachab
 ``451 4.4.1``, a timeout ``451 4.4.2``, a TLS failure ``451 4.7.5``. Only recipients the next
 hop accepted are in the message. At the end of the data the relay sends the content (with a
 ``Received:`` header in front; stray CR, LF and NUL replaced with a space so no line end hidden
-in the body reaches the next hop) and answers ``250`` only after the next hop's ``250``. An LMTP
-next hop answers per recipient: unless every recipient was accepted, an SMTP client gets
+in the body reaches the next hop) and answers ``250`` only after the next hop's ``250``.
+
+Round trips: a next hop offering ``PIPELINING`` (RFC 2920; after ``STARTTLS``, as offered over
+TLS) gets ``MAIL FROM`` and the first ``RCPT TO`` in one write, and both replies are read (a
+refused ``MAIL`` is the answer to that recipient, as without pipelining; the ``RCPT``'s own
+reply to it is read and dropped, and the connection closed if that reply was a ``2xx``); later
+recipients go one by one, live. A next hop offering ``CHUNKING`` (RFC 3030) gets the content as
+one ``BDAT <size> LAST`` in the same write as the command (no dot-stuffing; the size is exactly
+the bytes sent; a refusal is followed by ``RSET``), else ``DATA``, its ``354``, the dot-stuffed
+content. A one-recipient message thus takes 2 round trips with both (4 without). Every reply
+read is one we asked for: bytes left over after the last awaited reply are a protocol error, as
+are a ``2xx`` to ``DATA`` and a ``1xx``/``3xx`` to the content (the connection is closed, the
+client gets ``451``). An LMTP next hop answers per recipient (to ``BDAT ... LAST`` too,
+RFC 2033 4.2): unless every recipient was accepted, an SMTP client gets
 ``451 4.3.0`` for the whole message and sends it again (the recipients that had it may get a
 duplicate: logged; loss is not possible). Behind an LMTP front-end (``farm.lmtp.LMTP``) the
 reply is one entry per recipient. A client ``RSET``, a new ``MAIL``, ``QUIT``, a disconnect or a
@@ -69,6 +81,7 @@ from farm.relay_client import (
     ClientSettings,
     Connection,
     NextHopError,
+    ProtocolError,
     Reply,
     failure,
     make_ssl_context,
@@ -301,21 +314,26 @@ class Relay:
     async def _data(
         self, transaction: _Transaction, recipients: list[str], data: bytes
     ) -> list[Reply | str]:
-        """One result per recipient: the next hop's ``Reply``."""
+        """One result per recipient: the next hop's ``Reply`` to ``BDAT <size> LAST`` (when it
+        offers ``CHUNKING``) or to the data after ``DATA``."""
         connection = transaction.connection
         assert connection is not None
-        reply = await connection.command("DATA")
-        if reply.code != 354:
-            return [reply] * len(recipients)
-        await connection.send(dot_stuff(data))
-        if transaction.route.lmtp:
-            results: list[Reply | str] = []
-            for i in range(len(recipients)):
-                results.append(await connection.read_reply(final=i == len(recipients) - 1))
+        if connection.chunking:
+            await connection.bdat_last(data)
         else:
-            results = [await connection.read_reply()] * len(recipients)
-        transaction.complete = True
-        return results
+            reply = await connection.command("DATA")
+            if reply.code != 354:
+                if not 400 <= reply.code <= 599:  # (a 2xx would read as delivered)
+                    raise ProtocolError(f"unexpected reply to DATA {reply!r}")
+                return [reply] * len(recipients)
+            await connection.send(dot_stuff(data))
+        count = len(recipients) if transaction.route.lmtp else 1
+        replies = [await connection.read_reply(final=i == count - 1) for i in range(count)]
+        if any(not (r.ok or 400 <= r.code <= 599) for r in replies):
+            raise ProtocolError("unexpected reply to the message content")
+        # A refused BDAT may leave the next hop's transaction open (RFC 3030 2): RSET then.
+        transaction.complete = not connection.chunking or all(r.ok for r in replies)
+        return [*(replies if transaction.route.lmtp else replies * len(recipients))]
 
     def _reply_and_log(
         self,
@@ -382,19 +400,21 @@ class Relay:
 
     async def _recipient(self, server: Any, transaction: _Transaction, address: str) -> str | None:
         """None when the next hop accepted ``address``; else our reply to the client."""
+        reply: Reply | str | None = None
         if transaction.connection is None:
-            refusal = await self._begin(server, transaction, address)
-            if refusal is not None:
-                return refusal
+            reply = await self._begin(server, transaction, address)
+            if isinstance(reply, str):
+                return reply
         connection = transaction.connection
         assert connection is not None
-        if not transaction.smtputf8 and not address.isascii():
-            return UNDECLARED_SMTPUTF8
-        transaction.asked += 1
-        try:
-            reply = await connection.command(f"RCPT TO:<{address}>", utf8=transaction.smtputf8)
-        except Exception as exc:
-            return self._fail(transaction, failure(exc), "RCPT")
+        if reply is None:  # not sent with the MAIL: sent now, on its own
+            if not transaction.smtputf8 and not address.isascii():
+                return UNDECLARED_SMTPUTF8
+            transaction.asked += 1
+            try:
+                reply = await connection.command(_rcpt(address), utf8=transaction.smtputf8)
+            except Exception as exc:
+                return self._fail(transaction, failure(exc), "RCPT")
         if reply.ok:
             return None
         transaction.refused.append((address, reply.passthrough()))
@@ -402,11 +422,17 @@ class Relay:
             return self._fail(transaction, NextHopError(reply.passthrough(), "421"), "RCPT")
         return reply.passthrough()
 
-    async def _begin(self, server: Any, transaction: _Transaction, first: str) -> str | None:
-        """Take a connection and send ``MAIL FROM``; None when the next hop accepted it.
+    async def _begin(
+        self, server: Any, transaction: _Transaction, first: str
+    ) -> str | Reply | None:
+        """Take a connection and send ``MAIL FROM``, with ``RCPT TO:<first>`` in the same write
+        when the next hop offers ``PIPELINING``. Our refusal for the client (the ``MAIL``'s
+        when it was refused: the ``RCPT``'s reply to a refused ``MAIL`` is read and dropped);
+        else the pipelined ``RCPT``'s reply, or None when ``first`` was not sent yet.
 
-        A reused connection that turns out dead (closed, reset, ``421``) is dropped and the
-        attempt made once more on a new connection: nothing was promised to the client yet.
+        A reused connection that turns out dead at the ``MAIL`` (closed, reset, ``421``) is
+        dropped and the attempt made once more on a new connection: nothing was promised to the
+        client yet.
         """
         envelope = transaction.envelope
         mail_from = envelope.mail_from or "<>"
@@ -436,10 +462,14 @@ class Relay:
                 params.append("SMTPUTF8")
             if "BODY=8BITMIME" in mail_options and "8BITMIME" in connection.extensions:
                 params.append("BODY=8BITMIME")
+            mail = " ".join([f"MAIL FROM:{sender}", *params])
+            pipelined = connection.pipelining
             try:
-                reply = await connection.command(
-                    " ".join([f"MAIL FROM:{sender}", *params]), utf8=smtputf8
-                )
+                if pipelined:
+                    await connection.pipeline([mail, _rcpt(first)], utf8=smtputf8)
+                    reply = await connection.read_reply(final=False)
+                else:
+                    reply = await connection.command(mail, utf8=smtputf8)
             except asyncio.CancelledError:
                 pool.discard(connection)
                 raise
@@ -456,11 +486,29 @@ class Relay:
                     continue
                 return self._fail(transaction, NextHopError(reply.passthrough(), "421"), "MAIL")
             if not reply.ok:
+                if pipelined:
+                    try:
+                        rcpt_reply = await connection.read_reply()
+                    except asyncio.CancelledError:
+                        pool.discard(connection)
+                        raise
+                    except Exception as exc:
+                        pool.discard(connection)
+                        return self._fail(transaction, failure(exc), "MAIL")
+                    if rcpt_reply.ok:  # a recipient without a sender: state unknown
+                        pool.discard(connection)
+                        return reply.passthrough()
                 pool.release(connection)  # no transaction was started: clean
                 return reply.passthrough()
             connection.transactions += 1
             transaction.connection = connection
-            return None
+            if not pipelined:
+                return None
+            transaction.asked += 1
+            try:
+                return await connection.read_reply()
+            except Exception as exc:
+                return self._fail(transaction, failure(exc), "RCPT")
         return self._fail(transaction, NextHopError(NEXT_HOP_LOST, "retry failed"), "MAIL")
 
     def _fail(self, transaction: _Transaction, error: NextHopError, stage: str) -> str:
@@ -590,6 +638,10 @@ class Relay:
             return self.hostname
         name = getattr(server, "hostname", None)
         return name if isinstance(name, str) and name else socket.getfqdn()
+
+
+def _rcpt(address: str) -> str:
+    return f"RCPT TO:<{address}>"
 
 
 def _ok(reply: str) -> bool:

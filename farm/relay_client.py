@@ -1,10 +1,13 @@
 """The relay's SMTP/LMTP client: one connection to a next hop, every step bounded by a timeout.
 
 Written on a plain ``asyncio.Protocol`` (own read buffer) so that it can tell when the next hop
-sent bytes nobody asked for: we never pipeline, so anything left in the buffer after a reply is
-a protocol error (the connection is closed, never reused), and anything after the ``220`` to our
-``STARTTLS`` is a response-injection attempt (the attempt fails with ``451 4.7.5``). Replies are
-bounded: at most ``MAX_REPLY_LINES`` lines of at most ``MAX_LINE`` bytes each.
+sent bytes nobody asked for: we know how many replies each write asks for (one; two for a
+pipelined ``MAIL`` + ``RCPT``, see ``pipeline``), so anything left in the buffer after the last
+of them is a protocol error (the connection is closed, never reused), and anything after the
+``220`` to our ``STARTTLS`` is a response-injection attempt (the attempt fails with
+``451 4.7.5``). Replies are bounded: at most ``MAX_REPLY_LINES`` lines of at most ``MAX_LINE``
+bytes each. ``pipelining`` and ``chunking`` tell what the next hop offers (after ``STARTTLS``:
+what it offered over TLS).
 
 TLS modes: ``none``; ``starttls`` (used when the next hop offers it, else plain);
 ``required`` (``STARTTLS`` must be offered and succeed); ``implicit`` (TLS from the connect).
@@ -180,31 +183,39 @@ class _Protocol(asyncio.Protocol):
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
 
+    def must_drain(self) -> bool:
+        """True when a writer has to wait (the peer is not keeping up) or fail (closed)."""
+        return (self._drain is not None and not self._drain.done()) or self.closed.done()
+
     async def drain(self) -> None:
         if self._drain is not None and not self._drain.done():
             await self._drain
         if self.closed.done():
             raise ConnectionResetError("next hop closed the connection")
 
-    async def readline(self) -> bytes:
-        while True:
-            end = self.buffer.find(b"\n", 0, MAX_LINE + 1)
-            if end >= 0:
-                line = bytes(self.buffer[: end + 1])
-                del self.buffer[: end + 1]
-                if self._reading_paused and len(self.buffer) < _HIGH_WATER // 2 and self.transport:
-                    self._reading_paused = False
-                    self.transport.resume_reading()
-                return line
+    def take_line(self) -> bytes | None:
+        """A complete line from the buffer; None when the caller has to wait for more."""
+        end = self.buffer.find(b"\n", 0, MAX_LINE + 1)
+        if end < 0:
             if len(self.buffer) > MAX_LINE:
                 raise ProtocolError("reply line too long")
             if self.eof:
                 raise ConnectionResetError("next hop closed the connection")
-            self._waiter = self.loop.create_future()
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
+            return None
+        line = bytes(self.buffer[: end + 1])
+        del self.buffer[: end + 1]
+        if self._reading_paused and len(self.buffer) < _HIGH_WATER // 2 and self.transport:
+            self._reading_paused = False
+            self.transport.resume_reading()
+        return line
+
+    async def wait(self) -> None:
+        """Until more data (or the end of it) arrives."""
+        self._waiter = self.loop.create_future()
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
 
 
 class Connection:
@@ -243,26 +254,45 @@ class Connection:
 
     # -- protocol ------------------------------------------------------------------------------
 
+    @property
+    def pipelining(self) -> bool:
+        """The next hop offers ``PIPELINING`` (RFC 2920)."""
+        return "PIPELINING" in self.extensions
+
+    @property
+    def chunking(self) -> bool:
+        """The next hop offers ``CHUNKING`` (RFC 3030: ``BDAT``)."""
+        return "CHUNKING" in self.extensions
+
     async def read_reply(self, *, final: bool = True) -> Reply:
-        """The next reply. ``final``: nothing may follow it (we never pipeline)."""
+        """The next reply. ``final``: nothing may follow it (no other reply is awaited)."""
+        protocol = self._protocol
         lines: list[str] = []
         code = 0
-        async with asyncio.timeout(self.timeout):
-            while True:
-                raw = await self._protocol.readline()
-                match = _REPLY_LINE.match(raw.rstrip(b"\r\n"))
-                if match is None:
-                    raise ProtocolError(f"malformed reply {raw[:40]!r}")
-                if code and int(match.group(1)) != code:
-                    raise ProtocolError("reply code changed within a multi-line reply")
-                code = int(match.group(1))
-                text = match.group(3).decode("utf-8", "replace")
-                lines.append(_UNPRINTABLE.sub("?", text).strip())
-                if match.group(2) != b"-":
-                    break
-                if len(lines) >= MAX_REPLY_LINES:
-                    raise ProtocolError("reply too long")
-        if final and self._protocol.buffer:
+        deadline: float | None = None  # the whole reply within ``timeout``
+        while True:
+            raw = protocol.take_line()
+            if raw is None:
+                if deadline is None:
+                    deadline = self.loop.time() + self.timeout
+                async with asyncio.timeout_at(deadline):
+                    await protocol.wait()
+                continue
+            match = _REPLY_LINE.match(raw.rstrip(b"\r\n"))
+            if match is None:
+                raise ProtocolError(f"malformed reply {raw[:40]!r}")
+            if code and int(match.group(1)) != code:
+                raise ProtocolError("reply code changed within a multi-line reply")
+            code = int(match.group(1))
+            text = match.group(3).decode("utf-8", "replace")
+            if not (text.isascii() and text.isprintable()):
+                text = _UNPRINTABLE.sub("?", text)
+            lines.append(text.strip())
+            if match.group(2) != b"-":
+                break
+            if len(lines) >= MAX_REPLY_LINES:
+                raise ProtocolError("reply too long")
+        if final and protocol.buffer:
             raise ProtocolError("unsolicited data after a reply")
         return Reply(code, lines)
 
@@ -273,15 +303,24 @@ class Connection:
         if self._protocol.eof:
             raise ConnectionResetError("next hop closed the connection")
         self.transport.write(data)
-        async with asyncio.timeout(self.timeout):
-            await self._protocol.drain()
+        if self._protocol.must_drain():
+            async with asyncio.timeout(self.timeout):
+                await self._protocol.drain()
 
     async def command(self, line: str, *, utf8: bool = False, final: bool = True) -> Reply:
         """Send one command line and read its reply. CR, LF and NUL are never sent."""
-        if _FORBIDDEN.search(line):
-            raise ProtocolError("refusing to send a command with CR, LF or NUL")
-        await self.send(line.encode("utf-8" if utf8 else "ascii", "surrogateescape") + b"\r\n")
+        await self.send(_encode(line, utf8))
         return await self.read_reply(final=final)
+
+    async def pipeline(self, lines: list[str], *, utf8: bool = False) -> None:
+        """Send several command lines in one write (the next hop offers ``PIPELINING``); the
+        caller then reads one reply per line, the last with ``final=True``."""
+        await self.send(b"".join(_encode(line, utf8) for line in lines))
+
+    async def bdat_last(self, content: bytes) -> None:
+        """Send ``BDAT <size> LAST`` and ``content`` in one write (no dot-stuffing: the size is
+        exactly ``len(content)``); the caller reads the reply (LMTP: one per recipient)."""
+        await self.send(b"BDAT %d LAST\r\n" % len(content) + content)
 
     async def hello(self, name: str) -> Reply:
         """``LHLO`` (LMTP) or ``EHLO``, falling back to ``HELO``; records the extensions."""
@@ -369,6 +408,13 @@ class Connection:
                 await asyncio.shield(self._protocol.closed)
         except TimeoutError:
             transport.abort()
+
+
+def _encode(line: str, utf8: bool) -> bytes:
+    """One command line, CRLF-terminated; CR, LF and NUL in it are refused."""
+    if _FORBIDDEN.search(line):
+        raise ProtocolError("refusing to send a command with CR, LF or NUL")
+    return line.encode("utf-8" if utf8 else "ascii", "surrogateescape") + b"\r\n"
 
 
 async def connect(route: Route, settings: ClientSettings, name: str) -> Connection:

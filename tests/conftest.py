@@ -14,6 +14,9 @@ import pytest
 from farm.controller import Controller
 from tests.farm_helpers import FarmRunner
 
+#: The relay tests' fixtures (sink, serve, loop_thread).
+pytest_plugins = ["tests.relay_support"]
+
 
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port that is free on ``host`` right now."""

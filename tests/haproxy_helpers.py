@@ -12,7 +12,6 @@ import os
 import shutil
 import socket
 import subprocess
-import tempfile
 import urllib.error
 import urllib.request
 from collections.abc import Mapping, Sequence
@@ -152,50 +151,6 @@ class HAProxy:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(10)
-
-
-class SMTPSink:
-    """Postfix's ``smtp-sink`` on a free loopback port, dumping every message to one file."""
-
-    def __init__(self) -> None:
-        # Not under pytest's 0700 tmp dirs: as root smtp-sink runs as nobody and must write here.
-        self.directory = Path(tempfile.mkdtemp(prefix="farm-haproxy-sink-"))
-        self.directory.chmod(0o1777)
-        self.dump = self.directory / "dump"
-        self.port = free_port()
-        command = [SMTP_SINK, "-h", "sink.test", "-D", str(self.dump)]
-        if os.geteuid() == 0:
-            command += ["-u", "nobody"]
-        command += [f"127.0.0.1:{self.port}", "64"]
-        self.process = subprocess.Popen(
-            command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-        )
-
-        def listening() -> bool:
-            if self.process.poll() is not None:
-                raise AssertionError(f"smtp-sink exited: {self.process.stderr.read()!r}")  # type: ignore[union-attr]
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-            except OSError:
-                return False
-            return True
-
-        wait_for(listening, what="smtp-sink listening")
-
-    def text(self) -> str:
-        return self.dump.read_text(errors="replace") if self.dump.exists() else ""
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
-        if self.process.stderr is not None:
-            self.process.stderr.close()
-        shutil.rmtree(self.directory, ignore_errors=True)
 
 
 def http_get(address: str, path: str) -> tuple[int, str]:

@@ -21,7 +21,7 @@ import pytest
 import trustme
 
 from tests.farm_helpers import farm_env
-from tests.test_relay_support import SMTP_SINK, Sink, sinks
+from tests.relay_support import SMTP_SINK, Sink, sinks
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 MARKER = "<!-- inbound-mx-example -->"

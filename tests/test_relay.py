@@ -16,7 +16,6 @@ import socket
 import subprocess
 import time
 import uuid
-from collections.abc import Callable, Iterator
 from email.parser import BytesHeaderParser
 from types import SimpleNamespace
 from typing import Any
@@ -28,7 +27,7 @@ from farm.lmtp import LMTP
 from farm.relay import RELAY_DENIED, clean_content, dot_stuff
 from farm.smtp import SMTP
 from tests.conftest import free_port
-from tests.test_relay_support import (
+from tests.relay_support import (
     DOMAIN,
     HAVE_SINK,
     SMTP_SOURCE,
@@ -36,39 +35,15 @@ from tests.test_relay_support import (
     WAIT,
     FakeNextHop,
     LoopThread,
-    Sink,
     attempt,
     close_relay,
     message,
-    relay_servers,
     send,
-    sinks,
     smtp_dialogue,
 )
-from tests.test_relay_support import make_relay as relay
+from tests.relay_support import make_relay as relay
 
 pytestmark = pytest.mark.skipif(not HAVE_SINK, reason="smtp-sink not installed")
-
-
-@pytest.fixture
-def sink() -> Iterator[Callable[..., Sink]]:
-    """Factory: ``sink(*smtp_sink_options)`` -> a started ``Sink``; all stopped at teardown."""
-    with sinks() as start:
-        yield start
-
-
-@pytest.fixture
-def serve(make_controller: Any) -> Iterator[Callable[..., Controller]]:
-    """Factory: ``serve(relay)`` -> a started Controller; the relay is closed at teardown."""
-    with relay_servers(make_controller) as start:
-        yield start
-
-
-@pytest.fixture
-def loop_thread() -> Iterator[LoopThread]:
-    thread = LoopThread()
-    yield thread
-    thread.stop()
 
 
 def data_reply(port: int, rcpts: list[str], data: bytes) -> tuple[int, bytes]:

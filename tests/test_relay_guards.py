@@ -1,51 +1,45 @@
 """The relay's client against hostile or broken next hops (security notes 6.1 items 36-38):
-unsolicited replies, oversized replies, and no CR/LF ever written into a command."""
+unsolicited replies, oversized replies, and no CR/LF ever written into a command; with a
+pipelining (and chunking) next hop too, where exactly the replies asked for are read."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 
-from farm.controller import Controller
 from farm.relay_client import ClientSettings, ProtocolError, connect
 from farm.relay_routes import Route
-from tests.test_relay_support import (
+from tests.relay_support import (
     DOMAIN,
     FakeNextHop,
     LoopThread,
     attempt,
     message,
-    relay_servers,
     smtp_dialogue,
     wait_until,
 )
-from tests.test_relay_support import make_relay as relay
-
-
-@pytest.fixture
-def serve(make_controller: Any) -> Iterator[Callable[..., Controller]]:
-    with relay_servers(make_controller) as start:
-        yield start
-
-
-@pytest.fixture
-def loop_thread() -> Iterator[LoopThread]:
-    thread = LoopThread()
-    yield thread
-    thread.stop()
+from tests.relay_support import make_relay as relay
 
 
 def answering(verb: bytes, reply: bytes) -> Any:
     """A well-behaved fake next hop except that it answers ``verb`` with ``reply``."""
+    return scripted({verb: reply})
+
+
+def scripted(replies: dict[bytes, bytes], **options: bool) -> Any:
+    """A well-behaved fake next hop (``smtp_dialogue`` ``options``) except for ``replies``: a
+    line starting with a key gets its value."""
 
     def answer(line: bytes, transaction: int) -> bytes | None:
-        return reply if line.upper().startswith(verb) else None
+        for verb, reply in replies.items():
+            if line.upper().startswith(verb):
+                return reply
+        return None
 
     async def script(reader: Any, writer: Any, hop: FakeNextHop) -> None:
-        await smtp_dialogue(reader, writer, hop, answer)
+        await smtp_dialogue(reader, writer, hop, answer, **options)
 
     return script
 
@@ -76,6 +70,65 @@ def test_broken_next_hop_temp_fails_and_is_not_reused(
         assert code == 451 and text.startswith(b"4.4."), result
     assert hop.messages == []
     assert hop.connections == 2  # each attempt on a new connection: none was pooled
+    wait_until(lambda: hop.closed == 2, "both connections closed")
+
+
+#: Against a next hop that insists on MAIL + RCPT in one write and answers both in one write:
+#: its replies, and what the client is told at RCPT.
+PIPELINED_BROKEN = {
+    "extra line after MAIL": ({b"MAIL": b"250 ok\r\n250 2.1.5 bogus rcpt ok\r\n"}, 451),
+    "extra line after RCPT": ({b"RCPT": b"250 ok\r\n354 bogus go ahead\r\n"}, 451),
+    "extra line after a refused MAIL": (
+        {b"MAIL": b"550 5.7.1 no\r\n", b"RCPT": b"503 5.5.1 need MAIL\r\n250 2.1.5 bogus\r\n"},
+        451,
+    ),
+    "RCPT accepted after a refused MAIL": (
+        {b"MAIL": b"550 5.7.1 no\r\n", b"RCPT": b"250 2.1.5 ok\r\n"},
+        550,
+    ),
+    "malformed reply to RCPT": ({b"RCPT": b"hello there\r\n"}, 451),
+    "closed before replying": ({b"RCPT": b""}, 451),
+}
+
+
+@pytest.mark.parametrize("case", PIPELINED_BROKEN)
+def test_broken_pipelining_next_hop_fails_safely(
+    serve: Any, loop_thread: LoopThread, case: str
+) -> None:
+    replies, code = PIPELINED_BROKEN[case]
+    hop = FakeNextHop(scripted(replies, pipelining=True), loop_thread).start()
+    controller = serve(relay(hop.next_hop, timeout=3.0))
+    for _ in range(2):
+        result = attempt(controller.port, [f"r@{DOMAIN}"], message("broken"))
+        assert result.final is None and result.rcpt[0][0] == code, result
+        if code == 451:
+            assert result.rcpt[0][1].startswith(b"4.4."), result
+    assert hop.messages == []
+    assert hop.connections == 2  # the connection was never given back to the pool
+    wait_until(lambda: hop.closed == 2, "both connections closed")
+
+
+#: Broken replies to the message content (or to DATA): the client never gets a 250.
+CONTENT_BROKEN = {
+    "extra line after the BDAT reply": ({b"BDAT": b"250 ok\r\n250 2.0.0 bogus\r\n"}, True),
+    "354 to BDAT": ({b"BDAT": b"354 go ahead\r\n"}, True),
+    "extra line after the data's reply": ({b".": b"250 ok\r\n250 2.0.0 bogus\r\n"}, False),
+    "250 to DATA": ({b"DATA": b"250 2.0.0 ok\r\n"}, False),
+}
+
+
+@pytest.mark.parametrize("case", CONTENT_BROKEN)
+def test_broken_reply_to_content_is_never_a_250(
+    serve: Any, loop_thread: LoopThread, case: str
+) -> None:
+    replies, chunking = CONTENT_BROKEN[case]
+    hop = FakeNextHop(scripted(replies, pipelining=True, chunking=chunking), loop_thread).start()
+    controller = serve(relay(hop.next_hop, timeout=3.0))
+    for _ in range(2):
+        result = attempt(controller.port, [f"r@{DOMAIN}"], message("broken"))
+        assert result.rcpt == [(250, b"2.1.5 OK")], result
+        assert result.final is not None and result.final[0] == 451, result
+    assert hop.connections == 2
     wait_until(lambda: hop.closed == 2, "both connections closed")
 
 

@@ -6,52 +6,28 @@ from __future__ import annotations
 import smtplib
 import socket
 import uuid
-from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 
-from farm.controller import Controller
-from tests.test_relay_support import (
+from tests.relay_support import (
     DOMAIN,
     HAVE_SINK,
     WAIT,
     CountingProxy,
     FakeNextHop,
     LoopThread,
-    Sink,
     attempt,
     close_relay,
     connections_to,
     message,
     pool_idle,
-    relay_servers,
-    sinks,
     smtp_dialogue,
     wait_until,
 )
-from tests.test_relay_support import make_relay as relay
+from tests.relay_support import make_relay as relay
 
 pytestmark = pytest.mark.skipif(not HAVE_SINK, reason="smtp-sink not installed")
-
-
-@pytest.fixture
-def sink() -> Iterator[Callable[..., Sink]]:
-    with sinks() as start:
-        yield start
-
-
-@pytest.fixture
-def serve(make_controller: Any) -> Iterator[Callable[..., Controller]]:
-    with relay_servers(make_controller) as start:
-        yield start
-
-
-@pytest.fixture
-def loop_thread() -> Iterator[LoopThread]:
-    thread = LoopThread()
-    yield thread
-    thread.stop()
 
 
 def test_one_session_many_messages_one_connection(
@@ -171,12 +147,15 @@ def test_aclose_leaves_no_connections(serve: Any, sink: Any, loop_thread: LoopTh
     assert attempt(controller.port, [f"r@{DOMAIN}"], message("after")).accepted
 
 
+@pytest.mark.parametrize("pipelining", [False, True], ids=["lockstep", "pipelined"])
 @pytest.mark.parametrize("death", ["421", "eof"])
 def test_dead_pooled_connection_retried_transparently(
-    serve: Any, loop_thread: LoopThread, death: str
+    serve: Any, loop_thread: LoopThread, death: str, pipelining: bool
 ) -> None:
     """A next hop that drops a reused connection at its second ``MAIL`` (421 or plain close):
-    the relay retries once on a new connection and the client never notices."""
+    the relay retries once on a new connection and the client never notices. ``pipelined``:
+    the next hop answers MAIL only with the RCPT sent in the same write (the 421 is followed
+    by the RCPT's reply, which is never read)."""
 
     def answer(line: bytes, transaction: int) -> bytes | None:
         if line.upper().startswith(b"MAIL") and transaction == 2:
@@ -184,10 +163,10 @@ def test_dead_pooled_connection_retried_transparently(
         return None
 
     async def script(reader: Any, writer: Any, hop: FakeNextHop) -> None:
-        await smtp_dialogue(reader, writer, hop, answer)
+        await smtp_dialogue(reader, writer, hop, answer, pipelining=pipelining)
 
     hop = FakeNextHop(script, loop_thread).start()
-    handler = relay(hop.next_hop)
+    handler = relay(hop.next_hop, timeout=3.0)
     controller = serve(handler)
     for i in range(3):
         result = attempt(controller.port, [f"r{i}@{DOMAIN}"], message(f"m{i}"))
@@ -230,3 +209,17 @@ def test_hook_timeout_drops_the_upstream_transaction(
             client.noop()
     wait_until(lambda: proxy.accepted == 1 and proxy.closed == 1, "upstream connection closed")
     assert pool_idle(handler) == 0
+
+
+def test_controller_stop_closes_the_pool(
+    make_controller: Any, sink: Any, loop_thread: LoopThread
+) -> None:
+    next_hop = sink()
+    proxy = CountingProxy(loop_thread, next_hop.port)
+    handler = relay(proxy.next_hop)
+    controller = make_controller(handler)
+    assert attempt(controller.port, [f"r@{DOMAIN}"], message("pooled")).accepted
+    wait_until(lambda: pool_idle(handler) == 1, "one idle pooled connection")
+    controller.stop()  # Controller._shutdown calls the handler's aclose()
+    wait_until(lambda: proxy.closed == 1, "the pooled connection closed by stop()")
+    assert connections_to(proxy.port) == 0

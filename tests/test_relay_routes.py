@@ -6,7 +6,6 @@ import smtplib
 import ssl
 import subprocess
 import uuid
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,35 +13,19 @@ import pytest
 import trustme
 
 from farm.config import load_config
-from farm.controller import Controller
 from farm.handler_loading import load_handler
 from farm.relay import Relay
 from farm.relay_routes import Route, RouteTable, parse_route
 from tests.conftest import free_port
-from tests.test_relay_support import (
+from tests.relay_support import (
     HAVE_SINK,
     SWAKS,
     WAIT,
-    Sink,
     attempt,
     message,
-    relay_servers,
-    sinks,
 )
 
 DOMAINS = ["a.test", ".b.test", "c.test"]
-
-
-@pytest.fixture
-def sink() -> Iterator[Callable[..., Sink]]:
-    with sinks() as start:
-        yield start
-
-
-@pytest.fixture
-def serve(make_controller: Any) -> Iterator[Callable[..., Controller]]:
-    with relay_servers(make_controller) as start:
-        yield start
 
 
 def test_parse_route() -> None:

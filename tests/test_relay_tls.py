@@ -6,27 +6,23 @@ from __future__ import annotations
 
 import logging
 import ssl
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trustme
 
-from farm.controller import Controller
 from tests.conftest import RecordingHandler
-from tests.test_relay_support import (
+from tests.relay_support import (
     DOMAIN,
     HAVE_SINK,
     FakeNextHop,
     LoopThread,
-    Sink,
     attempt,
     message,
-    relay_servers,
-    sinks,
+    smtp_dialogue,
 )
-from tests.test_relay_support import make_relay as relay
+from tests.relay_support import make_relay as relay
 
 TLS_FAILED = 451, b"4.7.5"
 
@@ -57,25 +53,6 @@ def server_context(ca: trustme.CA, *names: str) -> ssl.SSLContext:
 @pytest.fixture(scope="module")
 def loopback_context(ca: trustme.CA) -> ssl.SSLContext:
     return server_context(ca, "127.0.0.1", "farm.test")
-
-
-@pytest.fixture
-def serve(make_controller: Any) -> Iterator[Callable[..., Controller]]:
-    with relay_servers(make_controller) as start:
-        yield start
-
-
-@pytest.fixture
-def sink() -> Iterator[Callable[..., Sink]]:
-    with sinks() as start:
-        yield start
-
-
-@pytest.fixture
-def loop_thread() -> Iterator[LoopThread]:
-    thread = LoopThread()
-    yield thread
-    thread.stop()
 
 
 def tls_next_hop(make_controller: Any, context: ssl.SSLContext, implicit: bool = False) -> Any:
@@ -171,6 +148,46 @@ def test_starttls_response_injection(
         assert result.rcpt[0][1].startswith(b"4.7.5"), result
     assert not any(line.upper().startswith(b"MAIL") for line in hop.lines), hop.lines
     assert any("response injection" in r.getMessage() for r in caplog.records)
+
+
+def starttls_then(context: ssl.SSLContext, before: bytes, **after: bool) -> Any:
+    """A fake next hop offering ``before`` and STARTTLS; after the handshake ``smtp_dialogue``
+    with ``after`` (``pipelining``, ``chunking``) as its extensions."""
+
+    async def script(reader: Any, writer: Any, hop: FakeNextHop) -> None:
+        writer.write(b"220 fake ESMTP\r\n")
+        hop.lines.append(await reader.readline())
+        writer.write(b"250-fake\r\n" + before + b"250 STARTTLS\r\n")
+        hop.lines.append(await reader.readline())
+        writer.write(b"220 go ahead\r\n")
+        await writer.drain()
+        await writer.start_tls(context)
+        await smtp_dialogue(reader, writer, hop, greet=False, **after)
+
+    return script
+
+
+@pytest.mark.parametrize("offered", ["before TLS", "after TLS"])
+def test_extensions_as_offered_over_tls(
+    serve: Any, loop_thread: LoopThread, loopback_context: Any, ca_file: str, offered: str
+) -> None:
+    """PIPELINING and CHUNKING are used as the next hop offers them after STARTTLS: offered
+    only before, a BDAT would get ``502``; offered only after, the fake insists on them (its
+    MAIL is answered only with the RCPT sent in the same write)."""
+    both = b"250-PIPELINING\r\n250-CHUNKING\r\n"
+    after = offered == "after TLS"
+    script = starttls_then(
+        loopback_context, b"" if after else both, pipelining=after, chunking=after
+    )
+    hop = FakeNextHop(script, loop_thread).start()
+    controller = serve(relay(hop.next_hop, tls="required", tls_ca_file=ca_file, timeout=3.0))
+    result = attempt(controller.port, [f"r@{DOMAIN}"], message("over-tls"))
+    assert result.accepted, result
+    verbs = [line.split()[0].split(b":")[0].upper() for line in hop.lines]
+    assert verbs == [b"EHLO", b"STARTTLS", b"EHLO", b"MAIL", b"RCPT"] + (
+        [b"BDAT"] if after else [b"DATA"]
+    )
+    assert len(hop.messages) == 1 and b"Subject: over-tls" in hop.messages[0]
 
 
 def test_tls_failure_log_has_no_traceback(

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+import pytest
 
 from farm.controller import Controller
 from farm.relay import Relay
@@ -201,35 +202,82 @@ async def smtp_dialogue(
     hop: FakeNextHop,
     answer: Callable[[bytes, int], bytes | None] | None = None,
     ehlo: bytes = b"250-fake\r\n250 8BITMIME\r\n",
+    *,
+    pipelining: bool = False,
+    chunking: bool = False,
+    greet: bool = True,
 ) -> None:
     """A well-behaved next hop; ``answer(line, transaction_number)`` may override a reply
-    (``b""``: close without replying)."""
+    (``b""``: close without replying).
+
+    ``pipelining``: ``PIPELINING`` is offered, and insisted on: ``MAIL`` is answered only once
+    the line after it has arrived, both replies in one write (a relay that waits for the
+    ``MAIL``'s reply before its ``RCPT`` hangs). ``chunking``: ``CHUNKING`` is offered and
+    ``BDAT <size> [LAST]`` takes exactly ``size`` bytes (the message is complete at ``LAST``).
+    ``greet=False``: no ``220`` first (the dialogue goes on after a ``STARTTLS``).
+    """
+    extra = (b"250-PIPELINING\r\n" if pipelining else b"") + (
+        b"250-CHUNKING\r\n" if chunking else b""
+    )
+    if extra:
+        first, _, rest = ehlo.partition(b"\r\n")
+        ehlo = first + b"\r\n" + extra + rest
     transactions = 0
-    writer.write(b"220 fake ESMTP\r\n")
+    chunks = b""
+    if greet:
+        writer.write(b"220 fake ESMTP\r\n")
+
+    def reply_to(line: bytes) -> bytes | None:
+        """Our reply to a plain command line (None: close)."""
+        reply = answer(line, transactions) if answer is not None else None
+        if reply == b"":
+            return None
+        if reply is not None:
+            return reply
+        verb = line[:4].upper()
+        if verb in (b"EHLO", b"LHLO"):
+            return ehlo
+        if verb == b"BDAT" and not chunking:
+            return b"502 5.5.1 BDAT not offered\r\n"  # (its chunk is then read as commands)
+        return b"221 bye\r\n" if verb == b"QUIT" else b"250 ok\r\n"
+
     while line := await reader.readline():
         hop.lines.append(line)
         verb = line[:4].upper()
         if verb == b"MAIL":
             transactions += 1
-        reply = answer(line, transactions) if answer is not None else None
-        if reply == b"":
-            return
-        if reply is not None:
-            writer.write(reply)
-        elif verb in (b"EHLO", b"LHLO"):
-            writer.write(ehlo)
-        elif verb == b"DATA":
+        if verb == b"DATA" and (answer is None or answer(line, transactions) is None):
             writer.write(b"354 go\r\n")
             body = b""
             while (chunk := await reader.readline()) not in (b".\r\n", b""):
                 body += chunk
             hop.messages.append(body)
-            writer.write(b"250 queued\r\n")
-        elif verb == b"QUIT":
-            writer.write(b"221 bye\r\n")
-            return
+            writer.write(reply_to(b".\r\n") or b"")
+        elif verb == b"BDAT" and chunking:
+            size, *last = line.split()[1:]
+            chunks += await reader.readexactly(int(size))
+            if last:
+                hop.messages.append(chunks)
+                chunks = b""
+            reply = reply_to(line)
+            if reply is None:
+                return
+            writer.write(reply)
+        elif verb == b"MAIL" and pipelining:
+            following = await reader.readline()
+            hop.lines.append(following)
+            replies = [reply_to(line), reply_to(following)]
+            if None in replies:
+                return
+            writer.write(b"".join(replies))  # type: ignore[arg-type]
         else:
-            writer.write(b"250 ok\r\n")
+            reply = reply_to(line)
+            if reply is None:
+                return
+            writer.write(reply)
+            if verb == b"QUIT":
+                await writer.drain()
+                return
         await writer.drain()
 
 
@@ -242,6 +290,9 @@ class CountingProxy:
         self.accepted = 0
         self.closed = 0
         self.port = 0
+        #: Everything the relay sent, and each read from it (one entry per segment received).
+        self.sent = bytearray()
+        self.reads: list[bytes] = []
 
         async def serve() -> Any:
             return await asyncio.start_server(self._session, "127.0.0.1", 0)
@@ -267,9 +318,14 @@ class CountingProxy:
             self.closed += 1
             return
 
-        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+        async def pipe(
+            src: asyncio.StreamReader, dst: asyncio.StreamWriter, record: bool = False
+        ) -> None:
             try:
                 while data := await src.read(65536):
+                    if record:
+                        self.sent += data
+                        self.reads.append(data)
                     dst.write(data)
                     await dst.drain()
             except OSError:
@@ -278,7 +334,7 @@ class CountingProxy:
                 dst.close()
 
         try:
-            await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+            await asyncio.gather(pipe(reader, up_writer, True), pipe(up_reader, writer))
         except asyncio.CancelledError:
             pass  # stopping (a cancelled stream callback task makes asyncio log an error)
         finally:
@@ -375,3 +431,28 @@ def attempt(
     with smtplib.SMTP("127.0.0.1", port, timeout=WAIT) as smtp:
         smtp.ehlo("client.test")
         return run(smtp)
+
+
+# -- fixtures (registered for every test module by tests/conftest.py) ---------------------------
+
+
+@pytest.fixture
+def sink() -> Iterator[Callable[..., Sink]]:
+    """Factory: ``sink(*smtp_sink_options)`` -> a started ``Sink``; all stopped at teardown."""
+    with sinks() as start:
+        yield start
+
+
+@pytest.fixture
+def serve(make_controller: Any) -> Iterator[Callable[..., Controller]]:
+    """Factory: ``serve(relay)`` -> a started Controller; the relay is closed at teardown."""
+    with relay_servers(make_controller) as start:
+        yield start
+
+
+@pytest.fixture
+def loop_thread() -> Iterator[LoopThread]:
+    """An event loop in a thread for fake next hops and proxies; stopped at teardown."""
+    thread = LoopThread()
+    yield thread
+    thread.stop()
