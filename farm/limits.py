@@ -13,8 +13,9 @@ The engine (``farm.smtp.SMTP(limiter=...)``) asks at these points, for the clien
 * before the greeting: ``open_session`` (refused: ``421 4.7.0 <host> Error: too many
   connections from <ip>``, then close); ``close_session`` when the connection ends;
 * at ``MAIL``: ``count_message`` (refused: ``450 4.7.1 Error: too much mail from <ip>``);
-* at ``AUTH``: ``auth_allowed`` (refused: ``454 4.7.0 Error: too many AUTH failures from
-  <ip>``); every failed credential check calls ``auth_failed``.
+* at ``AUTH``: ``auth_allowed`` takes one attempt from the allowance (refused: ``454 4.7.0
+  Error: too many AUTH failures from <ip>``); a successful one is given back with
+  ``auth_succeeded``, so the allowance counts failures.
 
 Clients in ``exempt_networks`` (loopback by default, as Postfix exempts ``$mynetworks``) are
 never counted; ``key`` returns None for them and the engine skips every check.
@@ -186,29 +187,30 @@ class Anvil:
         if limit and bucket is not None and count > 0:
             bucket.tokens = min(limit, bucket.tokens + count)
 
-    def auth_allowed(self, key: str) -> bool:
-        """False while the address has used up its AUTH failures."""
-        return self._take(self._auth, self.limits.auth_failures_per_ip, key, consume=False)
-
-    def auth_failed(self, key: str) -> None:
-        self._take(self._auth, self.limits.auth_failures_per_ip, key, consume=True)
-
-    def _take(self, buckets: dict[str, _Bucket], limit: int, key: str, consume: bool) -> bool:
+    def take_auth(self, key: str) -> bool:
+        """An AUTH attempt takes one from the address's allowance (False: none left); a
+        success gives it back, so only failures (and abandoned attempts) use it up. Taking at
+        the attempt, not at the failure, keeps parallel sessions from multiplying it."""
+        limit = self.limits.auth_failures_per_ip
         if not limit:
             return True
         now = self._clock()
         if now >= self._next_sweep:
             self.sweep(now)
-        bucket = buckets.get(key)
+        bucket = self._auth.get(key)
         if bucket is None:
-            if not consume:
-                return True
-            bucket = buckets[key] = _Bucket(limit, now)
+            bucket = self._auth[key] = _Bucket(limit, now)
         if bucket.level(limit, limit / self.limits.interval, now) < 1:
             return False
-        if consume:
-            bucket.tokens -= 1
+        bucket.tokens -= 1
         return True
+
+    def give_back_auth(self, key: str) -> None:
+        """The attempt succeeded: it does not count."""
+        limit = self.limits.auth_failures_per_ip
+        bucket = self._auth.get(key)
+        if limit and bucket is not None:
+            bucket.tokens = min(limit, bucket.tokens + 1)
 
     def sweep(self, now: float | None = None) -> None:
         """Forget the buckets that have refilled (their clients look new again)."""
@@ -272,10 +274,10 @@ class LocalLimiter(Limiter):
         return self.anvil.count_message(key)
 
     async def auth_allowed(self, key: str) -> bool:
-        return self.anvil.auth_allowed(key)
+        return self.anvil.take_auth(key)
 
-    def auth_failed(self, key: str) -> None:
-        self.anvil.auth_failed(key)
+    def auth_succeeded(self, key: str) -> None:
+        self.anvil.give_back_auth(key)
 
 
 def networks_text(networks: Iterable[Any]) -> tuple[str, ...]:

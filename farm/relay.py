@@ -436,10 +436,11 @@ class Relay:
         """
         envelope = transaction.envelope
         mail_from = envelope.mail_from or "<>"
-        # An 8-bit address needs SMTPUTF8 towards the next hop even if the client did not ask.
-        smtputf8 = bool(getattr(envelope, "smtp_utf8", False)) or not (
-            mail_from.isascii() and first.isascii()
-        )
+        declared = bool(getattr(envelope, "smtp_utf8", False))
+        if not declared and not first.isascii():
+            return UNDECLARED_SMTPUTF8  # this recipient only; the transaction is not begun
+        # An 8-bit sender needs SMTPUTF8 towards the next hop even if the client did not ask.
+        smtputf8 = declared or not mail_from.isascii()
         transaction.smtputf8 = smtputf8
         mail_options = [opt.upper() for opt in getattr(envelope, "mail_options", None) or []]
         sender = mail_from if mail_from == "<>" else f"<{mail_from}>"
@@ -495,7 +496,8 @@ class Relay:
                     except Exception as exc:
                         pool.discard(connection)
                         return self._fail(transaction, failure(exc), "MAIL")
-                    if rcpt_reply.ok:  # a recipient without a sender: state unknown
+                    if rcpt_reply.ok or rcpt_reply.code == 421:
+                        # A recipient without a sender, or the next hop closing: not reusable.
                         pool.discard(connection)
                         return reply.passthrough()
                 pool.release(connection)  # no transaction was started: clean

@@ -11,7 +11,13 @@ from __future__ import annotations
 
 import asyncio
 
-from farm.relay_client import ClientSettings, Connection, connect
+from farm.relay_client import (
+    NEXT_HOP_UNAVAILABLE,
+    ClientSettings,
+    Connection,
+    NextHopError,
+    connect,
+)
 from farm.relay_routes import Route
 
 __all__ = ["Pool"]
@@ -66,7 +72,7 @@ class Pool:
         self.opened += 1
         if self.closed:
             self._close_soon(connection)
-            raise ConnectionResetError("relay closed")
+            raise NextHopError(NEXT_HOP_UNAVAILABLE, "relay closed (stopping)")
         self._busy.add(connection)
         return connection, False
 

@@ -72,17 +72,18 @@ def test_message_rate_is_a_token_bucket() -> None:
     assert anvil.tracked == 0
 
 
-def test_auth_failures_block_further_attempts_for_a_while() -> None:
+def test_auth_attempts_are_taken_and_successes_given_back() -> None:
     clock = Clock()
     anvil = Anvil(ClientLimits(auth_failures_per_ip=2, interval=60.0), clock)
-    assert anvil.auth_allowed("a")
-    anvil.auth_failed("a")
-    assert anvil.auth_allowed("a")
-    anvil.auth_failed("a")
-    assert not anvil.auth_allowed("a")
-    assert anvil.auth_allowed("b")
-    clock.now += 30.0
-    assert anvil.auth_allowed("a")
+    assert anvil.take_auth("a")
+    anvil.give_back_auth("a")  # a success does not count
+    assert anvil.take_auth("a")
+    assert anvil.take_auth("a")  # two failures
+    assert not anvil.take_auth("a")
+    assert anvil.take_auth("b")
+    clock.now += 30.0  # one comes back every 30 s
+    assert anvil.take_auth("a")
+    assert not anvil.take_auth("a")
 
 
 def test_zero_switches_a_limit_off() -> None:
@@ -368,8 +369,9 @@ def test_leased_messages_never_exceed_the_farm_wide_limit() -> None:
         refused_everywhere = not any([await w.count_message("192.0.2.1") for w in workers])
         for worker in workers:
             worker.close_session("192.0.2.1")
-        await asyncio.sleep(0)  # let the queued close messages go out (one loop iteration)
-        await asyncio.sleep(0)
+        deadline = loop.time() + WAIT  # closes are notices: they go out within NOTICE_DELAY
+        while service.anvil.sessions and loop.time() < deadline:
+            await asyncio.sleep(0.01)
         bucket = service.anvil._messages["192.0.2.1"]
         return sent, refused_everywhere, bucket.tokens
 
@@ -378,3 +380,153 @@ def test_leased_messages_never_exceed_the_farm_wide_limit() -> None:
     assert refused
     assert tokens < 1  # everything leased was used: nothing to give back
     assert service.anvil.sessions == {}
+
+
+def test_parallel_sessions_cannot_multiply_the_auth_allowance(
+    make_controller: Any, handler: Any
+) -> None:
+    """Every AUTH takes from the allowance before its check: 5 sessions at once, 2 checks."""
+    import threading
+
+    release = threading.Event()
+    checks: list[str] = []
+
+    class SlowRefusal:
+        async def __call__(self, server: Any, session: Any, envelope: Any, *args: Any) -> Any:
+            import asyncio
+
+            from farm.smtp import AuthResult
+
+            checks.append(session.id)
+            await asyncio.get_running_loop().run_in_executor(None, release.wait, WAIT)
+            return AuthResult(success=False, handled=False)
+
+    limiter = LocalLimiter(sessions_per_ip=0, auth_failures_per_ip=2, exempt_networks=())
+    controller = make_controller(
+        handler, limiter=limiter, authenticator=SlowRefusal(), auth_require_tls=False
+    )
+    clients = [ClientFrom(controller.port, "127.0.0.7") for _ in range(5)]
+    for client in clients:
+        client.reply()
+        client.command("EHLO client.test")
+        client.send(f"AUTH PLAIN {_plain('u', 'guess')}\r\n")
+    refused = [c for c in clients[2:] if c.reply().startswith("454 4.7.0 ")]
+    assert len(refused) == 3
+    release.set()
+    assert all(c.reply().startswith("535") for c in clients[:2])
+    assert len(checks) == 2
+    for client in clients:
+        client.close()
+
+
+def test_a_client_gone_while_its_admission_is_answered_gives_its_session_back() -> None:
+    """The supervisor's yes and the client's RST in the same loop turn: nothing may leak."""
+    import asyncio
+
+    from farm.smtp import SMTP
+    from farm.supervisor.anvil import AnvilService, ChannelLimiter
+
+    limits = ClientLimits(sessions_per_ip=2, exempt_networks=())
+    service = AnvilService(limits)
+
+    async def scenario() -> str:
+        loop = asyncio.get_running_loop()
+        protocols: list[SMTP] = []
+        aborted = asyncio.Event()
+
+        def answer_then_reset(messages: list[dict[str, Any]]) -> None:
+            for message in messages:
+                answer = service.handle(1, message)
+                if answer is not None:
+
+                    def deliver(answer: dict[str, Any] = answer) -> None:
+                        limiter.on_answer(answer)
+                        protocols[-1].transport.abort()  # type: ignore[union-attr]
+                        aborted.set()
+
+                    loop.call_soon(deliver)
+
+        limiter = ChannelLimiter(limits, answer_then_reset, loop)
+
+        def factory() -> SMTP:
+            protocols.append(SMTP(object(), limiter=limiter, hostname="farm.test"))
+            return protocols[-1]
+
+        server = await loop.create_server(factory, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        for _ in range(3):  # more than the limit
+            aborted.clear()
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            await asyncio.wait_for(aborted.wait(), WAIT)
+            writer.close()
+        deadline = loop.time() + WAIT  # closes are notices, sent within NOTICE_DELAY
+        while service.anvil.sessions and loop.time() < deadline:
+            await asyncio.sleep(0.01)
+
+        def answer(messages: list[dict[str, Any]]) -> None:
+            for message in messages:
+                reply = service.handle(1, message)
+                if reply is not None:
+                    loop.call_soon(limiter.on_answer, reply)
+
+        limiter._send_many = answer
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        greeting = await asyncio.wait_for(reader.readline(), WAIT)
+        writer.close()
+        server.close()
+        return greeting.decode()
+
+    greeting = asyncio.run(scenario())
+    assert greeting.startswith("220 "), greeting
+    assert service.anvil.sessions.get("127.0.0.1", 0) <= 1
+
+
+class SlowLimiter(LocalLimiter):
+    """Answers the admission question only after ``delay`` seconds (a busy supervisor)."""
+
+    def __init__(self, delay: float, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.delay = delay
+
+    async def open_session(self, key: str) -> bool:
+        import asyncio
+
+        await asyncio.sleep(self.delay)
+        return await super().open_session(key)
+
+
+def test_early_talker_refused_while_the_limiter_is_asked(
+    make_controller: Any, handler: Any
+) -> None:
+    limiter = SlowLimiter(1.0, sessions_per_ip=5, exempt_networks=())
+    controller = make_controller(handler, limiter=limiter, greeting_delay=0.2)
+    client = ClientFrom(controller.port, "127.0.0.8")
+    client.send("EHLO bot.test\r\nMAIL FROM:<a@b.test>\r\n")  # before any greeting
+    assert client.reply() == "554 5.5.0 Error: SMTP protocol synchronization\r\n"
+    assert client.at_eof()
+    client.close()
+    patient = ClientFrom(controller.port, "127.0.0.8")
+    assert patient.reply().startswith("220 ")  # one that waits is greeted
+    assert patient.command("EHLO ok.test").startswith("250")
+    patient.close()
+
+
+def test_early_talker_after_a_proxy_header(make_controller: Any) -> None:
+    class ProxyHandler:
+        async def handle_PROXY(self, server: Any, session: Any, envelope: Any, data: Any) -> bool:
+            return True
+
+    controller = make_controller(
+        ProxyHandler(),
+        greeting_delay=0.2,
+        proxy_protocol_timeout=5.0,
+        proxy_trusted_networks=["127.0.0.1/32"],
+    )
+    client = SMTPClient(controller.port)
+    client.send("PROXY TCP4 198.51.100.7 192.0.2.25 40000 25\r\nEHLO bot.test\r\n")
+    assert client.reply() == "554 5.5.0 Error: SMTP protocol synchronization\r\n"
+    client.close()
+    patient = SMTPClient(controller.port)
+    patient.send("PROXY TCP4 198.51.100.7 192.0.2.25 40000 25\r\n")
+    assert patient.reply().startswith("220 ")
+    patient.close()

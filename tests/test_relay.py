@@ -559,3 +559,24 @@ def test_smtputf8_address(serve: Any, sink: Any) -> None:
         assert "X-Rcpt-Args: <jürgen@farm.test>".encode() in next_hop.wait_for(b"Subject: utf8")
     else:  # refused live, at RCPT
         assert (code, text[:5]) == (553, b"5.6.7")
+
+
+def test_undeclared_unicode_recipient_is_refused_alone(serve: Any, sink: Any) -> None:
+    """Without SMTPUTF8 in MAIL, a UTF-8 recipient gets 553; the ASCII ones still go through."""
+    from tests.farm_helpers import SMTPClient
+
+    next_hop = sink()
+    controller = serve(relay(next_hop.next_hop))
+    client = SMTPClient(controller.port)
+    try:
+        client.reply()
+        client.command("EHLO client.test")
+        assert client.command("MAIL FROM:<a@ext.test>").startswith("250")
+        assert client.command(f"RCPT TO:<jürgen@{DOMAIN}>").startswith("553 5.6.7")
+        assert client.command(f"RCPT TO:<bob@{DOMAIN}>").startswith("250")
+        assert client.command("DATA").startswith("354")
+        client.send(message("ascii-after-utf8").decode() + ".\r\n")
+        assert client.reply().startswith("250")
+    finally:
+        client.close()
+    assert b"Subject: ascii-after-utf8" in next_hop.wait_for(b"Subject: ascii-after-utf8")

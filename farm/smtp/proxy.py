@@ -86,6 +86,12 @@ class ProxyProtocolMixin:
             server.transport.abort()
             return
         server.session.proxy_data = result
+        if server._greeting_delay:
+            # The client must wait for the 220: bytes after the header are an early talk.
+            server._early_talker_watch = True
+            if result.rest:
+                server._early_talker()
+                return
         server._framer.feed(result.rest)  # what followed the header comes first
         server._run(self._accept_proxy(result))
         server._start_timer()  # a hung handle_PROXY is given up like any hung hook

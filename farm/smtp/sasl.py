@@ -120,14 +120,14 @@ class AuthMixin:
         if server.stats is not None:
             server.stats.auth["success" if success else "failure"] += 1
         if success:
+            if server._limit_key is not None and server._limiter.counts_auth:
+                server._limiter.auth_succeeded(server._limit_key)
             session.authenticated = True
             session.auth_data = auth_data
             server._reply(message or AUTH_OK)
             log.info("session=%s authenticated with %s", session.id, mechanism)
             return
         self._auth_failures += 1
-        if server._limit_key is not None and server._limiter.counts_auth:
-            server._limiter.auth_failed(server._limit_key)
         log.info(
             "session=%s AUTH %s failed (%d of %d)",
             session.id,

@@ -306,6 +306,9 @@ class SMTP(AuthMixin, StartTLSMixin, ChunkingMixin, ProxyProtocolMixin, asyncio.
         if self._proxy_protocol_timeout:
             self._expect_proxy_header()
             return
+        # With a greeting delay, a client may not speak before the 220, even while we ask
+        # the limiter.
+        self._early_talker_watch = bool(self._greeting_delay)
         if self._limiter is None:
             self._greet_after_delay()
         else:
@@ -354,6 +357,8 @@ class SMTP(AuthMixin, StartTLSMixin, ChunkingMixin, ProxyProtocolMixin, asyncio.
 
     def _greet_after_delay(self) -> None:
         """Greet now, or after ``greeting_delay`` seconds during which the client must be silent."""
+        if self._close_after_flush or self._closed:
+            return  # refused meanwhile (an early talker)
         if not self._greeting_delay:
             self._greet()
             return
@@ -1176,20 +1181,20 @@ class SMTP(AuthMixin, StartTLSMixin, ChunkingMixin, ProxyProtocolMixin, asyncio.
 
 async def _resume(coro: Coroutine[Any, Any, None], waiting_for: Any) -> None:
     """Drive a coroutine that was started outside a task and suspended on ``waiting_for``,
-    as a task would: it reads the future's outcome itself, and a cancellation cancels it."""
+    as a task would: once that future is done the coroutine reads its outcome itself; if this
+    task is cancelled meanwhile, the future is cancelled and the coroutine sees that."""
     while True:
-        try:
-            if waiting_for is None:  # a bare yield (asyncio.sleep(0))
+        if waiting_for is None:  # a bare yield (asyncio.sleep(0))
+            try:
                 await asyncio.sleep(0)
-            else:
-                await asyncio.wait((waiting_for,))
-        except asyncio.CancelledError:
-            if waiting_for is not None:
-                waiting_for.cancel()
-            with contextlib.suppress(StopIteration, asyncio.CancelledError):
-                coro.throw(asyncio.CancelledError())
-            coro.close()
-            raise
+            except asyncio.CancelledError:
+                with contextlib.suppress(RuntimeError):  # it awaited again while cancelled
+                    coro.close()
+                raise
+        else:
+            waiting_for._asyncio_future_blocking = False  # as a task does on a yield
+            with contextlib.suppress(BaseException):  # it reads the outcome on resuming
+                await waiting_for
         try:
             waiting_for = coro.send(None)
         except StopIteration:

@@ -21,6 +21,8 @@ from farm.limits import Anvil, ClientLimits, Limiter
 log = logging.getLogger("farm.anvil")
 
 ANSWER_TIMEOUT = 2.0
+#: Seconds a one-way notice (a session closed) may wait to go out with other messages.
+NOTICE_DELAY = 0.02
 #: The most messages a worker leases for one client at a time.
 MAX_LEASE = 8
 #: At most one "no answer" warning per this many seconds.
@@ -61,10 +63,10 @@ class AnvilService:
         elif op == "msg":
             granted = anvil.take_messages(key, _count(message.get("n")) or 1)
             ok = granted > 0
-        elif op == "auth?":
-            ok = anvil.auth_allowed(key)
-        elif op == "authfail":
-            anvil.auth_failed(key)
+        elif op == "auth":
+            ok = anvil.take_auth(key)
+        elif op == "authok":
+            anvil.give_back_auth(key)
             return None
         else:
             return None
@@ -110,6 +112,8 @@ class ChannelLimiter(Limiter):
         #: Questions asked: id -> (the answer's future, when to stop waiting, op, client).
         self._pending: dict[int, tuple[asyncio.Future[Answer], float, str, str]] = {}
         self._expiry: asyncio.TimerHandle | None = None
+        self._flush_soon = False
+        self._flush_later: asyncio.TimerHandle | None = None
         self._next_id = 0
         self._warned_at = -WARN_INTERVAL
         limit = limits.messages_per_ip
@@ -118,14 +122,26 @@ class ChannelLimiter(Limiter):
         self._sessions: Counter[str] = Counter()
         self._allowance: Counter[str] = Counter()
 
-    def _send(self, message: dict[str, Any]) -> None:
-        if not self._outgoing:
-            self._loop.call_soon(self._flush)
+    def _send(self, message: dict[str, Any], urgent: bool = True) -> None:
+        """Queue a message: a question goes out at the end of this loop turn, a notice (a
+        session closed) with the next question or within NOTICE_DELAY, whichever comes first,
+        which saves the supervisor a wake-up per connection."""
         self._outgoing.append(message)
+        if urgent:
+            if not self._flush_soon:
+                self._flush_soon = True
+                self._loop.call_soon(self._flush)
+        elif self._flush_later is None and not self._flush_soon:
+            self._flush_later = self._loop.call_later(NOTICE_DELAY, self._flush)
 
     def _flush(self) -> None:
+        self._flush_soon = False
+        if self._flush_later is not None:
+            self._flush_later.cancel()
+            self._flush_later = None
         outgoing, self._outgoing = self._outgoing, []
-        self._send_many(outgoing)
+        if outgoing:
+            self._send_many(outgoing)
 
     def on_answer(self, message: dict[str, Any]) -> None:
         """An answer from the supervisor (a late one is dropped)."""
@@ -151,7 +167,11 @@ class ChannelLimiter(Limiter):
         """Questions unanswered for ANSWER_TIMEOUT are allowed (one timer for all of them)."""
         self._expiry = None
         now = self._loop.time()
-        expired = [ident for ident, entry in self._pending.items() if entry[1] <= now]
+        expired = [
+            ident
+            for ident, (future, deadline, op, _) in self._pending.items()
+            if deadline <= now and not (op == "open" and future.cancelled())
+        ]  # an "open" whose client left stays: a late yes must still be given back
         for ident in expired:
             future = self._pending.pop(ident)[0]
             if not future.done():
@@ -159,12 +179,21 @@ class ChannelLimiter(Limiter):
         if expired and now - self._warned_at >= WARN_INTERVAL:
             self._warned_at = now
             log.warning("no answer from the supervisor's anvil within %.0fs", ANSWER_TIMEOUT)
-        if self._pending:
-            next_deadline = min(entry[1] for entry in self._pending.values())
-            self._expiry = self._loop.call_at(next_deadline, self._expire)
+        waiting = [entry[1] for entry in self._pending.values() if not entry[0].done()]
+        if waiting:
+            self._expiry = self._loop.call_at(min(waiting), self._expire)
 
     async def open_session(self, key: str) -> bool:
-        return self._opened(await self._ask("open", key, lease=self.lease), key)
+        future = self._ask("open", key, lease=self.lease)
+        try:
+            answer = await future
+        except asyncio.CancelledError:
+            # The client left. If the answer had come already (same loop turn), give back
+            # what it granted; if not, on_answer does when it comes.
+            if future.done() and not future.cancelled() and self._opened(future.result(), key):
+                self.close_session(key)
+            raise
+        return self._opened(answer, key)
 
     def _opened(self, answer: Answer, key: str) -> bool:
         if not answer.get("ok"):
@@ -181,7 +210,7 @@ class ChannelLimiter(Limiter):
             unused = self._allowance.pop(key, 0)
             if unused:
                 message["back"] = unused
-        self._send(message)
+        self._send(message, urgent=False)
 
     async def count_message(self, key: str) -> bool:
         if self._allowance[key] > 0:
@@ -196,7 +225,7 @@ class ChannelLimiter(Limiter):
         return True
 
     async def auth_allowed(self, key: str) -> bool:
-        return bool((await self._ask("auth?", key)).get("ok"))
+        return bool((await self._ask("auth", key)).get("ok"))
 
-    def auth_failed(self, key: str) -> None:
-        self._send({"t": "anvil", "op": "authfail", "ip": key})
+    def auth_succeeded(self, key: str) -> None:
+        self._send({"t": "anvil", "op": "authok", "ip": key}, urgent=False)

@@ -36,6 +36,8 @@ log = logging.getLogger("farm.worker")
 #: Exit status of a worker that could not load its handler (a configuration error).
 EXIT_BOOT_ERROR = 3
 HEARTBEAT_INTERVAL = 1.0
+#: Seconds the connections taken from the listen queue at a stop may take to be set up.
+QUEUED_SETUP_TIMEOUT = 5.0
 #: Seconds a handler's ``aclose()`` may take when the worker exits.
 HANDLER_CLOSE_TIMEOUT = 5.0
 #: Seconds a graceful stop gives sessions that have not begun a mail transaction to begin one.
@@ -411,11 +413,13 @@ class WorkerServer:
         # In a graceful stop of the farm, take what is queued before closing the listeners.
         # A retiring worker does not: the supervisor and the new generation go on serving.
         timeout = self.config.graceful_timeout
-        taken = await self.gate.close(graceful and self._farm_stops, timeout / 2)
+        deadline = self.loop.time() + timeout  # the supervisor's SIGKILL comes soon after
+        setup = min(timeout / 2, QUEUED_SETUP_TIMEOUT)  # a TLS handshake must not eat the drain
+        taken = await self.gate.close(graceful and self._farm_stops, setup)
         if taken:
             log.info("worker %d: took %d queued connection(s) on stopping", self.spec.slot, taken)
         if graceful:
-            await self._drain(timeout)
+            await self._drain(max(0.0, deadline - self.loop.time()))
         else:
             for protocol in self.sessions.active:
                 protocol.abort()
