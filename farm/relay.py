@@ -65,6 +65,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import ipaddress
 import logging
 import re
@@ -125,6 +126,7 @@ def dot_stuff(content: bytes) -> bytes:
     return _LEADING_DOT.sub(b"\r\n..", content) + b".\r\n"
 
 
+@functools.lru_cache(maxsize=1024)  # names repeat (our name, the clients' EHLO names)
 def _safe(text: str | None, default: str) -> str:
     """``text`` with anything but ``[A-Za-z0-9.:_[]-]`` replaced, cut to 255 characters."""
     if not text:
@@ -628,7 +630,7 @@ class Relay:
             and recipients[0].isascii()
         ):
             for_clause = f"\r\n\tfor <{recipients[0]}>"
-        date = format_datetime(datetime.now(UTC).astimezone())
+        date = _date_now()
         header = (
             f"Received: from {helo} ([{address}])\r\n\tby {by} (farm) with {protocol}{ident}"
             f"{for_clause};\r\n\t{date}\r\n"
@@ -640,6 +642,18 @@ class Relay:
             return self.hostname
         name = getattr(server, "hostname", None)
         return name if isinstance(name, str) and name else socket.getfqdn()
+
+
+_date_cache: tuple[int, str] = (0, "")
+
+
+def _date_now() -> str:
+    """The RFC 5322 date of this second, local time (computed once a second: it is slow)."""
+    global _date_cache
+    now = int(time.time())
+    if _date_cache[0] != now:
+        _date_cache = (now, format_datetime(datetime.fromtimestamp(now, UTC).astimezone()))
+    return _date_cache[1]
 
 
 def _rcpt(address: str) -> str:
