@@ -705,15 +705,18 @@ def test_usr1_reopens_the_log_file_in_supervisor_and_workers(
 
     farm.signal(signal.SIGUSR1)
     farm.wait_log(r"farm\.supervisor: log file reopened")
-    sent = []
 
     def both_workers_log_into_the_new_file() -> bool:
-        sent.append(f"rotated{len(sent)}@farm.test")
-        assert send_message(farm.port, sent[-1]).startswith("250")
-        pids = re.findall(r"INFO \[(\d+)\] farm\.smtp: ", farm.log())
+        pids = re.findall(r"INFO \[(\d+)\] farm\.worker: worker \d+: log file reopened", farm.log())
         return {int(pid) for pid in pids} == set(before.values())
 
+    # Each worker says so in the new file (which worker serves a given client is up to the
+    # kernel, so sessions alone would not show both).
     wait_for(both_workers_log_into_the_new_file, what="both workers logging to the new file")
+    sent = [f"rotated{n}@farm.test" for n in range(4)]
+    for rcpt in sent:
+        assert send_message(farm.port, rcpt).startswith("250")
+    farm.wait_log(r"farm\.smtp: session=\S+ msg=")  # sessions log into the new file too
     assert len(delivered(out)) == len(sent)
     assert "received SIGUSR1" in rotated.read_text()
     assert farm.slots() == before

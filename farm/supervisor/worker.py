@@ -451,6 +451,7 @@ class WorkerServer:
     def _reopen_logs(self) -> None:
         if self.config.log_file:
             reopen_log_file(self.config.log_file)
+            log.info("worker %d: log file reopened", self.spec.slot)
 
     # -- the channel -----------------------------------------------------------------------
 
