@@ -38,6 +38,7 @@ __all__ = [
     "too_many_auth_failures",
     "too_many_connections",
     "too_much_mail",
+    "unmapped",
 ]
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -110,6 +111,11 @@ def client_address(peer: Any, proxy_data: Any = None) -> IPAddress | None:
             address = ipaddress.ip_address(host.split("%", 1)[0])
         except ValueError:
             return None
+    return unmapped(address)
+
+
+def unmapped(address: IPAddress) -> IPAddress:
+    """``::ffff:a.b.c.d`` as ``a.b.c.d``; any other address unchanged."""
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         return address.ipv4_mapped
     return address

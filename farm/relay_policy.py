@@ -14,6 +14,7 @@ import ipaddress
 from collections.abc import Iterable
 from typing import Any
 
+from farm.limits import client_address, unmapped
 from farm.relay_routes import normalise_domain, split_address
 
 __all__ = ["IPAddress", "RecipientPolicy", "client_ip"]
@@ -35,28 +36,9 @@ def ip_literal(domain: str) -> IPAddress | None:
         return None
 
 
-def unmapped(address: IPAddress) -> IPAddress:
-    """``::ffff:a.b.c.d`` as ``a.b.c.d``; any other address unchanged."""
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return address.ipv4_mapped
-    return address
-
-
 def client_ip(session: Any) -> IPAddress | None:
     """The PROXY header's source address if the session has a valid one, else the peer's."""
-    proxy = getattr(session, "proxy_data", None)
-    if proxy is not None and getattr(proxy, "valid", False):
-        source = getattr(proxy, "src_addr", None)
-        if isinstance(source, ipaddress.IPv4Address | ipaddress.IPv6Address):
-            return unmapped(source)
-    peer = getattr(session, "peer", None)
-    host = peer[0] if isinstance(peer, tuple | list) and peer else peer
-    if not isinstance(host, str):
-        return None
-    try:
-        return unmapped(ipaddress.ip_address(host.split("%", 1)[0]))
-    except ValueError:
-        return None
+    return client_address(getattr(session, "peer", None), getattr(session, "proxy_data", None))
 
 
 class RecipientPolicy:
