@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import ipaddress
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -235,7 +235,7 @@ class Anvil:
 
     @property
     def tracked(self) -> int:
-        """Addresses with any state (for the metrics)."""
+        """Addresses with any state (memory held: a sweep forgets refilled ones)."""
         return len(self.sessions.keys() | self._messages.keys() | self._auth.keys())
 
 
@@ -284,8 +284,3 @@ class LocalLimiter(Limiter):
 
     def auth_succeeded(self, key: str) -> None:
         self.anvil.give_back_auth(key)
-
-
-def networks_text(networks: Iterable[Any]) -> tuple[str, ...]:
-    """Validate and normalise a list of networks (for the configuration)."""
-    return tuple(str(ipaddress.ip_network(str(n), strict=False)) for n in networks)
