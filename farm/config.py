@@ -224,22 +224,18 @@ def _call_limit(key: str, value: Any) -> int | Mapping[str, int] | None:
     return MappingProxyType(limits)
 
 
-def _smtp(key: str, value: Any) -> SMTPSettings:
-    if isinstance(value, SMTPSettings):
-        return value
-    if not isinstance(value, Mapping):
-        raise _expected(key, "a table", value)
-    _reject_unknown(value, SMTPSettings.names(), f"{key}.")
-    return SMTPSettings(**value)
+def _settings_table(cls: type) -> Check:
+    """The check of a sub-table (``[smtp]``, ``[limits]``): a mapping of ``cls``'s names."""
 
+    def check(key: str, value: Any) -> Any:
+        if isinstance(value, cls):
+            return value
+        if not isinstance(value, Mapping):
+            raise _expected(key, "a table", value)
+        _reject_unknown(value, cls.names(), f"{key}.")  # type: ignore[attr-defined]
+        return cls(**value)
 
-def _limits(key: str, value: Any) -> LimitSettings:
-    if isinstance(value, LimitSettings):
-        return value
-    if not isinstance(value, Mapping):
-        raise _expected(key, "a table", value)
-    _reject_unknown(value, LimitSettings.names(), f"{key}.")
-    return LimitSettings(**value)
+    return check
 
 
 def _network_list(key: str, value: Any) -> tuple[str, ...]:
@@ -403,8 +399,12 @@ class Config:
     max_rss: int = field(default=0, metadata=_checked(_integer(0)))
     log_level: str = field(default="INFO", metadata=_checked(_log_level))
     log_file: str | None = field(default=None, metadata=_checked(_optional_string))
-    smtp: SMTPSettings = field(default_factory=SMTPSettings, metadata=_checked(_smtp))
-    limits: LimitSettings = field(default_factory=LimitSettings, metadata=_checked(_limits))
+    smtp: SMTPSettings = field(
+        default_factory=SMTPSettings, metadata=_checked(_settings_table(SMTPSettings))
+    )
+    limits: LimitSettings = field(
+        default_factory=LimitSettings, metadata=_checked(_settings_table(LimitSettings))
+    )
     #: The file this configuration was read from (not compared, not a TOML key).
     source: str | None = field(default=None, compare=False)
 

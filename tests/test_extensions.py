@@ -18,6 +18,7 @@ import pytest
 
 from farm.lmtp import LMTP
 from tests.logcheck import logged_errors
+from tests.loops import both_loops  # noqa: F401  (loop_kind: asyncio and uvloop)
 
 TIMEOUT = 10.0
 HOST = "farm.test"
@@ -34,12 +35,6 @@ def enhanced_ok(line: str) -> bool:
     """``line`` carries one enhanced status code, of the reply's own class."""
     m = ENHANCED.match(line)
     return m is not None and m.group(1) == m.group(2) and not DOUBLED.match(line)
-
-
-@pytest.fixture(params=["asyncio", "uvloop"])
-def loop_kind(request: pytest.FixtureRequest) -> str:
-    """Every test runs on plain asyncio and on uvloop (the farm's production loop)."""
-    return request.param
 
 
 @pytest.fixture(autouse=True)

@@ -25,16 +25,11 @@ from typing import Any
 import pytest
 
 from tests.logcheck import logged_errors
+from tests.loops import both_loops  # noqa: F401  (loop_kind: asyncio and uvloop)
 from tests.smuggling import LOOKALIKES
 
 TIMEOUT = 10.0
 HOST = "farm.test"
-
-
-@pytest.fixture(params=["asyncio", "uvloop"])
-def loop_kind(request: pytest.FixtureRequest) -> str:
-    """Every hostile test runs on plain asyncio and on uvloop (the farm's production loop)."""
-    return request.param
 
 
 # -- no tracebacks for client mistakes ----------------------------------------------------------

@@ -33,6 +33,7 @@ from tests.farm_helpers import (
     toml_config,
     wait_for,
 )
+from tests.loops import both_loops  # noqa: F401  (loop_kind: asyncio and uvloop)
 
 WAIT = 30.0
 SENDER = "sender@client.test"
@@ -46,12 +47,6 @@ MESSAGE = (
     b"8-bit: \xc3\xa9\xff\r\n"
     b"no final newline is added by us\r\n"
 )
-
-
-@pytest.fixture(params=["asyncio", "uvloop"])
-def loop_kind(request: pytest.FixtureRequest) -> str:
-    """Every engine test runs on plain asyncio and on uvloop (the farm's production loop)."""
-    return request.param
 
 
 def send(port: int, rcpts: list[str], message: bytes = MESSAGE) -> tuple[int, str]:

@@ -23,6 +23,7 @@ import pytest
 
 from farm.proxy_protocol import AF, PROTO, V2_CMD
 from tests.logcheck import logged_errors
+from tests.loops import both_loops  # noqa: F401  (loop_kind: asyncio and uvloop)
 
 TIMEOUT = 10.0
 HOST = "farm.test"
@@ -56,12 +57,6 @@ def v2_tcp6(src: str = "2001:db8::7", dst: str = "2001:db8::2") -> bytes:
 
 def tlv(kind: int, value: bytes) -> bytes:
     return bytes([kind]) + struct.pack("!H", len(value)) + value
-
-
-@pytest.fixture(params=["asyncio", "uvloop"])
-def loop_kind(request: pytest.FixtureRequest) -> str:
-    """Every test runs on plain asyncio and on uvloop (the farm's production loop)."""
-    return request.param
 
 
 @pytest.fixture(autouse=True)

@@ -13,6 +13,7 @@ import pytest
 import trustme
 
 from tests.conftest import RecordingHandler
+from tests.loops import both_loops  # noqa: F401  (loop_kind: asyncio and uvloop)
 from tests.relay_support import (
     DOMAIN,
     HAVE_SINK,
@@ -25,11 +26,6 @@ from tests.relay_support import (
 from tests.relay_support import make_relay as relay
 
 TLS_FAILED = 451, b"4.7.5"
-
-
-@pytest.fixture(params=["asyncio", "uvloop"])
-def loop_kind(request: pytest.FixtureRequest) -> str:
-    return request.param
 
 
 @pytest.fixture(scope="module")

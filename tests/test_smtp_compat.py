@@ -12,12 +12,7 @@ import pytest
 
 from farm import smtp as farm_smtp
 from farm.smtp import SMTP
-
-
-@pytest.fixture(params=["asyncio", "uvloop"])
-def loop_kind(request: pytest.FixtureRequest) -> str:
-    """Every compatibility test runs on plain asyncio and on uvloop."""
-    return request.param
+from tests.loops import both_loops  # noqa: F401  (loop_kind: asyncio and uvloop)
 
 
 def client_for(controller: Any) -> smtplib.SMTP:

@@ -16,11 +16,7 @@ import pytest
 import trustme
 
 from farm.smtp import AuthResult, LoginPassword
-
-
-@pytest.fixture(params=["asyncio", "uvloop"])
-def loop_kind(request: pytest.FixtureRequest) -> str:
-    return request.param
+from tests.loops import both_loops  # noqa: F401  (loop_kind: asyncio and uvloop)
 
 
 @pytest.fixture(scope="module")
