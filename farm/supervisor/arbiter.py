@@ -232,6 +232,10 @@ class Arbiter:
         close_fds += self._selector_fds()
         if self._metrics_server is not None:
             close_fds += self._metrics_server.fds()
+        if self.reload is not None:
+            # Listeners the reload removed stay open here until it commits; a worker must
+            # not keep a copy, or the port would go on accepting with nobody to greet.
+            close_fds += [listener.fileno() for listener in self.reload.closing_listeners]
         sys.stdout.flush()
         sys.stderr.flush()
         # Signals stay blocked in the child until its own handlers are in place (the worker
