@@ -4,6 +4,11 @@ No thread (invariant 4: the supervisor forks). The exposition text comes from
 ``prometheus_client``; content negotiation picks OpenMetrics when the scraper asks for it.
 ``/ready`` is for load balancers' health checks: ``200 ready`` while the farm serves, ``503``
 with the reason (``booting``, ``stopping``, ...) otherwise.
+
+Idle or slow clients cannot starve a new request: at :data:`MAX_CLIENTS`, a new connection
+takes the slot of the client that has held one the longest without sending a complete request
+(else of the oldest one not reading its answer). Requests already sent are read as soon as the
+connection is accepted, so a health check is answered in one turn of the loop.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from prometheus_client.exposition import choose_encoder
 log = logging.getLogger("farm.supervisor")
 
 MAX_REQUEST = 8192
-#: Scrapers served at once; more wait in the listen queue.
+#: Clients held at once; past it, a new one takes the slot of the longest-idle (see above).
 MAX_CLIENTS = 32
 #: Seconds a scraper may take to send its request and read the answer.
 CLIENT_TIMEOUT = 10.0
@@ -61,6 +66,8 @@ class MetricsHTTPServer:
         self._accepting = True
         self._resume_at = 0.0
         self._clients: dict[int, tuple[socket.socket, bytearray, bytearray]] = {}
+        #: Clients closed to make room for a new one.
+        self.evicted = 0
         selector.register(self._sock, selectors.EVENT_READ, self._accept)
         bound = self._sock.getsockname()
         self.address = (
@@ -99,8 +106,8 @@ class MetricsHTTPServer:
 
     def _accept(self) -> None:
         for _ in range(16):
-            if len(self._clients) >= MAX_CLIENTS:
-                self._pause_accepting(0.0)  # resumed once a scraper is done
+            if len(self._clients) >= MAX_CLIENTS and not self._evict_one():
+                self._pause_accepting(0.0)  # every slot awaits the workers: resumed when done
                 return
             try:
                 conn, _ = self._sock.accept()
@@ -116,6 +123,20 @@ class MetricsHTTPServer:
             self._clients[fd] = (conn, bytearray(), bytearray())
             self._since[fd] = time.monotonic()
             self._selector.register(conn, selectors.EVENT_READ, lambda fd=fd: self._readable(fd))
+            self._readable(fd)  # a request that came with the connection is answered now
+
+    def _evict_one(self) -> bool:
+        """Make room for a new client by closing the one that has held its slot the longest
+        without sending a complete request, else the oldest one not reading its answer.
+        False when every client awaits the workers' metrics (that ends within the scrape
+        timeout)."""
+        candidates = [fd for fd in self._clients if fd not in self._waiting]
+        if not candidates:
+            return False
+        victim = min(candidates, key=lambda fd: (bool(self._clients[fd][2]), self._since[fd]))
+        self._drop(victim)
+        self.evicted += 1
+        return True
 
     def _readable(self, fd: int) -> None:
         conn, inbox, _ = self._clients[fd]
