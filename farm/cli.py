@@ -16,7 +16,7 @@ from farm.supervisor.listeners import (
     bind_listeners,
     inherit_systemd_listeners,
 )
-from farm.supervisor.privileges import PrivilegeError, drop_privileges
+from farm.supervisor.privileges import PrivilegeError, check_drop
 
 log = logging.getLogger("farm")
 
@@ -88,9 +88,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def serve(config: Config, overrides: dict[str, Any]) -> int:
-    """Bind (or inherit) the listeners, drop privileges, and run the supervisor."""
+    """Bind (or inherit) the listeners, load the TLS key, and run the supervisor (whose workers
+    drop privileges to ``user``/``group``)."""
     from farm.supervisor.arbiter import Arbiter
 
+    try:
+        check_drop(config.user, config.group)
+        tls_context = config.smtp.tls_context()  # before any drop: a root-only key works
+    except (PrivilegeError, ConfigError) as error:
+        print(f"farm: {error}", file=sys.stderr)
+        return EXIT_CONFIG
     configure_logging(config.log_level, config.log_file)
     try:
         listeners = inherit_systemd_listeners()
@@ -103,11 +110,6 @@ def serve(config: Config, overrides: dict[str, Any]) -> int:
         return 1
     if config.pidfile:
         _write_pidfile(config.pidfile)
-    try:
-        drop_privileges(config.user, config.group)
-    except PrivilegeError as error:
-        print(f"farm: {error}", file=sys.stderr)
-        return 1
     where = ", ".join(listener.bound for listener in listeners)
     metrics = f", metrics on http://{config.metrics}/metrics" if config.metrics else ""
     print(
@@ -117,7 +119,7 @@ def serve(config: Config, overrides: dict[str, Any]) -> int:
         flush=True,
     )
     try:
-        return Arbiter(config, listeners, overrides=overrides).run()
+        return Arbiter(config, listeners, overrides=overrides, tls_context=tls_context).run()
     finally:
         if config.pidfile:
             _remove_pidfile(config.pidfile)

@@ -259,6 +259,10 @@ def _validate(obj: Any, prefix: str) -> None:
             object.__setattr__(obj, spec.name, check(prefix + spec.name, getattr(obj, spec.name)))
 
 
+#: ``SMTPSettings.as_kwargs``: load the TLS context from the files (no context given).
+_LOAD = object()
+
+
 def _empty_table() -> Mapping[str, Any]:
     return MappingProxyType({})
 
@@ -318,18 +322,39 @@ class SMTPSettings:
         """The names accepted in the ``[smtp]`` table."""
         return tuple(spec.name for spec in fields(cls))
 
-    def as_kwargs(self) -> dict[str, Any]:
+    def tls_context(self) -> ssl.SSLContext | None:
+        """The server's SSL context from ``tls_cert``/``tls_key`` (None without a certificate).
+
+        The farm's supervisor builds it before any privilege is dropped, and again at each
+        reload, so a key only root can read works; a key that cannot be loaded is a
+        :class:`ConfigError` naming ``smtp.tls_key``.
+        """
+        if not self.tls_cert:
+            return None
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        try:
+            context.load_cert_chain(self.tls_cert, self.tls_key)
+        except (OSError, ssl.SSLError) as error:
+            reason = getattr(error, "strerror", None) or getattr(error, "reason", None) or error
+            raise ConfigError(
+                f"smtp.tls_key: cannot load {self.tls_cert} with {self.tls_key or 'its key'}: "
+                f"{reason}",
+                "smtp.tls_key",
+            ) from None
+        return context
+
+    def as_kwargs(self, tls_context: ssl.SSLContext | object | None = _LOAD) -> dict[str, Any]:
         """Keyword arguments for ``farm.smtp.SMTP(handler, **kwargs)``.
 
-        ``tls_cert``/``tls_key`` become a ``tls_context`` (built here, in the worker).
+        ``tls_cert``/``tls_key`` become a ``tls_context``: the one given (the farm's workers get
+        the supervisor's), else loaded here by :meth:`tls_context`.
         """
         kwargs = {name: getattr(self, name) for name in self.names()}
         if isinstance(self.command_call_limit, Mapping):
             kwargs["command_call_limit"] = dict(self.command_call_limit)
-        cert, key = kwargs.pop("tls_cert"), kwargs.pop("tls_key")
-        if cert:
-            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-            context.load_cert_chain(cert, key)
+        del kwargs["tls_cert"], kwargs["tls_key"]
+        context = self.tls_context() if tls_context is _LOAD else tls_context
+        if context is not None:
             kwargs["tls_context"] = context
         return kwargs
 
@@ -410,6 +435,9 @@ class Config:
 
     def __post_init__(self) -> None:
         _validate(self, "")
+        if self.group is not None and self.user is None:
+            # drop_privileges would change the gid only: the workers would still run as root.
+            raise ConfigError("group: needs user as well (a group alone keeps uid 0)", "group")
         if self.tls_bind and not (self.smtp.tls_cert and self.smtp.tls_key):
             raise ConfigError("tls_bind: needs smtp.tls_cert and smtp.tls_key", "tls_bind")
         both = {a.text for a in self.bind} & {a.text for a in self.tls_bind}

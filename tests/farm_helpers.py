@@ -306,12 +306,13 @@ class FarmRunner:
         env: Mapping[str, str] | None = None,
         prefix: Sequence[str] = (),
         wait: bool = True,
+        python: str = sys.executable,
     ) -> Farm:
         """Start ``python -m farm serve`` with ``args``; wait for its banner (if ``wait``)."""
         self._count += 1
         name = f"farm{self._count}"
         log_path = self.tmp_path / f"{name}.log"
-        command = [*prefix, sys.executable, "-m", "farm", "serve"]
+        command = [*prefix, python, "-m", "farm", "serve"]
         if config is not None:
             command += ["-c", str(config)]
         if bind is not None:

@@ -14,6 +14,7 @@ import logging
 import os
 import selectors
 import signal
+import ssl
 import sys
 import time
 from collections.abc import Callable
@@ -56,6 +57,8 @@ STOP_SLACK = 3.0
 
 #: How often the supervisor reaps, checks health and deadlines when nothing signals it.
 TICK_INTERVAL = 0.1
+#: ``Arbiter(tls_context=...)`` not given: build it from the configuration.
+_FROM_CONFIG = object()
 
 
 @dataclass
@@ -93,6 +96,8 @@ class Reload:
 
     generation: int
     old_config: Config
+    #: The TLS context of ``old_config`` (loaded by the supervisor, see ``Arbiter``).
+    old_tls_context: ssl.SSLContext | None = None
     new_slots: dict[int, int] = field(default_factory=dict)
     deadline: float = 0.0
     opened_listeners: list[Listener] = field(default_factory=list)
@@ -100,7 +105,13 @@ class Reload:
 
 
 class Arbiter:
-    """Runs the farm until it is stopped; ``run()`` returns the exit status."""
+    """Runs the farm until it is stopped; ``run()`` returns the exit status.
+
+    The supervisor keeps the identity it was started with (root when ``user`` is set, as
+    Postfix's master and nginx's do): it binds new listeners and loads the TLS key, with the
+    same rights at every reload. Workers drop to ``user``/``group`` right after the fork and
+    get the SSL context built here (``tls_context``: built from ``config`` when not given).
+    """
 
     def __init__(
         self,
@@ -109,8 +120,10 @@ class Arbiter:
         *,
         overrides: dict[str, Any] | None = None,
         notifier: Notifier | None = None,
+        tls_context: ssl.SSLContext | object | None = _FROM_CONFIG,
     ) -> None:
         self.config = config
+        self.tls_context = config.smtp.tls_context() if tls_context is _FROM_CONFIG else tls_context
         self.overrides = dict(overrides or {})
         self.listeners = {listener.address: listener for listener in listeners}
         self.notifier = notifier or Notifier()
@@ -225,7 +238,12 @@ class Arbiter:
         generation: int,
         replaces: int | None = None,
         config: Config | None = None,
+        tls_context: ssl.SSLContext | None = None,
     ) -> int:
+        """Fork a worker for ``slot`` serving ``config`` (default: the running one, with its
+        TLS context); its pid. OSError when the fork fails (nothing is left behind)."""
+        if config is None:
+            config, tls_context = self.config, self.tls_context
         supervisor_end, worker_end = Channel.pair()
         close_fds = [supervisor_end.fileno(), self._wakeup_r, self._wakeup_w]
         close_fds += [w.channel.fileno() for w in self.workers.values()]
@@ -245,15 +263,18 @@ class Arbiter:
             pid = os.fork()
         except BaseException:
             signal.pthread_sigmask(signal.SIG_SETMASK, previous_mask)
+            supervisor_end.close()
+            worker_end.close()
             raise
         if pid == 0:
             spec = WorkerSpec(
                 slot=slot,
                 generation=generation,
-                config=config or self.config,
+                config=config,
                 listeners=list(self.listeners.values()),
                 channel=worker_end,
                 close_fds=close_fds,
+                tls_context=tls_context,
             )
             run_worker(spec)  # never returns
         signal.pthread_sigmask(signal.SIG_SETMASK, previous_mask)
@@ -430,8 +451,14 @@ class Arbiter:
             return
         if delta > 0:
             slot = self.desired
+            try:
+                self.slots[slot] = self._spawn(slot, self.generation)
+            except OSError as error:  # EAGAIN (process limit), ENOMEM: refuse the scale-up
+                log.error(
+                    "cannot start worker %d: %s; workers desired: %d", slot, error, self.desired
+                )
+                return
             self.desired += 1
-            self.slots[slot] = self._spawn(slot, self.generation)
         elif self.desired > 1:
             self.desired -= 1
             slot = self.desired
@@ -524,6 +551,7 @@ class Arbiter:
         self.metrics.reload_last_timestamp.set(time.time())
         try:
             new_config = load_config(self.config.source, self.overrides)
+            tls_context = new_config.smtp.tls_context()  # keys read with the supervisor's rights
         except ConfigError as error:
             log.error("reload failed: %s; keeping the running configuration", error)
             self.metrics.reload_last_success.set(0)
@@ -536,12 +564,15 @@ class Arbiter:
             return
         self.notifier.reloading()
         generation = self.generation + 1
-        reload = Reload(generation=generation, old_config=self.config)
+        reload = Reload(
+            generation=generation, old_config=self.config, old_tls_context=self.tls_context
+        )
         reload.deadline = time.monotonic() + new_config.boot_timeout
         reload.opened_listeners = opened
         reload.closing_listeners = closing
         self.reload = reload
         self.config = new_config
+        self.tls_context = tls_context
         for listener in opened:
             self.listeners[listener.address] = listener
         for listener in closing:
@@ -617,6 +648,7 @@ class Arbiter:
         for listener in reload.closing_listeners:
             self.listeners[listener.address] = listener
         self.config = reload.old_config
+        self.tls_context = reload.old_tls_context
         self.reload = None
         self.metrics.reload_last_success.set(0)
         self._set_title()
@@ -730,9 +762,15 @@ class Arbiter:
             if when <= now and slot < self.desired and slot not in self.slots:
                 del self.spawn_at[slot]
                 self.metrics.backoff.labels(str(slot)).set(0)
-                serving = self.reload.old_config if self.reload is not None else self.config
+                serving, context = (
+                    (self.reload.old_config, self.reload.old_tls_context)
+                    if self.reload is not None
+                    else (self.config, self.tls_context)
+                )
                 try:
-                    self.slots[slot] = self._spawn(slot, self.generation, config=serving)
+                    self.slots[slot] = self._spawn(
+                        slot, self.generation, config=serving, tls_context=context
+                    )
                 except OSError as error:
                     log.error("cannot start worker %d: %s; retrying in 5s", slot, error)
                     self.spawn_at[slot] = now + 5.0

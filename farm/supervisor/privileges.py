@@ -1,4 +1,9 @@
-"""Drop root privileges after binding: ``setgroups([])``, ``setgid``, then ``setuid`` (for good)."""
+"""Drop root privileges: ``setgroups([])``, ``setgid``, then ``setuid`` (for good).
+
+The farm's workers call :func:`drop_privileges` right after the fork, before they load the
+handler; the supervisor keeps its identity (to bind new listeners and read TLS keys at a reload)
+and calls :func:`check_drop` first, so that a bad ``user``/``group`` fails at boot.
+"""
 
 from __future__ import annotations
 
@@ -38,6 +43,29 @@ def resolve_group(group: str | int) -> int:
         raise PrivilegeError(f"unknown group {text!r}") from None
 
 
+def _resolve(user: str | int | None, group: str | int | None) -> tuple[int | None, int | None]:
+    uid: int | None = None
+    gid: int | None = None
+    if user is not None:
+        uid, gid = resolve_user(user)
+    if group is not None:
+        gid = resolve_group(group)
+    if uid is not None and gid is None:
+        raise PrivilegeError(f"user {user!s} has no passwd entry: give a group as well")
+    return uid, gid
+
+
+def check_drop(user: str | int | None, group: str | int | None) -> None:
+    """Raise :class:`PrivilegeError` now if :func:`drop_privileges` with these would fail
+    (unknown user or group, not root); the supervisor checks before it forks the workers."""
+    if user is None and group is None:
+        return
+    uid, gid = _resolve(user, group)
+    if not _already(uid, gid) and os.geteuid() != 0:
+        target = f"user {user!s}" if user is not None else f"group {group!s}"
+        raise PrivilegeError(f"cannot switch to {target}: not running as root (uid {os.geteuid()})")
+
+
 def drop_privileges(user: str | int | None, group: str | int | None) -> None:
     """Become ``user`` (and ``group``, default: the user's primary group) irrevocably.
 
@@ -47,14 +75,7 @@ def drop_privileges(user: str | int | None, group: str | int | None) -> None:
     """
     if user is None and group is None:
         return
-    uid: int | None = None
-    gid: int | None = None
-    if user is not None:
-        uid, gid = resolve_user(user)
-    if group is not None:
-        gid = resolve_group(group)
-    if uid is not None and gid is None:
-        raise PrivilegeError(f"user {user!s} has no passwd entry: give a group as well")
+    uid, gid = _resolve(user, group)
     target = f"user {user!s}" if user is not None else f"group {group!s}"
     if _already(uid, gid):
         return

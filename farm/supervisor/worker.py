@@ -30,6 +30,7 @@ from farm.smtp import SMTP
 from farm.smtp.drain import SessionTracker
 from farm.supervisor.anvil import ChannelLimiter
 from farm.supervisor.channel import Channel, ChannelClosed
+from farm.supervisor.privileges import PrivilegeError, drop_privileges
 
 log = logging.getLogger("farm.worker")
 
@@ -68,6 +69,8 @@ class WorkerSpec:
     channel: Channel
     #: Supervisor file descriptors the child must close.
     close_fds: list[int] = field(default_factory=list)
+    #: The server's SSL context, loaded by the supervisor before any privilege drop.
+    tls_context: Any = None
 
 
 def run_worker(spec: WorkerSpec) -> NoReturn:
@@ -95,6 +98,13 @@ def _worker_process(spec: WorkerSpec) -> int:
     for fd in spec.close_fds:
         with contextlib.suppress(OSError):
             os.close(fd)
+    config = spec.config
+    try:
+        # Before any handler code runs; the TLS key was loaded by the supervisor.
+        drop_privileges(config.user, config.group)
+    except PrivilegeError as error:
+        print(f"farm: worker {spec.slot}: {error}", file=sys.stderr, flush=True)
+        return EXIT_BOOT_ERROR
     try:
         from setproctitle import setproctitle
 
@@ -102,7 +112,6 @@ def _worker_process(spec: WorkerSpec) -> int:
     except ImportError:  # pragma: no cover - a declared dependency
         pass
     faulthandler.register(signal.SIGUSR2, file=sys.stderr, all_threads=True)
-    config = spec.config
     try:
         handler = load_handler(config.handler, config.handler_args)
     except HandlerLoadError as error:
@@ -288,7 +297,7 @@ class WorkerServer:
         self._registry.register(StatsCollector(self.stats))
         self.active = 0
         self.messages = 0
-        self._smtp_kwargs = self.config.smtp.as_kwargs()
+        self._smtp_kwargs = self.config.smtp.as_kwargs(tls_context=spec.tls_context)
         limits = self.config.limits.client_limits()
         self.limiter = ChannelLimiter(limits, self._send_many, loop) if limits.active else None
         if self.limiter is not None:
