@@ -31,6 +31,7 @@ from typing import Any
 
 from farm.addresses import Address, parse_address
 from farm.limits import DEFAULT_EXEMPT, ClientLimits
+from farm.smtp.body import SPOOL_THRESHOLD_DEFAULT
 
 __all__ = ["LOG_LEVELS", "Config", "ConfigError", "LimitSettings", "SMTPSettings", "load_config"]
 
@@ -110,6 +111,13 @@ def _readable_file(key: str, value: Any) -> str | None:
     value = _optional_string(key, value)
     if value is not None and not os.access(value, os.R_OK):
         raise _expected(key, "a readable file", value)
+    return value
+
+
+def _directory(key: str, value: Any) -> str | None:
+    value = _optional_string(key, value)
+    if value is not None and not os.path.isdir(value):
+        raise _expected(key, "an existing directory", value)
     return value
 
 
@@ -306,6 +314,10 @@ class SMTPSettings:
     proxy_trusted_networks: tuple[str, ...] | None = field(
         default=None, metadata=_checked(_networks)
     )
+    #: Message bodies larger than this (octets) are spooled to an unlinked file (0: all).
+    spool_threshold: int = field(default=SPOOL_THRESHOLD_DEFAULT, metadata=_checked(_integer(0)))
+    #: Where spool files live (default: the system's temporary directory); on disk, not tmpfs.
+    spool_directory: str | None = field(default=None, metadata=_checked(_directory))
 
     def __post_init__(self) -> None:
         _validate(self, "smtp.")
@@ -422,6 +434,8 @@ class Config:
     max_messages: int = field(default=0, metadata=_checked(_integer(0)))
     max_messages_jitter: int = field(default=0, metadata=_checked(_integer(0)))
     max_rss: int = field(default=0, metadata=_checked(_integer(0)))
+    #: MiB of message bodies a worker holds in memory at once; past it, 452 4.3.1 (0: no limit).
+    body_memory_limit: int = field(default=128, metadata=_checked(_integer(0)))
     log_level: str = field(default="INFO", metadata=_checked(_log_level))
     log_file: str | None = field(default=None, metadata=_checked(_optional_string))
     smtp: SMTPSettings = field(

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import functools
 import itertools
 import logging
@@ -39,6 +38,8 @@ import stat
 import time
 from collections.abc import Iterable
 from typing import Any
+
+from farm.smtp.body import Body, envelope_body
 
 __all__ = ["DELIVERY_FAILED", "Maildir", "mailbox_dir_name"]
 
@@ -126,12 +127,9 @@ class Maildir:
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
         self._schedule_cleanup()
-        content = envelope.original_content
-        if content is None:  # not from our engine: fall back on the (possibly decoded) content
-            content = envelope.content
-            if isinstance(content, str):
-                content = content.encode("utf-8", "surrogateescape")
-        deliver = functools.partial(self._deliver, bytes(content), self._targets(envelope))
+        # Copied from the body (a spool file past farm.smtp.body's threshold), never read whole.
+        body = envelope_body(envelope)
+        deliver = functools.partial(self._deliver, body, self._targets(envelope))
         session_id = getattr(session, "id", "") or "-"
         try:
             names = await asyncio.get_running_loop().run_in_executor(None, deliver)
@@ -228,7 +226,7 @@ class Maildir:
 
     # -- blocking part: runs in the executor ------------------------------------------------
 
-    def _deliver(self, content: bytes, targets: list[str]) -> list[str]:
+    def _deliver(self, content: Body, targets: list[str]) -> list[str]:
         """Write ``content`` into every Maildir of ``targets``; the new names.
 
         All-or-nothing: on an ``OSError`` every file written so far (in ``tmp/`` or ``new/``)
@@ -259,7 +257,7 @@ class Maildir:
             raise
         return [name for _, name, _ in written]
 
-    def _write_tmp(self, maildir: str, tmp: str, content: bytes) -> None:
+    def _write_tmp(self, maildir: str, tmp: str, content: Body) -> None:
         """Create ``tmp`` (exclusively), write all of ``content`` and fsync it."""
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
         try:
@@ -268,12 +266,7 @@ class Maildir:
             self._make_maildir(maildir)
             fd = os.open(tmp, flags, _FILE_MODE)
         try:
-            view = memoryview(content)
-            while view:
-                count = os.write(fd, view)
-                if count <= 0:  # pragma: no cover - os.write raises rather than return 0
-                    raise OSError(errno.EIO, "short write")
-                view = view[count:]
+            content.copy_to(fd)
             if self.fsync:
                 os.fsync(fd)
         finally:

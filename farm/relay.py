@@ -87,9 +87,11 @@ from farm.relay_client import (
     failure,
     make_ssl_context,
 )
+from farm.relay_content import content_chunks, content_size
 from farm.relay_policy import RecipientPolicy, client_ip
 from farm.relay_pool import Pool
 from farm.relay_routes import Route, RouteTable, parse_route
+from farm.smtp.body import Body, envelope_body
 
 __all__ = ["RELAY_DENIED", "Relay", "clean_content", "dot_stuff"]
 
@@ -282,12 +284,9 @@ class Relay:
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str | list[str]:
         started = time.monotonic()
-        content = envelope.original_content
-        if content is None:
-            content = envelope.content
-            if isinstance(content, str):
-                content = content.encode("utf-8", "surrogateescape")
-        data = self.received_header(server, session, envelope) + clean_content(bytes(content))
+        # Streamed from the body (a spool file past farm.smtp.body's threshold), never whole.
+        body = envelope_body(envelope)
+        header = self.received_header(server, session, envelope)
         recipients = list(envelope.rcpt_tos)
         transaction = self._transactions.get(id(session))
         if transaction is not None and transaction.envelope is not envelope:
@@ -302,33 +301,35 @@ class Relay:
         else:
             async with self._using(transaction):
                 try:
-                    results = await self._data(transaction, recipients, data)
+                    results = await self._data(transaction, recipients, header, body)
                 except Exception as exc:
                     lost = failure(exc)
                     self._drop(transaction)
                     results, error = [lost.reply] * len(recipients), str(lost)
         if transaction is not None:
             await self._end(session, transaction)
+        size = content_size(header, body)
         return self._reply_and_log(
-            server, session, transaction, recipients, results, len(data), started, error
+            server, session, transaction, recipients, results, size, started, error
         )
 
     async def _data(
-        self, transaction: _Transaction, recipients: list[str], data: bytes
+        self, transaction: _Transaction, recipients: list[str], header: bytes, body: Body
     ) -> list[Reply | str]:
         """One result per recipient: the next hop's ``Reply`` to ``BDAT <size> LAST`` (when it
         offers ``CHUNKING``) or to the data after ``DATA``."""
         connection = transaction.connection
         assert connection is not None
         if connection.chunking:
-            await connection.bdat_last(data)
+            size = content_size(header, body)
+            await connection.bdat_last(size, content_chunks(header, body, stuff=False))
         else:
             reply = await connection.command("DATA")
             if reply.code != 354:
                 if not 400 <= reply.code <= 599:  # (a 2xx would read as delivered)
                     raise ProtocolError(f"unexpected reply to DATA {reply!r}")
                 return [reply] * len(recipients)
-            await connection.send(dot_stuff(data))
+            await connection.send_all(content_chunks(header, body, stuff=True))
         count = len(recipients) if transaction.route.lmtp else 1
         replies = [await connection.read_reply(final=i == count - 1) for i in range(count)]
         if any(not (r.ok or 400 <= r.code <= 599) for r in replies):

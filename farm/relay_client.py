@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import re
 import ssl
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from farm.relay_routes import Route
@@ -317,10 +318,26 @@ class Connection:
         caller then reads one reply per line, the last with ``final=True``."""
         await self.send(b"".join(_encode(line, utf8) for line in lines))
 
-    async def bdat_last(self, content: bytes) -> None:
-        """Send ``BDAT <size> LAST`` and ``content`` in one write (no dot-stuffing: the size is
-        exactly ``len(content)``); the caller reads the reply (LMTP: one per recipient)."""
-        await self.send(b"BDAT %d LAST\r\n" % len(content) + content)
+    async def bdat_last(self, size: int, chunks: Iterable[bytes]) -> None:
+        """Send ``BDAT <size> LAST`` and the ``chunks`` (exactly ``size`` octets, no
+        dot-stuffing), the command in the first chunk's write; the caller reads the reply
+        (LMTP: one per recipient). A mismatched size is a ProtocolError (closed, never reused)."""
+        sent = await self.send_all(chunks, first=b"BDAT %d LAST\r\n" % size)
+        if sent != size:
+            raise ProtocolError(f"BDAT declared {size} octets, {sent} were sent")
+
+    async def send_all(self, chunks: Iterable[bytes], first: bytes = b"") -> int:
+        """Send ``first`` with the first chunk, then each chunk in turn, each with a bounded
+        wait for the peer to take it (a large body is never buffered whole); the octets of
+        ``chunks`` sent."""
+        sent = 0
+        for chunk in chunks:
+            sent += len(chunk)
+            await self.send(first + chunk if first else chunk)
+            first = b""
+        if first:
+            await self.send(first)
+        return sent
 
     async def hello(self, name: str) -> Reply:
         """``LHLO`` (LMTP) or ``EHLO``, falling back to ``HELO``; records the extensions."""

@@ -108,6 +108,8 @@ def test_defaults() -> None:
         "greeting_delay": 0.0,
         "proxy_protocol_timeout": None,
         "proxy_trusted_networks": None,
+        "spool_threshold": 1048576,
+        "spool_directory": None,
     }
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from farm.smtp.body import INSUFFICIENT_STORAGE, Body
 from farm.smtp.framing import Chunk, Message
 
 log = logging.getLogger("farm.smtp")
@@ -21,7 +22,7 @@ class ChunkingMixin:
 
     _chunking: bool
     #: Content received by earlier BDAT chunks of this transaction (None: no BDAT yet).
-    _bdat_content: bytearray | None = None
+    _bdat_content: Body | None = None
     #: For the chunk being read: (is it the last, the error reply to give after it, if any).
     _bdat_pending: tuple[bool, str | None] = (False, None)
 
@@ -44,9 +45,9 @@ class ChunkingMixin:
         if error is not None:
             server._framer.start_chunk(size, keep=False)
         else:
-            server._framer.start_chunk(size)
+            server._framer.start_chunk(size, spill=server._spill)
             if self._bdat_content is None:
-                self._bdat_content = bytearray()
+                self._bdat_content = server._new_body()
         self._bdat_pending = (last, error)
         if server._timeout:
             server._data_deadline = server.loop.time() + server._timeout
@@ -57,7 +58,9 @@ class ChunkingMixin:
             return server._helo_required
         if not server.envelope.rcpt_tos:
             return "503 Error: need RCPT command"
-        received = len(self._bdat_content or b"")
+        if self._bdat_content is None and server._no_room_for_a_body():
+            return INSUFFICIENT_STORAGE
+        received = self._bdat_content.size if self._bdat_content is not None else 0
         limit = server.data_size_limit
         if limit and received + size > limit:
             return "552 Error: Too much mail data"
@@ -83,10 +86,9 @@ class ChunkingMixin:
             return
         content = self._bdat_content
         assert content is not None
-        content += chunk.data
+        content.write(chunk.data)
         if not last:
             server._reply(f"250 Message OK, {chunk.size} octets received")
             return
         self._bdat_content = None
-        body = bytes(content)
-        server._on_message(Message(body, len(body)))
+        server._on_message(Message(b"", content.size), content)

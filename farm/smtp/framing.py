@@ -13,6 +13,10 @@ Rules (RFC 5321 and the smuggling advisories):
 * Dot-unstuffing removes the first ``.`` of a CRLF-delimited line, nowhere else.
 * Over-long lines and over-size bodies are discarded as they arrive (memory stays bounded); the
   error is reported only once the real terminator has arrived.
+* With ``spill`` (see :meth:`Framer.start_data`), a body is handed out in :class:`BodyPart`
+  events as it arrives, at least ``spill`` octets each (complete lines, unstuffed), and the
+  final :class:`Message` (or :class:`Chunk`) holds only the rest: the framer then never holds
+  more than about ``spill`` octets of a body, however large.
 """
 
 from __future__ import annotations
@@ -49,6 +53,12 @@ class Chunk(NamedTuple):
     size: int
 
 
+class BodyPart(NamedTuple):
+    """Content of the body (or BDAT chunk) being received, handed out before its end."""
+
+    data: bytes
+
+
 class DataError(Enum):
     """Why a DATA body was refused."""
 
@@ -68,7 +78,7 @@ class Message:
     error: DataError | None = None
 
 
-Event = Command | CommandTooLong | Message | Chunk
+Event = Command | CommandTooLong | Message | Chunk | BodyPart
 
 
 class Framer:
@@ -89,6 +99,8 @@ class Framer:
         "_pos",
         "_scan",
         "_skipping",
+        "_spill",
+        "_streamed",
         "max_command_line",
     )
 
@@ -109,6 +121,8 @@ class Framer:
         self._chunk_size = 0
         self._chunk_keep = True
         self._chunk = bytearray()
+        self._spill: int | None = None  # hand out BodyPart events past this many octets
+        self._streamed = 0  # DATA: octets of the body (as sent) handed out in BodyParts
 
     # -- input ---------------------------------------------------------------------------
 
@@ -134,21 +148,30 @@ class Framer:
         self._skipping = False
         return rest
 
-    def start_data(self, size_limit: int | None) -> None:
-        """Switch to DATA mode: the next event is the :class:`Message` after the 354."""
+    def start_data(self, size_limit: int | None, spill: int | None = None) -> None:
+        """Switch to DATA mode: the next event is the :class:`Message` after the 354.
+
+        With ``spill``, :class:`BodyPart` events come first whenever ``spill`` octets of the
+        body are waiting; the Message then holds the rest of the body.
+        """
         self._in_data = True
         self._data_limit = size_limit or None
         self._data_error = None
         self._data_received = 0
+        self._streamed = 0
+        self._spill = spill
         self._scan = self._pos
         self._line_checked = self._pos
 
-    def start_chunk(self, size: int, keep: bool = True) -> None:
+    def start_chunk(self, size: int, keep: bool = True, spill: int | None = None) -> None:
         """Switch to BDAT mode: the next event is the :class:`Chunk` of ``size`` octets.
 
         With ``keep=False`` the octets are read and dropped (a refused chunk must still be
-        consumed, or its content would be taken for commands).
+        consumed, or its content would be taken for commands). With ``spill``,
+        :class:`BodyPart` events hand out the chunk's octets as they arrive; the Chunk then
+        holds the rest.
         """
+        self._spill = spill if keep else None
         self._chunk_left = size
         self._chunk_size = size
         self._chunk_keep = keep
@@ -177,6 +200,10 @@ class Framer:
             left -= take
         self._chunk_left = left
         if left:
+            if self._spill is not None and len(self._chunk) >= self._spill:
+                data = bytes(self._chunk)
+                self._chunk = bytearray()
+                return BodyPart(data)
             return None
         self._chunk_left = None
         data = bytes(self._chunk)
@@ -215,13 +242,14 @@ class Framer:
                 self._compact()
             return Command(line)
 
-    def _next_message(self) -> Message | None:
+    def _next_message(self) -> Message | BodyPart | None:
         buf = self._buf
         pos = self._pos
-        if self._data_error is None and buf.startswith(EMPTY_BODY, pos):
+        at_start = self._data_error is None and not self._streamed
+        if at_start and buf.startswith(EMPTY_BODY, pos):
             return self._finish_message(pos, pos, b"")
         if (
-            self._data_error is None
+            at_start
             and len(buf) - pos < len(EMPTY_BODY)
             and (EMPTY_BODY.startswith(bytes(buf[pos:])))
         ):
@@ -234,17 +262,43 @@ class Framer:
                 self._data_error = self._first_error(len(buf), len(buf) - 2, final=False)
             if self._data_error is not None:
                 self._discard_body()
+            elif self._spill is not None and len(buf) - pos >= self._spill:
+                return self._body_part()
             return None
         body_end = end + 2  # the body keeps the CRLF of its last line
         if self._data_error is None:
             self._data_error = self._first_error(body_end, body_end, final=True)
         if self._data_error is not None:
             return self._finish_message(pos, body_end, b"")
-        start = pos + 1 if buf[pos] == 0x2E else pos  # unstuff the first line
+        start = pos + 1 if buf[pos] == 0x2E else pos  # unstuff the first line (after a
+        # BodyPart the rest starts with the CRLF that ends the part's last line)
         content = bytes(memoryview(buf)[start:body_end])
         if b"\r\n." in content:
             content = content.replace(b"\r\n.", b"\r\n")
         return self._finish_message(pos, body_end, content)
+
+    def _body_part(self) -> BodyPart | None:
+        """Hand out the complete, checked lines of the body received so far (unstuffed).
+
+        The part ends before the CRLF of its last line: the rest of the body starts with that
+        CRLF, so a terminator or a stuffed dot at the boundary is recognised in the rest, and
+        the first line of the body is the only one unstuffed at its very start.
+        """
+        buf = self._buf
+        pos = self._pos
+        cut = buf.rfind(CRLF, pos, self._line_checked)
+        if cut <= pos:
+            return None  # no complete line yet (the line length limit bounds this)
+        start = pos + 1 if not self._streamed and buf[pos] == 0x2E else pos
+        data = bytes(memoryview(buf)[start:cut])
+        if b"\r\n." in data:
+            data = data.replace(b"\r\n.", b"\r\n")
+        self._streamed += cut - pos
+        del buf[:cut]
+        self._pos = 0
+        self._scan = max(0, self._scan - cut)
+        self._line_checked -= cut
+        return BodyPart(data)
 
     # -- helpers -------------------------------------------------------------------------
 
@@ -256,12 +310,13 @@ class Framer:
         """
         line_at = self._long_line_at(upto, final)
         limit = self._data_limit
+        origin = self._pos - self._streamed  # where the body would start, had none been handed out
         if line_at is not None:
             # The octets before line_at are all body: past the size limit, that came first.
-            if limit is not None and self._pos + limit + 1 < line_at:
+            if limit is not None and origin + limit + 1 < line_at:
                 return DataError.TOO_MUCH_DATA
             return DataError.LINE_TOO_LONG
-        if limit is not None and body_upto - self._pos > limit:
+        if limit is not None and body_upto - origin > limit:
             return DataError.TOO_MUCH_DATA
         return None
 
@@ -291,12 +346,14 @@ class Framer:
         self._line_checked = 0
 
     def _finish_message(self, start: int, body_end: int, content: bytes) -> Message:
-        size = self._data_received + (body_end - start)
+        size = self._data_received + self._streamed + (body_end - start)
         error = self._data_error
         self._pos = self._scan = body_end + len(EMPTY_BODY)
         self._in_data = False
         self._data_error = None
         self._data_received = 0
+        self._streamed = 0
+        self._spill = None
         self._compact()
         return Message(content, size, error)
 

@@ -22,9 +22,17 @@ from typing import Any
 
 from farm import __version__
 from farm.limits import client_address, too_many_connections, too_much_mail
+from farm.smtp.body import (
+    CHUNK_SIZE,
+    INSUFFICIENT_STORAGE,
+    SPOOL_THRESHOLD_DEFAULT,
+    Body,
+    BodyMemoryExceeded,
+    MemoryBudget,
+)
 from farm.smtp.chunking import ChunkingMixin
 from farm.smtp.dsn import dsn_mail_options_valid, dsn_rcpt_options_valid, split_options
-from farm.smtp.framing import Chunk, Command, DataError, Framer, Message
+from farm.smtp.framing import BodyPart, Chunk, Command, DataError, Framer, Message
 from farm.smtp.hooks import HookTable, hook_table
 from farm.smtp.proxy import ProxyProtocolMixin, parse_networks
 from farm.smtp.replies import format_multiline, with_enhanced_code
@@ -147,6 +155,8 @@ class SMTP(AuthMixin, StartTLSMixin, ChunkingMixin, ProxyProtocolMixin, asyncio.
     _verb: str | None = None
     #: The client's key in the ``limiter`` once it was admitted (None: not limited).
     _limit_key: str | None = None
+    #: The DATA body being received (BDAT's is ``_bdat_content``).
+    _body: Body | None = None
 
     #: Verbs that always run in a task (they await the client or a TLS handshake).
     _always_task = frozenset({"STARTTLS", "AUTH"})
@@ -194,6 +204,9 @@ class SMTP(AuthMixin, StartTLSMixin, ChunkingMixin, ProxyProtocolMixin, asyncio.
         auth_failure_limit: int = AUTH_FAILURE_LIMIT_DEFAULT,
         limiter: Any = None,
         unknown_command_limit: int = BOGUS_LIMIT,
+        spool_threshold: int | None = SPOOL_THRESHOLD_DEFAULT,
+        spool_directory: str | None = None,
+        body_budget: MemoryBudget | None = None,
     ) -> None:
         self.event_handler = handler
         self.data_size_limit = data_size_limit
@@ -228,6 +241,13 @@ class SMTP(AuthMixin, StartTLSMixin, ChunkingMixin, ProxyProtocolMixin, asyncio.
         self._limiter = limiter
         if unknown_command_limit != BOGUS_LIMIT:
             self._bogus_budget = unknown_command_limit
+        #: Bodies past this many octets go to a spool file (None: all kept in memory).
+        self.spool_threshold = spool_threshold
+        self.spool_directory = spool_directory
+        #: Shared by the sessions of a process: memory held by message bodies (farm.smtp.body).
+        self.body_budget = body_budget
+        # The framer hands the body over in parts of this size (the Body spools or keeps them).
+        self._spill = None if spool_threshold is None else CHUNK_SIZE
         self._framer = Framer(
             max(self._max_command_size(), SASL_LINE_LIMIT), self.line_length_limit
         )
@@ -479,6 +499,7 @@ class SMTP(AuthMixin, StartTLSMixin, ChunkingMixin, ProxyProtocolMixin, asyncio.
         task = self._task
         if task is not None and not self._task_is_delivery:
             task.cancel()
+        self._drop_bodies()
         if self._limit_key is not None:
             self._limiter.close_session(self._limit_key)
             self._limit_key = None
@@ -582,6 +603,9 @@ class SMTP(AuthMixin, StartTLSMixin, ChunkingMixin, ProxyProtocolMixin, asyncio.
                 self._on_message(event)  # type: ignore[arg-type]
             elif kind is Chunk:
                 self._on_chunk(event)  # type: ignore[arg-type]
+            elif kind is BodyPart:
+                body = self._body if self._body is not None else self._bdat_content
+                body.write(event.data)  # type: ignore[union-attr]
             else:
                 self._reply("500 Command line too long")
         if self._draining and self._task is None:
@@ -810,11 +834,36 @@ class SMTP(AuthMixin, StartTLSMixin, ChunkingMixin, ProxyProtocolMixin, asyncio.
 
     def _set_rset_state(self) -> None:
         self.envelope = self._create_envelope()
-        self._bdat_content = None
+        self._drop_bodies()
 
     def _set_post_data_state(self) -> None:
         self.envelope = self._create_envelope()
+        self._drop_bodies()
+
+    def _new_body(self) -> Body:
+        return Body(self.spool_threshold, self.spool_directory, self.body_budget)
+
+    def _drop_bodies(self) -> None:
+        """Free a body still being received (RSET, a refused message, a lost connection)."""
+        for body in (self._body, self._bdat_content):
+            if body is not None:
+                body.close()
+        self._body = None
         self._bdat_content = None
+
+    def _no_room_for_a_body(self) -> bool:
+        """Whether the process's memory budget for bodies is used up (then 452 4.3.1)."""
+        budget = self.body_budget
+        if budget is None or not budget.exhausted():
+            return False
+        log.warning(
+            "session=%s %s refused: bodies in memory %d >= budget %d octets",
+            self.session.id,  # type: ignore[union-attr]
+            self._verb,
+            budget.used,
+            budget.limit,
+        )
+        return True
 
     async def _call_handler_hook(self, name: str, *args: Any) -> Any:
         hook = self._hooks.hooks.get(name)
@@ -825,6 +874,9 @@ class SMTP(AuthMixin, StartTLSMixin, ChunkingMixin, ProxyProtocolMixin, asyncio.
             status = hook(self, self.session, self.envelope, *args)
             if inspect.isawaitable(status):
                 status = await status
+        except BodyMemoryExceeded as error:  # the handler read a spooled body whole
+            log.warning("session=%s handle_%s: %s", self.session.id, name, error)  # type: ignore[union-attr]
+            status = INSUFFICIENT_STORAGE
         except Exception as error:
             status = await self._handle_exception(error)
         if self.stats is not None:
@@ -850,13 +902,19 @@ class SMTP(AuthMixin, StartTLSMixin, ChunkingMixin, ProxyProtocolMixin, asyncio.
 
     # -- DATA completion -------------------------------------------------------------------
 
-    def _on_message(self, message: Message) -> None:
+    def _on_message(self, message: Message, body: Body | None = None) -> None:
+        """The end of a message: ``message.content`` ends ``body`` (default: the DATA body
+        received so far in BodyParts, if any)."""
         self._verb = "DATA"
         self._counts["bytes"] += message.size
         if self._timeout:
             self._last_line = self.loop.time()  # type: ignore[union-attr]
         envelope = self.envelope
+        if body is None:
+            body, self._body = self._body, None
         if message.error is not None:
+            if body is not None:
+                body.close()
             self._set_post_data_state()
             if message.error is DataError.LINE_TOO_LONG:
                 status = "500 Line too long (see RFC5321 4.5.3.1.6)"
@@ -864,20 +922,23 @@ class SMTP(AuthMixin, StartTLSMixin, ChunkingMixin, ProxyProtocolMixin, asyncio.
                 status = "552 Error: Too much mail data"
             self._end_message(status, message.size, envelope)
             return
-        original = message.content
-        content: bytes | str = original
+        if body is None:
+            body = self._new_body()
+        body.write(message.content)
+        status = None
+        if body.error is not None:
+            log.warning("session=%s message not kept: %s", self.session.id, body.error)  # type: ignore[union-attr]
+            status = INSUFFICIENT_STORAGE
+        elif self._decode_data and not self.enable_SMTPUTF8 and not body.ascii:
+            status = "500 Error: strict ASCII mode"
+        if status is not None:
+            body.close()
+            self._set_post_data_state()
+            self._end_message(status, message.size, envelope)
+            return
+        envelope.body = body  # type: ignore[union-attr]
         if self._decode_data:
-            if self.enable_SMTPUTF8:
-                content = original.decode("utf-8", "surrogateescape")
-            else:
-                try:
-                    content = original.decode("ascii")
-                except UnicodeDecodeError:
-                    self._set_post_data_state()
-                    self._end_message("500 Error: strict ASCII mode", message.size, envelope)
-                    return
-        envelope.content = content  # type: ignore[union-attr]
-        envelope.original_content = original  # type: ignore[union-attr]
+            envelope.content_encoding = "utf-8" if self.enable_SMTPUTF8 else "ascii"  # type: ignore[union-attr]
         if "DATA" in self._hooks.hooks:
             self._run(self._deliver(message.size), delivery=True)
         else:
@@ -1173,8 +1234,12 @@ class SMTP(AuthMixin, StartTLSMixin, ChunkingMixin, ProxyProtocolMixin, asyncio.
         if self._bdat_content is not None:
             self._reply("503 5.5.1 Error: DATA cannot follow BDAT in one transaction")
             return
+        if self._no_room_for_a_body():
+            self._reply(INSUFFICIENT_STORAGE)
+            return
         self._reply("354 End data with <CR><LF>.<CR><LF>")
-        self._framer.start_data(self.data_size_limit)
+        self._body = self._new_body()
+        self._framer.start_data(self.data_size_limit, self._spill)
         if self._timeout:
             self._data_deadline = self.loop.time() + self._timeout  # type: ignore[union-attr]
 

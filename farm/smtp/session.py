@@ -32,13 +32,53 @@ class Session:
 
 
 class Envelope:
-    """One mail transaction: sender, recipients, options and content."""
+    """One mail transaction: sender, recipients, options and content.
+
+    After DATA (or the last BDAT) the engine sets :attr:`body` (a :class:`farm.smtp.body.Body`:
+    stream it). ``content`` and ``original_content`` are aiosmtpd's attributes: read from the
+    body on first use (``content`` is ``str`` with ``decode_data``), and may be assigned.
+    """
+
+    #: The message body as received (``farm.smtp.body.Body``), set by the engine.
+    body: Any = None
+    #: How ``content`` decodes the body (``"ascii"``/``"utf-8"`` with decode_data, else None).
+    content_encoding: str | None = None
+    #: True once a handler assigned ``original_content`` (streamers then send that instead).
+    original_content_replaced = False
+    _content: bytes | str | None = None
+    _original_content: bytes | None = None
 
     def __init__(self) -> None:
         self.mail_from: str | None = None
         self.mail_options: list[str] = []
         self.smtp_utf8 = False
-        self.content: bytes | str | None = None
-        self.original_content: bytes | None = None
         self.rcpt_tos: list[str] = []
         self.rcpt_options: list[str] = []
+
+    @property
+    def original_content(self) -> bytes | None:
+        """The message as received, as one ``bytes`` (read from :attr:`body` on first use)."""
+        if self._original_content is None and self.body is not None:
+            self._original_content = self.body.read_all()
+        return self._original_content
+
+    @original_content.setter
+    def original_content(self, value: bytes | None) -> None:
+        self._original_content = value
+        self.original_content_replaced = value is not None
+
+    @property
+    def content(self) -> bytes | str | None:
+        """``original_content``, decoded to ``str`` with ``decode_data`` (on first use)."""
+        if self._content is None and self.body is not None:
+            original = self.original_content
+            encoding = self.content_encoding
+            if original is not None and encoding is not None:
+                self._content = original.decode(encoding, "surrogateescape")
+            else:
+                self._content = original
+        return self._content
+
+    @content.setter
+    def content(self, value: bytes | str | None) -> None:
+        self._content = value

@@ -16,6 +16,7 @@ import random
 import signal
 import socket
 import sys
+import tempfile
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ from farm.handler_loading import HandlerLoadError, load_handler
 from farm.logs import reopen_log_file
 from farm.metrics import StatsCollector, WorkerStats
 from farm.smtp import SMTP
+from farm.smtp.body import MemoryBudget
 from farm.smtp.drain import SessionTracker
 from farm.supervisor.anvil import ChannelLimiter
 from farm.supervisor.channel import Channel, ChannelClosed
@@ -104,6 +106,18 @@ def _worker_process(spec: WorkerSpec) -> int:
         drop_privileges(config.user, config.group)
     except PrivilegeError as error:
         print(f"farm: worker {spec.slot}: {error}", file=sys.stderr, flush=True)
+        return EXIT_BOOT_ERROR
+    try:
+        # As the user the worker now is: a spool it cannot write would fail every large message.
+        tempfile.TemporaryFile(dir=config.smtp.spool_directory).close()
+    except OSError as error:
+        where = config.smtp.spool_directory or tempfile.gettempdir()
+        print(
+            f"farm: worker {spec.slot}: smtp.spool_directory: cannot create files in {where}: "
+            f"{error.strerror or error}",
+            file=sys.stderr,
+            flush=True,
+        )
         return EXIT_BOOT_ERROR
     try:
         from setproctitle import setproctitle
@@ -298,6 +312,8 @@ class WorkerServer:
         self.active = 0
         self.messages = 0
         self._smtp_kwargs = self.config.smtp.as_kwargs(tls_context=spec.tls_context)
+        # One budget for every session of this worker (the farm's: workers x the limit).
+        self._smtp_kwargs["body_budget"] = MemoryBudget(self.config.body_memory_limit << 20)
         limits = self.config.limits.client_limits()
         self.limiter = ChannelLimiter(limits, self._send_many, loop) if limits.active else None
         if self.limiter is not None:

@@ -1,0 +1,64 @@
+"""The content the relay sends to a next hop, streamed from a message body chunk by chunk.
+
+The same bytes as ``clean_content`` (and ``dot_stuff`` for ``DATA``) in ``farm.relay`` would
+give for the whole message, without ever holding it whole: stray CR, LF (not part of a CRLF
+pair) and NUL become a space, the content ends with CRLF, and for ``DATA`` a dot starting a
+line is doubled and the ``.`` line added. A CR at the end of a chunk, or a CRLF (a dot may
+start the next chunk), waits for the next chunk, so the result does not depend on where the
+body's chunks end.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+
+from farm.smtp.body import CHUNK_SIZE, Body
+
+__all__ = ["content_chunks", "content_size"]
+
+#: Stray CR / LF (not part of a CRLF pair) and NUL.
+_STRAY = re.compile(rb"\r(?!\n)|(?<!\r)\n|\x00")
+#: A dot at the start of a line (after the first line), for dot-stuffing.
+_LEADING_DOT = re.compile(rb"\r\n\.")
+
+
+def content_size(header: bytes, body: Body) -> int:
+    """Octets :func:`content_chunks` yields without dot-stuffing (what ``BDAT`` declares)."""
+    size = len(header) + body.size
+    if body.size and not body.endswith(b"\r\n"):
+        size += 2  # the CRLF added at the end
+    return size
+
+
+def content_chunks(
+    header: bytes, body: Body, *, stuff: bool, chunk_size: int = CHUNK_SIZE
+) -> Iterator[bytes]:
+    """``header`` (our trace header, CRLF-terminated) then the cleaned ``body``; with
+    ``stuff``, dot-stuffed and followed by the ``.`` line (for ``DATA``)."""
+    carry = header
+    first = stuff
+    for chunk in body.chunks(chunk_size):
+        data = carry + chunk
+        if first:
+            first = False
+            if data.startswith(b"."):  # the content's first line
+                data = b"." + data
+        keep = 2 if data.endswith(b"\r\n") else 1 if data.endswith(b"\r") else 0
+        carry = data[len(data) - keep :]
+        if len(data) > keep:
+            yield _clean(data[: len(data) - keep], stuff)
+    ending = carry
+    if first and ending.startswith(b"."):
+        ending = b"." + ending
+    if not ending.endswith(b"\r\n"):
+        ending = _STRAY.sub(b" ", ending) + b"\r\n" if ending or body.size else ending
+    if stuff:
+        ending = _LEADING_DOT.sub(b"\r\n..", ending) + b".\r\n"
+    if ending:
+        yield ending
+
+
+def _clean(data: bytes, stuff: bool) -> bytes:
+    data = _STRAY.sub(b" ", data)
+    return _LEADING_DOT.sub(b"\r\n..", data) if stuff else data
