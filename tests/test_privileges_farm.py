@@ -120,6 +120,25 @@ def test_root_only_key_works_with_user_at_boot_and_at_reload(
     assert _peer_unit(farm.port, client_context) == "second"
 
 
+@needs_root
+def test_a_spool_directory_the_user_cannot_write_stops_the_boot(
+    farms: FarmRunner, tmp_path: Path
+) -> None:
+    spool = tmp_path / "spool"
+    spool.mkdir(mode=0o700)  # root's: nobody cannot create files there
+    config = toml_config(
+        tmp_path / "farm.toml",
+        {"handler": "farm.handlers:Sink", "user": "nobody"},
+        smtp={"spool_directory": str(spool)},
+    )
+    python, env = _python_for(pwd.getpwnam("nobody").pw_uid)
+    farm = farms.start(config=config, workers=1, python=python, env=env, wait=False)
+    assert farm.wait_exit() == 1
+    assert f"smtp.spool_directory: cannot create files in {spool}: Permission denied" in (
+        farm.log() + farm.stderr()
+    )
+
+
 def test_group_without_user_is_refused(farms: FarmRunner) -> None:
     farm = farms.start("--group", "nogroup", wait=False)
     assert farm.wait_exit() == 2
