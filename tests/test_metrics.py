@@ -71,7 +71,15 @@ def test_every_worker_metric_is_exported_with_its_slot(farms: FarmRunner, tmp_pa
     with smtplib.SMTP("127.0.0.1", farm.port, timeout=10) as client:
         client.starttls(context=client_context)
         client.ehlo("me")
-    samples = farm.metrics()
+
+    def all_ended() -> dict | None:
+        # A session counts as ended when its worker sees the close, which may come just after
+        # the client's: wait for that, not for a lucky scrape.
+        scraped = farm.metrics()
+        ended = sum(per_worker(scraped, "farm_sessions_ended_total", how="quit").values())
+        return scraped if ended >= 8 else None
+
+    samples = wait_for(all_ended, what="8 sessions ended with QUIT")
 
     accepted = per_worker(samples, "farm_messages_total", outcome="accepted")
     assert set(accepted) <= {"0", "1"}
