@@ -31,9 +31,20 @@ from typing import Any
 
 from farm.addresses import Address, parse_address
 from farm.limits import DEFAULT_EXEMPT, ClientLimits
+from farm.resolver import parse_nameserver
+from farm.screening.sites import parse_site
 from farm.smtp.body import SPOOL_THRESHOLD_DEFAULT
 
-__all__ = ["LOG_LEVELS", "Config", "ConfigError", "LimitSettings", "SMTPSettings", "load_config"]
+__all__ = [
+    "LOG_LEVELS",
+    "AuthenticationSettings",
+    "Config",
+    "ConfigError",
+    "LimitSettings",
+    "SMTPSettings",
+    "ScreeningSettings",
+    "load_config",
+]
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 COMMAND_LINE = "command line"
@@ -246,6 +257,42 @@ def _settings_table(cls: type) -> Check:
     return check
 
 
+def _nameservers(key: str, value: Any) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    if isinstance(value, str) or not isinstance(value, (list, tuple)) or not value:
+        raise _expected(key, 'a list of nameservers like "127.0.0.1:53"', value)
+    for item in value:
+        try:
+            parse_nameserver(item)
+        except ValueError as error:
+            raise ConfigError(f"{key}: {error}", key) from None
+    return tuple(str(item) for item in value)
+
+
+def _sites(default_weight: int) -> Check:
+    def check(key: str, value: Any) -> tuple[str, ...]:
+        if isinstance(value, str) or not isinstance(value, (list, tuple)):
+            raise _expected(key, 'a list of "domain[=filter][*weight]"', value)
+        for item in value:
+            try:
+                parse_site(item, default_weight)
+            except ValueError as error:
+                raise ConfigError(f"{key}: {error}", key) from None
+        return tuple(str(item).strip() for item in value)
+
+    return check
+
+
+def _one_of(*choices: str) -> Check:
+    def check(key: str, value: Any) -> str:
+        if value not in choices:
+            raise _expected(key, "one of " + ", ".join(choices), value)
+        return value  # type: ignore[no-any-return]
+
+    return check
+
+
 def _network_list(key: str, value: Any) -> tuple[str, ...]:
     if value is None:
         raise _expected(key, 'a list of networks like "10.0.0.0/8"', value)
@@ -409,6 +456,91 @@ class LimitSettings:
 
 
 @dataclass(frozen=True)
+class ScreeningSettings:
+    """The ``[screening]`` table: DNS block/allow lists checked at connection (postscreen)."""
+
+    #: Nameservers ``HOST:PORT`` (None: /etc/resolv.conf).
+    resolver: tuple[str, ...] | None = field(default=None, metadata=_checked(_nameservers))
+    #: ``domain[=filter][*weight]`` entries (default weight 1).
+    dnsbl: tuple[str, ...] = field(default=(), metadata=_checked(_sites(1)))
+    #: Allow lists: the same syntax, default weight -1.
+    dnswl: tuple[str, ...] = field(default=(), metadata=_checked(_sites(-1)))
+    #: The score at which a client is listed.
+    threshold: int = field(default=1, metadata=_checked(_integer(1)))
+    action: str = field(default="ignore", metadata=_checked(_one_of("enforce", "drop", "ignore")))
+    #: Seconds for all lookups of one client.
+    timeout: float = field(default=2.0, metadata=_checked(_positive_number))
+    #: Verdicts the farm-wide cache holds.
+    cache_size: int = field(default=65536, metadata=_checked(_integer(16)))
+    min_ttl: float = field(default=60.0, metadata=_checked(_non_negative_number))
+    max_ttl: float = field(default=3600.0, metadata=_checked(_positive_number))
+
+    def __post_init__(self) -> None:
+        _validate(self, "screening.")
+        if len(self.dnsbl) + len(self.dnswl) > 64:
+            raise ConfigError("screening: at most 64 lists in dnsbl and dnswl", "screening")
+        if self.min_ttl > self.max_ttl:
+            raise ConfigError("screening.min_ttl: more than max_ttl", "screening.min_ttl")
+
+    @property
+    def active(self) -> bool:
+        return bool(self.dnsbl or self.dnswl)
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        return tuple(spec.name for spec in fields(cls))
+
+    def replace(self, **changes: Any) -> ScreeningSettings:
+        _reject_unknown(changes, self.names(), "screening.")
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class AuthenticationSettings:
+    """The ``[authentication]`` table: SPF, DKIM, ARC, DMARC into Authentication-Results."""
+
+    #: The name in our Authentication-Results header (None: ``[smtp] hostname``).
+    authserv_id: str | None = field(default=None, metadata=_checked(_optional_string))
+    #: Nameservers ``HOST:PORT`` (None: ``[screening] resolver``, else /etc/resolv.conf).
+    resolver: tuple[str, ...] | None = field(default=None, metadata=_checked(_nameservers))
+    spf: bool = field(default=False, metadata=_checked(_boolean))
+    dkim: bool = field(default=False, metadata=_checked(_boolean))
+    arc: bool = field(default=False, metadata=_checked(_boolean))
+    dmarc: str = field(default="off", metadata=_checked(_one_of("off", "report", "enforce")))
+    #: Refuse an SPF ``fail`` at MAIL (550 5.7.23).
+    spf_reject_fail: bool = field(default=False, metadata=_checked(_boolean))
+    #: Seconds for the checks of one message (then temperror).
+    timeout: float = field(default=5.0, metadata=_checked(_positive_number))
+    #: Threads per worker verifying signatures.
+    threads: int = field(default=2, metadata=_checked(_integer(1)))
+
+    def __post_init__(self) -> None:
+        _validate(self, "authentication.")
+        if self.dmarc != "off" and not (self.spf and self.dkim):
+            raise ConfigError(
+                "authentication.dmarc: needs spf = true and dkim = true (DMARC uses both)",
+                "authentication.dmarc",
+            )
+        if self.spf_reject_fail and not self.spf:
+            raise ConfigError(
+                "authentication.spf_reject_fail: needs spf = true",
+                "authentication.spf_reject_fail",
+            )
+
+    @property
+    def active(self) -> bool:
+        return bool(self.spf or self.dkim or self.arc)
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        return tuple(spec.name for spec in fields(cls))
+
+    def replace(self, **changes: Any) -> AuthenticationSettings:
+        _reject_unknown(changes, self.names(), "authentication.")
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
 class Config:
     """The farm's effective configuration (see the module docstring for stored types)."""
 
@@ -443,6 +575,13 @@ class Config:
     )
     limits: LimitSettings = field(
         default_factory=LimitSettings, metadata=_checked(_settings_table(LimitSettings))
+    )
+    screening: ScreeningSettings = field(
+        default_factory=ScreeningSettings, metadata=_checked(_settings_table(ScreeningSettings))
+    )
+    authentication: AuthenticationSettings = field(
+        default_factory=AuthenticationSettings,
+        metadata=_checked(_settings_table(AuthenticationSettings)),
     )
     #: The file this configuration was read from (not compared, not a TOML key).
     source: str | None = field(default=None, compare=False)
@@ -490,18 +629,23 @@ class Config:
     def describe(self) -> str:
         """The effective configuration as TOML text that ``load_config`` reads back equal."""
         data = self.as_dict()
-        smtp, limits = data.pop("smtp"), data.pop("limits")
+        tables = {name: data.pop(name) for name in _TABLES}
         handler_args = data.pop("handler_args")
         lines = [f"# farm: effective configuration ({self.source or 'no file'})"]
         lines += _toml_lines(data)
         lines += ["", "[handler_args]", *_toml_lines(handler_args)]
-        lines += ["", "[smtp]", *_toml_lines(smtp)]
-        lines += ["", "[limits]", *_toml_lines(limits)]
+        for name, table in tables.items():
+            lines += ["", f"[{name}]", *_toml_lines(table)]
         return "\n".join(lines) + "\n"
 
 
 #: The sub-tables of farm.toml that hold settings objects.
-_TABLES: dict[str, Any] = {"smtp": SMTPSettings, "limits": LimitSettings}
+_TABLES: dict[str, Any] = {
+    "smtp": SMTPSettings,
+    "limits": LimitSettings,
+    "screening": ScreeningSettings,
+    "authentication": AuthenticationSettings,
+}
 
 
 def _reject_unknown(table: Mapping[str, Any], known: tuple[str, ...], prefix: str) -> None:

@@ -37,6 +37,12 @@ LOOP_LAG = "farm_loop_lag_seconds"  # gauge
 SESSIONS_DRAINING = "farm_sessions_draining"  # gauge
 SESSIONS_LIMIT = "farm_sessions_limit"  # gauge: max_sessions, where the worker stops accepting
 CLIENT_LIMITED = "farm_client_limit_refusals"  # counter {limit}: per-IP limits ([limits])
+SCREENING_RESULTS = "farm_screening_results"  # counter {list,result}: DNS list lookups
+SCREENING_VERDICTS = "farm_screening_verdicts"  # counter {verdict}: pass, listed, exempt
+SCREENING_CACHE = "farm_screening_cache_lookups"  # counter {result}: farm-wide cache hit/miss
+AUTHENTICATION_RESULTS = "farm_authentication_results"  # counter {method,result}
+AUTHENTICATION_ACTIONS = "farm_authentication_actions"  # counter {action}
+DNS_LOOKUP_DURATION = "farm_dns_lookup_duration_seconds"  # histogram {check}
 
 # -- names: supervisor --------------------------------------------------------------------------
 WORKERS_DESIRED = "farm_workers_desired"
@@ -57,6 +63,14 @@ SCRAPE_ERRORS = "farm_scrape_errors"  # counter {worker}
 
 SIZE_BUCKETS = (1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216, 33554432)
 DURATION_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+DNS_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+#: What the checks do about a message (``farm_authentication_actions_total``).
+AUTHENTICATION_ACTION_NAMES = (
+    "spf_reject",
+    "dmarc_reject",
+    "dmarc_quarantine",
+    "dmarc_sampled_out",
+)
 
 #: How sessions end.
 ENDED_HOW = ("quit", "disconnect", "timeout", "shutdown", "error")
@@ -110,6 +124,14 @@ class WorkerStats:
         self.tls = {"ok": 0, "failed": 0}
         self.auth = {"success": 0, "failure": 0}
         self.limited = {"sessions": 0, "messages": 0, "auth": 0}
+        #: Screening ([screening]): lookups by (list, listed/unlisted/error), verdicts, cache.
+        self.screening: dict[tuple[str, str], int] = {}
+        self.screening_verdicts = {"pass": 0, "listed": 0, "exempt": 0}
+        self.screening_cache = {"hit": 0, "miss": 0}
+        #: Sender authentication ([authentication]): results by (method, result), actions.
+        self.authentication: dict[tuple[str, str], int] = {}
+        self.authentication_actions = dict.fromkeys(AUTHENTICATION_ACTION_NAMES, 0)
+        self.dns: dict[str, Histogram] = {}
 
     def command(self, verb: str) -> None:
         commands = self.commands
@@ -126,6 +148,19 @@ class WorkerStats:
         histogram = self.handlers.get(hook)
         if histogram is None:
             histogram = self.handlers[hook] = Histogram(DURATION_BUCKETS)
+        histogram.observe(seconds)
+
+    def count(self, table: dict[tuple[str, str], int], key: tuple[str, str]) -> None:
+        """Count into a two-label table (bounded: at most 256 label pairs)."""
+        if key in table:
+            table[key] += 1
+        elif len(table) < 256:
+            table[key] = 1
+
+    def dns_time(self, check: str, seconds: float) -> None:
+        histogram = self.dns.get(check)
+        if histogram is None:
+            histogram = self.dns[check] = Histogram(DNS_BUCKETS)
         histogram.observe(seconds)
 
     def families(self) -> Iterator[Metric]:
@@ -187,6 +222,42 @@ class WorkerStats:
             "Refusals by a per-client-IP limit (sessions, messages, auth).",
             [((limit,), n) for limit, n in self.limited.items()],
             ("limit",),
+        )
+        yield _counter(
+            SCREENING_RESULTS,
+            "DNS list lookups of client addresses, by list and result (listed, unlisted, error).",
+            [(key, n) for key, n in sorted(self.screening.items())],
+            ("list", "result"),
+        )
+        yield _counter(
+            SCREENING_VERDICTS,
+            "Screened clients by verdict (listed: score at or above the threshold).",
+            [((verdict,), n) for verdict, n in self.screening_verdicts.items()],
+            ("verdict",),
+        )
+        yield _counter(
+            SCREENING_CACHE,
+            "Screening verdicts found in (hit) or missing from (miss) the farm-wide cache.",
+            [((result,), n) for result, n in self.screening_cache.items()],
+            ("result",),
+        )
+        yield _counter(
+            AUTHENTICATION_RESULTS,
+            "Sender authentication results (spf, dkim per signature, arc, dmarc).",
+            [(key, n) for key, n in sorted(self.authentication.items())],
+            ("method", "result"),
+        )
+        yield _counter(
+            AUTHENTICATION_ACTIONS,
+            "Messages refused or marked by the authentication checks, by action.",
+            [((action,), n) for action, n in self.authentication_actions.items()],
+            ("action",),
+        )
+        yield _histogram(
+            DNS_LOOKUP_DURATION,
+            "DNS lookup time, by check (screening, spf, dkim, dmarc).",
+            [((check,), h) for check, h in sorted(self.dns.items())],
+            ("check",),
         )
 
 

@@ -17,7 +17,7 @@ import logging
 import os
 import socket
 import threading
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterable
 from typing import Any
 
 from farm import __version__
@@ -38,6 +38,7 @@ from farm.smtp.proxy import ProxyProtocolMixin, parse_networks
 from farm.smtp.replies import format_multiline, with_enhanced_code
 from farm.smtp.sasl import AUTH_FAILURE_LIMIT_DEFAULT, SASL_LINE_LIMIT, AuthMixin
 from farm.smtp.session import Envelope, Session
+from farm.smtp.stages import Stage, Stages
 from farm.smtp.syntax import CONTROL_CHARACTERS, parse_params, parse_path, strip_keyword
 from farm.smtp.tls import TLS_HANDSHAKE_TIMEOUT_DEFAULT, StartTLSMixin, tls_session_info
 
@@ -157,6 +158,8 @@ class SMTP(AuthMixin, StartTLSMixin, ChunkingMixin, ProxyProtocolMixin, asyncio.
     _limit_key: str | None = None
     #: The DATA body being received (BDAT's is ``_bdat_content``).
     _body: Body | None = None
+    #: The checks around the hooks (farm.smtp.stages); None: there are none.
+    _stages: Stages | None = None
 
     #: Verbs that always run in a task (they await the client or a TLS handshake).
     _always_task = frozenset({"STARTTLS", "AUTH"})
@@ -207,6 +210,7 @@ class SMTP(AuthMixin, StartTLSMixin, ChunkingMixin, ProxyProtocolMixin, asyncio.
         spool_threshold: int | None = SPOOL_THRESHOLD_DEFAULT,
         spool_directory: str | None = None,
         body_budget: MemoryBudget | None = None,
+        stages: Iterable[Stage] | None = None,
     ) -> None:
         self.event_handler = handler
         self.data_size_limit = data_size_limit
@@ -239,6 +243,8 @@ class SMTP(AuthMixin, StartTLSMixin, ChunkingMixin, ProxyProtocolMixin, asyncio.
         self._tls_handshake_timeout = tls_handshake_timeout
         self._auth_failure_limit = auth_failure_limit
         self._limiter = limiter
+        if stages:
+            self._stages = stages if isinstance(stages, Stages) else Stages(stages)
         if unknown_command_limit != BOGUS_LIMIT:
             self._bogus_budget = unknown_command_limit
         #: Bodies past this many octets go to a spool file (None: all kept in memory).
@@ -379,6 +385,8 @@ class SMTP(AuthMixin, StartTLSMixin, ChunkingMixin, ProxyProtocolMixin, asyncio.
         """Greet now, or after ``greeting_delay`` seconds during which the client must be silent."""
         if self._close_after_flush or self._closed:
             return  # refused meanwhile (an early talker)
+        if self._stages is not None:
+            self._stages.connect(self.session)
         if not self._greeting_delay:
             self._greet()
             return
@@ -397,8 +405,30 @@ class SMTP(AuthMixin, StartTLSMixin, ChunkingMixin, ProxyProtocolMixin, asyncio.
 
     def _greet(self) -> None:
         """Send the 220 greeting and start the idle timer."""
-        self._early_talker_watch = False
         self._greet_handle = None
+        if self._stages is not None and self._stages.on_greet:
+            # A stage may decide the greeting (screening's drop); a client that talks while
+            # it decides is an early talker too.
+            self._early_talker_watch = True
+            self._run_inline(self._greet_after_stages())
+            return
+        self._send_greeting()
+
+    async def _greet_after_stages(self) -> None:
+        refusal = await self._stages.greet(self.session)  # type: ignore[union-attr]
+        if self._close_after_flush or self._closed:
+            return
+        if refusal is None:
+            self._send_greeting()
+            return
+        self._early_talker_watch = False
+        self._ended_how = "error"
+        self._reply(refusal, plain=True)
+        self._close_after_flush = True
+        self._flush()
+
+    def _send_greeting(self) -> None:
+        self._early_talker_watch = False
         now = self._last_line = self.loop.time()  # type: ignore[union-attr]
         if self.stats is not None:
             self.stats.banner.observe(now - self._started)
@@ -503,6 +533,8 @@ class SMTP(AuthMixin, StartTLSMixin, ChunkingMixin, ProxyProtocolMixin, asyncio.
         if self._limit_key is not None:
             self._limiter.close_session(self._limit_key)
             self._limit_key = None
+        if self._stages is not None:
+            self._stages.close(self.session)
         if self.stats is not None:
             how = self._ended_how or ("error" if exc is not None else "disconnect")
             self.stats.ended[how] += 1
@@ -536,7 +568,7 @@ class SMTP(AuthMixin, StartTLSMixin, ChunkingMixin, ProxyProtocolMixin, asyncio.
         counts = self._counts
         log.info(
             "session=%s disconnect peer=%s commands=%d accepted=%d rejected=%d bytes=%d "
-            "duration=%.3fs",
+            "duration=%.3fs%s",
             session.id if session else "-",
             _peer_text(session.peer) if session else "-",
             self._n_commands,
@@ -544,6 +576,7 @@ class SMTP(AuthMixin, StartTLSMixin, ChunkingMixin, ProxyProtocolMixin, asyncio.
             counts["rejected"],
             counts["bytes"],
             (self.loop.time() - self._started) if self.loop else 0.0,
+            self._stages.session_log(session) if self._stages and session else "",
         )
 
     def pause_writing(self) -> None:
@@ -939,15 +972,29 @@ class SMTP(AuthMixin, StartTLSMixin, ChunkingMixin, ProxyProtocolMixin, asyncio.
         envelope.body = body  # type: ignore[union-attr]
         if self._decode_data:
             envelope.content_encoding = "utf-8" if self.enable_SMTPUTF8 else "ascii"  # type: ignore[union-attr]
-        if "DATA" in self._hooks.hooks:
+        if "DATA" in self._hooks.hooks or (
+            self._stages is not None and self._stages.on_end_of_data
+        ):
             self._run(self._deliver(message.size), delivery=True)
         else:
             self._set_post_data_state()
             self._end_message("250 OK", message.size, envelope)
 
+    def _decoded(self, content: bytes) -> bytes | str:
+        """Edited content as the handler gets it (``decode_data``: text)."""
+        if not self._decode_data:
+            return content
+        return content.decode("utf-8" if self.enable_SMTPUTF8 else "ascii", "surrogateescape")
+
     async def _deliver(self, size: int) -> None:
         envelope = self.envelope
-        status = await self._call_handler_hook("DATA")
+        status = None
+        if self._stages is not None and self._stages.on_end_of_data:
+            status = await self._stages.end_of_data(self.session, envelope, self._decoded)
+        if status is None:
+            status = await self._call_handler_hook("DATA")
+            if status is MISSING:
+                status = "250 OK"
         self._set_post_data_state()
         self._end_message(status, size, envelope)
 
@@ -978,7 +1025,7 @@ class SMTP(AuthMixin, StartTLSMixin, ChunkingMixin, ProxyProtocolMixin, asyncio.
             session = self.session
             n = self._counts["accepted"] + self._counts["rejected"]
             log.info(
-                "session=%s msg=%s.%d from=<%s> rcpts=%d size=%d outcome=%s duration=%.3fs",
+                "session=%s msg=%s.%d from=<%s> rcpts=%d size=%d outcome=%s duration=%.3fs%s",
                 session.id,  # type: ignore[union-attr]
                 session.id,  # type: ignore[union-attr]
                 n,
@@ -987,6 +1034,9 @@ class SMTP(AuthMixin, StartTLSMixin, ChunkingMixin, ProxyProtocolMixin, asyncio.
                 size,
                 status[:3],
                 self.loop.time() - self._data_started,  # type: ignore[union-attr]
+                self._stages.message_log(session, envelope)
+                if self._stages is not None and envelope is not None
+                else "",
             )
 
     # -- commands (aiosmtpd names; the docstring is the HELP syntax) -------------------------
@@ -1159,6 +1209,11 @@ class SMTP(AuthMixin, StartTLSMixin, ChunkingMixin, ProxyProtocolMixin, asyncio.
             return
         envelope.smtp_utf8 = bool(smtputf8)  # type: ignore[union-attr]
         self._data_started = self.loop.time()  # type: ignore[union-attr]
+        if self._stages is not None and self._stages.on_mail:
+            refusal = await self._stages.mail(self.session, envelope, address)
+            if refusal is not None:
+                self._reply(refusal)
+                return
         status = (
             await self._call_handler_hook("MAIL", address, mail_options)
             if "MAIL" in self._hooks.hooks
@@ -1210,6 +1265,11 @@ class SMTP(AuthMixin, StartTLSMixin, ChunkingMixin, ProxyProtocolMixin, asyncio.
         if self._max_recipients and len(envelope.rcpt_tos) >= self._max_recipients:  # type: ignore[union-attr]
             self._reply("452 4.5.3 Error: too many recipients")
             return
+        if self._stages is not None and self._stages.on_rcpt:
+            refusal = await self._stages.rcpt(self.session, envelope, address)
+            if refusal is not None:
+                self._reply(refusal)
+                return
         status = (
             await self._call_handler_hook("RCPT", address, rcpt_options)
             if "RCPT" in self._hooks.hooks

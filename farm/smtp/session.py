@@ -9,6 +9,9 @@ from typing import Any
 class Session:
     """What the server knows about one client connection."""
 
+    #: The screening verdict (``farm.screening.Verdict``) when ``[screening]`` is on.
+    screening: Any = None
+
     def __init__(self, loop: asyncio.AbstractEventLoop | None) -> None:
         self.peer: Any = None
         self.ssl: dict[str, Any] | None = None
@@ -47,6 +50,10 @@ class Envelope:
     original_content_replaced = False
     _content: bytes | str | None = None
     _original_content: bytes | None = None
+
+    #: The sender authentication results (``farm.authentication.Results``) when
+    #: ``[authentication]`` is on: SPF from MAIL on, the rest once the data is in.
+    authentication: Any = None
 
     def __init__(self) -> None:
         self.mail_from: str | None = None

@@ -29,6 +29,7 @@ from farm import __version__
 from farm.config import Config, ConfigError, load_config
 from farm.logs import reopen_log_file
 from farm.metrics import SupervisorMetrics
+from farm.pipeline import prepare_shared_state
 from farm.supervisor.anvil import AnvilService
 from farm.supervisor.channel import Channel, ChannelClosed
 from farm.supervisor.listeners import Listener, ListenerError, bind_listeners
@@ -244,6 +245,7 @@ class Arbiter:
         TLS context); its pid. OSError when the fork fails (nothing is left behind)."""
         if config is None:
             config, tls_context = self.config, self.tls_context
+        prepare_shared_state(config)  # inherited by the worker at fork
         supervisor_end, worker_end = Channel.pair()
         close_fds = [supervisor_end.fileno(), self._wakeup_r, self._wakeup_w]
         close_fds += [w.channel.fileno() for w in self.workers.values()]

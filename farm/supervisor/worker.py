@@ -27,9 +27,11 @@ from prometheus_client import CollectorRegistry, generate_latest
 from farm.handler_loading import HandlerLoadError, load_handler
 from farm.logs import reopen_log_file
 from farm.metrics import StatsCollector, WorkerStats
+from farm.pipeline import build_stages
 from farm.smtp import SMTP
 from farm.smtp.body import MemoryBudget
 from farm.smtp.drain import SessionTracker
+from farm.smtp.stages import Stages
 from farm.supervisor.anvil import ChannelLimiter
 from farm.supervisor.channel import Channel, ChannelClosed
 from farm.supervisor.privileges import PrivilegeError, drop_privileges
@@ -318,6 +320,9 @@ class WorkerServer:
         self.limiter = ChannelLimiter(limits, self._send_many, loop) if limits.active else None
         if self.limiter is not None:
             self._smtp_kwargs["limiter"] = self.limiter
+        stages = build_stages(self.config, self.stats)
+        if stages:
+            self._smtp_kwargs["stages"] = Stages(stages)
         self._flushing = False
         context = self._smtp_kwargs.get("tls_context")
         implicit = {a.text for a in self.config.tls_bind}

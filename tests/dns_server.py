@@ -1,0 +1,184 @@
+"""A real DNS server for the tests: Debian's unbound on a free loopback port, serving zones the
+test writes (``local-data`` records), refusing every other name (no query ever leaves the
+host), and optionally forwarding one zone to a "black hole" (a UDP socket that never answers:
+a slow authoritative server). Stopped by PID; never a fixed sleep.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import dns.message
+import dns.query
+import dns.rcode
+
+UNBOUND = "/usr/sbin/unbound"
+WAIT = 30.0
+
+
+def free_udp_tcp_port(host: str = "127.0.0.1") -> int:
+    """A port free for both UDP and TCP on ``host`` right now."""
+    for _ in range(50):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+            udp.bind((host, 0))
+            port = udp.getsockname()[1]
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
+                try:
+                    tcp.bind((host, port))
+                except OSError:
+                    continue
+                return port
+    raise RuntimeError("no free port")
+
+
+def txt(text: str) -> str:
+    """A TXT record's data: the text in quoted strings of at most 255 octets."""
+    chunks = [text[i : i + 255] for i in range(0, len(text), 255)] or [""]
+    return " ".join('"' + chunk.replace('"', '\\"') + '"' for chunk in chunks)
+
+
+class BlackHole:
+    """A UDP socket on loopback that reads queries and never answers."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class Unbound:
+    """One unbound process serving ``records`` in ``zones``.
+
+    ``records`` are unbound ``local-data`` lines (``"name. TTL IN TYPE data"``). Names in
+    ``slow_zone`` are forwarded to a black hole: their lookups hang until the client gives up.
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        zones: Iterable[str],
+        records: Iterable[str],
+        slow_zone: str | None = None,
+    ) -> None:
+        self.directory = directory
+        self.zones = [zone.rstrip(".") + "." for zone in zones]
+        self.records = list(records)
+        self.slow_zone = slow_zone.rstrip(".") + "." if slow_zone else None
+        self.port = 0
+        self.process: subprocess.Popen[bytes] | None = None
+        self.black_hole: BlackHole | None = None
+        self.log_path = directory / "unbound.log"
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def _config(self) -> str:
+        lines = [
+            "server:",
+            "  interface: 127.0.0.1",
+            f"  port: {self.port}",
+            "  do-ip6: no",
+            "  do-daemonize: no",
+            '  chroot: ""',
+            '  username: ""',
+            f'  directory: "{self.directory}"',
+            '  pidfile: ""',
+            "  use-syslog: no",
+            "  verbosity: 1",
+            "  num-threads: 1",
+            "  so-reuseport: no",
+            "  access-control: 127.0.0.0/8 allow",
+            '  module-config: "iterator"',
+            "  do-not-query-localhost: no",
+            # Answers with a 1 s TTL expire; nothing is served stale.
+            "  serve-expired: no",
+            "  cache-min-ttl: 0",
+            '  local-zone: "." refuse',
+        ]
+        for zone in self.zones:
+            lines.append(f'  local-zone: "{zone}" static')
+        for record in self.records:
+            lines.append(f"  local-data: '{record}'")
+        if self.slow_zone:
+            lines.append(f'  local-zone: "{self.slow_zone}" transparent')
+        lines += ["remote-control:", "  control-enable: no"]
+        if self.slow_zone:
+            assert self.black_hole is not None
+            lines += [
+                "forward-zone:",
+                f'  name: "{self.slow_zone}"',
+                f"  forward-addr: 127.0.0.1@{self.black_hole.port}",
+            ]
+        return "\n".join(lines) + "\n"
+
+    def start(self) -> Unbound:
+        if self.slow_zone and self.black_hole is None:
+            self.black_hole = BlackHole()
+        self.port = free_udp_tcp_port()
+        config = self.directory / "unbound.conf"
+        config.write_text(self._config())
+        check = subprocess.run(
+            [UNBOUND + "-checkconf", str(config)], capture_output=True, text=True, timeout=WAIT
+        )
+        assert check.returncode == 0, check.stdout + check.stderr
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                [UNBOUND, "-d", "-c", str(config)], stdout=log, stderr=subprocess.STDOUT
+            )
+        self._wait_serving()
+        return self
+
+    def _wait_serving(self) -> None:
+        assert self.process is not None
+        deadline = time.monotonic() + WAIT
+        query = dns.message.make_query(self.zones[0], "SOA")
+        while True:
+            if self.process.poll() is not None:
+                raise AssertionError(f"unbound exited: {self.log_path.read_text()}")
+            with contextlib.suppress(Exception):
+                answer = dns.query.udp(query, "127.0.0.1", port=self.port, timeout=0.5)
+                if answer.rcode() in (dns.rcode.NOERROR, dns.rcode.NXDOMAIN):
+                    return
+            if time.monotonic() > deadline:
+                raise AssertionError(f"unbound not answering: {self.log_path.read_text()}")
+            time.sleep(0.05)
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process is not None else None
+
+    def stop(self) -> None:
+        """Stop the server by its PID (TERM, then KILL), and close the black hole."""
+        process, self.process = self.process, None
+        if process is not None and process.poll() is None:
+            os.kill(process.pid, signal.SIGTERM)
+            try:
+                process.wait(timeout=WAIT)
+            except subprocess.TimeoutExpired:
+                os.kill(process.pid, signal.SIGKILL)
+                process.wait(timeout=WAIT)
+        if self.black_hole is not None:
+            self.black_hole.close()
+            self.black_hole = None
+
+
+@contextlib.contextmanager
+def unbound(
+    directory: Path, zones: Iterable[str], records: Iterable[str], slow_zone: str | None = None
+) -> Iterator[Unbound]:
+    server = Unbound(directory, zones, records, slow_zone).start()
+    try:
+        yield server
+    finally:
+        server.stop()
