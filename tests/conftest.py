@@ -14,8 +14,8 @@ import pytest
 from farm.controller import Controller
 from tests.farm_helpers import FarmRunner
 
-#: The relay tests' fixtures (sink, serve, loop_thread).
-pytest_plugins = ["tests.relay_support"]
+#: The relay tests' fixtures (sink, serve, loop_thread), the DNS tests' (mail_dns, own_dns).
+pytest_plugins = ["tests.relay_support", "tests.dns_server"]
 
 
 def free_port(host: str = "127.0.0.1") -> int:

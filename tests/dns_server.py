@@ -12,12 +12,13 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import dns.message
 import dns.query
 import dns.rcode
+import pytest
 
 UNBOUND = "/usr/sbin/unbound"
 WAIT = 30.0
@@ -181,4 +182,46 @@ def unbound(
     try:
         yield server
     finally:
+        server.stop()
+
+
+# -- pytest fixtures (a plugin: tests/conftest.py lists this module) ------------------------------
+
+
+def _require_unbound() -> None:
+    if not Path(UNBOUND).exists():
+        if os.environ.get("CI"):
+            raise AssertionError("unbound is missing: .ci/run installs the Debian package unbound")
+        pytest.skip("unbound not installed (Debian package unbound)")
+
+
+@pytest.fixture(scope="module")
+def mail_dns(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Unbound]:
+    """One unbound for a test module, serving tests/mail_auth_zones.py (slow.test: a black
+    hole)."""
+    _require_unbound()
+    from tests import mail_auth_zones as zones
+
+    directory = tmp_path_factory.mktemp("dns")
+    with unbound(directory, zones.ZONES, zones.records(), zones.SLOW_ZONE) as server:
+        yield server
+
+
+@pytest.fixture
+def own_dns(tmp_path: Path) -> Iterator[Callable[..., Unbound]]:
+    """Factory of unbounds for one test (to stop mid-test): ``own_dns(dnsbl_ttl=300)``."""
+    _require_unbound()
+    from tests import mail_auth_zones as zones
+
+    servers: list[Unbound] = []
+
+    def start(dnsbl_ttl: int = 300) -> Unbound:
+        directory = tmp_path / f"dns{len(servers)}"
+        directory.mkdir()
+        server = Unbound(directory, zones.ZONES, zones.records(dnsbl_ttl), zones.SLOW_ZONE)
+        servers.append(server)
+        return server.start()
+
+    yield start
+    for server in servers:
         server.stop()

@@ -139,13 +139,16 @@ class ScreeningStage(Stage):
         waiter.add_done_callback(lambda done: self._done(session, done))
 
     def _done(self, session: Any, waiter: asyncio.Future[Verdict]) -> None:
-        if waiter.cancelled() or self._sessions.get(session) is not waiter:
+        if waiter.cancelled() or waiter.exception() is not None:
             return
-        self._settle(session, waiter.result())
+        # A session that ended first is still counted and logged (action ignore: a bot that
+        # leaves quickly is exactly what the log should show).
+        self._settle(session, waiter.result(), open_=self._sessions.get(session) is waiter)
 
-    def _settle(self, session: Any, verdict: Verdict) -> None:
+    def _settle(self, session: Any, verdict: Verdict, open_: bool = True) -> None:
         session.screening = verdict
-        self._sessions[session] = verdict
+        if open_:
+            self._sessions[session] = verdict
         self._count_verdict(verdict)
         if verdict.listed or verdict.failed:
             log.info(
@@ -165,9 +168,7 @@ class ScreeningStage(Stage):
         return await entry
 
     def close(self, session: Any) -> None:
-        entry = self._sessions.pop(session, None)
-        if isinstance(entry, asyncio.Future):
-            entry.cancel()  # the shared lookup goes on for the other sessions and the cache
+        self._sessions.pop(session, None)  # a lookup under way still ends in the log
 
     def session_log(self, session: Any) -> str:
         verdict = getattr(session, "screening", None)
