@@ -114,7 +114,7 @@ def message(
 
 def dkim_signed(content: bytes, domain: str = "example.test", selector: str = "sel") -> bytes:
     """``content`` with a DKIM-Signature by ``selector._domainkey.domain`` (dkimpy)."""
-    name = "example" if domain == "example.test" else domain
+    name = "example" if domain in ("example.test", "example.net") else domain
     signature = dkim.sign(
         content,
         selector.encode(),

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import Callable
 from concurrent.futures import Executor
@@ -215,6 +216,10 @@ def _verify_one(
     records: dict[str, Any],
     txt: Callable[..., bytes | None],
 ) -> SignatureResult:
+    try:
+        dkim.validate_signature_fields(tags)
+    except dkim.DKIMException as error:
+        return _result(tags, "neutral", str(error))
     key_name = _key_name(tags)
     record = records.get(key_name or "")
     if record is _TEMP:
@@ -233,6 +238,8 @@ def _verify_one(
         return _result(tags, "temperror", "key lookup failed")
     except (dkim.KeyFormatError, dkim.UnknownKeyTypeError, dkim.NaClNotFoundError) as error:
         return _result(tags, "permerror", str(error))
+    except dkim.ValidationError as error:  # the fields were valid: a body hash mismatch
+        return _result(tags, "fail", re.split(r"[^a-z ]", str(error), maxsplit=1)[0].strip())
     except dkim.DKIMException as error:
         return _result(tags, "neutral", str(error))
     except Exception as error:  # dkimpy on malformed input: never our traceback

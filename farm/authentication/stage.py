@@ -55,8 +55,9 @@ class Results:
     authenticated: bool = False
     #: Whether DKIM was checked (an empty ``dkim`` then means: no signature).
     dkim_checked: bool = False
-    #: The SPF check started at MAIL (internal).
+    #: The SPF check started at MAIL, and its (domain, identity) (internal).
     spf_task: asyncio.Future[SPFResult] | None = field(default=None, repr=False)
+    spf_for: tuple[str, str] = field(default=("", "mailfrom"), repr=False)
 
     def summary(self) -> str:
         """``spf=pass dkim=pass,fail arc=none dmarc=fail/quarantine`` for the log line."""
@@ -138,8 +139,13 @@ class AuthenticationStage(Stage):
         address_ip = client_address(session.peer, session.proxy_data)
         if address_ip is None:
             return None
-        task = self._spf_task(session, str(address_ip), address)
+        sender = "" if address == "<>" else address  # the engine keeps the null path as <>
+        task = self._spf_task(session, str(address_ip), sender)
         results.spf_task = task
+        if sender:
+            results.spf_for = (sender.rpartition("@")[2].lower(), "mailfrom")
+        else:
+            results.spf_for = ((session.host_name or "").lower(), "helo")
         if not self.spf_reject_fail or self.exempt(address_ip):
             return None
         result = await asyncio.shield(task)
@@ -238,7 +244,7 @@ class AuthenticationStage(Stage):
         except (TimeoutError, asyncio.CancelledError):
             if asyncio.current_task().cancelling():  # type: ignore[union-attr]
                 raise
-            return SPFResult("temperror", "", "mailfrom", "SPF check timed out")
+            return SPFResult("temperror", *results.spf_for, "SPF check timed out")
 
     def _resinfo(self, results: Results) -> list[str]:
         items = []
