@@ -85,7 +85,8 @@ def _bad_nameserver(text: str) -> ValueError:
 class Resolver:
     """A worker's asynchronous resolver.
 
-    ``observe(purpose, seconds)`` is called after each lookup (the latency histogram).
+    ``observe(purpose, seconds)`` is called after each lookup (the latency histogram);
+    ``cache_size`` 0: no cache (every lookup asks a nameserver).
     """
 
     def __init__(
@@ -102,7 +103,7 @@ class Resolver:
             ]
         else:
             resolver = dns.asyncresolver.Resolver()  # /etc/resolv.conf
-        resolver.cache = dns.resolver.LRUCache(cache_size)
+        resolver.cache = dns.resolver.LRUCache(cache_size) if cache_size else None
         resolver.retry_servfail = False
         self._resolver = resolver
         self._observe = observe

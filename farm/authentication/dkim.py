@@ -227,12 +227,6 @@ def _verify_one(
     if not key_name or record is None:
         return _result(tags, "permerror", "no key")
     try:
-        dkim.evaluate_pk(key_name.encode(), record)
-    except dkim.DKIMException as error:
-        return _result(tags, "permerror", f"bad key: {error}")
-    except Exception as error:  # an unparsable key record
-        return _result(tags, "permerror", f"bad key: {type(error).__name__}")
-    try:
         ok = verifier.verify(idx=index, dnsfunc=txt)
     except _KeyTempError:
         return _result(tags, "temperror", "key lookup failed")
@@ -245,7 +239,16 @@ def _verify_one(
     except Exception as error:  # dkimpy on malformed input: never our traceback
         log.debug("DKIM signature %d: %r", index, error)
         return _result(tags, "neutral", type(error).__name__)
-    return _result(tags, "pass" if ok else "fail", "" if ok else "signature did not verify")
+    if ok:
+        return _result(tags, "pass")
+    # dkimpy says False for an unusable key too: that is a permerror, not a fail.
+    try:
+        dkim.evaluate_pk(key_name.encode(), record)
+    except dkim.DKIMException as error:
+        return _result(tags, "permerror", f"bad key: {error}")
+    except Exception as error:  # an unparsable key record
+        return _result(tags, "permerror", f"bad key: {type(error).__name__}")
+    return _result(tags, "fail", "signature did not verify")
 
 
 def _verify_arc(
