@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 
-from tests.farm_helpers import WAIT, Farm, FarmRunner, free_port, wait_for
+from tests.farm_helpers import WAIT, Farm, FarmRunner, free_port, toml_config, wait_for
 from tests.test_grafana import (
     RULES,
     dashboard_queries,
@@ -236,9 +236,19 @@ def describe(answer: dict[str, Any]) -> str:
 
 
 @pytest.mark.skipif(PROMETHEUS is None, reason="prometheus not found: apt-get install prometheus")
-def test_dashboard_and_rules_on_real_prometheus(farms: FarmRunner, prometheus_factory: Any) -> None:
+def test_dashboard_and_rules_on_real_prometheus(
+    farms: FarmRunner, prometheus_factory: Any, mail_dns: Any, tmp_path: Path
+) -> None:
     # Debugging (not Sink): a handler with a DATA hook, so the handler-latency histogram has data.
-    farm = farms.start("--handler", "farm.handlers:Debugging", workers=2)
+    # Screening and authentication on (DNS from a real unbound), so their panels have data too.
+    config = toml_config(
+        tmp_path / "farm.toml",
+        {"handler": "farm.handlers:Debugging"},
+        limits={"exempt_networks": []},
+        screening={"resolver": [mail_dns.address], "dnsbl": ["bl.test"]},
+        authentication={"spf": True, "dkim": True, "arc": True, "dmarc": "report"},
+    )
+    farm = farms.start(config=config, workers=2)
     farm.wait_ready(2)
     assert farm.metrics_addr
     prometheus = prometheus_factory(farm.metrics_addr)
