@@ -415,7 +415,11 @@ class SMTP(AuthMixin, StartTLSMixin, ChunkingMixin, ProxyProtocolMixin, asyncio.
         self._send_greeting()
 
     async def _greet_after_stages(self) -> None:
-        refusal = await self._stages.greet(self.session)  # type: ignore[union-attr]
+        try:
+            refusal = await self._stages.greet(self.session)  # type: ignore[union-attr]
+        except Exception:  # a stage's bug: greet (fail open) rather than leave the client
+            log.exception("session=%s greeting stage failed", self.session.id)  # type: ignore[union-attr]
+            refusal = None
         if self._close_after_flush or self._closed:
             return
         if refusal is None:
@@ -990,7 +994,11 @@ class SMTP(AuthMixin, StartTLSMixin, ChunkingMixin, ProxyProtocolMixin, asyncio.
         envelope = self.envelope
         status = None
         if self._stages is not None and self._stages.on_end_of_data:
-            status = await self._stages.end_of_data(self.session, envelope, self._decoded)
+            try:
+                status = await self._stages.end_of_data(self.session, envelope, self._decoded)
+            except Exception:  # a stage's bug: never a 250 for a message it did not check
+                log.exception("session=%s end-of-data stage failed", self.session.id)  # type: ignore[union-attr]
+                status = LOCAL_ERROR
         if status is None:
             status = await self._call_handler_hook("DATA")
             if status is MISSING:
