@@ -416,3 +416,21 @@ def test_decoded_content_gets_the_header_too(
     content = handler.envelopes[-1].content
     assert isinstance(content, str) and content.startswith("Authentication-Results: mx.test;")
     assert handler.envelopes[-1].authentication.spf.result == "pass"
+
+
+def test_a_spooled_message_is_checked_and_delivered_with_the_header(
+    make_controller: Any, mail_dns: Any, tmp_path: Path
+) -> None:
+    """A body past spool_threshold (a spool file): DKIM verifies it, and the Maildir handler,
+    which streams, writes the edited message (the header first, the body intact)."""
+    body = "".join(f"line {n:06d} of a long message\r\n" for n in range(5000))  # ~150 KB
+    signed = zones.dkim_signed(zones.message(body=body))
+    controller = make_controller(
+        Maildir(tmp_path / "Maildir"), stages=[stage(mail_dns)], spool_threshold=4096
+    )
+    _, data = send(controller.port, zones.SPF_PASS, "alice@example.test", signed)
+    assert data == (250, b"")
+    (stored,) = (tmp_path / "Maildir" / "new").iterdir()
+    content = stored.read_bytes()
+    assert method(results(content), "dkim")[0].startswith("dkim=pass")
+    assert content.endswith(signed)

@@ -996,6 +996,9 @@ class SMTP(AuthMixin, StartTLSMixin, ChunkingMixin, ProxyProtocolMixin, asyncio.
         if self._stages is not None and self._stages.on_end_of_data:
             try:
                 status = await self._stages.end_of_data(self.session, envelope, self._decoded)
+            except BodyMemoryExceeded as error:  # a stage read a spooled body whole
+                log.warning("session=%s end-of-data stage: %s", self.session.id, error)  # type: ignore[union-attr]
+                status = INSUFFICIENT_STORAGE
             except Exception:  # a stage's bug: never a 250 for a message it did not check
                 log.exception("session=%s end-of-data stage failed", self.session.id)  # type: ignore[union-attr]
                 status = LOCAL_ERROR
