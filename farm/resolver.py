@@ -102,7 +102,13 @@ class Resolver:
                 dns.nameserver.Do53Nameserver(*parse_nameserver(ns)) for ns in nameservers
             ]
         else:
-            resolver = dns.asyncresolver.Resolver()  # /etc/resolv.conf
+            try:
+                resolver = dns.asyncresolver.Resolver()  # /etc/resolv.conf
+            except dns.resolver.NoResolverConfiguration:
+                raise RuntimeError(
+                    "no nameserver in /etc/resolv.conf: set resolver in [screening] or "
+                    "[authentication]"
+                ) from None
         resolver.cache = dns.resolver.LRUCache(cache_size) if cache_size else None
         resolver.retry_servfail = False
         self._resolver = resolver
