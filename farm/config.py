@@ -32,6 +32,7 @@ from typing import Any
 from farm.addresses import Address, parse_address
 from farm.limits import DEFAULT_EXEMPT, ClientLimits
 from farm.resolver import parse_nameserver
+from farm.scan.milter import parse_milter_address
 from farm.screening.sites import parse_site
 from farm.smtp.body import SPOOL_THRESHOLD_DEFAULT
 
@@ -42,6 +43,7 @@ __all__ = [
     "ConfigError",
     "LimitSettings",
     "SMTPSettings",
+    "ScanSettings",
     "ScreeningSettings",
     "load_config",
 ]
@@ -455,6 +457,63 @@ class LimitSettings:
         return ClientLimits(**{name: getattr(self, name) for name in self.names()})
 
 
+def _rspamd_url(key: str, value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not re.fullmatch(r"http://[^/\s]+(?::\d+)?/?", value):
+        raise _expected(key, 'an URL like "http://127.0.0.1:11333"', value)
+    return value
+
+
+def _milters(key: str, value: Any) -> tuple[str, ...]:
+    if isinstance(value, str) or not isinstance(value, list | tuple):
+        raise _expected(key, 'a list like ["inet:127.0.0.1:11332", "unix:/run/milter.sock"]', value)
+    for item in value:
+        try:
+            parse_milter_address(item if isinstance(item, str) else repr(item))
+        except ValueError as error:
+            raise ConfigError(f"{key}: {error}", key) from None
+    return tuple(value)
+
+
+def _on_error(key: str, value: Any) -> str:
+    if value not in ("tempfail", "accept"):
+        raise _expected(key, '"tempfail" or "accept"', value)
+    return value
+
+
+@dataclass(frozen=True)
+class ScanSettings:
+    """The ``[scan]`` table: rspamd and milters asked about every message (farm.scan)."""
+
+    #: rspamd's normal worker (its HTTP /checkv2 protocol); unset: not asked.
+    rspamd: str | None = field(default=None, metadata=_checked(_rspamd_url))
+    #: Milters in Postfix's smtpd_milters syntax, asked in this order after rspamd.
+    milters: tuple[str, ...] = field(default=(), metadata=_checked(_milters))
+    #: Seconds per message for all scanners together.
+    timeout: float = field(default=30.0, metadata=_checked(_positive_number))
+    #: What a failed scanner means: "tempfail" (451 4.7.1) or "accept" (as if not asked).
+    on_error: str = field(default="tempfail", metadata=_checked(_on_error))
+    #: Larger messages are not scanned (counted, and a header says so).
+    max_size: int = field(default=20971520, metadata=_checked(_integer(1)))
+
+    def __post_init__(self) -> None:
+        _validate(self, "scan.")
+
+    @property
+    def active(self) -> bool:
+        return bool(self.rspamd or self.milters)
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        """The names accepted in the ``[scan]`` table."""
+        return tuple(spec.name for spec in fields(cls))
+
+    def replace(self, **changes: Any) -> ScanSettings:
+        _reject_unknown(changes, self.names(), "scan.")
+        return dataclasses.replace(self, **changes)
+
+
 @dataclass(frozen=True)
 class ScreeningSettings:
     """The ``[screening]`` table: DNS block/allow lists checked at connection (postscreen)."""
@@ -583,6 +642,9 @@ class Config:
         default_factory=AuthenticationSettings,
         metadata=_checked(_settings_table(AuthenticationSettings)),
     )
+    scan: ScanSettings = field(
+        default_factory=ScanSettings, metadata=_checked(_settings_table(ScanSettings))
+    )
     #: The file this configuration was read from (not compared, not a TOML key).
     source: str | None = field(default=None, compare=False)
 
@@ -645,6 +707,7 @@ _TABLES: dict[str, Any] = {
     "limits": LimitSettings,
     "screening": ScreeningSettings,
     "authentication": AuthenticationSettings,
+    "scan": ScanSettings,
 }
 
 

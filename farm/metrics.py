@@ -43,6 +43,8 @@ SCREENING_CACHE = "farm_screening_cache_lookups"  # counter {result}: farm-wide 
 AUTHENTICATION_RESULTS = "farm_authentication_results"  # counter {method,result}
 AUTHENTICATION_ACTIONS = "farm_authentication_actions"  # counter {action}
 DNS_LOOKUP_DURATION = "farm_dns_lookup_duration_seconds"  # histogram {check}
+SCAN_RESULTS = "farm_scan_results"  # counter {scanner, action}: content scanning ([scan])
+SCAN_DURATION = "farm_scan_duration_seconds"  # histogram {scanner}
 
 # -- names: supervisor --------------------------------------------------------------------------
 WORKERS_DESIRED = "farm_workers_desired"
@@ -132,6 +134,8 @@ class WorkerStats:
         self.authentication: dict[tuple[str, str], int] = {}
         self.authentication_actions = dict.fromkeys(AUTHENTICATION_ACTION_NAMES, 0)
         self.dns: dict[str, Histogram] = {}
+        self.scan_results: dict[tuple[str, str], int] = {}
+        self.scan_durations: dict[str, Histogram] = {}
 
     def command(self, verb: str) -> None:
         commands = self.commands
@@ -162,6 +166,16 @@ class WorkerStats:
         if histogram is None:
             histogram = self.dns[check] = Histogram(DNS_BUCKETS)
         histogram.observe(seconds)
+
+    def scan_result(self, scanner: str, action: str, seconds: float | None = None) -> None:
+        """One scanner's verdict on one message, and the time it took (if it was asked)."""
+        key = (scanner, action)
+        self.scan_results[key] = self.scan_results.get(key, 0) + 1
+        if seconds is not None:
+            histogram = self.scan_durations.get(scanner)
+            if histogram is None:
+                histogram = self.scan_durations[scanner] = Histogram(DURATION_BUCKETS)
+            histogram.observe(seconds)
 
     def families(self) -> Iterator[Metric]:
         """The counters as metric families (help texts included)."""
@@ -258,6 +272,18 @@ class WorkerStats:
             "DNS lookup time, by check (screening, spf, dkim, dmarc).",
             [((check,), h) for check, h in sorted(self.dns.items())],
             ("check",),
+        )
+        yield _counter(
+            SCAN_RESULTS,
+            "Content scanners' verdicts ([scan]), by scanner and action.",
+            [(key, n) for key, n in sorted(self.scan_results.items())],
+            ("scanner", "action"),
+        )
+        yield _histogram(
+            SCAN_DURATION,
+            "Time each content scanner took per message.",
+            [((name,), h) for name, h in sorted(self.scan_durations.items())],
+            ("scanner",),
         )
 
 

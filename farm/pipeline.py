@@ -1,7 +1,7 @@
 """The checks a farm worker runs around its handler, built from ``farm.toml``: the engine's
-stages (``farm.smtp.stages``), in order: screening (``[screening]``), then sender
-authentication (``[authentication]``). A content scanner's end-of-data stage goes after
-authentication, so that it sees our Authentication-Results header.
+stages (``farm.smtp.stages``), in order: screening (``[screening]``), sender authentication
+(``[authentication]``), then content scanning (``[scan]``), after authentication so that the
+scanners see our Authentication-Results header.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from typing import Any
 from farm.authentication import AuthenticationStage
 from farm.limits import ClientLimits
 from farm.resolver import Resolver
+from farm.scan.stage import ScanStage
 from farm.screening import cache as verdict_cache
 from farm.screening import parse_site, screening_stage
 from farm.smtp.server import default_hostname
@@ -26,7 +27,7 @@ def prepare_shared_state(config: Any) -> None:
 
 
 def build_stages(config: Any, stats: Any = None) -> list[Stage]:
-    """The stages of ``config`` (empty when neither table turns a check on)."""
+    """The stages of ``config`` (empty when no table turns a check on)."""
     stages: list[Stage] = []
     screening = config.screening
     authentication = config.authentication
@@ -66,4 +67,7 @@ def build_stages(config: Any, stats: Any = None) -> list[Stage]:
                 stats=stats,
             )
         )
+    if config.scan.active:
+        hostname = config.smtp.hostname or default_hostname()
+        stages.append(ScanStage(config.scan, hostname, stats))
     return stages

@@ -14,8 +14,9 @@ import pytest
 from farm.controller import Controller
 from tests.farm_helpers import FarmRunner
 
-#: The relay tests' fixtures (sink, serve, loop_thread), the DNS tests' (mail_dns, own_dns).
-pytest_plugins = ["tests.relay_support", "tests.dns_server"]
+#: The relay tests' fixtures (sink, serve, loop_thread), the DNS tests' (mail_dns, own_dns),
+#: the scanning tests' (rspamd and friends).
+pytest_plugins = ["tests.relay_support", "tests.dns_server", "tests.rspamd_helpers"]
 
 
 def free_port(host: str = "127.0.0.1") -> int:

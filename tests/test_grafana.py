@@ -43,7 +43,7 @@ NO_PROMTOOL = (
 )
 
 REQUIRED_VARIABLES = ("datasource", "job", "instance", "worker")
-REQUIRED_ROWS = ["Overview", "SMTP", "Per worker", "Saturation", "Mail checks"]
+REQUIRED_ROWS = ["Overview", "SMTP", "Per worker", "Saturation", "Mail checks", "Content scanning"]
 REQUIRED_ALERTS = {
     "FarmWorkerCrashLoop",
     "FarmWorkersBelowDesired",

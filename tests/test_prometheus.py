@@ -27,6 +27,7 @@ from typing import Any
 import pytest
 
 from tests.farm_helpers import WAIT, Farm, FarmRunner, free_port, toml_config, wait_for
+from tests.rspamd_helpers import RSPAMD
 from tests.test_grafana import (
     RULES,
     dashboard_queries,
@@ -237,16 +238,27 @@ def describe(answer: dict[str, Any]) -> str:
 
 @pytest.mark.skipif(PROMETHEUS is None, reason="prometheus not found: apt-get install prometheus")
 def test_dashboard_and_rules_on_real_prometheus(
-    farms: FarmRunner, prometheus_factory: Any, mail_dns: Any, tmp_path: Path
+    farms: FarmRunner,
+    prometheus_factory: Any,
+    mail_dns: Any,
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
 ) -> None:
     # Debugging (not Sink): a handler with a DATA hook, so the handler-latency histogram has data.
-    # Screening and authentication on (DNS from a real unbound), so their panels have data too.
+    # Screening and authentication on (DNS from a real unbound), so their panels have data too;
+    # messages are scanned by a real rspamd, so the content-scanning panels have data (without
+    # rspamd installed: a dead address and on_error = "accept", counted as errors).
+    if RSPAMD is not None:
+        scan = {"rspamd": request.getfixturevalue("rspamd").url}
+    else:
+        scan = {"rspamd": f"http://127.0.0.1:{free_port()}", "on_error": "accept"}
     config = toml_config(
         tmp_path / "farm.toml",
         {"handler": "farm.handlers:Debugging"},
         limits={"exempt_networks": []},
         screening={"resolver": [mail_dns.address], "dnsbl": ["bl.test"]},
         authentication={"spf": True, "dkim": True, "arc": True, "dmarc": "report"},
+        scan=scan,
     )
     farm = farms.start(config=config, workers=2)
     farm.wait_ready(2)

@@ -40,7 +40,8 @@ HeaderFilter = Callable[[str, bytes], bool]
 class EndOfData:
     """What an end-of-data stage decided about a message."""
 
-    #: A 4xx/5xx reply ending the transaction (nothing is delivered); None: go on.
+    #: A 4xx/5xx reply ending the transaction (nothing is delivered); None: go on. A 2xx
+    #: reply accepts the message without delivering it (a milter's discard).
     reply: str | None = None
     #: Header fields ``(name, value)`` prepended to the message, in this order.
     add_headers: tuple[tuple[str, str], ...] = ()

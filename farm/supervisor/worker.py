@@ -28,6 +28,7 @@ from farm.handler_loading import HandlerLoadError, load_handler
 from farm.logs import reopen_log_file
 from farm.metrics import StatsCollector, WorkerStats
 from farm.pipeline import build_stages
+from farm.scan.stage import ScanStage
 from farm.smtp import SMTP
 from farm.smtp.body import MemoryBudget
 from farm.smtp.drain import SessionTracker
@@ -139,6 +140,8 @@ def _worker_process(spec: WorkerSpec) -> int:
         server = WorkerServer(spec, handler, loop)
         code = loop.run_until_complete(server.run())
         loop.run_until_complete(_close_handler(handler))
+        if server.scan_stage is not None:
+            loop.run_until_complete(server.scan_stage.shutdown())
         server.send_final_metrics()
         return code
     finally:
@@ -321,6 +324,8 @@ class WorkerServer:
         if self.limiter is not None:
             self._smtp_kwargs["limiter"] = self.limiter
         stages = build_stages(self.config, self.stats)
+        #: Its scanners' connections are closed when the worker ends.
+        self.scan_stage = next((s for s in stages if isinstance(s, ScanStage)), None)
         if stages:
             self._smtp_kwargs["stages"] = Stages(stages)
         self._flushing = False
