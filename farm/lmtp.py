@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from farm.smtp.help import syntax
 from farm.smtp.server import LOCAL_ERROR, SMTP
 from farm.smtp.session import Envelope
 
@@ -19,6 +20,7 @@ log = logging.getLogger("farm.smtp")
 class LMTP(SMTP):
     """An LMTP server: ``LMTP(handler, **SMTP_keywords)``."""
 
+    @syntax("LHLO hostname")
     async def smtp_LHLO(self, arg: str | None) -> None:
         """LHLO hostname"""
         if not arg:

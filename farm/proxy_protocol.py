@@ -9,13 +9,12 @@ and :class:`V2_CMD` enums, and :func:`get_proxy`.
 The engine itself uses :class:`ProxyParser`, a sans-I/O incremental parser: feed it whatever
 bytes arrived; it answers ``None`` until it has decided, then a :class:`ProxyData` (valid, or
 invalid with a one-line ``error``). It never consumes a byte past the header: whatever followed
-the header (an SMTP command, a TLS ClientHello...) is handed back in ``ProxyData.rest``.
+the header (an SMTP command, a TLS ClientHello...) is handed back in ``ProxyData.trailing``.
+``rest`` means what it means in aiosmtpd: the undecoded TLV bytes of a v2 header (decoded as
+``tlv``), or the text after ``UNKNOWN`` in a v1 header.
 
 Differences from aiosmtpd worth knowing:
 
-* ``rest`` holds the bytes that came *after* the header. aiosmtpd used ``rest`` for the
-  undecoded TLV bytes of a v2 header (and the text after ``UNKNOWN`` of a v1 header); here the
-  TLVs are always decoded into ``tlv``, and their raw bytes are ``whole_raw[tlv_start:]``.
 * The CRC32C TLV is verified: a header whose checksum does not match is invalid.
 * Malformed TLVs make a PROXY-command header invalid instead of silently giving ``tlv=None``.
 * A UNIX address is the socket path as bytes, cut at its terminating NUL (an abstract-namespace
@@ -273,7 +272,11 @@ def _parse_tlvs(
                 raise MalformedTLV(f"SSL TLV value is {length} bytes, at least 5 required")
             values["SSL_CLIENT"] = value[0]
             values["SSL_VERIFY"] = int.from_bytes(value[1:5], "big")
-            _parse_tlvs(value[5:], base + i + 8, values, locs, crc_offsets, strict)
+            try:
+                _parse_tlvs(value[5:], base + i + 8, values, locs, crc_offsets, strict)
+            except MalformedTLV:
+                values["SSL"] = False  # what decoded before the fault stays (partial_ok)
+                raise
             values["SSL"] = True
         else:
             if name == "CRC32C":
@@ -302,10 +305,12 @@ class ProxyData:
     ``version`` is 1 or 2 once the signature was recognised (even if the header turned out
     invalid), ``None`` if it never was. ``command`` is set for v2 only. ``src_addr``/``dst_addr``
     are ``IPv4Address``/``IPv6Address`` (or the socket path bytes for ``AF.UNIX``), and ports
-    are ints, when the header carries them. ``rest`` is the bytes that followed the header;
-    ``whole_raw`` the header itself (for an invalid one: the bytes up to where it was
-    rejected). ``tlv_start`` is the offset of the first TLV in ``whole_raw``, ``None`` if none.
-    ``error`` is empty when the header is valid.
+    are ints, when the header carries them. ``rest`` is the undecoded TLV bytes (v2) or what
+    followed ``UNKNOWN`` (v1); ``tlv`` the decoded TLVs (``None`` if none or malformed).
+    ``whole_raw`` is the header itself (for an invalid one: the bytes up to where it was
+    rejected); ``tlv_start`` the offset of the first TLV in ``whole_raw``, ``None`` if none.
+    ``error`` is empty when the header is valid. ``trailing`` is the bytes that followed the
+    header (farm's addition: the parser never consumes them).
     """
 
     version: int | None = None
@@ -319,8 +324,16 @@ class ProxyData:
     rest: bytes = b""
     whole_raw: bytearray = field(default_factory=bytearray)
     tlv_start: int | None = None
-    tlv: ProxyTLV | None = None
     error: str = ""
+    trailing: bytes = b""
+    _tlv: ProxyTLV | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def tlv(self) -> ProxyTLV | None:
+        """The TLVs of ``rest``, decoded once; ``None`` if there are none or they are malformed."""
+        if self._tlv is None and self.rest:
+            self._tlv = ProxyTLV.from_raw(self.rest)
+        return self._tlv
 
     @property
     def valid(self) -> bool:
@@ -350,7 +363,7 @@ class ProxyParser:
     starts neither signature, a bad v2 version/command/family, a v2 length over
     ``max_v2_length`` or too short for the family, a v1 line with no CRLF within 107 bytes...)
     and never consumes past the header: the bytes after the decision point are the result's
-    ``rest``. Feeding more after the decision appends to that same result's ``rest``.
+    ``trailing``. Feeding more after the decision appends to that same result's ``trailing``.
     Malformed input never raises.
     """
 
@@ -386,7 +399,7 @@ class ProxyParser:
         """Add received bytes; the result once decided, else ``None``."""
         if self._result is not None:
             if data:
-                self._result.rest += bytes(data)
+                self._result.trailing += bytes(data)
             return self._result
         self._buf += data
         decided = self._examine()
@@ -394,7 +407,7 @@ class ProxyParser:
             return None
         result, end = decided
         result.whole_raw = bytearray(self._buf[:end])
-        result.rest = bytes(self._buf[end:])
+        result.trailing = bytes(self._buf[end:])
         self._buf = bytearray()
         self._result = result
         return result
@@ -510,6 +523,7 @@ def _parse_v1(line: bytes) -> ProxyData:
     if proto == b"UNKNOWN":  # the receiver must ignore whatever follows
         pd.family = AF.UNSPEC
         pd.protocol = PROTO.UNSPEC
+        pd.rest = line[len(b"PROXY UNKNOWN") :]
         return pd
     if proto == b"TCP4":
         family = AF.INET
@@ -599,7 +613,8 @@ def _parse_v2_body(pd: ProxyData, header: bytes, addr_length: int) -> None:
         return
     tlv_start = V2_HEADER_LENGTH + addr_length
     pd.tlv_start = tlv_start
-    pd.tlv = ProxyTLV(values, _tlv_loc=locs)
+    pd.rest = bytes(tlv_area)
+    pd._tlv = ProxyTLV(values, _tlv_loc=locs)
     for offset in crc_offsets:
         at = tlv_start + offset
         zeroed = header[:at] + b"\x00\x00\x00\x00" + header[at + 4 :]
@@ -618,7 +633,7 @@ async def get_proxy(reader: AsyncReader) -> ProxyData:
     """Read one PROXY header from ``reader`` (aiosmtpd's entry point).
 
     Reads with ``readexactly`` only as many bytes as the header can still need, so nothing
-    after the header is consumed (``rest`` is always empty). Never raises for bad input or a
+    after the header is consumed (``trailing`` is always empty). Never raises for bad input or a
     lost connection: the result is then invalid with ``error`` set. Timeouts are the caller's.
     """
     parser = ProxyParser()

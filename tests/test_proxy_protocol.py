@@ -120,7 +120,7 @@ def test_v1_tcp4() -> None:
         dst_addr=IPv4Address("192.168.0.11"),
         src_port=56324,
         dst_port=443,
-        rest=SMTP_TAIL,
+        trailing=SMTP_TAIL,
         whole_raw=line,
         tlv=None,
         tlv_start=None,
@@ -148,7 +148,7 @@ def test_v1_tcp6(src: str, dst: str) -> None:
         dst_addr=IPv6Address(dst),
         src_port=0,
         dst_port=65535,
-        rest=TLS_TAIL,
+        trailing=TLS_TAIL,
         whole_raw=line,
     )
 
@@ -173,7 +173,7 @@ def test_v1_unknown(line: bytes) -> None:
         src_addr=None,
         dst_addr=None,
         src_port=None,
-        rest=SMTP_TAIL,
+        trailing=SMTP_TAIL,
         whole_raw=line,
     )
 
@@ -187,7 +187,7 @@ def test_v1_line_of_exactly_107_bytes_is_accepted_and_108_is_not() -> None:
     assert_invalid(result, "no CRLF within the first 107 bytes")
     assert result.version == 1
     assert bytes(result.whole_raw) == too_long[:V1_MAX_LENGTH]
-    assert result.rest == b"\n"
+    assert result.trailing == b"\n"
 
 
 @given(
@@ -282,7 +282,7 @@ def test_v1_bare_lf_is_rejected_at_the_lf() -> None:
     result = parse(b"PROXY UNKNOWN\nEHLO x\r\n")
     assert_invalid(result, "bare LF at offset 13")
     assert bytes(result.whole_raw) == b"PROXY UNKNOWN\n"
-    assert result.rest == b"EHLO x\r\n"
+    assert result.trailing == b"EHLO x\r\n"
 
 
 # -- signatures ------------------------------------------------------------------------------------
@@ -309,7 +309,7 @@ def test_bad_signature_is_rejected_at_the_first_wrong_byte(data: bytes, offset: 
     assert result.error.startswith("not a PROXY protocol header")
     assert result.version is None
     assert bytes(result.whole_raw) == data[: offset + 1]
-    assert result.rest == data[offset + 1 :]
+    assert result.trailing == data[offset + 1 :]
 
 
 def test_first_byte_that_starts_no_signature_is_decided_immediately() -> None:
@@ -337,7 +337,7 @@ def test_v2_local_unspec() -> None:
         src_port=None,
         tlv=None,
         tlv_start=None,
-        rest=SMTP_TAIL,
+        trailing=SMTP_TAIL,
         whole_raw=header,
     )
 
@@ -354,7 +354,7 @@ def test_v2_local_with_short_address_block_is_still_valid() -> None:
     result = parse(header + SMTP_TAIL)
     assert result.valid
     assert result.src_addr is None and result.tlv is None
-    assert result.rest == SMTP_TAIL
+    assert result.trailing == SMTP_TAIL
 
 
 def test_v2_local_with_malformed_tlvs_is_still_valid() -> None:
@@ -378,7 +378,7 @@ def test_v2_proxy_inet(fam: int) -> None:
         dst_port=25,
         tlv=None,
         tlv_start=None,
-        rest=SMTP_TAIL,
+        trailing=SMTP_TAIL,
         whole_raw=header,
     )
 
@@ -394,7 +394,7 @@ def test_v2_proxy_inet6(fam: int) -> None:
         dst_addr=IPv6Address("2001:db8::2"),
         src_port=1234,
         dst_port=587,
-        rest=TLS_TAIL,
+        trailing=TLS_TAIL,
     )
 
 
@@ -456,7 +456,7 @@ def test_v2_tlvs() -> None:
     header = v2(inet4() + tlvs)
     result = parse(header + SMTP_TAIL)
     assert result.valid, result.error
-    assert result.rest == SMTP_TAIL
+    assert result.trailing == SMTP_TAIL
     assert result.tlv_start == 16 + 12
     assert bytes(result.whole_raw[result.tlv_start :]) == tlvs
     t = result.tlv
@@ -507,7 +507,7 @@ def test_v2_crc32c_correct(where: str) -> None:
     assert result.valid, result.error
     assert result.tlv is not None and len(result.tlv.CRC32C) == 4
     assert result.tlv.AUTHORITY == b"mx.example" and result.tlv.UNIQUE_ID == b"id-1"
-    assert result.rest == SMTP_TAIL
+    assert result.trailing == SMTP_TAIL
 
 
 def test_v2_crc32c_matches_an_independent_computation() -> None:
@@ -564,9 +564,10 @@ def test_v2_malformed_fixed_part_is_decided_early(
     assert_invalid(result, fragment)
     assert result.version == 2 and result.error.startswith("PROXYv2 ")
     assert bytes(result.whole_raw) == header[:decided_at]
-    assert result.rest == (header + SMTP_TAIL)[decided_at:]
+    assert result.trailing == (header + SMTP_TAIL)[decided_at:]
     # ...without waiting for any byte past the decision point.
-    assert ProxyParser().feed(header[:decided_at]) == ProxyData(**{**result.__dict__, "rest": b""})
+    early = ProxyParser().feed(header[:decided_at])
+    assert early == ProxyData(**{**result.__dict__, "trailing": b""})
 
 
 def test_v2_length_limit_is_configurable() -> None:
@@ -599,7 +600,7 @@ def test_v2_malformed_tlv_is_invalid(tlvs: bytes, fragment: str) -> None:
     header = v2(inet4() + tlvs)
     result = parse(header + SMTP_TAIL)
     assert_invalid(result, "PROXYv2 malformed TLV: " + fragment)
-    assert result.rest == SMTP_TAIL
+    assert result.trailing == SMTP_TAIL
     assert bytes(result.whole_raw) == header
 
 
@@ -667,7 +668,7 @@ def test_every_split_gives_the_same_result(data: bytes) -> None:
     header_length = len(whole.whole_raw)
     for n in range(header_length):
         assert ProxyParser().feed(data[:n]) is None
-    assert whole.rest == data[header_length:]
+    assert whole.trailing == data[header_length:]
 
 
 @settings(max_examples=300)
@@ -684,9 +685,9 @@ def test_empty_feeds_are_harmless() -> None:
     assert parser.feed(b"PROXY UNKNOWN\r") is None
     assert parser.feed(b"") is None
     result = parser.feed(b"\n")
-    assert result.valid and result.rest == b""
-    assert parser.feed(b"") is result and result.rest == b""
-    assert parser.feed(b"QUIT\r\n") is result and result.rest == b"QUIT\r\n"
+    assert result.valid and result.trailing == b""
+    assert parser.feed(b"") is result and result.trailing == b""
+    assert parser.feed(b"QUIT\r\n") is result and result.trailing == b"QUIT\r\n"
 
 
 # -- never raises ----------------------------------------------------------------------------------
@@ -762,8 +763,8 @@ def run_get_proxy(data: bytes, eof: bool = True) -> tuple[ProxyData, bytes]:
 def test_get_proxy_reads_exactly_the_header(data: bytes) -> None:
     expected = parse(data)
     result, left = run_get_proxy(data)
-    assert left == expected.rest  # nothing past the decision point was consumed
-    assert result == ProxyData(**{**expected.__dict__, "rest": b""})
+    assert left == expected.trailing  # nothing past the decision point was consumed
+    assert result == ProxyData(**{**expected.__dict__, "trailing": b""})
 
 
 def test_get_proxy_connection_closed_mid_header() -> None:

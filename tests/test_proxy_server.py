@@ -220,7 +220,7 @@ def test_accepted_header_then_smtp(make_controller: Any, kind: str, how: str) ->
     assert proxy_data.family == (AF.INET if "tcp4" in kind else AF.INET6)
     assert (proxy_data.src_addr, proxy_data.src_port) == (src, sport)
     assert (proxy_data.dst_addr, proxy_data.dst_port) == (dst, dport)
-    assert proxy_data.rest in (b"", b"EHLO client.example\r\n")
+    assert proxy_data.trailing in (b"", b"EHLO client.example\r\n")
     assert session.peer[0] == "127.0.0.1"  # the real peer stays the peer
     assert handler.envelopes[0].content == b"hello\r\n"
 

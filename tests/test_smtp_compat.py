@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from farm import smtp as farm_smtp
-from farm.smtp import SMTP
+from farm.smtp import SMTP, syntax
 from tests.loops import both_loops  # noqa: F401  (loop_kind: asyncio and uvloop)
 
 
@@ -331,8 +331,8 @@ def test_command_call_limit(make_controller: Any, handler: Any) -> None:
 
 def test_subclass_can_add_a_command(make_controller: Any, handler: Any) -> None:
     class WithXHELLO(SMTP):
+        @syntax("XHELLO [name]")
         async def smtp_XHELLO(self, arg: str | None) -> None:
-            """XHELLO [name]"""
             await self.push(f"250 hello {arg}")
 
     controller = make_controller(handler)

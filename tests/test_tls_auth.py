@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import logging
 import shutil
 import smtplib
 import socket
 import ssl
 import subprocess
+import threading
+import time
 from typing import Any
 
 import pytest
 import trustme
 
-from farm.smtp import AuthResult, LoginPassword
+from farm.smtp import AuthResult, LoginPassword, TLSSetupException
 from tests.loops import both_loops  # noqa: F401  (loop_kind: asyncio and uvloop)
 
 
@@ -89,7 +92,8 @@ def test_auth_login_mechanism(
         client.ehlo("me")
         code, _ = client.docmd("AUTH LOGIN")
         assert code == 334
-        assert client.docmd(base64.b64encode(b"user").decode()) == (334, b"UGFzc3dvcmQ6")
+        # The password prompt is aiosmtpd's "Password\\0".
+        assert client.docmd(base64.b64encode(b"user").decode()) == (334, b"UGFzc3dvcmQA")
         assert client.docmd(base64.b64encode(b"secret").decode()) == (
             235,
             b"2.7.0 Authentication successful",
@@ -266,3 +270,42 @@ def test_swaks_implicit_tls(make_controller: Any, handler: Any, server_context: 
     result = swaks(controller, "--tlsc")
     assert result.returncode == 0, result.stdout + result.stderr
     assert handler.sessions[0].ssl is not None
+
+
+class TLSFailureCatcher:
+    """Records what handle_exception is given."""
+
+    def __init__(self) -> None:
+        self.errors: list[Exception] = []
+        self.reported = threading.Event()
+
+    async def handle_exception(self, error: Exception) -> str:
+        self.errors.append(error)
+        self.reported.set()
+        return "451 never sent: the connection is gone"
+
+
+def test_failed_starttls_handshake_ends_the_session(
+    make_controller: Any, server_context: Any
+) -> None:
+    catcher = TLSFailureCatcher()
+    controller = make_controller(catcher, tls_context=server_context)
+    with socket.create_connection((controller.hostname, controller.port), timeout=10) as sock:
+        reader = sock.makefile("rb")
+        assert reader.readline().startswith(b"220 ")
+        sock.sendall(b"EHLO me\r\n")
+        while reader.readline()[:4] != b"250 ":
+            pass
+        sock.sendall(b"STARTTLS\r\n")
+        assert reader.readline() == b"220 Ready to start TLS\r\n"
+        sock.sendall(b"EHLO this is no TLS ClientHello\r\n")
+        with contextlib.suppress(ConnectionResetError):  # an abort is as good as a close
+            assert reader.read() == b""
+    # handle_exception hears of it, as in aiosmtpd...
+    assert catcher.reported.wait(10)
+    assert isinstance(catcher.errors[0], TLSSetupException)
+    # ...and the session is over for the server too: stop() has nothing to drain (it would
+    # otherwise wait its 30 s drain_timeout for a session asyncio never reported closed).
+    started = time.monotonic()
+    controller.stop()
+    assert time.monotonic() - started < 10

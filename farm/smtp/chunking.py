@@ -11,6 +11,7 @@ from typing import Any
 
 from farm.smtp.body import INSUFFICIENT_STORAGE, Body
 from farm.smtp.framing import Chunk, Message
+from farm.smtp.help import syntax
 
 log = logging.getLogger("farm.smtp")
 
@@ -26,6 +27,7 @@ class ChunkingMixin:
     #: For the chunk being read: (is it the last, the error reply to give after it, if any).
     _bdat_pending: tuple[bool, str | None] = (False, None)
 
+    @syntax("BDAT <size> [LAST]", when="_chunking")
     async def smtp_BDAT(self, arg: str | None) -> None:
         """BDAT <size> [LAST]"""
         server: Any = self

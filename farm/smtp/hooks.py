@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import inspect
 import threading
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field
 from typing import Any
+
+#: Returned by a hook lookup when the handler has no such hook.
+MISSING = type("_Missing", (), {"__repr__": lambda self: "MISSING"})()
 
 #: Hook names an aiosmtpd handler may define as ``handle_<NAME>``.
 HOOK_NAMES = (
@@ -35,6 +39,8 @@ class HookTable:
     handle_exception: Any
     #: ``auth_<MECH>`` methods by mechanism name (``__`` in a name becomes ``-``).
     auth_mechanisms: dict[str, Any]
+    #: The AUTH mechanism lists already logged for this handler (logged once, not per session).
+    announced: set[tuple[str, ...]] = field(default_factory=set)
 
 
 _cache: dict[int, tuple[Any, HookTable]] = {}
@@ -64,9 +70,15 @@ def _build(handler: Any) -> HookTable:
     ehlo = hooks.get("EHLO")
     if ehlo is not None:
         try:
-            old_style = len(inspect.signature(ehlo).parameters) < 5
-        except (TypeError, ValueError):
-            old_style = False
+            arity = len(inspect.signature(ehlo).parameters)
+        except (TypeError, ValueError):  # no signature to read (a C callable): the new style
+            arity = 5
+        if arity not in (4, 5):
+            raise RuntimeError("Unsupported EHLO Hook")
+        old_style = arity == 4
+    process_message = getattr(handler, "process_message", None)
+    if "DATA" not in hooks and callable(process_message):
+        hooks["DATA"] = _process_message_adapter(process_message)
     mechanisms = {}
     for attr in dir(handler):
         if attr.startswith("auth_") and attr != "auth_":
@@ -80,3 +92,23 @@ def _build(handler: Any) -> HookTable:
         handle_exception=getattr(handler, "handle_exception", None),
         auth_mechanisms=mechanisms,
     )
+
+
+def _process_message_adapter(process_message: Any) -> Any:
+    """The deprecated ``process_message(peer, mail_from, rcpt_tos, content)`` handler API,
+    as a ``handle_DATA`` hook: its None means the default ``250 OK``."""
+
+    async def handle_DATA(server: Any, session: Any, envelope: Any) -> Any:
+        warnings.warn(
+            "Use handler.handle_DATA() instead of .process_message()",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        status = process_message(
+            session.peer, envelope.mail_from, envelope.rcpt_tos, envelope.content
+        )
+        if inspect.isawaitable(status):
+            status = await status
+        return "250 OK" if status is None else status
+
+    return handle_DATA

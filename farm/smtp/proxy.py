@@ -44,7 +44,7 @@ def peer_trusted(peer: Any, networks: tuple[Network, ...] | None) -> bool:
 class ProxyProtocolMixin:
     """PROXY header handling; mixed into :class:`farm.smtp.SMTP`."""
 
-    _proxy_protocol_timeout: float | None
+    _proxy_timeout: float | None
     _proxy_networks: tuple[Network, ...] | None
     _proxy_parser: ProxyParser | None = None
     _proxy_timer: asyncio.TimerHandle | None = None
@@ -58,9 +58,7 @@ class ProxyProtocolMixin:
             server.transport.abort()
             return False
         self._proxy_parser = ProxyParser()
-        self._proxy_timer = server.loop.call_later(
-            self._proxy_protocol_timeout, self._proxy_header_late
-        )
+        self._proxy_timer = server.loop.call_later(self._proxy_timeout, self._proxy_header_late)
         return True
 
     def _proxy_header_late(self) -> None:
@@ -89,10 +87,10 @@ class ProxyProtocolMixin:
         if server._greeting_delay:
             # The client must wait for the 220: bytes after the header are an early talk.
             server._early_talker_watch = True
-            if result.rest:
+            if result.trailing:
                 server._early_talker()
                 return
-        server._framer.feed(result.rest)  # what followed the header comes first
+        server._framer.feed(result.trailing)  # what followed the header comes first
         server._run(self._accept_proxy(result))
         server._start_timer()  # a hung handle_PROXY is given up like any hung hook
 

@@ -10,11 +10,14 @@ from __future__ import annotations
 import binascii
 import inspect
 import logging
+import warnings
 from base64 import b64decode, b64encode
 from typing import Any
 
 from farm.limits import too_many_auth_failures
 from farm.smtp.auth import AuthResult, LoginPassword
+from farm.smtp.help import syntax
+from farm.smtp.hooks import MISSING
 
 log = logging.getLogger("farm.smtp")
 
@@ -22,7 +25,21 @@ log = logging.getLogger("farm.smtp")
 AUTH_FAILURE_LIMIT_DEFAULT = 3
 #: RFC 4954 4: an AUTH command or SASL response line may be this long.
 SASL_LINE_LIMIT = 12288
-BUILTIN_MECHANISMS = ("LOGIN", "PLAIN")
+
+
+def server_mechanisms(cls: type) -> dict[str, str]:
+    """``{mechanism name: method name}`` of the ``auth_*`` methods of an SMTP class (PLAIN,
+    LOGIN, and any a subclass adds), computed once per class."""
+    table = cls.__dict__.get("_mechanism_table_cache")
+    if table is None:
+        table = {}
+        for attr in dir(cls):
+            if attr.startswith("auth_") and callable(getattr(cls, attr, None)):
+                name = getattr(getattr(cls, attr), "__auth_mechanism_name__", None)
+                table[(name or attr[5:].replace("__", "-")).upper()] = attr
+        cls._mechanism_table_cache = table  # type: ignore[attr-defined]
+    return table
+
 
 AUTH_OK = "235 2.7.0 Authentication successful"
 AUTH_FAILED = "535 5.7.8 Authentication credentials invalid"
@@ -39,7 +56,11 @@ class AuthMixin:
 
     _auth_failures: int
     _auth_failure_limit: int
+    #: The LOGIN mechanism's prompts (aiosmtpd's texts; a subclass may change them).
+    AuthLoginUsernameChallenge = "User Name\x00"
+    AuthLoginPasswordChallenge = "Password\x00"
 
+    @syntax("AUTH <mechanism>")
     async def smtp_AUTH(self, arg: str | None) -> None:
         """AUTH <mechanism>"""
         server: Any = self
@@ -48,7 +69,7 @@ class AuthMixin:
             server._reply("503 Error: send EHLO first")
             return
         if not session.extended_smtp:
-            server._reply('500 Error: command "AUTH" not recognized')
+            server._reply("500 Error: command 'AUTH' not recognized")
             return
         if server._auth_require_tls and server._tls_protocol is None:
             server._reply("538 5.7.11 Encryption required for requested authentication mechanism")
@@ -71,8 +92,9 @@ class AuthMixin:
             return
         if "AUTH" in server._hooks.hooks:
             status = await server._call_handler_hook("AUTH", args)
-            server._reply(status)
-            return
+            if status is not MISSING:
+                server._reply(status)
+                return
         method = self._mechanism(mechanism)
         if method is None:
             server._reply("504 5.5.4 Unrecognized authentication type")
@@ -104,19 +126,27 @@ class AuthMixin:
         handler_method = server._hooks.auth_mechanisms.get(name)
         if handler_method is not None:
             return handler_method
-        if name in BUILTIN_MECHANISMS:
-            return getattr(self, f"_auth_{name}")
-        return None
+        method_name = server_mechanisms(type(self)).get(name)
+        return None if method_name is None else getattr(self, method_name)
 
     def _finish_auth(self, mechanism: str, result: Any) -> None:
+        """Apply a mechanism's outcome, with aiosmtpd's meanings of its return values.
+
+        An :class:`AuthResult`; or (the older style) the session's login data on success,
+        ``MISSING`` or ``False`` on failure, ``None`` when the mechanism replied itself.
+        """
         server: Any = self
         session = server.session
+        if result is None:
+            return  # the mechanism answered the client itself; nothing to add or count
         if isinstance(result, AuthResult):
             success, handled, message = result.success, result.handled, result.message
             auth_data = result.auth_data
-        else:  # aiosmtpd's older mechanisms return the auth data, or None/False on failure
-            success, handled, message = bool(result), False, None
-            auth_data = result
+            login_data = getattr(auth_data, "login", None)
+        else:
+            success = result is not MISSING and result is not False
+            handled, message, auth_data = False, None, result
+            login_data = result
         if server.stats is not None:
             server.stats.auth["success" if success else "failure"] += 1
         if success:
@@ -124,6 +154,7 @@ class AuthMixin:
                 server._limiter.auth_succeeded(server._limit_key)
             session.authenticated = True
             session.auth_data = auth_data
+            session.login_data = login_data
             server._reply(message or AUTH_OK)
             log.info("session=%s authenticated with %s", session.id, mechanism)
             return
@@ -135,7 +166,7 @@ class AuthMixin:
             self._auth_failures,
             self._auth_failure_limit,
         )
-        if not handled or message:
+        if not handled:
             server._reply(message or AUTH_FAILED)
         if self._auth_failures >= self._auth_failure_limit:
             server._reply("421 4.7.0 Too many failed authentication attempts, goodbye")
@@ -143,19 +174,26 @@ class AuthMixin:
 
     # -- the exchange ----------------------------------------------------------------------
 
-    async def challenge_auth(self, challenge: str | bytes, encode_to_b64: bool = True) -> Any:
+    async def challenge_auth(
+        self,
+        challenge: str | bytes,
+        encode_to_b64: bool = True,
+        log_client_response: bool = False,
+    ) -> Any:
         """Send a ``334`` challenge and return the client's decoded response (aiosmtpd API).
 
         Returns :data:`MISSING` after replying, when the client aborts or sends bad base64.
+        ``log_client_response=True`` warns as aiosmtpd does, but farm still never logs the
+        response: it may be a secret.
         """
-        from farm.smtp.server import MISSING
-
         try:
-            return await self._challenge(challenge, encode_to_b64)
+            return await self._challenge(challenge, encode_to_b64, log_client_response)
         except _Aborted:
             return MISSING
 
-    async def _challenge(self, challenge: str | bytes, encode: bool = True) -> bytes:
+    async def _challenge(
+        self, challenge: str | bytes, encode: bool = True, warn_logging: bool = False
+    ) -> bytes:
         server: Any = self
         data = challenge.encode() if isinstance(challenge, str) else challenge
         text = b64encode(data).decode() if encode else data.decode()
@@ -165,6 +203,9 @@ class AuthMixin:
             line = await server._read_line()
         except ConnectionAbortedError:
             raise _Aborted from None  # the client is gone: nothing to answer
+        if warn_logging:
+            warnings.warn("AUTH interaction logging is enabled!", stacklevel=3)
+            warnings.warn("Sensitive information might be leaked!", stacklevel=3)
         if line is None:
             server._reply("500 5.5.6 Authentication exchange line is too long")
             raise _Aborted
@@ -204,7 +245,8 @@ class AuthMixin:
         )
         return AuthResult(success=False, handled=False)
 
-    async def _auth_PLAIN(self, server: Any, args: list[str]) -> AuthResult:
+    async def auth_PLAIN(self, server: Any, args: list[str]) -> AuthResult:
+        """RFC 4616 PLAIN: ``AUTH PLAIN [initial-response]``."""
         if len(args) == 1:
             response = await self._challenge(b"")
         elif args[1] == "=":
@@ -218,10 +260,11 @@ class AuthMixin:
         _, login, password = parts
         return await self._authenticate("PLAIN", LoginPassword(login, password))
 
-    async def _auth_LOGIN(self, server: Any, args: list[str]) -> AuthResult:
+    async def auth_LOGIN(self, server: Any, args: list[str]) -> AuthResult:
+        """The LOGIN mechanism: user name and password, each asked for (or given at once)."""
         if len(args) == 2:
             login = self._decode(args[1])
         else:
-            login = await self._challenge(b"Username:")
-        password = await self._challenge(b"Password:")
+            login = await self._challenge(self.AuthLoginUsernameChallenge)
+        password = await self._challenge(self.AuthLoginPasswordChallenge)
         return await self._authenticate("LOGIN", LoginPassword(login, password))

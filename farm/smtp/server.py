@@ -9,6 +9,7 @@ batch of pipelined commands leave in a single write.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
 import inspect
@@ -16,12 +17,16 @@ import itertools
 import logging
 import os
 import socket
+import ssl
 import threading
+import warnings
+import weakref
 from collections.abc import Callable, Coroutine, Iterable
 from typing import Any
 
 from farm import __version__
 from farm.limits import client_address, too_many_connections, too_much_mail
+from farm.smtp.arguments import CONTROL_CHARACTERS, parse_params, parse_path, strip_keyword
 from farm.smtp.body import (
     CHUNK_SIZE,
     INSUFFICIENT_STORAGE,
@@ -33,19 +38,24 @@ from farm.smtp.body import (
 from farm.smtp.chunking import ChunkingMixin
 from farm.smtp.dsn import dsn_mail_options_valid, dsn_rcpt_options_valid, split_options
 from farm.smtp.framing import BodyPart, Chunk, Command, DataError, Framer, Message
-from farm.smtp.hooks import HookTable, hook_table
+from farm.smtp.help import offered, syntax, syntax_text
+from farm.smtp.hooks import MISSING, HookTable, hook_table
 from farm.smtp.proxy import ProxyProtocolMixin, parse_networks
 from farm.smtp.replies import format_multiline, with_enhanced_code
-from farm.smtp.sasl import AUTH_FAILURE_LIMIT_DEFAULT, SASL_LINE_LIMIT, AuthMixin
+from farm.smtp.sasl import (
+    AUTH_FAILURE_LIMIT_DEFAULT,
+    SASL_LINE_LIMIT,
+    AuthMixin,
+    server_mechanisms,
+)
 from farm.smtp.session import Envelope, Session
 from farm.smtp.stages import Stage, Stages
-from farm.smtp.syntax import CONTROL_CHARACTERS, parse_params, parse_path, strip_keyword
 from farm.smtp.tls import TLS_HANDSHAKE_TIMEOUT_DEFAULT, StartTLSMixin, tls_session_info
 
 log = logging.getLogger("farm.smtp")
 
-#: Returned by a hook lookup when the handler has no such hook.
-MISSING = type("_Missing", (), {"__repr__": lambda self: "MISSING"})()
+#: The greeting's default identification, after the host name (``ident=`` replaces it).
+__ident__ = f"Python SMTP farm {__version__}"
 #: Unknown commands a session may send; the last one is answered 502 and closes.
 BOGUS_LIMIT = 5
 #: Per-command call limit when ``command_call_limit`` is a dict without a ``"*"`` entry.
@@ -136,6 +146,7 @@ class SMTP(AuthMixin, StartTLSMixin, ChunkingMixin, ProxyProtocolMixin, asyncio.
     _read_paused = False
     _bogus_budget = BOGUS_LIMIT
     _call_counts: dict[str, int] | None = None
+    _size_limits: dict[str, int] | None = None
     _timer: asyncio.TimerHandle | None = None
     _last_line = 0.0
     _data_deadline = 0.0
@@ -217,16 +228,29 @@ class SMTP(AuthMixin, StartTLSMixin, ChunkingMixin, ProxyProtocolMixin, asyncio.
         self.enable_SMTPUTF8 = enable_SMTPUTF8
         self._decode_data = decode_data
         self.hostname = hostname if hostname is not None else default_hostname()
-        self.__ident__ = ident or f"Python SMTP farm {__version__}"
+        self.__ident__ = ident or __ident__
         self.tls_context = tls_context
+        if tls_context is not None:
+            _check_tls_context(tls_context)
         self._require_starttls = bool(require_starttls and tls_context is not None)
         self._timeout = timeout or None
+        if auth_required and not auth_require_tls:
+            warnings.warn(
+                "Requiring AUTH while not requiring TLS can lead to security vulnerabilities!",
+                stacklevel=2,
+            )
+            log.warning("auth_required == True but auth_require_tls == False")
         self._auth_required = auth_required
         self._auth_require_tls = auth_require_tls
         self._auth_exclude_mechanism = set(auth_exclude_mechanism or ())
         self._auth_callback = auth_callback
         self._authenticator = authenticator
-        self._proxy_protocol_timeout = proxy_protocol_timeout
+        if proxy_protocol_timeout is not None:
+            if proxy_protocol_timeout <= 0:
+                raise ValueError("proxy_protocol_timeout must be > 0")
+            if proxy_protocol_timeout < 3.0:
+                log.warning("proxy_protocol_timeout < 3.0")
+        self._proxy_timeout = proxy_protocol_timeout
         self._proxy_networks = parse_networks(proxy_trusted_networks)
         self._greeting_delay = greeting_delay
         self._pipelining = pipelining
@@ -236,8 +260,16 @@ class SMTP(AuthMixin, StartTLSMixin, ChunkingMixin, ProxyProtocolMixin, asyncio.
         self._chunking = chunking
         self._dsn = dsn
         self.loop = loop
-        self._call_limits = _call_limits(command_call_limit)
+        self._call_limits, self._call_limit_default = _call_limits(command_call_limit)
         self._hooks: HookTable = hook_table(handler)
+        if self._hooks.old_style_ehlo:
+            warnings.warn(
+                "Use the 5-argument handle_EHLO() hook instead of the 4-argument handle_EHLO() "
+                "hook; support for the 4-argument handle_EHLO() hook will be removed in "
+                "version 2.0",
+                DeprecationWarning,
+                stacklevel=2,
+            )
         self._verbs = _hook_verbs(type(self))
         self._task_verbs = _task_verbs(type(self), self._hooks)
         self._tls_handshake_timeout = tls_handshake_timeout
@@ -254,6 +286,7 @@ class SMTP(AuthMixin, StartTLSMixin, ChunkingMixin, ProxyProtocolMixin, asyncio.
         self.body_budget = body_budget
         # The framer hands the body over in parts of this size (the Body spools or keeps them).
         self._spill = None if spool_threshold is None else CHUNK_SIZE
+        self._announce_auth_mechanisms()
         self._framer = Framer(
             max(self._max_command_size(), SASL_LINE_LIMIT), self.line_length_limit
         )
@@ -270,9 +303,27 @@ class SMTP(AuthMixin, StartTLSMixin, ChunkingMixin, ProxyProtocolMixin, asyncio.
     def _command_limit(self, verb: str) -> int:
         if verb == "AUTH":
             return SASL_LINE_LIMIT
-        if verb == "MAIL" and self.session is not None and self.session.extended_smtp:
-            return self._max_command_size()
-        return self.command_size_limit
+        esmtp = self.session is not None and self.session.extended_smtp
+        limits = self._size_limits
+        limit = limits[verb] if esmtp and limits is not None and verb in limits else None
+        if limit is None:
+            limit = self.command_size_limit
+        if verb == "MAIL" and esmtp:
+            limit += self._max_command_size() - self.command_size_limit
+        return limit
+
+    @property
+    def command_size_limits(self) -> dict[str, int]:
+        """Line limits by verb after EHLO (aiosmtpd API; MAIL gets SIZE/SMTPUTF8's extra on
+        top). A verb left out is limited to ``command_size_limit``."""
+        if self._size_limits is None:
+            self._size_limits = collections.defaultdict(lambda: self.command_size_limit)
+        return self._size_limits
+
+    @property
+    def max_command_size_limit(self) -> int:
+        """The largest of ``command_size_limits`` (``command_size_limit`` when it is empty)."""
+        return max(self.command_size_limits.values(), default=self.command_size_limit)
 
     @property
     def counts(self) -> dict[str, int]:
@@ -300,17 +351,27 @@ class SMTP(AuthMixin, StartTLSMixin, ChunkingMixin, ProxyProtocolMixin, asyncio.
             )
         )
 
+    def _announce_auth_mechanisms(self) -> None:
+        """Log the AUTH mechanisms on offer, once per handler (not once per connection)."""
+        key = tuple(sorted(self._auth_exclude_mechanism))
+        announced = self._hooks.announced
+        if key in announced or not log.isEnabledFor(logging.INFO):
+            return
+        announced.add(key)
+        handler_mechanisms = self._hooks.auth_mechanisms
+        names = [
+            name if name in handler_mechanisms else name + "(builtin)"
+            for name in self._auth_mechanism_names()
+        ]
+        log.info("Available AUTH mechanisms: %s", " ".join(names))
+
     def _auth_mechanism_names(self) -> tuple[str, ...]:
-        names = {"LOGIN", "PLAIN", *self._hooks.auth_mechanisms}
+        names = {*server_mechanisms(type(self)), *self._hooks.auth_mechanisms}
         return tuple(sorted(names - self._auth_exclude_mechanism))
 
     def _supported_verbs(self) -> str:
-        verbs = set(self._verbs) - {"EXPN"}
-        if not self._chunking:
-            verbs.discard("BDAT")
-        if self.tls_context is None:
-            verbs.discard("STARTTLS")
-        return " ".join(sorted(verbs))
+        """The commands HELP lists: those with a syntax, offered on this server."""
+        return " ".join(sorted(verb for verb, m in self._verbs.items() if offered(self, m)))
 
     # -- asyncio.Protocol ------------------------------------------------------------------
 
@@ -329,7 +390,7 @@ class SMTP(AuthMixin, StartTLSMixin, ChunkingMixin, ProxyProtocolMixin, asyncio.
         self._started = self.loop.time()
         if log.isEnabledFor(logging.INFO):
             log.info("session=%s connect peer=%s", session.id, _peer_text(session.peer))
-        if self._proxy_protocol_timeout:
+        if self._proxy_timeout:
             self._expect_proxy_header()
             return
         # With a greeting delay, a client may not speak before the 220, even while we ask
@@ -517,9 +578,12 @@ class SMTP(AuthMixin, StartTLSMixin, ChunkingMixin, ProxyProtocolMixin, asyncio.
             waiter.set_exception(ConnectionAbortedError("the client closed its side"))
         if self._task is None:
             self._close()
-        return True
+        # Keeping a half-closed TLS connection open is not possible (asyncio warns and closes).
+        return self._tls_protocol is None
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._closed:
+            return  # (a failed STARTTLS handshake reports it itself; see tls.py)
         self._closed = True
         if self._timer is not None:
             self._timer.cancel()
@@ -597,6 +661,15 @@ class SMTP(AuthMixin, StartTLSMixin, ChunkingMixin, ProxyProtocolMixin, asyncio.
         """Finish the transaction in flight (if any), then answer 421 and close."""
         self._draining = True
         self._checks = True
+        transport = self.transport
+        if self._in_tls_handshake or (
+            # closing already, every reply handed over: only a TLS close_notify may be awaited
+            transport is not None
+            and transport.is_closing()
+            and not transport.get_write_buffer_size()  # type: ignore[attr-defined]
+        ):
+            self.abort()  # no transaction can be in flight: nothing to finish
+            return
         if self._task is None and not self._closed:
             self._finish_drain_if_idle()
             self._flush()
@@ -677,7 +750,9 @@ class SMTP(AuthMixin, StartTLSMixin, ChunkingMixin, ProxyProtocolMixin, asyncio.
                 except UnicodeDecodeError:
                     self._reply("500 Error: strict ASCII mode")
                     return
-        if len(line) > self.command_size_limit and len(line) > self._command_limit(verb):
+        if (len(line) > self.command_size_limit or self._size_limits is not None) and len(
+            line
+        ) > self._command_limit(verb):
             self._reply("500 Command line too long")
             return
         if _has_control_characters(line) is not None:
@@ -710,11 +785,30 @@ class SMTP(AuthMixin, StartTLSMixin, ChunkingMixin, ProxyProtocolMixin, asyncio.
             waiting_for = coro.send(None)
         except StopIteration:
             return
-        except Exception:
-            log.exception("session=%s internal error", self.session.id)  # type: ignore[union-attr]
-            self._reply(LOCAL_ERROR)
+        except Exception as error:
+            self._command_failed(error)
             return
         self._run(_resume(coro, waiting_for))
+
+    def _command_failed(self, error: Exception) -> None:
+        """A command raised: the handler's ``handle_exception`` gives the reply (else 451).
+
+        A ``ConnectionResetError`` ends the session without a reply (aiosmtpd does the same).
+        """
+        session_id = self.session.id  # type: ignore[union-attr]
+        if isinstance(error, ConnectionResetError):
+            log.info("session=%s connection reset during a command: closing", session_id)
+            self._close_after_flush = True
+            return
+        if self._hooks.handle_exception is None:
+            log.error("session=%s internal error", session_id, exc_info=error)
+            self._reply(LOCAL_ERROR)
+            return
+
+        async def reply() -> None:
+            self._reply(await self._handle_exception(error))
+
+        self._run(reply())
 
     def _update_checks(self) -> None:
         """Whether commands must pass the policy checks of :meth:`_refused` (rarely)."""
@@ -749,7 +843,7 @@ class SMTP(AuthMixin, StartTLSMixin, ChunkingMixin, ProxyProtocolMixin, asyncio.
                 self._call_counts = {}
             used = self._call_counts.get(verb, 0) + 1
             self._call_counts[verb] = used
-            if used > self._call_limits.get(verb, self._call_limits["*"]):
+            if used > self._call_limits.get(verb, self._call_limit_default):
                 log.warning("session=%s %s sent too many times", self.session.id, verb)  # type: ignore[union-attr]
                 self._reply(f"421 4.7.0 {verb} sent too many times")
                 self._close_after_flush = True
@@ -778,12 +872,9 @@ class SMTP(AuthMixin, StartTLSMixin, ChunkingMixin, ProxyProtocolMixin, asyncio.
             return
         error = task.exception()
         if error is not None:
-            log.error(
-                "session=%s internal error",
-                self.session.id,
-                exc_info=error,  # type: ignore[union-attr]
-            )
-            self._reply(LOCAL_ERROR)
+            self._command_failed(error)  # type: ignore[arg-type]
+            if self._task is not None:
+                return  # handle_exception runs; its task's end goes on from here
         self._process()
 
     # -- output ----------------------------------------------------------------------------
@@ -816,8 +907,9 @@ class SMTP(AuthMixin, StartTLSMixin, ChunkingMixin, ProxyProtocolMixin, asyncio.
         transport = self.transport
         if transport is not None and not transport.is_closing():
             transport.close()
-            if transport.get_write_buffer_size():  # type: ignore[attr-defined]
-                # A client that does not read would hold the connection open forever.
+            # A client that does not read would hold the connection open forever; over TLS,
+            # one that never answers our close_notify would, for the 30 s of asyncio's wait.
+            if self._tls_protocol is not None or transport.get_write_buffer_size():  # type: ignore[attr-defined]
                 self.loop.call_later(_CLOSE_GRACE, self._abort_unflushed, transport)  # type: ignore[union-attr]
 
     def _abort_unflushed(self, transport: asyncio.BaseTransport) -> None:
@@ -914,6 +1006,8 @@ class SMTP(AuthMixin, StartTLSMixin, ChunkingMixin, ProxyProtocolMixin, asyncio.
         except BodyMemoryExceeded as error:  # the handler read a spooled body whole
             log.warning("session=%s handle_%s: %s", self.session.id, name, error)  # type: ignore[union-attr]
             status = INSUFFICIENT_STORAGE
+        except ConnectionResetError:
+            raise  # the session ends without a reply (see _command_failed)
         except Exception as error:
             status = await self._handle_exception(error)
         if self.stats is not None:
@@ -1052,6 +1146,7 @@ class SMTP(AuthMixin, StartTLSMixin, ChunkingMixin, ProxyProtocolMixin, asyncio.
 
     # -- commands (aiosmtpd names; the docstring is the HELP syntax) -------------------------
 
+    @syntax("HELO hostname")
     async def smtp_HELO(self, hostname: str | None) -> None:
         """HELO hostname"""
         if not hostname:
@@ -1069,6 +1164,7 @@ class SMTP(AuthMixin, StartTLSMixin, ChunkingMixin, ProxyProtocolMixin, asyncio.
             status = f"250 {self.hostname}"
         self._reply(status)
 
+    @syntax("EHLO hostname")
     async def smtp_EHLO(self, hostname: str | None) -> None:
         """EHLO hostname"""
         if not hostname:
@@ -1077,6 +1173,8 @@ class SMTP(AuthMixin, StartTLSMixin, ChunkingMixin, ProxyProtocolMixin, asyncio.
         self._set_rset_state()
         self.session.extended_smtp = True  # type: ignore[union-attr]
         lines = self.ehlo_lines()
+        if hasattr(self, "ehlo_hook"):
+            await self._deprecated_hook("ehlo_hook", "EHLO")
         if "EHLO" not in self._hooks.hooks:
             self.session.host_name = hostname  # type: ignore[union-attr]
             lines.append("250 HELP")
@@ -1089,6 +1187,16 @@ class SMTP(AuthMixin, StartTLSMixin, ChunkingMixin, ProxyProtocolMixin, asyncio.
             lines = [result] if isinstance(result, str) else list(result)
         self._reply("\r\n".join(lines), plain=True)
 
+    async def _deprecated_hook(self, name: str, verb: str) -> None:
+        """aiosmtpd's deprecated ``ehlo_hook``/``rset_hook`` methods of an SMTP subclass."""
+        warnings.warn(
+            f"Use handler.handle_{verb}() instead of .{name}()", DeprecationWarning, stacklevel=3
+        )
+        result = getattr(self, name)()
+        if inspect.isawaitable(result):
+            await result
+
+    @syntax("NOOP [ignored]")
     async def smtp_NOOP(self, arg: str | None) -> None:
         """NOOP [ignored]"""
         status = (
@@ -1096,6 +1204,7 @@ class SMTP(AuthMixin, StartTLSMixin, ChunkingMixin, ProxyProtocolMixin, asyncio.
         )
         self._reply("250 OK" if status is MISSING else status)
 
+    @syntax("QUIT")
     async def smtp_QUIT(self, arg: str | None) -> None:
         """QUIT"""
         if arg:
@@ -1106,26 +1215,32 @@ class SMTP(AuthMixin, StartTLSMixin, ChunkingMixin, ProxyProtocolMixin, asyncio.
         self._close_after_flush = True
         self._ended_how = "quit"
 
+    @syntax("RSET")
     async def smtp_RSET(self, arg: str | None) -> None:
         """RSET"""
         if arg:
             self._reply("501 Syntax: RSET")
             return
         self._set_rset_state()
+        if hasattr(self, "rset_hook"):
+            await self._deprecated_hook("rset_hook", "RSET")
         status = await self._call_handler_hook("RSET") if "RSET" in self._hooks.hooks else MISSING
         self._reply("250 OK" if status is MISSING else status)
 
+    @syntax("HELP [command]")
     async def smtp_HELP(self, arg: str | None) -> None:
         """HELP [command]"""
         code = 250
         if arg:
             method = self._verbs.get(arg.upper())
-            if method is not None and method.__doc__ and arg.upper() != "EXPN":
-                self._reply("250 Syntax: " + method.__doc__)
+            if method is not None and offered(self, method):
+                extended = self.session.extended_smtp  # type: ignore[union-attr]
+                self._reply("250 Syntax: " + syntax_text(method, extended))
                 return
             code = 501
         self._reply(f"{code} Supported commands: {self._supported_verbs()}")
 
+    @syntax("VRFY <address>")
     async def smtp_VRFY(self, arg: str | None) -> None:
         """VRFY <address>"""
         if not arg:
@@ -1159,6 +1274,7 @@ class SMTP(AuthMixin, StartTLSMixin, ChunkingMixin, ProxyProtocolMixin, asyncio.
             return True
         return False
 
+    @syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")
     async def smtp_MAIL(self, arg: str | None) -> None:
         """MAIL FROM: <address>"""
         if self._helo_missing():
@@ -1236,6 +1352,7 @@ class SMTP(AuthMixin, StartTLSMixin, ChunkingMixin, ProxyProtocolMixin, asyncio.
             status = "250 OK"
         self._reply(status)
 
+    @syntax("RCPT TO: <address>", extended=" [SP <mail-parameters>]")
     async def smtp_RCPT(self, arg: str | None) -> None:
         """RCPT TO: <address>"""
         if self._helo_missing():
@@ -1292,6 +1409,7 @@ class SMTP(AuthMixin, StartTLSMixin, ChunkingMixin, ProxyProtocolMixin, asyncio.
             status = "250 OK"
         self._reply(status)
 
+    @syntax("DATA")
     async def smtp_DATA(self, arg: str | None) -> None:
         """DATA"""
         if self._helo_missing():
@@ -1352,16 +1470,40 @@ def _task_verbs(cls: type, hooks: HookTable) -> frozenset[str]:
     return frozenset(verbs)
 
 
-def _call_limits(limit: int | dict[str, int] | None) -> dict[str, int] | None:
+def _call_limits(limit: int | dict[str, int] | None) -> tuple[dict[str, int] | None, int]:
+    """``command_call_limit`` as (per-verb limits, the limit of every other verb)."""
     if limit is None:
-        return None
-    if isinstance(limit, bool) or not isinstance(limit, (int, dict)):
-        raise TypeError("command_call_limit must be an int or a dict of ints")
-    if isinstance(limit, int):
-        return {"*": limit}
+        return None, CALL_LIMIT_DEFAULT
+    if isinstance(limit, int) and not isinstance(limit, bool):
+        return {}, limit
+    if not isinstance(limit, dict):
+        raise TypeError("command_call_limit must be int or Dict[str, int]")
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in limit.values()):
+        raise TypeError("All command_call_limit values must be int")
     limits = {k.upper(): v for k, v in limit.items()}
-    limits.setdefault("*", CALL_LIMIT_DEFAULT)
-    return limits
+    return limits, limits.pop("*", CALL_LIMIT_DEFAULT)
+
+
+_checked_tls_contexts: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def _check_tls_context(context: Any) -> None:
+    """Warn (once per context) about settings that make clients fail the handshake."""
+    try:
+        if context in _checked_tls_contexts:
+            return
+        _checked_tls_contexts.add(context)
+    except TypeError:  # not weak-referenceable: check every time
+        pass
+    if context.verify_mode not in (ssl.CERT_NONE, ssl.CERT_OPTIONAL):
+        log.warning(
+            "tls_context.verify_mode not in {CERT_NONE, CERT_OPTIONAL}; "
+            "this might cause client connection problems"
+        )
+    elif context.check_hostname:
+        log.warning(
+            "tls_context.check_hostname == True; this might cause client connection problems"
+        )
 
 
 @functools.lru_cache(maxsize=64)

@@ -21,17 +21,19 @@ class Session:
         self.proxy_data: Any = None
         self.auth_data: Any = None
         self.authenticated = False
+        self._login_data: Any = None
         #: Set by the server: a short id that every log line of this session carries.
         self.id = ""
 
     @property
     def login_data(self) -> Any:
-        """Deprecated aiosmtpd alias of ``auth_data``."""
-        return self.auth_data
+        """Deprecated (aiosmtpd): the login name after AUTH PLAIN/LOGIN, or what an older-style
+        ``auth_*`` mechanism returned. Use ``auth_data``."""
+        return self._login_data
 
     @login_data.setter
     def login_data(self, value: Any) -> None:
-        self.auth_data = value
+        self._login_data = value
 
 
 class Envelope:

@@ -10,6 +10,8 @@ import logging
 import ssl
 from typing import Any
 
+from farm.smtp.help import syntax
+
 log = logging.getLogger("farm.smtp")
 
 #: Seconds a client has to complete the TLS handshake.
@@ -28,14 +30,22 @@ def tls_session_info(transport: Any) -> dict[str, Any]:
     }
 
 
+class TLSSetupException(Exception):
+    """The TLS handshake after ``STARTTLS`` failed (passed to ``handle_exception``)."""
+
+
 class StartTLSMixin:
     """The ``STARTTLS`` command; mixed into :class:`farm.smtp.SMTP`."""
+
+    #: True while a STARTTLS handshake runs (a draining server aborts it: no mail in flight).
+    _in_tls_handshake = False
 
     tls_context: ssl.SSLContext | None
     _tls_protocol: Any
     _tls_handshake_okay: bool
     _tls_handshake_timeout: float
 
+    @syntax("STARTTLS", when="tls_context")
     async def smtp_STARTTLS(self, arg: str | None) -> None:
         """STARTTLS"""
         server: Any = self
@@ -58,6 +68,7 @@ class StartTLSMixin:
                 session.id,
                 len(discarded),
             )
+        self._in_tls_handshake = True
         try:
             transport = await server.loop.start_tls(
                 server.transport,
@@ -73,8 +84,14 @@ class StartTLSMixin:
                 server.stats.tls["failed"] += 1
             if server.transport is not None:
                 server.transport.abort()
+            await self._report_tls_failure(error)
+            # asyncio tells only the TLS layer that the connection is gone: end the session.
+            server.connection_lost(error)
             return
+        finally:
+            self._in_tls_handshake = False
         if transport is None:  # the connection closed during the handshake
+            server.connection_lost(None)
             return
         server.transport = transport
         if server.stats is not None:
@@ -94,3 +111,13 @@ class StartTLSMixin:
                 self._tls_handshake_okay = False
         server._update_checks()
         log.info("session=%s TLS established: %s", session.id, session.ssl.get("version"))
+
+    async def _report_tls_failure(self, error: BaseException) -> None:
+        """Tell the handler's ``handle_exception`` (as aiosmtpd does); the connection is gone,
+        so whatever it returns is not sent."""
+        server: Any = self
+        if server._hooks.handle_exception is None:
+            return
+        failure = TLSSetupException(str(error) or type(error).__name__)
+        failure.__cause__ = error
+        await server._handle_exception(failure)
