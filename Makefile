@@ -3,8 +3,11 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# aiosmtpd's own test suite runs against farm from a virtual environment of its own.
+COMPAT_VENV ?= .venv-compat
+COMPAT_STAMP := $(COMPAT_VENV)/.installed
 
-.PHONY: run test test-fast test-slow bench bench-relay bench-checks lint venv clean
+.PHONY: run test test-fast test-slow compat bench bench-relay bench-checks lint venv clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +32,17 @@ test-fast: $(STAMP)
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
 
+$(COMPAT_STAMP): pyproject.toml tests/compat/requirements.txt
+	$(PYTHON) -m venv $(COMPAT_VENV)
+	$(COMPAT_VENV)/bin/pip install -q --upgrade pip
+	$(COMPAT_VENV)/bin/pip install -q -r tests/compat/requirements.txt
+	$(COMPAT_VENV)/bin/pip install -q -e .
+	touch $(COMPAT_STAMP)
+
+## aiosmtpd 1.4.6's own tests against farm (tests/compat/run.py); prints "N passed, M excluded of T".
+compat: $(COMPAT_STAMP)
+	$(COMPAT_VENV)/bin/python tests/compat/run.py
+
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run.py
 
@@ -45,4 +59,4 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check farm tests benchmarks
 
 clean:
-	rm -rf $(VENV) .pytest_cache build *.egg-info
+	rm -rf $(VENV) $(COMPAT_VENV) .pytest_cache build *.egg-info
