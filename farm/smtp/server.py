@@ -239,7 +239,7 @@ class SMTP(AuthMixin, StartTLSMixin, ChunkingMixin, ProxyProtocolMixin, asyncio.
                 "Requiring AUTH while not requiring TLS can lead to security vulnerabilities!",
                 stacklevel=2,
             )
-            log.warning("auth_required == True but auth_require_tls == False")
+            _log_once("auth_required == True but auth_require_tls == False")
         self._auth_required = auth_required
         self._auth_require_tls = auth_require_tls
         self._auth_exclude_mechanism = set(auth_exclude_mechanism or ())
@@ -249,7 +249,7 @@ class SMTP(AuthMixin, StartTLSMixin, ChunkingMixin, ProxyProtocolMixin, asyncio.
             if proxy_protocol_timeout <= 0:
                 raise ValueError("proxy_protocol_timeout must be > 0")
             if proxy_protocol_timeout < 3.0:
-                log.warning("proxy_protocol_timeout < 3.0")
+                _log_once("proxy_protocol_timeout < 3.0")
         self._proxy_timeout = proxy_protocol_timeout
         self._proxy_networks = parse_networks(proxy_trusted_networks)
         self._greeting_delay = greeting_delay
@@ -1485,6 +1485,14 @@ def _call_limits(limit: int | dict[str, int] | None) -> tuple[dict[str, int] | N
 
 
 _checked_tls_contexts: weakref.WeakSet[Any] = weakref.WeakSet()
+_logged_warnings: set[str] = set()
+
+
+def _log_once(text: str) -> None:
+    """Log a configuration warning once per process (SMTP is built once per connection)."""
+    if text not in _logged_warnings:
+        _logged_warnings.add(text)
+        log.warning(text)
 
 
 def _check_tls_context(context: Any) -> None:
