@@ -54,6 +54,20 @@ class ChunkingMixin:
         if server._timeout:
             server._data_deadline = server.loop.time() + server._timeout
 
+    def _skip_refused_chunk(self, arg: str | None) -> None:
+        """A ``BDAT`` refused before :meth:`smtp_BDAT` ran (a policy check answered it): its
+        chunk is still read and dropped, unanswered, so its octets never run as commands;
+        without a valid size the stream cannot be trusted and the connection closes."""
+        server: Any = self
+        if not self._chunking:
+            return  # BDAT is then an unknown command, as in aiosmtpd
+        parts = (arg or "").split()
+        if parts and len(parts) <= 2 and parts[0].isascii() and parts[0].isdigit():
+            server._framer.start_chunk(int(parts[0]), keep=False)
+            self._bdat_pending = (False, "")
+        else:
+            server._close_after_flush = True
+
     def _bdat_error(self, size: int) -> str | None:
         server: Any = self
         if not server.session.host_name:
@@ -72,6 +86,8 @@ class ChunkingMixin:
         server: Any = self
         last, error = self._bdat_pending
         self._bdat_pending = (False, None)
+        if error == "":
+            return  # refused before smtp_BDAT: already answered
         if error is not None:
             if error.startswith("552"):
                 # The transaction is over; only its last chunk gets (LMTP: per-recipient) replies.

@@ -763,6 +763,8 @@ class SMTP(AuthMixin, StartTLSMixin, ChunkingMixin, ProxyProtocolMixin, asyncio.
         if self.stats is not None:
             self.stats.command(verb if method is not None else "unknown")
         if self._checks and self._refused(verb, method is not None):
+            if verb == "BDAT":
+                self._skip_refused_chunk(arg)
             return
         if method is None:
             self._bogus_budget -= 1

@@ -98,9 +98,11 @@ class StartTLSMixin:
             server.stats.tls["ok"] += 1
         self._tls_protocol = transport.get_extra_info("ssl_object")
         session.ssl = tls_session_info(transport)
-        # RFC 3207 4.2: forget everything learnt before TLS.
+        # RFC 3207 4.2: forget everything learnt before TLS, an AUTH included.
         session.host_name = None
         session.extended_smtp = False
+        session.authenticated = False
+        session.auth_data = None
         server._set_rset_state()
         hook = server._hooks.hooks.get("STARTTLS")
         if hook is not None:
