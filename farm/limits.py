@@ -29,12 +29,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from farm.proxy_protocol import V2_CMD
+
 __all__ = [
     "Anvil",
     "ClientLimits",
     "Limiter",
     "LocalLimiter",
     "client_address",
+    "session_key",
     "too_many_auth_failures",
     "too_many_connections",
     "too_much_mail",
@@ -45,6 +48,8 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 DEFAULT_EXEMPT = ("127.0.0.0/8", "::1/128")
+#: The key shared by sessions whose PROXY header carried no usable source address.
+UNKNOWN_CLIENT = "unknown"
 #: The Anvil forgets idle clients in a sweep at most this often (seconds).
 SWEEP_INTERVAL = 10.0
 
@@ -96,14 +101,24 @@ class ClientLimits:
 
 
 def client_address(peer: Any, proxy_data: Any = None) -> IPAddress | None:
-    """The client's address: a valid PROXY header's source, else the socket peer's host.
+    """The client's address: the PROXY header's source when the session had one, else the
+    socket peer's host.
 
+    A header without a usable source (v1 ``UNKNOWN``, v2 ``LOCAL`` whatever addresses it
+    carries, a UNIX or UNSPEC address family) gives None, never the peer: that is the
+    balancer, often a trusted network.
     IPv4-mapped IPv6 addresses count as the IPv4 address; a Unix-socket peer has none.
     """
     address: Any = None
-    if proxy_data is not None and getattr(proxy_data, "valid", False):
+    if proxy_data is not None:
         address = getattr(proxy_data, "src_addr", None)
-    if not isinstance(address, ipaddress.IPv4Address | ipaddress.IPv6Address):
+        if (
+            not getattr(proxy_data, "valid", False)
+            or getattr(proxy_data, "command", None) == V2_CMD.LOCAL  # its addresses are void
+            or not isinstance(address, ipaddress.IPv4Address | ipaddress.IPv6Address)
+        ):
+            return None
+    else:
         host = peer[0] if isinstance(peer, tuple | list) and peer else None
         if not isinstance(host, str):
             return None
@@ -112,6 +127,16 @@ def client_address(peer: Any, proxy_data: Any = None) -> IPAddress | None:
         except ValueError:
             return None
     return unmapped(address)
+
+
+def session_key(limiter: Limiter, peer: Any, proxy_data: Any = None) -> str | None:
+    """The ``limiter`` key of a session: its client address's, or for a PROXY header without a
+    usable source one key shared by all such sessions (never the balancer's, which may be
+    exempt); None when the session is not limited."""
+    address = client_address(peer, proxy_data)
+    if address is None and proxy_data is not None:
+        return UNKNOWN_CLIENT if limiter.limits.active else None
+    return limiter.key(address)
 
 
 def unmapped(address: IPAddress) -> IPAddress:

@@ -101,8 +101,11 @@ def test_client_address_prefers_a_valid_proxy_header() -> None:
     assert client_address("/run/farm.sock") is None
     proxied = SimpleNamespace(valid=True, src_addr=ipaddress.ip_address("198.51.100.9"))
     assert client_address(("127.0.0.1", 1), proxied) == ipaddress.ip_address("198.51.100.9")
+    # A header without a usable source is never the peer (the balancer): issue 12 item 15.
     broken = SimpleNamespace(valid=False, src_addr=ipaddress.ip_address("198.51.100.9"))
-    assert client_address(("127.0.0.1", 1), broken) == ipaddress.ip_address("127.0.0.1")
+    assert client_address(("127.0.0.1", 1), broken) is None
+    unknown = SimpleNamespace(valid=True, src_addr=None)
+    assert client_address(("127.0.0.1", 1), unknown) is None
 
 
 def test_loopback_is_exempt_by_default() -> None:

@@ -245,8 +245,8 @@ def test_policy_decisions() -> None:
         proxy_data=SimpleNamespace(valid=True, src_addr=ipaddress.ip_address("198.51.100.1")),
     )
     assert not handler.is_trusted(proxied)
-    proxied.proxy_data.valid = False
-    assert handler.is_trusted(proxied)
+    proxied.proxy_data.valid = False  # no usable source: not the (trusted) peer either
+    assert not handler.is_trusted(proxied)
     # The probe forms are refused even for trusted and authenticated clients.
     for session in (trusted, authenticated):
         for probe in (

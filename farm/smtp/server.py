@@ -25,7 +25,7 @@ from collections.abc import Callable, Coroutine, Iterable
 from typing import Any
 
 from farm import __version__
-from farm.limits import client_address, too_many_connections, too_much_mail
+from farm.limits import session_key, too_many_connections, too_much_mail
 from farm.smtp.arguments import CONTROL_CHARACTERS, parse_params, parse_path, strip_keyword
 from farm.smtp.body import (
     CHUNK_SIZE,
@@ -411,7 +411,7 @@ class SMTP(AuthMixin, StartTLSMixin, ChunkingMixin, ProxyProtocolMixin, asyncio.
         if limiter is None:
             return True
         session = self.session
-        key = limiter.key(client_address(session.peer, session.proxy_data))  # type: ignore[union-attr]
+        key = session_key(limiter, session.peer, session.proxy_data)  # type: ignore[union-attr]
         if key is None:
             return True
         if not await limiter.open_session(key):
