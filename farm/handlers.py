@@ -23,6 +23,8 @@ from argparse import ArgumentParser
 from email.parser import BytesParser, Parser
 from typing import Any, Self, TextIO
 
+from farm.relay import clean_content
+
 __all__ = ["AsyncMessage", "Debugging", "Mailbox", "Message", "Proxy", "Sink"]
 
 log = logging.getLogger("farm.handlers")
@@ -275,6 +277,8 @@ class Proxy:
     upstream accepted at least one recipient (refused ones are logged); otherwise the
     upstream's own refusal (``4xx``/``5xx``), or ``451 4.4.x`` when it could not be reached or
     the connection failed. ``timeout`` bounds each network operation with the upstream.
+    Stray CR, LF and NUL in the content become spaces, as ``farm.relay`` does: smtplib
+    dot-stuffs only after LF, so a bare ``<CR>.<CR>`` must never reach the upstream.
     """
 
     def __init__(
@@ -288,7 +292,8 @@ class Proxy:
         content = envelope.content
         if isinstance(content, str):
             content = envelope.original_content
-        data = _with_peer_header(content, session.peer)
+        # smtplib dot-stuffs only after LF: stray CR/LF/NUL must not reach the upstream.
+        data = _with_peer_header(clean_content(bytes(content)), session.peer)
         options = []
         if getattr(envelope, "smtp_utf8", False):
             options.append("SMTPUTF8")

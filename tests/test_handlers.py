@@ -20,6 +20,7 @@ import pytest
 
 from farm.handlers import AsyncMessage, Debugging, Mailbox, Message, Proxy, Sink
 from farm.smtp import SMTP
+from tests.relay_support import FakeNextHop, LoopThread, smtp_dialogue
 
 HOST = "127.0.0.1"
 #: Upper bound for anything a test waits for; a healthy run needs milliseconds.
@@ -346,6 +347,26 @@ def test_proxy_relays_with_x_peer(
     assert record.levelno == logging.INFO
     assert "outcome=250" in record.getMessage()
     assert f"upstream={HOST}:{up.port}" in record.getMessage()
+
+
+def test_proxy_normalises_bare_cr_and_lf_as_the_relay_does(
+    serve: Callable[..., ServerThread], loop_thread: LoopThread
+) -> None:
+    """smtplib dot-stuffs only after LF: a bare-CR ``<CR>.<CR>`` must not reach the upstream
+    (issue 12 item 14). Stray CR, LF and NUL become spaces, as in ``farm.relay``."""
+
+    async def script(reader: Any, writer: Any, hop: FakeNextHop) -> None:
+        await smtp_dialogue(reader, writer, hop)
+
+    upstream = FakeNextHop(script, loop_thread).start()  # records the raw DATA bytes
+    proxy = serve(Proxy(HOST, upstream.port))
+    body = b"Subject: cr\r\n\r\nline\r.\rMAIL FROM:<x@y>\rbare\nlf\x00nul\r\nend\r\n"
+    with client(proxy) as c:
+        assert c.sendmail("anne@example.com", ["bart@example.com"], body) == {}
+    [raw] = upstream.messages
+    assert raw == (
+        b"Subject: cr\r\nX-Peer: 127.0.0.1\r\n\r\nline . MAIL FROM:<x@y> bare lf nul\r\nend\r\n"
+    )
 
 
 def test_proxy_relays_decoded_content_as_original_bytes(
