@@ -7,6 +7,10 @@ source when the session has a valid one, else the peer) is in ``trusted_networks
 open-relay probe forms are refused for everyone: the percent hack (``r%ext@ours``), bang paths,
 a quoted local part holding ``@``, ``%`` or ``!``, an ``@`` in the local part, and IP-literal
 domains not listed in ``domains``. A refusal is ``550 5.7.1 Relay access denied``.
+Internationalised domains are compared in their UTS #46 non-transitional A-label form (what
+IDNA 2008 software such as libidn2 and Postfix computes), and the recipient goes to the next
+hop with its domain in that very form, so the next hop sees the domain that was judged; a
+non-ASCII domain that is not a valid IDN gets ``501 5.1.3 Bad recipient address syntax``.
 
 Routes (``farm.relay_routes``): ``routes`` maps a recipient domain (``example.com`` exactly, or
 ``.example.org`` for anything under it) to a next hop, ``HOST:PORT``, ``smtp:HOST:PORT`` or
@@ -88,9 +92,9 @@ from farm.relay_client import (
     make_ssl_context,
 )
 from farm.relay_content import content_chunks, content_size
-from farm.relay_policy import RecipientPolicy, client_ip
+from farm.relay_policy import INVALID_DOMAIN, RecipientPolicy, client_ip
 from farm.relay_pool import Pool
-from farm.relay_routes import Route, RouteTable, parse_route
+from farm.relay_routes import Route, RouteTable, judged_address, parse_route
 from farm.smtp.body import Body, envelope_body
 
 __all__ = ["RELAY_DENIED", "Relay", "clean_content", "dot_stuff"]
@@ -98,6 +102,7 @@ __all__ = ["RELAY_DENIED", "Relay", "clean_content", "dot_stuff"]
 log = logging.getLogger("farm.relay")
 
 RELAY_DENIED = "550 5.7.1 Relay access denied"
+BAD_DOMAIN = "501 5.1.3 Bad recipient address syntax"
 OTHER_ROUTE = "452 4.5.3 Too many recipients (this one goes in another transaction)"
 NO_SMTPUTF8 = "553 5.6.7 Next hop does not support SMTPUTF8"
 UNDECLARED_SMTPUTF8 = "553 5.6.7 Must declare SMTPUTF8 to send unicode address"
@@ -243,7 +248,11 @@ class Relay:
                 client_ip(session),
                 why.replace(" ", "_"),
             )
-            return RELAY_DENIED
+            return BAD_DOMAIN if why == INVALID_DOMAIN else RELAY_DENIED
+        if not address.isascii() and not getattr(envelope, "smtp_utf8", False):
+            return UNDECLARED_SMTPUTF8
+        # What goes to the next hop is what was judged: the domain as the policy compared it.
+        address = judged_address(address)
         route = self.routes.for_address(address)
         transaction = self._transactions.get(id(session))
         if transaction is not None and (

@@ -1,9 +1,11 @@
 """Recipient policy for ``farm.relay.Relay``: whose mail we take, and who may relay through us.
 
 A recipient is accepted when its domain is one of ``domains`` (exact, or ``.example.com`` for
-any subdomain of example.com; case-insensitive, a trailing dot ignored), or when the session is
+any subdomain of example.com; case-insensitive, a trailing dot ignored, internationalised names
+compared in their UTS #46 non-transitional A-label form), or when the session is
 authenticated, or when the client address is in ``trusted_networks``. The client address is the
-PROXY header's source when the session has a valid one, else the socket peer. The classic
+PROXY header's source when the session had one (none when the header carried no usable
+source: such a session is never trusted), else the socket peer. The classic
 open-relay probe forms are refused for everyone (percent hack, bang path, quoted or unquoted
 ``@`` in the local part, foreign IP literals).
 """
@@ -17,7 +19,10 @@ from typing import Any
 from farm.limits import client_address, unmapped
 from farm.relay_routes import normalise_domain, split_address
 
-__all__ = ["IPAddress", "RecipientPolicy", "client_ip"]
+__all__ = ["INVALID_DOMAIN", "IPAddress", "RecipientPolicy", "client_ip"]
+
+#: ``check_recipient``'s reason for a domain that is not a valid internationalised name.
+INVALID_DOMAIN = "invalid domain"
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -53,7 +58,10 @@ class RecipientPolicy:
         self._literals: set[IPAddress] = set()
         parents = []
         for entry in domains:
-            domain = normalise_domain(entry)
+            try:
+                domain = normalise_domain(entry)
+            except ValueError as error:
+                raise ValueError(f"bad domain {entry!r}: {error}") from None
             literal = ip_literal(domain)
             if literal is not None:
                 self._literals.add(unmapped(literal))
@@ -70,7 +78,10 @@ class RecipientPolicy:
 
     def is_local_domain(self, domain: str) -> bool:
         """True when ``domain`` is one of ours (an exact entry, or under a ``.parent`` entry)."""
-        domain = normalise_domain(domain)
+        try:
+            domain = normalise_domain(domain)
+        except ValueError:
+            return False
         literal = ip_literal(domain)
         if literal is not None:
             return unmapped(literal) in self._literals
@@ -104,6 +115,10 @@ class RecipientPolicy:
             return "no domain"
         if ip_literal(domain.strip()) is not None or domain.startswith("["):
             return None if self.is_local_domain(domain) else "foreign IP literal"
+        try:
+            normalise_domain(domain)
+        except ValueError:
+            return INVALID_DOMAIN
         if self.is_local_domain(domain):
             return None
         if self.is_trusted(session):

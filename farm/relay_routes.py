@@ -3,19 +3,28 @@
 A route is written ``HOST:PORT`` or ``smtp:HOST:PORT`` (SMTP) or ``lmtp:HOST:PORT`` (LMTP);
 ``[IPv6]:PORT`` works as for listeners. ``routes`` maps a domain to a route: ``example.com``
 matches that domain only, ``.example.org`` any domain under example.org (not example.org
-itself); case-insensitive, a trailing dot ignored, the longest match wins. A recipient that
+itself); case-insensitive, a trailing dot ignored, internationalised names compared in their
+UTS #46 A-label form (:func:`normalise_domain`), the longest match wins. A recipient that
 matches no entry (or has no domain, or an IP-literal domain) goes to the default next hop.
 """
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+import idna
+
 from farm.addresses import parse_address
 
-__all__ = ["Route", "RouteTable", "normalise_domain", "parse_route", "split_address"]
+__all__ = [
+    "Route",
+    "RouteTable",
+    "judged_address",
+    "normalise_domain",
+    "parse_route",
+    "split_address",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,12 +64,39 @@ def parse_route(value: str, *, lmtp: bool = False) -> Route:
 
 
 def normalise_domain(domain: str) -> str:
-    """Lower-case, without a trailing dot, IDNA (ASCII) form when possible."""
-    domain = domain.strip().rstrip(".").lower()
-    if domain and not domain.isascii():
-        with contextlib.suppress(UnicodeError):
-            domain = domain.encode("idna").decode("ascii")
-    return domain
+    """Lower-case, without a trailing dot; a non-ASCII domain in its ASCII (A-label) form by
+    UTS #46 non-transitional processing, as IDNA 2008 software (libidn2, Postfix) computes it:
+    ``busineß.com`` is ``xn--busine-gta.com``, not ``business.com`` (Python's ``idna`` codec,
+    IDNA 2003). A leading dot (a ``.parent`` entry) is kept.
+
+    Raises ValueError for a non-ASCII domain that is not a valid internationalised name.
+    """
+    domain = domain.strip(" \t")  # ASCII blanks only: U+2028 and the like are not blanks here
+    if domain.isascii():
+        return domain.rstrip(".").lower()
+    try:
+        mapped = idna.uts46_remap(domain, std3_rules=False, transitional=False).rstrip(".")
+        lead = "." if mapped.startswith(".") else ""
+        name = mapped[len(lead) :]
+        return lead + idna.encode(name, uts46=True, transitional=False).decode("ascii")
+    except UnicodeError:  # idna.IDNAError and its kinds
+        raise ValueError(f"{domain!r} is not a valid internationalised domain name") from None
+
+
+def judged_address(address: str) -> str:
+    """``address`` with its domain in the form the policy and the routes judged, hence what goes
+    to the next hop: a non-ASCII domain as its A-label (:func:`normalise_domain`); an ASCII one
+    without a trailing dot, its case kept; an IP literal as it is.
+
+    Raises ValueError when the domain is not a valid internationalised name.
+    """
+    local, domain = split_address(address)
+    if domain is None or domain.startswith("["):
+        return address
+    if domain.isascii():
+        trimmed = domain.strip(" \t").rstrip(".")
+        return address if trimmed == domain else f"{local}@{trimmed}"
+    return f"{local}@{normalise_domain(domain)}"
 
 
 def split_address(address: str) -> tuple[str, str | None]:
@@ -108,7 +144,10 @@ class RouteTable:
         """The route for mail to ``domain`` (None: no domain)."""
         if not domain:
             return self.default
-        domain = normalise_domain(domain)
+        try:
+            domain = normalise_domain(domain)
+        except ValueError:
+            return self.default
         route = self._exact.get(domain)
         if route is not None:
             return route
