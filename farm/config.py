@@ -355,6 +355,11 @@ class SMTPSettings:
     auth_require_tls: bool = field(default=True, metadata=_checked(_boolean))
     auth_failure_limit: int = field(default=3, metadata=_checked(_integer(1)))
     unknown_command_limit: int = field(default=5, metadata=_checked(_integer(1)))
+    #: Postfix's error limits (farm.smtp.error_limits); 0 switches one off.
+    soft_error_limit: int = field(default=10, metadata=_checked(_integer(0)))
+    hard_error_limit: int = field(default=20, metadata=_checked(_integer(0)))
+    junk_command_limit: int = field(default=100, metadata=_checked(_integer(0)))
+    error_sleep_time: float = field(default=1.0, metadata=_checked(_non_negative_number))
     #: Seconds the client must stay silent before the 220 (0: greet at once); talkers: 554.
     greeting_delay: float = field(default=0.0, metadata=_checked(_non_negative_number))
     proxy_protocol_timeout: float | None = field(

@@ -37,6 +37,7 @@ from farm.smtp.body import (
 )
 from farm.smtp.chunking import ChunkingMixin
 from farm.smtp.dsn import dsn_mail_options_valid, dsn_rcpt_options_valid, split_options
+from farm.smtp.error_limits import JUNK_COMMANDS, ErrorLimitMixin
 from farm.smtp.framing import BodyPart, Chunk, Command, DataError, Framer, Message
 from farm.smtp.help import offered, syntax, syntax_text
 from farm.smtp.hooks import MISSING, HookTable, hook_table
@@ -117,7 +118,14 @@ def _hook_verbs(cls: type) -> dict[str, Callable[..., Coroutine[Any, Any, None]]
     return table
 
 
-class SMTP(AuthMixin, StartTLSMixin, ChunkingMixin, ProxyProtocolMixin, asyncio.BufferedProtocol):
+class SMTP(
+    AuthMixin,
+    StartTLSMixin,
+    ChunkingMixin,
+    ProxyProtocolMixin,
+    ErrorLimitMixin,
+    asyncio.BufferedProtocol,
+):
     """One SMTP session per instance; construct one per connection (a protocol factory)."""
 
     command_size_limit = 512
@@ -222,6 +230,10 @@ class SMTP(AuthMixin, StartTLSMixin, ChunkingMixin, ProxyProtocolMixin, asyncio.
         spool_directory: str | None = None,
         body_budget: MemoryBudget | None = None,
         stages: Iterable[Stage] | None = None,
+        soft_error_limit: int = 0,
+        hard_error_limit: int = 0,
+        junk_command_limit: int = 0,
+        error_sleep_time: float = 1.0,
     ) -> None:
         self.event_handler = handler
         self.data_size_limit = data_size_limit
@@ -287,6 +299,10 @@ class SMTP(AuthMixin, StartTLSMixin, ChunkingMixin, ProxyProtocolMixin, asyncio.
         # The framer hands the body over in parts of this size (the Body spools or keeps them).
         self._spill = None if spool_threshold is None else CHUNK_SIZE
         self._announce_auth_mechanisms()
+        if soft_error_limit or hard_error_limit or junk_command_limit:
+            self._set_error_limits(
+                soft_error_limit, hard_error_limit, junk_command_limit, error_sleep_time
+            )
         self._framer = Framer(
             max(self._max_command_size(), SASL_LINE_LIMIT), self.line_length_limit
         )
@@ -703,8 +719,13 @@ class SMTP(AuthMixin, StartTLSMixin, ChunkingMixin, ProxyProtocolMixin, asyncio.
     def _process(self) -> None:
         framer = self._framer
         while self._task is None and not self._close_after_flush and not self._closed:
+            if self._error_delay:  # past the soft error limit: the replies so far wait
+                self._pause_for_errors()
+                break
             event = framer.next_event()
             if event is None:
+                if self._error_delay:
+                    self._pause_for_errors()
                 break
             kind = type(event)
             if kind is Command:
@@ -717,6 +738,7 @@ class SMTP(AuthMixin, StartTLSMixin, ChunkingMixin, ProxyProtocolMixin, asyncio.
                 body = self._body if self._body is not None else self._bdat_content
                 body.write(event.data)  # type: ignore[union-attr]
             else:
+                self._n_commands += 1
                 self._reply("500 Command line too long")
         if self._draining and self._task is None:
             self._finish_drain_if_idle()
@@ -766,6 +788,8 @@ class SMTP(AuthMixin, StartTLSMixin, ChunkingMixin, ProxyProtocolMixin, asyncio.
             if verb == "BDAT":
                 self._skip_refused_chunk(arg)
             return
+        if self._error_limits and verb in JUNK_COMMANDS and self._count_junk():
+            return  # that junk command was one error too many: 421 and close
         if method is None:
             self._bogus_budget -= 1
             if self._bogus_budget < 1:
@@ -890,12 +914,16 @@ class SMTP(AuthMixin, StartTLSMixin, ChunkingMixin, ProxyProtocolMixin, asyncio.
         if self.stats is not None:
             self.stats.reply(text[:1] + "xx")
         self._out.append(text)
+        if self._error_limits:
+            self._count_reply(text)
 
     async def push(self, status: str) -> None:
         """Queue a reply line (aiosmtpd API); it is written with the command's other replies."""
         self._reply(status)
 
     def _flush(self) -> None:
+        if self._held and not self._close_after_flush:
+            return  # an error delay runs: the replies go when it ends
         out = self._out
         if out:
             text = out[0] + "\r\n" if len(out) == 1 else "\r\n".join(out) + "\r\n"
@@ -1120,6 +1148,8 @@ class SMTP(AuthMixin, StartTLSMixin, ChunkingMixin, ProxyProtocolMixin, asyncio.
         replies = self._data_replies(status, envelope)
         accepted = any(reply.startswith("2") for reply in replies)
         self._counts["accepted" if accepted else "rejected"] += 1
+        if accepted and self._error_limits:
+            self._forgive_errors()
         stats = self.stats
         if stats is not None:
             stats.messages["accepted" if accepted else "rejected"] += 1
