@@ -49,9 +49,14 @@ pool; one whose state is unknown is closed).
 
 Connections (``farm.relay_pool``): kept per next hop and reused: at most ``pool_size`` idle,
 each for ``pool_idle_timeout`` seconds, at most ``pool_max_messages`` transactions per
-connection. A reused connection found dead when its ``MAIL`` is sent (closed, reset, ``421``) is
-dropped and the attempt made once more on a new connection, unseen by the client. ``aclose()``
-closes them all (a worker calls it when it stops).
+connection. At most ``max_connections`` (20; 0: no cap) are open to one next hop at once, per
+worker: a recipient that needs one more waits at most ``connection_wait`` seconds (5) for one to
+come free, else gets ``451 4.4.5`` (that recipient only). A transaction holds its connection
+only once the next hop accepted one of its recipients: after a refusal with none accepted the
+connection goes back to the pool (``RSET``), so refused recipients and idle sessions pin no
+next-hop process. A reused connection found dead when its ``MAIL`` is sent (closed, reset,
+``421``) is dropped and the attempt made once more on a new connection, unseen by the client.
+``aclose()`` closes them all (a worker calls it when it stops).
 
 TLS to the next hop (``farm.relay_client``): ``tls = "none"`` | ``"starttls"`` (when offered) |
 ``"required"`` | ``"implicit"``; ``tls_verify`` checks the certificate and the host name
@@ -93,7 +98,7 @@ from farm.relay_client import (
 )
 from farm.relay_content import content_chunks, content_size
 from farm.relay_policy import INVALID_DOMAIN, RecipientPolicy, client_ip
-from farm.relay_pool import Pool
+from farm.relay_pool import NextHopBusy, Pool
 from farm.relay_routes import Route, RouteTable, judged_address, parse_route
 from farm.smtp.body import Body, envelope_body
 
@@ -109,6 +114,8 @@ UNDECLARED_SMTPUTF8 = "553 5.6.7 Must declare SMTPUTF8 to send unicode address"
 PARTIAL = "451 4.3.0 Next hop refused some recipients, try again later"
 ACCEPTED = "250 2.0.0 OK: relayed"
 RCPT_OK = "250 2.1.5 OK"
+#: Refused recipients of one transaction kept for its log line (the rest are only counted).
+REFUSED_KEPT = 100
 
 #: Characters allowed in the names and addresses that go into the ``Received:`` header.
 _UNSAFE = re.compile(r"[^A-Za-z0-9.:_\[\]-]")
@@ -151,9 +158,11 @@ class _Transaction:
     pool: Pool
     connection: Connection | None = None
     smtputf8: bool = False
-    #: Recipients asked of the next hop, and those it refused: (address, our reply).
+    #: Recipients asked of the next hop, and those it refused: (address, our reply), the first
+    #: ``REFUSED_KEPT`` of them (for the log), and how many.
     asked: int = 0
     refused: list[tuple[str, str]] = field(default_factory=list)
+    refused_count: int = 0
     #: Set when the next hop cannot be used for the rest of this transaction.
     broken: NextHopError | None = None
     #: The next hop gave its final reply to the data: no RSET needed.
@@ -186,6 +195,8 @@ class Relay:
         pool_size: int = 10,
         pool_idle_timeout: float = 30.0,
         pool_max_messages: int = 100,
+        max_connections: int = 20,
+        connection_wait: float = 5.0,
         tls: str = "none",
         tls_verify: bool = True,
         tls_ca_file: str | None = None,
@@ -201,9 +212,13 @@ class Relay:
         self.hostname = hostname
         if pool_size < 0 or pool_max_messages < 1 or pool_idle_timeout < 0:
             raise ValueError("pool_size >= 0, pool_max_messages >= 1, pool_idle_timeout >= 0")
+        if max_connections < 0 or connection_wait < 0:
+            raise ValueError("max_connections >= 0 (0: no cap), connection_wait >= 0")
         self.pool_size = int(pool_size)
         self.pool_idle_timeout = float(pool_idle_timeout)
         self.pool_max_messages = int(pool_max_messages)
+        self.max_connections = int(max_connections)
+        self.connection_wait = float(connection_wait)
         tls_context = None if tls == "none" else make_ssl_context(tls_verify, tls_ca_file)
         self.settings = ClientSettings(self.timeout, tls, tls_context, tls_server_name)
         self._pools: dict[tuple[Route, asyncio.AbstractEventLoop], Pool] = {}
@@ -275,6 +290,11 @@ class Relay:
             envelope.rcpt_tos.append(address)
             envelope.rcpt_options.extend(rcpt_options)
             return RCPT_OK
+        if not envelope.rcpt_tos and transaction.connection is not None:
+            # Nothing accepted yet: no connection is held for refused recipients (a harvest, or
+            # idle sessions, would pin the next hop's processes); the next RCPT takes one again.
+            async with self._using(transaction):
+                await self._finish(transaction)
         return reply
 
     async def handle_RSET(self, server: Any, session: Any, envelope: Any) -> str:
@@ -374,6 +394,7 @@ class Relay:
             reply = ACCEPTED if accepted else _collapse(replies)
             outcome = reply[:3]
         earlier = transaction.refused if transaction is not None else []
+        n_earlier = transaction.refused_count if transaction is not None else 0
         all_refused = earlier + refused
         log.log(
             logging.INFO if accepted and not all_refused else logging.WARNING,
@@ -381,9 +402,9 @@ class Relay:
             "outcome=%s duration=%.3fs%s%s%s",
             _session_id(session),
             transaction.route.text if transaction is not None else self.next_hop,
-            len(recipients) + len(earlier),
+            len(recipients) + n_earlier,
             len(accepted),
-            len(all_refused),
+            n_earlier + len(refused),
             size,
             outcome,
             time.monotonic() - started,
@@ -407,6 +428,8 @@ class Relay:
                 size=self.pool_size,
                 idle_timeout=self.pool_idle_timeout,
                 max_messages=self.pool_max_messages,
+                max_connections=self.max_connections,
+                wait=self.connection_wait,
             )
         return pool
 
@@ -429,7 +452,9 @@ class Relay:
                 return self._fail(transaction, failure(exc), "RCPT")
         if reply.ok:
             return None
-        transaction.refused.append((address, reply.passthrough()))
+        transaction.refused_count += 1
+        if len(transaction.refused) < REFUSED_KEPT:
+            transaction.refused.append((address, reply.passthrough()))
         if reply.code == 421:  # the next hop is closing: nothing more goes through it
             return self._fail(transaction, NextHopError(reply.passthrough(), "421"), "RCPT")
         return reply.passthrough()
@@ -461,6 +486,14 @@ class Relay:
         for attempt in (1, 2):
             try:
                 connection, reused = await pool.acquire(name, fresh=attempt > 1)
+            except NextHopBusy as exc:  # this recipient only: a later one may find room
+                log.warning(
+                    "session=%s relay next_hop=%s stage=connect outcome=451 error=%s",
+                    _sid(transaction),
+                    transaction.route.text,
+                    exc,
+                )
+                return exc.reply
             except NextHopError as exc:
                 return self._fail(transaction, exc, "connect")
             params = []
