@@ -6,15 +6,20 @@ Real Controllers on loopback, raw sockets or smtplib; every wait is bounded.
 
 from __future__ import annotations
 
+import contextlib
 import smtplib
+import socket
 import ssl
+import threading
+import time
 from typing import Any
 
 import pytest
 import trustme
 
+from farm.smtp import SMTP
 from tests.loops import both_loops  # noqa: F401  (loop_kind: asyncio and uvloop)
-from tests.test_hostile import Client, codes
+from tests.test_hostile import TIMEOUT, Client, _shrink_server_buffers, codes, wait_for
 from tests.test_tls_auth import Authenticator
 
 
@@ -98,3 +103,55 @@ def test_auth_state_is_forgotten_at_starttls(
 
 
 # -- a client that pipelines but never reads ----------------------------------------------------
+
+
+#: A pipelined flood whose replies are ~10 times its size (the EHLO reply lists extensions).
+EHLO_FLOOD = b"EHLO x\r\n" * 50_000  # 400 kB
+
+
+def _flooded(make_controller: Any, handler: Any, **kwargs: Any) -> tuple[Client, Any]:
+    """A client that pipelines the EHLO flood without reading, and the server's protocol."""
+    controller = make_controller(
+        handler, pipelining=True, chunking=True, enhanced_status_codes=True, dsn=True, **kwargs
+    )
+    client = Client(controller, small_buffers=True)
+    assert client.reply().code == 220
+    protocol = _shrink_server_buffers(controller)
+    threading.Thread(target=_send_quietly, args=(client.sock, EHLO_FLOOD), daemon=True).start()
+    return client, protocol
+
+
+def _send_quietly(sock: socket.socket, data: bytes) -> None:
+    with contextlib.suppress(OSError):  # the server may drop us meanwhile
+        sock.sendall(data)
+
+
+def test_pipelined_flood_of_a_non_reader_holds_bounded_replies(
+    make_controller: Any, handler: Any
+) -> None:
+    client, protocol = _flooded(make_controller, handler)
+    with client:
+        wait_for(lambda: not protocol.transport.is_reading(), "the server to stop reading")
+        held = protocol.transport.get_write_buffer_size()
+        # Before: one read of 64 KiB of EHLOs became ~800 kB of replies in one write.
+        assert held < 128 * 1024, held
+        assert protocol._framer.buffered < 512 * 1024
+        # It still answers every command, in order, once the client reads.
+        client.sock.settimeout(TIMEOUT)
+        replies = 0
+        while replies < 50_000:
+            reply = client.reply()
+            assert reply.lines[0].startswith("250-farm.test"), reply
+            replies += 1
+
+
+def test_a_client_that_never_reads_is_dropped_at_the_stall_limit(
+    make_controller: Any, handler: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(SMTP, "write_stall_limit", 1.0, raising=False)
+    client, protocol = _flooded(make_controller, handler, timeout=300)
+    with client:
+        wait_for(lambda: not protocol.transport.is_reading(), "the server to stop reading")
+        started = time.monotonic()
+        wait_for(lambda: protocol.transport is None, "the connection to be dropped", 10.0)
+        assert time.monotonic() - started >= 0.5

@@ -774,9 +774,9 @@ def test_data_body_of_a_client_that_does_not_read_stays_bounded(
     with Client(controller, small_buffers=True) as client:
         assert client.reply().code == 220
         protocol = _shrink_server_buffers(controller)
-        # One read: every command, DATA included, is processed before the write backs up.
+        # The replies back up before DATA is reached (the server then stops processing and
+        # reading: issue 12 item 10); the body that follows must not be read meanwhile.
         client.sock.sendall(EHLO + ENVELOPE + b"HELP\r\n" * 2000 + b"DATA\r\n")
-        wait_for(lambda: protocol._framer.in_data, "DATA to be processed")
         wait_for(lambda: protocol._write_paused, "the server's replies to back up")
         client.sock.setblocking(False)
         sent, body = 0, b"x" * 998 + b"\r\n"

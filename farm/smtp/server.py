@@ -74,6 +74,9 @@ LOCAL_ERROR = "451 4.3.0 Requested action aborted: local error"
 SHUTTING_DOWN = "421 4.3.2 Service shutting down"
 #: Input kept while a hook runs or the client does not read; reading pauses past it.
 _MAX_PENDING_INPUT = 256 * 1024
+#: Replies of one pipelined batch written at a time: past them, the write buffer is looked at
+#: (a client that pipelines but never reads would otherwise get its whole batch buffered).
+_REPLIES_PER_WRITE = 64
 
 #: Seconds a closing connection has to take its last replies before it is aborted.
 _CLOSE_GRACE = 3.0
@@ -129,6 +132,9 @@ class SMTP(
     """One SMTP session per instance; construct one per connection (a protocol factory)."""
 
     command_size_limit = 512
+    #: Seconds a client may leave our replies unread (writes paused) before it is dropped; the
+    #: idle ``timeout`` applies when shorter.
+    write_stall_limit = 60.0
     #: Longest DATA line, in octets before CRLF, not counting a stuffing dot.
     line_length_limit = 1000
     #: Longest local part of an address; 0: no limit (aiosmtpd's default).
@@ -151,6 +157,7 @@ class SMTP(
     _eof = False
     _draining = False
     _write_paused = False
+    _write_paused_at = 0.0
     _read_paused = False
     _bogus_budget = BOGUS_LIMIT
     _call_counts: dict[str, int] | None = None
@@ -664,7 +671,25 @@ class SMTP(
         )
 
     def pause_writing(self) -> None:
+        """The client does not read our replies: stop reading it too (bounded memory), and
+        drop it if it still has not read them after the write stall limit."""
         self._write_paused = True
+        if self.loop is None or self.transport is None:
+            return
+        self._write_paused_at = self.loop.time()
+        if self._task is None and not self._read_paused:
+            self._read_paused = True
+            self.transport.pause_reading()  # type: ignore[attr-defined]
+        stall_deadline = self._write_paused_at + self._write_stall()
+        timer = self._timer
+        if timer is None and not self._timeout and self._last_line:  # greeted, no idle timer
+            self._timer = self.loop.call_at(stall_deadline, self._on_timer)
+        elif timer is not None and timer.when() > stall_deadline:
+            timer.cancel()
+            self._timer = self.loop.call_at(stall_deadline, self._on_timer)
+
+    def _write_stall(self) -> float:
+        return min(self.write_stall_limit, self._timeout or self.write_stall_limit)
 
     def resume_writing(self) -> None:
         self._write_paused = False
@@ -740,6 +765,10 @@ class SMTP(
             else:
                 self._n_commands += 1
                 self._reply("500 Command line too long")
+            if len(self._out) >= _REPLIES_PER_WRITE:
+                self._flush()
+                if self._write_paused:
+                    break  # the client is not reading: the rest waits for resume_writing
         if self._draining and self._task is None:
             self._finish_drain_if_idle()
         self._flush()
@@ -954,6 +983,21 @@ class SMTP(
         if self._closed or self.transport is None:
             return
         now = self.loop.time()  # type: ignore[union-attr]
+        if self._write_paused and now >= self._write_paused_at + self._write_stall():
+            log.info(
+                "session=%s replies not read for %ss: closing",
+                self.session.id,  # type: ignore[union-attr]
+                round(now - self._write_paused_at, 1),
+            )
+            self._ended_how = "timeout"
+            self.transport.abort()  # type: ignore[attr-defined]
+            return
+        if not self._timeout:  # only the write stall is timed
+            if self._write_paused:
+                self._timer = self.loop.call_at(  # type: ignore[union-attr]
+                    self._write_paused_at + self._write_stall(), self._on_timer
+                )
+            return
         task = self._task
         if task is not None:
             deadline = self._task_started + self._timeout  # type: ignore[operator]
@@ -975,6 +1019,8 @@ class SMTP(
         else:
             deadline = self._last_line + self._timeout  # type: ignore[operator]
         if now < deadline:
+            if self._write_paused:
+                deadline = min(deadline, self._write_paused_at + self._write_stall())
             self._timer = self.loop.call_at(deadline, self._on_timer)  # type: ignore[union-attr]
             return
         log.info("session=%s timeout", self.session.id)  # type: ignore[union-attr]
