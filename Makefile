@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 COMPAT_VENV ?= .venv-compat
 COMPAT_STAMP := $(COMPAT_VENV)/.installed
 
-.PHONY: run test test-fast test-slow compat bench bench-relay bench-checks lint venv clean
+.PHONY: run test test-fast test-slow compat fuzz bench bench-relay bench-checks lint venv clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,11 @@ $(COMPAT_STAMP): pyproject.toml tests/compat/requirements.txt
 ## aiosmtpd 1.4.6's own tests against farm (tests/compat/run.py); prints "N passed, M excluded of T".
 compat: $(COMPAT_STAMP)
 	$(COMPAT_VENV)/bin/python tests/compat/run.py
+
+## Fuzz the framer and the engine: FARM_FUZZ_EXAMPLES inputs per target (the suite runs 200).
+fuzz: $(STAMP)
+	FARM_FUZZ_EXAMPLES=$${FARM_FUZZ_EXAMPLES:-100000} $(BIN)/python -m pytest -q -m fuzz \
+		--timeout=0 --hypothesis-show-statistics tests/test_fuzz.py
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run.py
