@@ -772,7 +772,7 @@ class SMTP(
         if self._draining and self._task is None:
             self._finish_drain_if_idle()
         self._flush()
-        if self._read_paused and self._task is None and not self._closed:
+        if self._read_paused and self._task is None and not self._closed and not self._write_paused:
             self._read_paused = False
             self.transport.resume_reading()  # type: ignore[union-attr]
         if self._eof and self._task is None:
