@@ -23,11 +23,12 @@ from typing import Any
 
 from farm.lmtp import LMTP
 from farm.smtp import SMTP, AuthResult
-from farm.smtp.framing import Chunk, Command, CommandTooLong, Framer, Message
+from farm.smtp.framing import BodyPart, Chunk, Command, CommandTooLong, Framer, Message
 
 # -- the framer ----------------------------------------------------------------------------------
 
-#: ``("feed", bytes)``, ``("data", limit)``, ``("chunk", size, keep)``, ``("take",)``.
+#: ``("feed", bytes)``, ``("data", limit, spill)``, ``("chunk", size, keep, spill)``,
+#: ``("take",)``.
 FramerOp = tuple[Any, ...]
 
 
@@ -36,15 +37,18 @@ def run_framer(ops: Sequence[FramerOp], max_command: int, line_limit: int) -> li
     framer = Framer(max_command, line_limit)
     problems: list[str] = []
     data_limit: int | None = None
+    spill: int | None = None
+    streamed = 0  # octets handed out in BodyParts since the body or chunk began
     for op in ops:
         kind = op[0]
         if kind == "feed":
             framer.feed(op[1])
         elif kind == "data" and not framer.in_data:
-            data_limit = op[1]
-            framer.start_data(data_limit)
+            data_limit, spill, streamed = op[1], op[2], 0
+            framer.start_data(data_limit, spill)
         elif kind == "chunk" and not framer.in_data:
-            framer.start_chunk(op[1], keep=op[2])
+            streamed = 0
+            framer.start_chunk(op[1], keep=op[2], spill=op[3])
         elif kind == "take" and not framer.in_data:
             framer.take_buffered()
             if framer.buffered:
@@ -52,14 +56,24 @@ def run_framer(ops: Sequence[FramerOp], max_command: int, line_limit: int) -> li
         in_chunk = framer.in_data and framer._chunk_left is not None
         while (event := framer.next_event()) is not None:
             problems += _event_problems(event, max_command)
+            if type(event) is BodyPart:
+                streamed += len(event.data)
+            elif type(event) is Chunk:
+                if event.data and streamed + len(event.data) != event.size:
+                    problems.append(f"a chunk of {event.size} gave {streamed}+{len(event.data)}")
+                streamed = 0
         if framer.buffered < 0:
             problems.append(f"negative buffered {framer.buffered}")
         if in_chunk and framer.in_data and framer.buffered:
             problems.append("a chunk left input unread")
         if not framer.in_data and framer.buffered > max_command + 2:
             problems.append(f"{framer.buffered} octets held in command mode")
-        if framer.in_data and data_limit and framer.buffered > data_limit + line_limit + 8:
-            problems.append(f"{framer.buffered} octets held for a {data_limit}-octet body")
+        if framer.in_data and not in_chunk:
+            bound = min(b for b in (data_limit, spill, 1 << 62) if b)  # (0: no limit)
+            if framer.buffered > bound + line_limit + 8:
+                problems.append(
+                    f"{framer.buffered} octets held (limit {data_limit}, spill {spill})"
+                )
     return problems
 
 
@@ -75,8 +89,11 @@ def _event_problems(event: Any, max_command: int) -> list[str]:
         if event.error is not None and event.content:
             return ["a refused message kept its content"]
     elif kind is Chunk:
-        if event.data and len(event.data) != event.size:
-            return ["a chunk of the wrong size"]
+        if len(event.data) > event.size:
+            return ["a chunk larger than announced"]
+    elif kind is BodyPart:
+        if not event.data:
+            return ["an empty body part"]
     elif kind is not CommandTooLong:
         return [f"unknown event {event!r}"]
     return []
@@ -309,7 +326,11 @@ async def _session(case: EngineCase, loop: asyncio.AbstractEventLoop) -> list[st
     if not transport.lost:
         transport.close()
         await asyncio.sleep(0)
-    problems = getattr(handler, "problems", [])
+    problems = list(getattr(handler, "problems", []))
+    await asyncio.sleep(0)  # (handle_CLOSE and the like)
+    budget = case.kwargs.get("body_budget")
+    if budget is not None and budget.used:
+        problems.append(f"{budget.used} octets of body memory still counted after the session")
     return _output_problems(bytes(transport.output)) + transport.problems + problems
 
 

@@ -17,6 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from farm.smtp.body import MemoryBudget
 from farm.smtp.framing import Chunk, Command, Framer
 from tests.fuzz_targets import EngineCase, run_engine, run_framer
 
@@ -190,7 +191,11 @@ def engine_cases(draw: st.DrawFn) -> EngineCase:
         "junk_command_limit": draw(st.sampled_from([0, 0, 3, 100])),
         "error_sleep_time": 0.0005,
         "unknown_command_limit": draw(st.sampled_from([5, 2, 100])),
+        "spool_threshold": draw(st.sampled_from([None, 0, 16, 1 << 20])),
+        "body_budget": draw(st.sampled_from([None, 0, 40, 1 << 20])),
     }
+    if kwargs["body_budget"] is not None:
+        kwargs["body_budget"] = MemoryBudget(kwargs["body_budget"])
     stream = draw(streams())
     cuts = sorted(draw(st.lists(st.integers(0, max(0, len(stream))), max_size=8)))
     ops: list[tuple] = []
@@ -212,8 +217,12 @@ def engine_cases(draw: st.DrawFn) -> EngineCase:
 FRAMER_OPS = st.lists(
     st.one_of(
         st.tuples(st.just("feed"), st.binary(max_size=64) | BODIES | streams()),
-        st.tuples(st.just("data"), st.sampled_from([None, 0, 10, 100])),
-        st.tuples(st.just("chunk"), st.integers(0, 40), st.booleans()),
+        st.tuples(
+            st.just("data"), st.sampled_from([None, 0, 10, 100]), st.sampled_from([None, 1, 8])
+        ),
+        st.tuples(
+            st.just("chunk"), st.integers(0, 40), st.booleans(), st.sampled_from([None, 1, 8])
+        ),
         st.tuples(st.just("take")),
     ),
     max_size=40,
@@ -278,3 +287,5 @@ def test_the_framer_checks_catch_a_bad_event() -> None:
     assert fuzz_targets._event_problems(Command(b"a\nb"), 512) != []
     assert fuzz_targets._event_problems(Chunk(b"abc", 2), 512) != []
     assert run_framer([("feed", b"EHLO x\r\n")], 512, 1000) == []
+    chunk = [("chunk", 3, True, None), ("feed", b"abc")]
+    assert run_framer(chunk, 512, 1000) == []
