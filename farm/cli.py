@@ -10,13 +10,19 @@ from typing import Any
 
 from farm import __version__
 from farm.config import Config, ConfigError, load_config
-from farm.logs import configure_logging
+from farm.logs import LogFileError, configure_logging
+from farm.pidfile import PidfileError, write_pidfile
 from farm.supervisor.listeners import (
     ListenerError,
     bind_listeners,
     inherit_systemd_listeners,
 )
-from farm.supervisor.privileges import PrivilegeError, check_drop
+from farm.supervisor.privileges import (
+    PrivilegeError,
+    check_drop,
+    resolve_group,
+    resolve_user,
+)
 
 log = logging.getLogger("farm")
 
@@ -52,6 +58,7 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--uvloop", action=argparse.BooleanOptionalAction, default=None)
     parser.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR")
     parser.add_argument("--log-file", help="log here instead of stderr (SIGUSR1 reopens)")
+    parser.add_argument("--log-format", help="text (default) or json (one object per line)")
 
 
 def overrides_from(args: argparse.Namespace) -> dict[str, Any]:
@@ -70,6 +77,7 @@ def overrides_from(args: argparse.Namespace) -> dict[str, Any]:
         "uvloop": args.uvloop,
         "log_level": args.log_level,
         "log_file": args.log_file,
+        "log_format": args.log_format,
     }
 
 
@@ -98,7 +106,15 @@ def serve(config: Config, overrides: dict[str, Any]) -> int:
     except (PrivilegeError, ConfigError) as error:
         print(f"farm: {error}", file=sys.stderr)
         return EXIT_CONFIG
-    configure_logging(config.log_level, config.log_file)
+    try:
+        # The log file is created for the workers' user: they reopen it at SIGUSR1.
+        owner = resolve_user(config.user) if config.user is not None else None
+        if owner is not None and config.group is not None:
+            owner = (owner[0], resolve_group(config.group))
+        configure_logging(config.log_level, config.log_file, config.log_format, owner)
+    except (LogFileError, PrivilegeError) as error:
+        print(f"farm: {error}", file=sys.stderr)
+        return 1
     try:
         listeners = inherit_systemd_listeners()
         if listeners is None:
@@ -108,8 +124,13 @@ def serve(config: Config, overrides: dict[str, Any]) -> int:
     except ListenerError as error:
         print(f"farm: {error}", file=sys.stderr)
         return 1
+    pidfile = None
     if config.pidfile:
-        _write_pidfile(config.pidfile)
+        try:
+            pidfile = write_pidfile(config.pidfile)
+        except PidfileError as error:
+            print(f"farm: {error}", file=sys.stderr)
+            return 1
     where = ", ".join(listener.bound for listener in listeners)
     metrics = f", metrics on http://{config.metrics}/metrics" if config.metrics else ""
     print(
@@ -121,19 +142,5 @@ def serve(config: Config, overrides: dict[str, Any]) -> int:
     try:
         return Arbiter(config, listeners, overrides=overrides, tls_context=tls_context).run()
     finally:
-        if config.pidfile:
-            _remove_pidfile(config.pidfile)
-
-
-def _write_pidfile(path: str) -> None:
-    with open(path, "w") as pidfile:
-        pidfile.write(f"{os.getpid()}\n")
-
-
-def _remove_pidfile(path: str) -> None:
-    try:
-        with open(path) as pidfile:
-            if pidfile.read().strip() == str(os.getpid()):
-                os.unlink(path)
-    except OSError:
-        pass
+        if pidfile is not None:
+            pidfile.remove()

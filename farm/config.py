@@ -49,6 +49,7 @@ __all__ = [
 ]
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+LOG_FORMATS = ("text", "json")
 COMMAND_LINE = "command line"
 DEFAULT_BIND = (parse_address("127.0.0.1:8025"),)
 
@@ -198,6 +199,12 @@ def _log_level(key: str, value: Any) -> str:
     if not isinstance(value, str) or value.upper() not in LOG_LEVELS:
         raise _expected(key, f"one of {', '.join(LOG_LEVELS)}", value)
     return value.upper()
+
+
+def _log_format(key: str, value: Any) -> str:
+    if not isinstance(value, str) or value.lower() not in LOG_FORMATS:
+        raise _expected(key, f"one of {', '.join(LOG_FORMATS)}", value)
+    return value.lower()
 
 
 _TOML_SCALARS = (str, int, float, bool, datetime.date, datetime.time)
@@ -634,6 +641,8 @@ class Config:
     body_memory_limit: int = field(default=128, metadata=_checked(_integer(0)))
     log_level: str = field(default="INFO", metadata=_checked(_log_level))
     log_file: str | None = field(default=None, metadata=_checked(_optional_string))
+    #: ``text`` (key=value lines) or ``json`` (one object per line, for log shippers).
+    log_format: str = field(default="text", metadata=_checked(_log_format))
     smtp: SMTPSettings = field(
         default_factory=SMTPSettings, metadata=_checked(_settings_table(SMTPSettings))
     )

@@ -1,30 +1,392 @@
-"""Logging setup: standard ``logging`` to stderr, or to a file that SIGUSR1 reopens."""
+"""Logging for ``farm serve``: standard ``logging``, cheap per record, written in batches.
+
+Every record is one line (``text``: ``2026-12-05 14:07:32,123 INFO [4242] farm.smtp: ...``, or
+``json``: one object per line with the same fields). What keeps it cheap at one line per
+message: the timestamp text is computed once per second, the process id once per process,
+caller lookup is off (``logging._srcfile = None``, as the logging HOWTO's "Optimization"
+section suggests), and :class:`LogWriter` writes in batches. A record's message is escaped
+so that it stays on its line (CR, LF, U+2028... become ``\\r``, ``\\n``, ``\\u2028``), and the
+lines of a traceback are indented, so nothing a client sends can start a record of its own.
+
+Where lines go: file descriptor 2. With ``log_file``, fd 2 itself is pointed at the file, so
+workers, ``faulthandler``'s stack dumps and anything a handler prints land in the same file;
+SIGUSR1 points it at the file again (:func:`reopen_log_file`, after logrotate moved it).
+
+Batches: the supervisor writes each line at once (it logs little, and must lose nothing). A
+worker buffers lines and a flusher thread writes them out at most :data:`FLUSH_INTERVAL`
+seconds after the first one was logged; :func:`stop_batching` writes what is left when the
+worker exits, crashes or is stopped. Only a SIGKILL (or a crash of the interpreter itself) can
+lose the last fraction of a second of lines. A log that cannot be written (disk full, a pipe
+nobody reads) never blocks the event loop: past :data:`MAX_BUFFERED` octets new lines are
+dropped and counted, and the count is logged once writing works again.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import stat
 import sys
+import threading
+import time
+from typing import Any
 
-FORMAT = "%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s"
+from farm.smtp.logline import Fields, printable
+
+__all__ = [
+    "FLUSH_INTERVAL",
+    "FORMATS",
+    "JSONFormatter",
+    "LogFileError",
+    "LogWriter",
+    "TextFormatter",
+    "configure_logging",
+    "flush_logs",
+    "open_log_file",
+    "reopen_log_file",
+    "start_batching",
+    "stop_batching",
+]
+
+FORMATS = ("text", "json")
+#: A buffered line is written at most this many seconds after it was logged.
+FLUSH_INTERVAL = 0.1
+#: Octets a worker may hold unwritten; lines beyond are dropped (and counted).
+MAX_BUFFERED = 8 * 1024 * 1024
+
+log = logging.getLogger("farm.logs")
+
+_pid = os.getpid()
 
 
-def configure_logging(level: str = "INFO", log_file: str | None = None) -> None:
-    """Log to stderr; with ``log_file``, stderr itself is redirected to that file.
+def _new_pid() -> None:
+    global _pid
+    _pid = os.getpid()
 
-    Redirecting file descriptor 2 (not just the handler) means workers, crash dumps written by
-    ``faulthandler`` and anything printed by a handler all land in the same file.
+
+os.register_at_fork(after_in_child=_new_pid)
+
+
+class LogFileError(Exception):
+    """The log file cannot be opened safely; ``str()`` is one line."""
+
+
+# -- formatting -------------------------------------------------------------------------------
+
+
+class _Clock:
+    """The text of the current second, computed once per second."""
+
+    __slots__ = ("iso", "offset", "second", "text")
+
+    def __init__(self) -> None:
+        self.second = -1
+        self.text = self.iso = self.offset = ""
+
+    def update(self, second: int) -> None:
+        self.second = second
+        local = time.localtime(second)
+        self.text = time.strftime("%Y-%m-%d %H:%M:%S", local)
+        self.iso = self.text.replace(" ", "T")
+        offset = time.strftime("%z", local)  # +0100
+        self.offset = f"{offset[:3]}:{offset[3:]}" if len(offset) == 5 else "Z"
+
+
+class TextFormatter(logging.Formatter):
+    """``DATE TIME,mmm LEVEL [PID] LOGGER: MESSAGE``, one line per record.
+
+    A traceback follows on lines of its own, each indented by four spaces.
     """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._clock = _Clock()
+
+    def format(self, record: logging.LogRecord) -> str:
+        created = record.created
+        second = int(created)
+        clock = self._clock
+        if second != clock.second:
+            clock.update(second)
+        message = record.getMessage()
+        if not message.isprintable():
+            message = printable(message)
+        line = (
+            f"{clock.text},{int((created - second) * 1000):03d} {record.levelname} "
+            f"[{_pid}] {record.name}: {message}"
+        )
+        if record.exc_info or record.exc_text or record.stack_info:
+            extra = _exception_text(self, record)
+            line += "\n" + "\n".join("    " + part for part in extra.splitlines())
+        return line
+
+
+class JSONFormatter(logging.Formatter):
+    """One JSON object per line: ``time``, ``level``, ``pid``, ``logger``, then the message's
+    fields (a :class:`~farm.smtp.logline.Fields` message: ``event`` and its fields; any other:
+    ``message``), and ``exception`` with the traceback if there is one. Non-ASCII characters
+    are escaped (``\\u2028`` included), so a line is always one line."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._clock = _Clock()
+        self._encode = json.JSONEncoder(ensure_ascii=True, separators=(",", ":"), default=str)
+
+    def format(self, record: logging.LogRecord) -> str:
+        created = record.created
+        second = int(created)
+        clock = self._clock
+        if second != clock.second:
+            clock.update(second)
+        data: dict[str, Any] = {
+            "time": f"{clock.iso}.{int((created - second) * 1000):03d}{clock.offset}",
+            "level": record.levelname,
+            "pid": _pid,
+            "logger": record.name,
+        }
+        message = record.msg
+        if isinstance(message, Fields) and not record.args:
+            data.update(message.as_dict())
+        else:
+            data["message"] = record.getMessage()
+        extra = _exception_text(self, record)
+        if extra:
+            data["exception"] = extra
+        return self._encode.encode(data)
+
+
+def _exception_text(formatter: logging.Formatter, record: logging.LogRecord) -> str:
+    text = ""
+    if record.exc_info and not record.exc_text:
+        record.exc_text = formatter.formatException(record.exc_info)
+    if record.exc_text:
+        text = record.exc_text
+    if record.stack_info:
+        text = (text + "\n" if text else "") + formatter.formatStack(record.stack_info)
+    return text
+
+
+# -- writing ----------------------------------------------------------------------------------
+
+
+class LogWriter(logging.Handler):
+    """Writes formatted records to a file descriptor: at once, or in batches once
+    :meth:`start_batching` started its flusher thread (see the module docstring)."""
+
+    def __init__(self, fd: int = 2) -> None:
+        super().__init__()
+        self.fd = fd
+        self._lines: list[str] = []
+        self._size = 0
+        self._dropped = 0
+        self._thread: threading.Thread | None = None
+        self._wake = threading.Event()
+        self._stopping = False
+        #: Held while writing, so that lines go out in order whoever flushes; then
+        #: ``_buffer_lock`` (never the handler's own lock, which a caller may hold).
+        self._write_lock = threading.Lock()
+        self._buffer_lock = threading.Lock()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record)
+        except Exception:
+            self.handleError(record)
+            return
+        if self._thread is None:
+            self._write([line])  # under the handler's lock, like every emit()
+            return
+        with self._buffer_lock:
+            if self._size > MAX_BUFFERED:
+                self._dropped += 1
+                return
+            lines = self._lines
+            lines.append(line)
+            self._size += len(line)
+        if len(lines) == 1:
+            self._wake.set()
+
+    def flush(self) -> None:
+        """Write every buffered line now."""
+        with self._write_lock:
+            with self._buffer_lock:
+                lines, self._lines = self._lines, []
+                self._size = 0
+                dropped, self._dropped = self._dropped, 0
+            if dropped:
+                lines.append(
+                    f"{time.strftime('%Y-%m-%d %H:%M:%S')},000 WARNING [{_pid}] farm.logs: "
+                    f"{dropped} log line(s) dropped: the log could not be written fast enough"
+                )
+            if lines:
+                self._write(lines)
+
+    def _write(self, lines: list[str]) -> None:
+        data = ("\n".join(lines) + "\n").encode("utf-8", "backslashreplace")
+        try:
+            while data:
+                written = os.write(self.fd, data)
+                data = data[written:]
+        except OSError:
+            with self._buffer_lock:  # reported with the next lines that can be written
+                self._dropped += len(lines)
+
+    def start_batching(self) -> None:
+        """Buffer lines from now on; a daemon thread writes them every FLUSH_INTERVAL."""
+        if self._thread is not None:
+            return
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="farm-log-flusher", daemon=True)
+        self._thread.start()
+
+    def stop_batching(self, timeout: float = 1.0) -> None:
+        """Write what is buffered and go back to writing each line at once."""
+        thread = self._thread
+        if thread is not None:
+            self._stopping = True
+            self._wake.set()
+            if thread is not threading.current_thread():
+                thread.join(timeout)
+        self.flush()
+        self._thread = None
+
+    def _run(self) -> None:
+        wake = self._wake
+        while True:
+            wake.wait()
+            if not self._stopping:
+                time.sleep(FLUSH_INTERVAL)  # let the batch fill up
+            wake.clear()
+            self.flush()
+            if self._stopping:
+                return
+
+    def close(self) -> None:
+        self.stop_batching()
+        super().close()
+
+
+def _writer() -> LogWriter | None:
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, LogWriter):
+            return handler
+    return None
+
+
+def start_batching() -> None:
+    """In a freshly forked worker: buffer log lines (no-op unless configure_logging ran)."""
+    writer = _writer()
+    if writer is not None:
+        writer.start_batching()
+
+
+def stop_batching() -> None:
+    """Write every buffered line now and stop buffering (a worker on its way out)."""
+    writer = _writer()
+    if writer is not None:
+        writer.stop_batching()
+
+
+def flush_logs() -> None:
+    writer = _writer()
+    if writer is not None:
+        writer.flush()
+
+
+# -- setup ------------------------------------------------------------------------------------
+
+
+def configure_logging(
+    level: str = "INFO",
+    log_file: str | None = None,
+    log_format: str = "text",
+    owner: tuple[int, int | None] | None = None,
+) -> None:
+    """Log at ``level`` to fd 2 (with ``log_file``: fd 2 is redirected to that file).
+
+    ``owner`` (uid, gid): the user the process will run as; a log file created now is given
+    to it, so that it can reopen the file after a rotation. Raises :class:`LogFileError`.
+    """
+    if log_format not in FORMATS:
+        raise ValueError(f"log_format must be one of {FORMATS}, not {log_format!r}")
     if log_file:
-        reopen_log_file(log_file)
-    logging.basicConfig(level=level.upper(), format=FORMAT, stream=sys.stderr, force=True)
+        _redirect_stderr(open_log_file(log_file, owner))
+    logging._srcfile = None  # type: ignore[attr-defined]  # no caller lookup per record
+    logging.logThreads = False
+    logging.logProcesses = False  # the formatters know the pid
+    logging.logMultiprocessing = False
+    writer = LogWriter(2)
+    writer.setFormatter(JSONFormatter() if log_format == "json" else TextFormatter())
+    root = logging.getLogger()
+    for handler in root.handlers[:]:
+        root.removeHandler(handler)
+        handler.close()
+    root.addHandler(writer)
+    root.setLevel(level.upper())
 
 
-def reopen_log_file(path: str) -> None:
-    """Point file descriptor 2 at ``path`` again (after log rotation moved the old file)."""
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+def open_log_file(path: str, owner: tuple[int, int | None] | None = None) -> int:
+    """Open (or create, mode 0640) ``path`` for appending, without following a symlink.
+
+    It must be a regular file (or a character device such as ``/dev/null``). A file created
+    here is given to ``owner`` when set (root dropping privileges later). Returns the fd.
+    """
+    flags = os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOCTTY
+    created = False
+    try:
+        fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o640)
+        created = True
+    except FileExistsError:
+        try:
+            fd = os.open(path, flags | os.O_NONBLOCK)  # O_NONBLOCK: a FIFO must not hang us
+        except OSError as error:
+            raise LogFileError(_why(path, error)) from None
+    except OSError as error:
+        raise LogFileError(_why(path, error)) from None
+    try:
+        info = os.fstat(fd)
+        if not (stat.S_ISREG(info.st_mode) or stat.S_ISCHR(info.st_mode)):
+            raise LogFileError(f"log file {path}: not a regular file")
+        if not created:
+            os.set_blocking(fd, True)
+        if created and owner is not None and os.geteuid() == 0:
+            uid, gid = owner
+            os.fchown(fd, uid, -1 if gid is None else gid)
+    except LogFileError:
+        os.close(fd)
+        raise
+    except OSError as error:
+        os.close(fd)
+        raise LogFileError(_why(path, error)) from None
+    return fd
+
+
+def _why(path: str, error: OSError) -> str:
+    if error.errno == getattr(os, "ELOOP", 40):
+        return f"log file {path}: is a symbolic link (refused)"
+    return f"log file {path}: {error.strerror or error}"
+
+
+def _redirect_stderr(fd: int) -> None:
     try:
         sys.stderr.flush()
-        os.dup2(fd, 2)
+        os.dup2(fd, 2)  # fd 2 stays inheritable (and not close-on-exec)
     finally:
         os.close(fd)
+
+
+def reopen_log_file(path: str) -> bool:
+    """Point fd 2 at ``path`` again (after log rotation moved the old file).
+
+    Never raises: if the file cannot be opened (its directory was renamed, or is not
+    writable by this user), logs why and keeps writing to the old file. Returns success.
+    """
+    flush_logs()
+    try:
+        fd = open_log_file(path)
+    except LogFileError as error:
+        log.error("cannot reopen the log file, still writing to the old one: %s", error)
+        return False
+    _redirect_stderr(fd)
+    return True

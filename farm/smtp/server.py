@@ -41,6 +41,7 @@ from farm.smtp.error_limits import JUNK_COMMANDS, ErrorLimitMixin
 from farm.smtp.framing import BodyPart, Chunk, Command, DataError, Framer, Message
 from farm.smtp.help import offered, syntax, syntax_text
 from farm.smtp.hooks import MISSING, HookTable, hook_table
+from farm.smtp.logline import MessageLine, SessionLine, log_info
 from farm.smtp.proxy import ProxyProtocolMixin, parse_networks
 from farm.smtp.replies import format_multiline, with_enhanced_code
 from farm.smtp.sasl import (
@@ -411,8 +412,8 @@ class SMTP(
             session.ssl = tls_session_info(transport)
         self.envelope = self._create_envelope()
         self._started = self.loop.time()
-        if log.isEnabledFor(logging.INFO):
-            log.info("session=%s connect peer=%s", session.id, _peer_text(session.peer))
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("session=%s connect peer=%s", session.id, _peer_text(session.peer))
         if self._proxy_timeout:
             self._expect_proxy_header()
             return
@@ -655,19 +656,25 @@ class SMTP(
         task.add_done_callback(_close_tasks.discard)
 
     def _log_disconnect(self) -> None:
+        """The session's one line, at its end (its messages had a line each)."""
         session = self.session
         counts = self._counts
-        log.info(
-            "session=%s disconnect peer=%s commands=%d accepted=%d rejected=%d bytes=%d "
-            "duration=%.3fs%s",
-            session.id if session else "-",
-            _peer_text(session.peer) if session else "-",
-            self._n_commands,
-            counts["accepted"],
-            counts["rejected"],
-            counts["bytes"],
-            (self.loop.time() - self._started) if self.loop else 0.0,
-            self._stages.session_log(session) if self._stages and session else "",
+        if session is None:
+            return
+        log_info(
+            log,
+            SessionLine(
+                session.id,
+                _peer_text(session.peer),
+                _proxy_client(session),
+                session.host_name or "",
+                self._n_commands,
+                counts["accepted"],
+                counts["rejected"],
+                counts["bytes"],
+                self._ended_how or "disconnect",
+                (self.loop.time() - self._started) if self.loop else 0.0,
+            ),
         )
 
     def pause_writing(self) -> None:
@@ -1206,20 +1213,21 @@ class SMTP(
         status = replies[0] if len(set(r[:3] for r in replies)) == 1 else "mixed"
         if log.isEnabledFor(logging.INFO):
             session = self.session
+            sid = session.id  # type: ignore[union-attr]
             n = self._counts["accepted"] + self._counts["rejected"]
-            log.info(
-                "session=%s msg=%s.%d from=<%s> rcpts=%d size=%d outcome=%s duration=%.3fs%s",
-                session.id,  # type: ignore[union-attr]
-                session.id,  # type: ignore[union-attr]
-                n,
-                (envelope.mail_from or "") if envelope else "",
-                len(envelope.rcpt_tos) if envelope else 0,
-                size,
-                status[:3],
-                self.loop.time() - self._data_started,  # type: ignore[union-attr]
-                self._stages.message_log(session, envelope)
-                if self._stages is not None and envelope is not None
-                else "",
+            log_info(
+                log,
+                MessageLine(
+                    sid,
+                    f"{sid}.{n}",
+                    _peer_text(session.peer),  # type: ignore[union-attr]
+                    _proxy_client(session),
+                    f"<{envelope.mail_from or ''}>" if envelope else "<>",
+                    len(envelope.rcpt_tos) if envelope else 0,
+                    size,
+                    status[:3],
+                    self.loop.time() - self._data_started,  # type: ignore[union-attr]
+                ),
             )
 
     # -- commands (aiosmtpd names; the docstring is the HELP syntax) -------------------------
@@ -1624,6 +1632,14 @@ def _ehlo_keywords(
     if auth is not None:
         lines.append("250-AUTH " + " ".join(auth))
     return tuple(lines)
+
+
+def _proxy_client(session: Any) -> str | None:
+    """The client's address from a valid PROXY header (None without one)."""
+    proxy = session.proxy_data
+    if proxy is None or not getattr(proxy, "valid", False):
+        return None
+    return str(getattr(proxy, "src_addr", "-"))
 
 
 def _peer_text(peer: Any) -> str:

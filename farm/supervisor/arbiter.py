@@ -441,8 +441,7 @@ class Arbiter:
                 self._reopen_logs()
 
     def _reopen_logs(self) -> None:
-        if self.config.log_file:
-            reopen_log_file(self.config.log_file)
+        if self.config.log_file and reopen_log_file(self.config.log_file):
             log.info("log file reopened")
         for pid in self.workers:
             self._kill(pid, signal.SIGUSR1)

@@ -25,7 +25,7 @@ from typing import Any, NoReturn
 from prometheus_client import CollectorRegistry, generate_latest
 
 from farm.handler_loading import HandlerLoadError, load_handler
-from farm.logs import reopen_log_file
+from farm.logs import reopen_log_file, start_batching, stop_batching
 from farm.metrics import StatsCollector, WorkerStats
 from farm.pipeline import build_stages
 from farm.scan.stage import ScanStage
@@ -86,10 +86,13 @@ def run_worker(spec: WorkerSpec) -> NoReturn:
     except SystemExit as stop:
         code = stop.code if isinstance(stop.code, int) else 1
     except BaseException:
+        with contextlib.suppress(BaseException):
+            stop_batching()  # the lines logged before the traceback come first
         traceback.print_exc()
         code = 1
     finally:
         try:
+            stop_batching()
             sys.stdout.flush()
             sys.stderr.flush()
         finally:
@@ -97,6 +100,7 @@ def run_worker(spec: WorkerSpec) -> NoReturn:
 
 
 def _worker_process(spec: WorkerSpec) -> int:
+    start_batching()
     signal.set_wakeup_fd(-1)
     for signum in (*SUPERVISOR_SIGNALS, signal.SIGUSR2):
         signal.signal(signum, signal.SIG_DFL)
@@ -484,8 +488,7 @@ class WorkerServer:
         await self.sessions.drain(max(0.0, deadline - self.loop.time()))
 
     def _reopen_logs(self) -> None:
-        if self.config.log_file:
-            reopen_log_file(self.config.log_file)
+        if self.config.log_file and reopen_log_file(self.config.log_file):
             log.info("worker %d: log file reopened", self.spec.slot)
 
     # -- the channel -----------------------------------------------------------------------

@@ -1,0 +1,301 @@
+"""The farm's log: one line per message and per session, safe against forging, batched but
+never lost on a graceful stop, JSON on request, and SIGUSR1 that never takes the farm down.
+
+Real ``farm serve`` processes, real SMTP sessions over loopback, real signals.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from farm.logs import JSONFormatter, TextFormatter, configure_logging, reopen_log_file
+from farm.smtp.logline import MessageLine, quote
+from farm.supervisor.privileges import drop_privileges, resolve_user
+from tests.farm_helpers import (
+    SMTPClient,
+    farm_env,
+    run_smtp_source,
+    send_message,
+    wait_for,
+)
+
+SINK = "farm.handlers:Sink"
+#: A token of a log line: key=bare or key="quoted with \" escapes".
+_FIELD = re.compile(r'(\w+)=("(?:[^"\\]|\\.)*"|\S*)')
+
+
+def _fields(line: str) -> list[tuple[str, str]]:
+    """The key=value fields after the logger name, in order (quoted values kept quoted)."""
+    message = line.split(": ", 1)[1]
+    return _FIELD.findall(message)
+
+
+def _smtp_lines(log: str) -> list[str]:
+    return [line for line in log.split("\n") if " farm.smtp: " in line]
+
+
+# -- quoting --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "logged"),
+    [
+        ("<a@example.com>", "<a@example.com>"),
+        ("", '""'),
+        ('<"x outcome=550"@example.com>', '"<\\"x outcome=550\\"@example.com>"'),
+        ("a\r\nb", '"a\\x0d\\x0ab"'),
+        ("a\u2028b\u2029c\x85d", '"a\\u2028b\\u2029c\\x85d"'),
+        ("caf\u00e9", '"caf\u00e9"'),
+        ("back\\slash", '"back\\\\slash"'),
+        ("\udcff", '"\\udcff"'),  # an undecodable byte, surrogate-escaped
+    ],
+)
+def test_quote_makes_one_token_of_any_value(value: str, logged: str) -> None:
+    assert quote(value) == logged
+    assert len(logged.splitlines()) == 1
+
+
+def test_text_formatter_keeps_a_record_on_its_line() -> None:
+    formatter = TextFormatter()
+    record = logging.LogRecord("farm.x", logging.INFO, "f", 1, "a\nb\u2028c", None, None)
+    line = formatter.format(record)
+    assert line.splitlines() == [line]
+    assert line.endswith(f"INFO [{os.getpid()}] farm.x: a\\x0ab\\u2028c")
+    try:
+        raise ValueError("bad\n2026-01-01 00:00:00,000 INFO [1] farm.smtp: forged")
+    except ValueError:
+        record = logging.LogRecord("farm.x", logging.ERROR, "f", 1, "boom", None, sys.exc_info())
+    lines = formatter.format(record).split("\n")
+    assert lines[0].endswith("farm.x: boom")
+    assert all(part.startswith("    ") for part in lines[1:])  # a traceback never starts a record
+
+
+def test_json_formatter_writes_the_fields() -> None:
+    message = MessageLine("1f.7", "1f.7.1", "127.0.0.1:5", None, "<a\u2028@x>", 2, 25, "250", 0.25)
+    record = logging.LogRecord("farm.smtp", logging.INFO, "f", 1, message, None, None)
+    line = JSONFormatter().format(record)
+    assert line.isascii() and len(line.splitlines()) == 1
+    data = json.loads(line)
+    assert data["event"] == "message"
+    assert (data["from"], data["rcpts"], data["outcome"], data["duration"]) == (
+        "<a\u2028@x>",
+        2,
+        "250",
+        0.25,
+    )
+    assert "client" not in data
+    assert {"time", "level", "pid", "logger", "session", "msg", "peer", "size"} <= set(data)
+
+
+# -- a real farm ----------------------------------------------------------------------------------
+
+
+def test_client_values_cannot_forge_fields_or_records(farms: Any) -> None:
+    """The attack of issue 12: a quoted local part carrying ``outcome=550`` and a U+2028."""
+    farm = farms.start("--handler", SINK, workers=1)
+    farm.wait_ready(1)
+    evil = '"x outcome=550\u20282026-01-01 00:00:00,000 INFO [1] farm.smtp: session=forged"'
+    client = SMTPClient(farm.port)
+    try:
+        assert client.reply().startswith("220")
+        assert client.command("EHLO evil outcome=550\u2028host").startswith("250")
+        assert client.command(f"MAIL FROM:<{evil}@example.com> SMTPUTF8").startswith("250")
+        assert client.command("RCPT TO:<b@example.com>").startswith("250")
+        assert client.command("DATA").startswith("354")
+        assert client.command("Subject: x\r\n\r\nhi\r\n.").startswith("250")
+        client.command("QUIT")
+    finally:
+        client.close()
+    match = farm.wait_log(r'farm\.smtp: session=(\S+) peer=\S+ helo="evil')
+    session = match[1]
+    log = farm.log()
+    # splitlines() splits at U+2028 too: no record may start with the forged text.
+    assert not [line for line in log.splitlines() if line.startswith("2026-01-01")]
+    mine = [line for line in _smtp_lines(log) if f"session={session} " in line]
+    assert len(mine) == 2, mine  # one line for the message, one for the session
+    message, whole = mine
+    fields = _fields(message)
+    assert [key for key, _ in fields] == [
+        "session",
+        "msg",
+        "peer",
+        "from",
+        "rcpts",
+        "size",
+        "outcome",
+        "duration",
+    ]
+    assert dict(fields)["outcome"] == "250"
+    assert dict(fields)["from"].startswith('"<\\"x outcome=550\\u2028')
+    assert dict(_fields(whole))["helo"] == '"evil outcome=550\\u2028host"'
+
+
+def test_json_log_format(farms: Any, tmp_path: Path) -> None:
+    farm = farms.start("--handler", SINK, "--log-format", "json", workers=1, metrics=False)
+    farm.wait_ready(1)
+    assert send_message(farm.port, "b@example.com").startswith("250")
+
+    def events() -> list[dict[str, Any]]:
+        return [json.loads(line) for line in farm.log().splitlines() if line.startswith("{")]
+
+    found = wait_for(
+        lambda: [e for e in events() if e.get("event") == "session" and e.get("accepted")],
+        what="the session event",
+    )
+    records = events()
+    lines = [line for line in farm.log().splitlines() if not line.startswith("{")]
+    assert [line.split(" pid ")[0] for line in lines] == ["farm: supervisor"]  # (printed)
+    [message] = [e for e in records if e.get("event") == "message"]
+    assert (message["from"], message["rcpts"], message["outcome"]) == (
+        "<sender@client.test>",
+        1,
+        "250",
+    )
+    assert message["session"] == found[0]["session"] == message["msg"].rsplit(".", 1)[0]
+    assert found[0]["helo"] == "client.test" and found[0]["end"] == "quit"
+    assert any(e.get("message", "").startswith("farm ready") for e in records)
+
+
+def test_lines_are_flushed_without_more_traffic_and_none_lost_on_stop(farms: Any) -> None:
+    farm = farms.start("--handler", SINK, workers=2)
+    farm.wait_ready(2)
+    assert send_message(farm.port, "b@example.com").startswith("250")
+    # Written by the flusher within FLUSH_INTERVAL, not held until more lines come.
+    farm.wait_log(r"farm\.smtp: session=\S+ msg=\S+ .* outcome=250")
+    done = run_smtp_source(farm.port, "-s", "10", "-m", "300", "-c", timeout=120)
+    assert done.returncode == 0, done.stderr
+    farm.signal(signal.SIGTERM)  # at once: lines may still be buffered in the workers
+    assert farm.wait_exit() == 0
+    messages = [line for line in _smtp_lines(farm.log()) if " msg=" in line]
+    assert len(messages) == 301
+
+
+def test_usr1_survives_a_log_file_that_cannot_be_reopened(farms: Any, tmp_path: Path) -> None:
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    # The runner's own --log-file is off: this one lives in a directory that gets renamed.
+    farm = farms.start(
+        "--handler", SINK, "--log-file", str(logs / "farm.log"), log_file=False, wait=False
+    )
+    farm.log_path = logs / "farm.log"
+    farms.wait_banner(farm)
+    before = farm.wait_ready(2)
+    moved = tmp_path / "moved"
+    logs.rename(moved)  # the log directory is gone: reopening by name must fail
+    farm.log_path = moved / "farm.log"  # where fd 2 still writes
+    farm.signal(signal.SIGUSR1)
+    failed = r"\[(\d+)\] farm\.logs: cannot reopen the log file, still writing to the old one"
+
+    def everyone_said_so() -> bool:
+        said = {int(pid) for pid in re.findall(failed, farm.log())}
+        return said == {farm.pid, *before.values()}
+
+    wait_for(everyone_said_so, what="the supervisor and both workers logging the failure")
+    assert send_message(farm.port, "b@example.com").startswith("250")  # still serving
+    farm.wait_log(r"farm\.smtp: session=\S+ msg=")
+    assert farm.slots() == before  # no worker died
+    # Once the directory is back, the next USR1 reopens it.
+    moved.rename(logs)
+    farm.log_path = logs / "farm.log"
+    farm.signal(signal.SIGUSR1)
+    farm.wait_log(r"farm\.supervisor: log file reopened")
+    farm.signal(signal.SIGTERM)
+    assert farm.wait_exit() == 0
+
+
+def test_log_file_symlink_is_refused(tmp_path: Path) -> None:
+    target = tmp_path / "precious"
+    target.write_text("keep me\n")
+    link = tmp_path / "farm.log"
+    link.symlink_to(target)
+    proc = _farm("--log-file", str(link), cwd=tmp_path)
+    assert proc.returncode == 1
+    assert proc.stderr == f"farm: log file {link}: is a symbolic link (refused)\n"
+    assert target.read_text() == "keep me\n"
+
+
+# -- privileges -----------------------------------------------------------------------------------
+
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to drop privileges")
+
+
+@needs_root
+def test_log_file_is_created_for_the_user_and_reopened_after_the_drop(tmp_path: Path) -> None:
+    """With ``user =``, the file created before the drop is the user's: USR1 can reopen it."""
+    logs = _world_dir()
+    path = logs / "farm.log"
+    uid, gid = resolve_user("nobody")
+
+    def child() -> str:
+        configure_logging("INFO", str(path), owner=(uid, gid))  # as root, like farm serve
+        drop_privileges("nobody", None)
+        ok = reopen_log_file(str(path))  # what SIGUSR1 does, as the user
+        logging.getLogger("farm.test").info("after the reopen")
+        logging.shutdown()
+        return f"{ok}"
+
+    try:
+        code, message = _in_child(child)
+        assert (code, message) == (0, "True")
+        info = path.stat()
+        assert (info.st_uid, info.st_gid, stat.S_IMODE(info.st_mode)) == (uid, gid, 0o640)
+        assert "farm.test: after the reopen" in path.read_text()
+    finally:
+        shutil.rmtree(logs)
+
+
+def _world_dir() -> Path:
+    """A directory ``nobody`` can enter and write (pytest's tmp dirs are 0700)."""
+    directory = Path(tempfile.mkdtemp(prefix="farm-logs-"))
+    directory.chmod(0o777)
+    return directory
+
+
+def _in_child(body: Any) -> tuple[int, str]:
+    """Run ``body`` in a forked child; its exit status and the string it returned."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 0
+        try:
+            os.close(read_end)
+            message = body()
+        except BaseException as error:
+            code, message = 1, f"{type(error).__name__}: {error}"
+        try:
+            os.write(write_end, message.encode())
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        message = pipe.read().decode()
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status), message
+
+
+def _farm(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """``farm serve`` that is expected to stop by itself at start-up."""
+    return subprocess.run(
+        [sys.executable, "-m", "farm", "serve", "-b", "127.0.0.1:0", "-w", "1", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=cwd,
+        env=farm_env(),
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
