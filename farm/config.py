@@ -30,7 +30,7 @@ from types import MappingProxyType
 from typing import Any
 
 from farm.addresses import Address, parse_address
-from farm.limits import DEFAULT_EXEMPT, ClientLimits
+from farm.limits import DEFAULT_EXEMPT, DEFAULT_IPV6_PREFIX, ClientLimits
 from farm.resolver import parse_nameserver
 from farm.scan.milter import parse_milter_address
 from farm.screening.sites import parse_site
@@ -199,6 +199,12 @@ def _log_level(key: str, value: Any) -> str:
     if not isinstance(value, str) or value.upper() not in LOG_LEVELS:
         raise _expected(key, f"one of {', '.join(LOG_LEVELS)}", value)
     return value.upper()
+
+
+def _ipv6_prefix(key: str, value: Any) -> int:
+    if not _is_int(value) or not 1 <= value <= 128:
+        raise _expected(key, "an integer from 1 to 128", value)
+    return int(value)
 
 
 def _log_format(key: str, value: Any) -> str:
@@ -452,6 +458,8 @@ class LimitSettings:
     exempt_networks: tuple[str, ...] = field(
         default=DEFAULT_EXEMPT, metadata=_checked(_network_list)
     )
+    #: IPv6 clients are counted per network of this many bits (1-128; 128: per address).
+    ipv6_prefix: int = field(default=DEFAULT_IPV6_PREFIX, metadata=_checked(_ipv6_prefix))
 
     def __post_init__(self) -> None:
         _validate(self, "limits.")

@@ -4,8 +4,9 @@ an AUTH-failure rate per client address.
 :class:`Anvil` holds the counters (no I/O, an injectable clock). Rates are token buckets: a
 client may send ``messages_per_ip`` messages at once, then one more each ``interval /
 messages_per_ip`` seconds; AUTH failures likewise. :class:`LocalLimiter` puts an Anvil behind
-the engine's ``limiter`` interface for one process (a Controller); a farm shares one Anvil in
-its supervisor so that the limits hold across all workers (``farm.supervisor.anvil``).
+the engine's ``limiter`` interface for one process (a Controller); a farm keeps the same
+counters in a table in shared memory that every worker updates itself, so that the limits hold
+across all workers (``farm.supervisor.anvil``).
 
 The engine (``farm.smtp.SMTP(limiter=...)``) asks at these points, for the client address
 (the PROXY header's source when the proxy is trusted, else the peer):
@@ -18,11 +19,14 @@ The engine (``farm.smtp.SMTP(limiter=...)``) asks at these points, for the clien
   ``auth_succeeded``, so the allowance counts failures.
 
 Clients in ``exempt_networks`` (loopback by default, as Postfix exempts ``$mynetworks``) are
-never counted; ``key`` returns None for them and the engine skips every check.
+never counted; ``key`` returns None for them and the engine skips every check. IPv6 clients are
+counted per network of ``ipv6_prefix`` bits (64 by default): a host that owns a /64 has 2**64
+addresses to pick from, so one per address would be no limit at all.
 """
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import time
 from collections.abc import Callable
@@ -50,6 +54,9 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 DEFAULT_EXEMPT = ("127.0.0.0/8", "::1/128")
 #: The key shared by sessions whose PROXY header carried no usable source address.
 UNKNOWN_CLIENT = "unknown"
+DEFAULT_IPV6_PREFIX = 64
+#: Addresses whose key a limiter remembers (then it forgets them all and starts again).
+KEY_CACHE = 4096
 #: The Anvil forgets idle clients in a sweep at most this often (seconds).
 SWEEP_INTERVAL = 10.0
 
@@ -80,6 +87,9 @@ class ClientLimits:
     interval: float = 60.0
     #: Client networks never limited.
     exempt_networks: tuple[str, ...] = DEFAULT_EXEMPT
+    #: IPv6 clients are counted per network of this prefix length (one site's /64 is one
+    #: client); 128 counts each address alone.
+    ipv6_prefix: int = DEFAULT_IPV6_PREFIX
     _networks: tuple[Network, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -87,6 +97,9 @@ class ClientLimits:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be an integer >= 0, not {value!r}")
+        prefix = self.ipv6_prefix
+        if isinstance(prefix, bool) or not isinstance(prefix, int) or not 1 <= prefix <= 128:
+            raise ValueError(f"ipv6_prefix must be an integer from 1 to 128, not {prefix!r}")
         if not self.interval > 0:
             raise ValueError(f"interval must be > 0, not {self.interval!r}")
         networks = tuple(ipaddress.ip_network(str(n), strict=False) for n in self.exempt_networks)
@@ -122,10 +135,7 @@ def client_address(peer: Any, proxy_data: Any = None) -> IPAddress | None:
         host = peer[0] if isinstance(peer, tuple | list) and peer else None
         if not isinstance(host, str):
             return None
-        try:
-            address = ipaddress.ip_address(host.split("%", 1)[0])
-        except ValueError:
-            return None
+        return _host_address(host)
     return unmapped(address)
 
 
@@ -137,6 +147,15 @@ def session_key(limiter: Limiter, peer: Any, proxy_data: Any = None) -> str | No
     if address is None and proxy_data is not None:
         return UNKNOWN_CLIENT if limiter.limits.active else None
     return limiter.key(address)
+
+
+@functools.lru_cache(maxsize=KEY_CACHE)
+def _host_address(host: str) -> IPAddress | None:
+    """A socket peer's host text as an address (parsed once per address, not per session)."""
+    try:
+        return unmapped(ipaddress.ip_address(host.split("%", 1)[0]))
+    except ValueError:
+        return None
 
 
 def unmapped(address: IPAddress) -> IPAddress:
@@ -269,12 +288,29 @@ class Limiter:
 
     def __init__(self, limits: ClientLimits) -> None:
         self.limits = limits
+        self._keys: dict[IPAddress, str | None] = {}
 
     def key(self, address: IPAddress | None) -> str | None:
-        """The counter key of a client, or None when it is not limited at all."""
-        if address is None or not self.limits.active or self.limits.exempt(address):
+        """The counter key of a client (its address, or its IPv6 network of ``ipv6_prefix``
+        bits), or None when it is not limited at all."""
+        if address is None:
             return None
-        return str(address)
+        keys = self._keys
+        try:
+            return keys[address]
+        except KeyError:
+            pass
+        limits = self.limits
+        key: str | None = None
+        if limits.active and not limits.exempt(address):
+            key = str(address)
+            if address.version == 6 and limits.ipv6_prefix < 128:
+                network = ipaddress.IPv6Network((address, limits.ipv6_prefix), strict=False)
+                key = str(network)
+        if len(keys) >= KEY_CACHE:
+            keys.clear()
+        keys[address] = key
+        return key
 
     @property
     def counts_messages(self) -> bool:

@@ -341,48 +341,42 @@ def test_unknown_command_limit(make_controller: Any, handler: Any) -> None:
     client.close()
 
 
-def test_leased_messages_never_exceed_the_farm_wide_limit() -> None:
-    """Two workers' limiters wired to one supervisor-side AnvilService, in one loop."""
-    import asyncio
-
-    from farm.supervisor.anvil import AnvilService, ChannelLimiter
+def test_messages_never_exceed_the_farm_wide_limit() -> None:
+    """Two forked processes (as two workers) taking messages from one shared table at once."""
+    from farm.supervisor.anvil import AnvilTable, SharedLimiter
 
     limits = ClientLimits(sessions_per_ip=0, messages_per_ip=100, exempt_networks=())
-    service = AnvilService(limits)
+    table = AnvilTable()
+    children = []
+    for _ in range(2):
+        read_end, write_end = os.pipe()
+        region = table.new_region()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child
+            code = 1
+            try:
+                import asyncio
 
-    async def scenario() -> tuple[int, int, float]:
-        loop = asyncio.get_running_loop()
-        workers: list[ChannelLimiter] = []
+                limiter = SharedLimiter(limits, table, region)
 
-        def wire(pid: int) -> ChannelLimiter:
-            def deliver(messages: list[dict[str, Any]]) -> None:
-                for message in messages:
-                    answer = service.handle(pid, message)
-                    if answer is not None:
-                        loop.call_soon(workers[pid].on_answer, answer)
+                async def take(limiter: SharedLimiter = limiter) -> int:
+                    return sum([await limiter.count_message("192.0.2.1") for _ in range(150)])
 
-            return ChannelLimiter(limits, deliver, loop)
-
-        workers.extend([wire(0), wire(1)])
-        assert workers[0].lease == 5
-        assert all([await w.open_session("192.0.2.1") for w in workers])
-        sent = 0
-        for i in range(150):  # alternate workers; only 100 may pass
-            sent += await workers[i % 2].count_message("192.0.2.1")
-        refused_everywhere = not any([await w.count_message("192.0.2.1") for w in workers])
-        for worker in workers:
-            worker.close_session("192.0.2.1")
-        deadline = loop.time() + WAIT  # closes are notices: they go out within NOTICE_DELAY
-        while service.anvil.sessions and loop.time() < deadline:
-            await asyncio.sleep(0.01)
-        bucket = service.anvil._messages["192.0.2.1"]
-        return sent, refused_everywhere, bucket.tokens
-
-    sent, refused, tokens = asyncio.run(scenario())
-    assert sent == 100
-    assert refused
-    assert tokens < 1  # everything leased was used: nothing to give back
-    assert service.anvil.sessions == {}
+                os.write(write_end, str(asyncio.run(take())).encode())
+                code = 0
+            finally:
+                os._exit(code)
+        os.close(write_end)
+        table.adopt(pid, region)
+        children.append((pid, read_end))
+    sent = []
+    for pid, read_end in children:
+        with os.fdopen(read_end, "rb") as pipe:
+            sent.append(int(pipe.read() or b"-1"))
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        table.worker_gone(pid)
+    assert sum(sent) == 100, sent  # whoever asked first, never more than the limit
 
 
 def test_parallel_sessions_cannot_multiply_the_auth_allowance(
@@ -422,66 +416,45 @@ def test_parallel_sessions_cannot_multiply_the_auth_allowance(
         client.close()
 
 
-def test_a_client_gone_while_its_admission_is_answered_gives_its_session_back() -> None:
-    """The supervisor's yes and the client's RST in the same loop turn: nothing may leak."""
+def test_a_client_gone_at_once_gives_its_session_back() -> None:
+    """Clients that reset right after connecting: their admissions are all given back."""
     import asyncio
 
     from farm.smtp import SMTP
-    from farm.supervisor.anvil import AnvilService, ChannelLimiter
+    from farm.supervisor.anvil import AnvilTable, SharedLimiter
 
     limits = ClientLimits(sessions_per_ip=2, exempt_networks=())
-    service = AnvilService(limits)
+    table = AnvilTable()
+    limiter = SharedLimiter(limits, table, table.new_region())
 
     async def scenario() -> str:
         loop = asyncio.get_running_loop()
-        protocols: list[SMTP] = []
-        aborted = asyncio.Event()
+        closed = asyncio.Event()
 
-        def answer_then_reset(messages: list[dict[str, Any]]) -> None:
-            for message in messages:
-                answer = service.handle(1, message)
-                if answer is not None:
+        class Closing(SMTP):
+            def connection_lost(self, exc: Exception | None) -> None:
+                super().connection_lost(exc)
+                closed.set()
 
-                    def deliver(answer: dict[str, Any] = answer) -> None:
-                        limiter.on_answer(answer)
-                        protocols[-1].transport.abort()  # type: ignore[union-attr]
-                        aborted.set()
-
-                    loop.call_soon(deliver)
-
-        limiter = ChannelLimiter(limits, answer_then_reset, loop)
-
-        def factory() -> SMTP:
-            protocols.append(SMTP(object(), limiter=limiter, hostname="farm.test"))
-            return protocols[-1]
-
-        server = await loop.create_server(factory, "127.0.0.1", 0)
+        server = await loop.create_server(
+            lambda: Closing(object(), limiter=limiter, hostname="farm.test"), "127.0.0.1", 0
+        )
         port = server.sockets[0].getsockname()[1]
         for _ in range(3):  # more than the limit
-            aborted.clear()
+            closed.clear()
             _, writer = await asyncio.open_connection("127.0.0.1", port)
-            await asyncio.wait_for(aborted.wait(), WAIT)
-            writer.close()
-        deadline = loop.time() + WAIT  # closes are notices, sent within NOTICE_DELAY
-        while service.anvil.sessions and loop.time() < deadline:
-            await asyncio.sleep(0.01)
-
-        def answer(messages: list[dict[str, Any]]) -> None:
-            for message in messages:
-                reply = service.handle(1, message)
-                if reply is not None:
-                    loop.call_soon(limiter.on_answer, reply)
-
-        limiter._send_many = answer
+            writer.transport.abort()  # an RST at once
+            await asyncio.wait_for(closed.wait(), WAIT)
+        assert table.sessions("127.0.0.1") == 0
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         greeting = await asyncio.wait_for(reader.readline(), WAIT)
+        assert table.sessions("127.0.0.1") == 1
         writer.close()
         server.close()
         return greeting.decode()
 
     greeting = asyncio.run(scenario())
     assert greeting.startswith("220 "), greeting
-    assert service.anvil.sessions.get("127.0.0.1", 0) <= 1
 
 
 class SlowLimiter(LocalLimiter):
@@ -533,3 +506,76 @@ def test_early_talker_after_a_proxy_header(make_controller: Any) -> None:
     patient.send("PROXY TCP4 198.51.100.7 192.0.2.25 40000 25\r\n")
     assert patient.reply().startswith("220 ")
     patient.close()
+
+
+# -- IPv6 clients per prefix (issue 12, item 13) --------------------------------------------------
+
+
+def test_ipv6_key_is_the_prefix() -> None:
+    from farm.limits import Limiter
+
+    limiter = Limiter(ClientLimits(exempt_networks=()))
+    assert limiter.key(ipaddress.ip_address("2001:db8:0:1:aaaa::1")) == "2001:db8:0:1::/64"
+    assert limiter.key(ipaddress.ip_address("192.0.2.1")) == "192.0.2.1"
+    alone = Limiter(ClientLimits(exempt_networks=(), ipv6_prefix=128))
+    assert alone.key(ipaddress.ip_address("2001:db8::1")) == "2001:db8::1"
+    with pytest.raises(ValueError, match="ipv6_prefix"):
+        ClientLimits(ipv6_prefix=0)
+
+
+def test_ipv6_clients_of_one_prefix_share_the_limit_across_workers(
+    farms: Any, tmp_path: Path
+) -> None:
+    """Clients behind a trusted PROXY sender, from one /64: one client for the limits."""
+    config = toml_config(
+        tmp_path / "farm.toml",
+        {"handler": "tests.handlers.proxied:ProxiedCounting", "max_sessions": 1},
+        handler_args={"path": str(tmp_path / "out")},
+        smtp={"proxy_protocol_timeout": 5, "proxy_trusted_networks": ["127.0.0.1/32"]},
+        limits={"sessions_per_ip": 1, "exempt_networks": []},
+    )
+    farm = farms.start(config=config, workers=2)
+    farm.wait_metric("farm_workers_ready", 2)  # (a greeting needs a PROXY header here)
+
+    def via_proxy(source: str) -> tuple[SMTPClient, str]:
+        client = SMTPClient(farm.port)
+        client.send(f"PROXY TCP6 {source} 2001:db8::25 40000 25\r\n")
+        return client, client.reply()
+
+    first, reply = via_proxy("2001:db8:0:1::1")
+    assert reply.startswith("220 "), reply
+    # max_sessions = 1: the other worker serves the next one; the limit is farm-wide.
+    second, reply = via_proxy("2001:db8:0:1:ffff::2")
+    assert reply.startswith("421 4.7.0 ") and "from 2001:db8:0:1::/64" in reply, reply
+    third, reply = via_proxy("2001:db8:0:2::1")  # another /64: another client
+    assert reply.startswith("220 "), reply
+    for client in (first, second, third):
+        client.close()
+
+
+def test_ipv6_prefix_setting(make_controller: Any, tmp_path: Path) -> None:
+    path = toml_config(tmp_path / "farm.toml", {}, limits={"ipv6_prefix": 56})
+    assert load_config(path).limits.client_limits().ipv6_prefix == 56
+    bad = toml_config(tmp_path / "bad.toml", {}, limits={"ipv6_prefix": 129})
+    with pytest.raises(ConfigError, match=r"limits\.ipv6_prefix: expected an integer from 1"):
+        load_config(bad)
+
+    class ProxyHandler:
+        async def handle_PROXY(self, server: Any, session: Any, envelope: Any, data: Any) -> bool:
+            return True
+
+    limiter = LocalLimiter(sessions_per_ip=1, exempt_networks=(), ipv6_prefix=128)
+    controller = make_controller(
+        ProxyHandler(),
+        limiter=limiter,
+        proxy_protocol_timeout=5.0,
+        proxy_trusted_networks=["127.0.0.1/32"],
+    )
+    clients = []
+    for source in ("2001:db8::1", "2001:db8::2"):  # per address: two clients
+        client = SMTPClient(controller.port)
+        client.send(f"PROXY TCP6 {source} 2001:db8::25 40000 25\r\n")
+        assert client.reply().startswith("220 ")
+        clients.append(client)
+    for client in clients:
+        client.close()

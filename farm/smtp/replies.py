@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 
 _HAS_ENHANCED = re.compile(r"[245]\.\d{1,3}\.\d{1,3}(?: |$)")
@@ -59,10 +60,12 @@ def format_multiline(text: str) -> str:
     return "\r\n".join(out)
 
 
+@functools.lru_cache(maxsize=1024)
 def with_enhanced_code(text: str, verb: str | None = None) -> str:
     """Add an enhanced status code to every line of ``text`` that lacks one.
 
     Replies of class 3 (``334``, ``354``) carry none (RFC 3463 defines classes 2, 4 and 5).
+    Cached: a server sends the same few replies over and over.
     """
     if "\n" in text:
         return "\r\n".join(with_enhanced_code(line, verb) for line in text.split("\r\n"))

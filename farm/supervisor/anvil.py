@@ -1,231 +1,384 @@
-"""Per-client-IP limits across the farm: one :class:`farm.limits.Anvil` in the supervisor.
+"""Per-client-IP limits across the farm: one table of counters in shared memory.
 
-Workers ask over their channel (``{"t": "anvil", "op": ..., "ip": ..., "id": n}``) and the
-supervisor answers ``{"t": "anvil", "id": n, "ok": bool}``; ``close`` and ``authfail`` are
-one-way. The supervisor remembers which worker holds which sessions, so the sessions of a
-worker that died are given back at once. A worker whose question is not answered within
-``ANSWER_TIMEOUT`` lets the client in (an MX must not refuse mail because its own bookkeeping
-is slow) and logs a warning.
+The supervisor maps the table (:class:`AnvilTable`, a ``memfd`` of :data:`TABLE_SLOTS` slots of
+64 octets) before it forks any worker, so every worker of every generation sees the same
+counters; each worker's limiter (:class:`SharedLimiter`) reads and updates them itself, with no
+round trip to the supervisor. Every change happens under an ``fcntl`` lock on the table's file:
+exact counts whatever the number of workers (a client cannot multiply its allowance by it), and
+a worker that dies holding the lock releases it with its death (the kernel drops the locks of
+a process that exits, even by SIGKILL).
+
+A slot holds a client key (an IPv4 address, or an IPv6 address or prefix), its session count
+and two token buckets (messages, AUTH attempts), with the same arithmetic as
+:class:`farm.limits.Anvil`. Slots are found by open addressing from a hash of the key (Python's
+keyed string hash, the same in every process forked from the supervisor, so a client cannot
+aim at collisions); a slot whose client has no session and full buckets may be taken by
+another client. When the :data:`PROBES` slots a key may use are all busy, that client is let in
+uncounted (an MX should not refuse mail because its own bookkeeping is full) and a warning is
+logged.
+
+Giving back a dead worker's sessions: each worker also has a private region (one counter per
+slot, also mapped by the supervisor before that worker's fork) of the sessions it holds; when
+the supervisor reaps a worker it subtracts what that region still holds.
 """
 
 from __future__ import annotations
 
-import asyncio
+import fcntl
+import ipaddress
 import logging
+import mmap
+import os
+import time
 from collections import Counter
 from collections.abc import Callable
-from typing import Any
 
-from farm.limits import Anvil, ClientLimits, Limiter
+from farm.limits import ClientLimits, Limiter
+
+lockf = fcntl.lockf
+LOCK_EX, LOCK_UN = fcntl.LOCK_EX, fcntl.LOCK_UN
+
+__all__ = ["PROBES", "TABLE_SLOTS", "AnvilTable", "SharedLimiter", "TableKey"]
 
 log = logging.getLogger("farm.anvil")
 
-ANSWER_TIMEOUT = 2.0
-#: Seconds a one-way notice (a session closed) may wait to go out with other messages.
-NOTICE_DELAY = 0.02
-#: The most messages a worker leases for one client at a time.
-MAX_LEASE = 8
-#: At most one "no answer" warning per this many seconds.
+#: Slots in the table (a power of two): 4 MiB of shared memory.
+TABLE_SLOTS = 65536
+#: Slots a key may occupy, from its hash on.
+PROBES = 32
+#: Words (8 octets) per slot: tag, address high, address low, sessions, then the buckets.
+_WORDS = 8
+_TAG, _HIGH, _LOW, _SESSIONS, _MSG_TOKENS, _MSG_STAMP, _AUTH_TOKENS, _AUTH_STAMP = range(8)
+#: At most one "table full" warning per this many seconds.
 WARN_INTERVAL = 10.0
 
+#: A client's place in the table: (hash, tag, high 64 bits, low 64 bits); tag 4 or 6 | prefix.
+TableKey = tuple[int, int, int, int]
 
-class AnvilService:
-    """The supervisor's side: the counters and which worker holds which sessions."""
 
-    def __init__(self, limits: ClientLimits) -> None:
-        self.anvil = Anvil(limits)
-        self._held: dict[int, Counter[str]] = {}
+def table_key(key: str) -> TableKey:
+    """The table key of a limiter key (``192.0.2.1``, ``2001:db8::1`` or ``2001:db8::/64``)."""
+    network = ipaddress.ip_network(key)
+    value = int(network.network_address)
+    tag = 4 if network.version == 4 else 6 | (network.prefixlen << 8)
+    return hash(key), tag, value >> 64, value & 0xFFFF_FFFF_FFFF_FFFF
 
-    def update(self, limits: ClientLimits) -> None:
-        self.anvil.update(limits)
 
-    def handle(self, pid: int, message: dict[str, Any]) -> dict[str, Any] | None:
-        """Apply one worker message; the answer to send back, if it asks a question."""
-        op, key = message.get("op"), message.get("ip")
-        if not isinstance(key, str):
-            return None
-        anvil = self.anvil
-        granted = 0
-        if op == "open":
-            ok, _ = anvil.open_session(key)
-            if ok:
-                self._held.setdefault(pid, Counter())[key] += 1
-                granted = anvil.take_messages(key, _count(message.get("lease")))
-        elif op == "close":
-            held = self._held.get(pid)
-            if held and held[key] > 0:
-                held[key] -= 1
-                if not held[key]:
-                    del held[key]
-                anvil.close_session(key)
-            anvil.return_messages(key, _count(message.get("back")))
-            return None
-        elif op == "msg":
-            granted = anvil.take_messages(key, _count(message.get("n")) or 1)
-            ok = granted > 0
-        elif op == "auth":
-            ok = anvil.take_auth(key)
-        elif op == "authok":
-            anvil.give_back_auth(key)
-            return None
+class AnvilTable:
+    """The counters, in a shared mapping; :meth:`new_region` for each worker before its fork."""
+
+    def __init__(
+        self, slots: int = TABLE_SLOTS, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        if slots < PROBES or slots & (slots - 1):
+            raise ValueError(f"slots must be a power of two >= {PROBES}")
+        self.slots = slots
+        self._mask = slots - 1
+        self._clock = clock
+        self._fd = os.memfd_create("farm-anvil", os.MFD_CLOEXEC)
+        os.ftruncate(self._fd, slots * _WORDS * 8)
+        self._map = mmap.mmap(self._fd, slots * _WORDS * 8)
+        self._words = memoryview(self._map).cast("Q")
+        self._floats = memoryview(self._map).cast("d")
+        self._regions: dict[int, mmap.mmap] = {}
+        self._warned_at = -WARN_INTERVAL
+        #: Clients let in uncounted because their slots were all busy.
+        self.overflows = 0
+
+    # -- the lock -----------------------------------------------------------------------------
+
+    def _lock(self) -> None:
+        lockf(self._fd, LOCK_EX)
+
+    def _unlock(self) -> None:
+        lockf(self._fd, LOCK_UN)
+
+    # -- slots --------------------------------------------------------------------------------
+
+    def _find(self, key: TableKey, limits: ClientLimits, now: float) -> int:
+        """The slot of ``key``, taking a free one if it has none; -1 when all are busy.
+
+        Called with the lock held."""
+        words = self._words
+        start, tag, high, low = key
+        mask = self._mask
+        free = -1
+        for probe in range(PROBES):
+            slot = (start + probe) & mask
+            base = slot * _WORDS
+            found = words[base + _TAG]
+            if found == tag and words[base + _HIGH] == high and words[base + _LOW] == low:
+                return slot
+            if found == 0:  # never used: the key is not further on
+                if free < 0:
+                    free = slot
+                break
+            if free < 0 and self._idle(base, limits, now):
+                free = slot
+        if free >= 0:
+            base = free * _WORDS
+            words[base + _TAG] = tag
+            words[base + _HIGH] = high
+            words[base + _LOW] = low
+            words[base + _SESSIONS] = 0
+            floats = self._floats
+            floats[base + _MSG_STAMP] = floats[base + _AUTH_STAMP] = 0.0  # both full
+        return free
+
+    def _idle(self, base: int, limits: ClientLimits, now: float) -> bool:
+        """No session and both buckets full again: the slot may serve another client."""
+        if self._words[base + _SESSIONS]:
+            return False
+        floats = self._floats
+        for tokens, stamp, limit in (
+            (_MSG_TOKENS, _MSG_STAMP, limits.messages_per_ip),
+            (_AUTH_TOKENS, _AUTH_STAMP, limits.auth_failures_per_ip),
+        ):
+            last = floats[base + stamp]
+            if last and limit:
+                level = floats[base + tokens] + (now - last) * limit / limits.interval
+                if level < limit:
+                    return False
+        return True
+
+    def _level(
+        self, base: int, tokens: int, stamp: int, limit: int, interval: float, now: float
+    ) -> float:
+        """Refill a bucket to ``now``; its tokens."""
+        floats = self._floats
+        last = floats[base + stamp]
+        if not last:
+            level = float(limit)
         else:
-            return None
-        return {"t": "anvil", "id": message.get("id"), "ok": ok, "granted": granted}
+            level = min(float(limit), floats[base + tokens] + (now - last) * limit / interval)
+        floats[base + stamp] = now
+        floats[base + tokens] = level
+        return level
 
-    def worker_gone(self, pid: int) -> None:
-        """A worker exited: the sessions it held are over."""
-        for key, count in (self._held.pop(pid, None) or {}).items():
-            for _ in range(count):
-                self.anvil.close_session(key)
+    def _overflow(self, now: float) -> None:
+        self.overflows += 1
+        if now - self._warned_at >= WARN_INTERVAL:
+            self._warned_at = now
+            log.warning(
+                "client limits table full around a client: it is let in uncounted "
+                "(%d such clients so far in this process)",
+                self.overflows,
+            )
+
+    # -- what the workers ask -----------------------------------------------------------------
+
+    def open_session(
+        self, key: TableKey, limits: ClientLimits, held: memoryview | None
+    ) -> tuple[int, bool]:
+        """Count a new session of ``key``: (its slot, whether a message was leased with it).
+
+        The slot is -1 when the session is refused, -2 when it is let in uncounted. With a
+        message rate, one message is taken from the client's bucket along with the session
+        (when there is one left), so that a session sending one message needs no second
+        look at the table; :meth:`close_session` gives it back if it was not used.
+        ``held``: the calling worker's region, where the session is recorded too.
+        """
+        now = self._clock()
+        lockf(self._fd, LOCK_EX)
+        try:
+            slot = self._find(key, limits, now)
+            if slot < 0:
+                self._overflow(now)
+                return -2, False
+            base = slot * _WORDS
+            words = self._words
+            sessions = words[base + _SESSIONS]
+            if limits.sessions_per_ip and sessions >= limits.sessions_per_ip:
+                return -1, False
+            if held is not None:
+                held[slot] += 1  # first: a death between the two writes over-releases none
+            words[base + _SESSIONS] = sessions + 1
+            limit = limits.messages_per_ip
+            leased = False
+            if (
+                limit
+                and self._level(base, _MSG_TOKENS, _MSG_STAMP, limit, limits.interval, now) >= 1
+            ):
+                self._floats[base + _MSG_TOKENS] -= 1
+                leased = True
+            return slot, leased
+        finally:
+            lockf(self._fd, LOCK_UN)
+
+    def close_session(
+        self, slot: int, held: memoryview | None, limits: ClientLimits, unused: int = 0
+    ) -> None:
+        """A session of the client in ``slot`` ended; ``unused`` leased messages come back."""
+        lockf(self._fd, LOCK_EX)
+        try:
+            base = slot * _WORDS
+            words = self._words
+            if words[base + _SESSIONS]:
+                words[base + _SESSIONS] -= 1
+            if held is not None and held[slot]:
+                held[slot] -= 1
+            limit = limits.messages_per_ip
+            if unused and limit:
+                floats = self._floats
+                floats[base + _MSG_TOKENS] = min(float(limit), floats[base + _MSG_TOKENS] + unused)
+        finally:
+            lockf(self._fd, LOCK_UN)
+
+    def take(self, key: TableKey, limits: ClientLimits, auth: bool = False) -> bool:
+        """Take one message (or, with ``auth``, one AUTH attempt) from the client's bucket."""
+        limit = limits.auth_failures_per_ip if auth else limits.messages_per_ip
+        if not limit:
+            return True
+        tokens, stamp = (_AUTH_TOKENS, _AUTH_STAMP) if auth else (_MSG_TOKENS, _MSG_STAMP)
+        now = self._clock()
+        self._lock()
+        try:
+            slot = self._find(key, limits, now)
+            if slot < 0:
+                self._overflow(now)
+                return True
+            base = slot * _WORDS
+            if self._level(base, tokens, stamp, limit, limits.interval, now) < 1:
+                return False
+            self._floats[base + tokens] -= 1
+            return True
+        finally:
+            self._unlock()
+
+    def give_back_auth(self, key: TableKey, limits: ClientLimits) -> None:
+        """A successful AUTH does not count."""
+        limit = limits.auth_failures_per_ip
+        if not limit:
+            return
+        now = self._clock()
+        self._lock()
+        try:
+            slot = self._find(key, limits, now)
+            if slot >= 0:
+                base = slot * _WORDS
+                level = self._level(base, _AUTH_TOKENS, _AUTH_STAMP, limit, limits.interval, now)
+                self._floats[base + _AUTH_TOKENS] = min(float(limit), level + 1)
+        finally:
+            self._unlock()
+
+    # -- what the supervisor does -------------------------------------------------------------
+
+    def new_region(self) -> mmap.mmap:
+        """A worker's region of held sessions (map it before the fork; see :meth:`adopt`)."""
+        return mmap.mmap(-1, self.slots * 4)
+
+    def adopt(self, pid: int, region: mmap.mmap) -> None:
+        """``region`` belongs to worker ``pid`` (just forked)."""
+        self._regions[pid] = region
+
+    def forget_regions(self, keep: mmap.mmap | None = None) -> None:
+        """In a worker: unmap the other workers' regions, inherited with the fork."""
+        for region in self._regions.values():
+            if region is not keep:
+                region.close()
+        self._regions = {}
+
+    def worker_gone(self, pid: int) -> int:
+        """Worker ``pid`` exited: give back the sessions it still held. Returns how many."""
+        region = self._regions.pop(pid, None)
+        if region is None:
+            return 0
+        held = memoryview(region).cast("I")
+        given = 0
+        self._lock()
+        try:
+            words = self._words
+            for slot, count in enumerate(held.tolist()):
+                if count:
+                    index = slot * _WORDS + _SESSIONS
+                    words[index] = max(0, words[index] - count)
+                    given += count
+        finally:
+            self._unlock()
+            held.release()
+            region.close()
+        return given
+
+    def sessions(self, key: str) -> int:
+        """The sessions counted for a limiter key now (for tests and checks)."""
+        found = self._lookup(table_key(key))
+        return self._words[found * _WORDS + _SESSIONS] if found >= 0 else 0
+
+    def _lookup(self, key: TableKey) -> int:
+        start, tag, high, low = key
+        words = self._words
+        for probe in range(PROBES):
+            slot = (start + probe) & self._mask
+            base = slot * _WORDS
+            found = words[base + _TAG]
+            if found == 0:
+                return -1
+            if found == tag and words[base + _HIGH] == high and words[base + _LOW] == low:
+                return slot
+        return -1
 
 
-def _count(value: Any) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+class SharedLimiter(Limiter):
+    """A worker's ``limiter``: the engine's questions, answered from the shared table.
 
-
-#: An answer: ``{"ok": bool, "granted": messages leased}``.
-Answer = dict[str, Any]
-_ALLOWED: Answer = {"ok": True, "granted": 0}
-
-
-class ChannelLimiter(Limiter):
-    """A worker's ``limiter``: the same questions, answered by the supervisor's Anvil.
-
-    Messages are leased: a session's admission brings a few messages of its client's allowance
-    along, and a MAIL beyond them asks for a few more at once; what the worker's sessions of
-    that client did not use goes back when the last of them closes. So a client sending one
-    message per connection costs one round trip per connection, and a long session one per
-    ``lease`` messages, while the farm-wide total still never exceeds the limit.
+    ``held`` is this worker's region (see :class:`AnvilTable`); None outside a farm worker.
     """
 
     def __init__(
-        self,
-        limits: ClientLimits,
-        send: Callable[[list[dict[str, Any]]], None],
-        loop: asyncio.AbstractEventLoop,
+        self, limits: ClientLimits, table: AnvilTable, held: mmap.mmap | None = None
     ) -> None:
         super().__init__(limits)
-        self._send_many = send
-        self._loop = loop
-        #: Messages queued in this loop iteration, written together (one system call).
-        self._outgoing: list[dict[str, Any]] = []
-        #: Questions asked: id -> (the answer's future, when to stop waiting, op, client).
-        self._pending: dict[int, tuple[asyncio.Future[Answer], float, str, str]] = {}
-        self._expiry: asyncio.TimerHandle | None = None
-        self._flush_soon = False
-        self._flush_later: asyncio.TimerHandle | None = None
-        self._next_id = 0
-        self._warned_at = -WARN_INTERVAL
-        limit = limits.messages_per_ip
-        self.lease = max(1, min(MAX_LEASE, limit // 20)) if limit else 0
-        #: This worker's sessions and unused leased messages, per client.
-        self._sessions: Counter[str] = Counter()
-        self._allowance: Counter[str] = Counter()
+        self.table = table
+        self._held = memoryview(held).cast("I") if held is not None else None
+        self._table_keys: dict[str, TableKey] = {}
+        #: This worker's open sessions per key, and the slot that holds them.
+        self._open: Counter[str] = Counter()
+        self._slots: dict[str, int] = {}
+        #: Messages leased with this worker's sessions and not used yet, per key.
+        self._leased: Counter[str] = Counter()
 
-    def _send(self, message: dict[str, Any], urgent: bool = True) -> None:
-        """Queue a message: a question goes out at the end of this loop turn, a notice (a
-        session closed) with the next question or within NOTICE_DELAY, whichever comes first,
-        which saves the supervisor a wake-up per connection."""
-        self._outgoing.append(message)
-        if urgent:
-            if not self._flush_soon:
-                self._flush_soon = True
-                self._loop.call_soon(self._flush)
-        elif self._flush_later is None and not self._flush_soon:
-            self._flush_later = self._loop.call_later(NOTICE_DELAY, self._flush)
-
-    def _flush(self) -> None:
-        self._flush_soon = False
-        if self._flush_later is not None:
-            self._flush_later.cancel()
-            self._flush_later = None
-        outgoing, self._outgoing = self._outgoing, []
-        if outgoing:
-            self._send_many(outgoing)
-
-    def on_answer(self, message: dict[str, Any]) -> None:
-        """An answer from the supervisor (a late one is dropped)."""
-        entry = self._pending.pop(message.get("id", -1), None)  # type: ignore[arg-type]
-        if entry is None:
-            return
-        future, _, op, key = entry
-        if not future.done():
-            future.set_result(message)
-        elif future.cancelled() and op == "open" and self._opened(message, key):
-            self.close_session(key)  # the client left while we asked
-
-    def _ask(self, op: str, key: str, **extra: Any) -> asyncio.Future[Answer]:
-        self._next_id += 1
-        future = self._loop.create_future()
-        self._pending[self._next_id] = (future, self._loop.time() + ANSWER_TIMEOUT, op, key)
-        self._send({"t": "anvil", "op": op, "ip": key, "id": self._next_id, **extra})
-        if self._expiry is None:
-            self._expiry = self._loop.call_later(ANSWER_TIMEOUT, self._expire)
-        return future
-
-    def _expire(self) -> None:
-        """Questions unanswered for ANSWER_TIMEOUT are allowed (one timer for all of them)."""
-        self._expiry = None
-        now = self._loop.time()
-        expired = [
-            ident
-            for ident, (future, deadline, op, _) in self._pending.items()
-            if deadline <= now and not (op == "open" and future.cancelled())
-        ]  # an "open" whose client left stays: a late yes must still be given back
-        for ident in expired:
-            future = self._pending.pop(ident)[0]
-            if not future.done():
-                future.set_result(_ALLOWED)
-        if expired and now - self._warned_at >= WARN_INTERVAL:
-            self._warned_at = now
-            log.warning("no answer from the supervisor's anvil within %.0fs", ANSWER_TIMEOUT)
-        waiting = [entry[1] for entry in self._pending.values() if not entry[0].done()]
-        if waiting:
-            self._expiry = self._loop.call_at(min(waiting), self._expire)
+    def _table_key(self, key: str) -> TableKey:
+        found = self._table_keys.get(key)
+        if found is None:
+            if len(self._table_keys) > 4096:
+                self._table_keys.clear()
+            found = self._table_keys[key] = table_key(key)
+        return found
 
     async def open_session(self, key: str) -> bool:
-        future = self._ask("open", key, lease=self.lease)
-        try:
-            answer = await future
-        except asyncio.CancelledError:
-            # The client left. If the answer had come already (same loop turn), give back
-            # what it granted; if not, on_answer does when it comes.
-            if future.done() and not future.cancelled() and self._opened(future.result(), key):
-                self.close_session(key)
-            raise
-        return self._opened(answer, key)
-
-    def _opened(self, answer: Answer, key: str) -> bool:
-        if not answer.get("ok"):
+        slot, leased = self.table.open_session(self._table_key(key), self.limits, self._held)
+        if slot == -1:
             return False
-        self._sessions[key] += 1
-        self._allowance[key] += _count(answer.get("granted"))
+        if slot >= 0:
+            self._open[key] += 1
+            self._slots[key] = slot
+            if leased:
+                self._leased[key] += 1
         return True
 
     def close_session(self, key: str) -> None:
-        message: dict[str, Any] = {"t": "anvil", "op": "close", "ip": key}
-        self._sessions[key] -= 1
-        if self._sessions[key] <= 0:
-            del self._sessions[key]
-            unused = self._allowance.pop(key, 0)
-            if unused:
-                message["back"] = unused
-        self._send(message, urgent=False)
+        slot = self._slots.get(key)
+        if slot is None:
+            return  # let in uncounted
+        still_open = self._open[key] - 1
+        unused = self._leased[key] - still_open  # at most one lease per open session stays
+        if unused > 0:
+            self._leased[key] -= unused
+        self.table.close_session(slot, self._held, self.limits, max(0, unused))
+        if still_open > 0:
+            self._open[key] = still_open
+        else:
+            del self._open[key], self._slots[key]
+            self._leased.pop(key, None)
 
     async def count_message(self, key: str) -> bool:
-        if self._allowance[key] > 0:
-            self._allowance[key] -= 1
+        if self._leased[key] > 0:
+            self._leased[key] -= 1
             return True
-        answer = await self._ask("msg", key, n=self.lease)
-        if not answer.get("ok"):
-            return False
-        granted = _count(answer.get("granted"))
-        if granted > 1 and key in self._sessions:
-            self._allowance[key] += granted - 1
-        return True
+        return self.table.take(self._table_key(key), self.limits)
 
     async def auth_allowed(self, key: str) -> bool:
-        return bool((await self._ask("auth", key)).get("ok"))
+        return self.table.take(self._table_key(key), self.limits, auth=True)
 
     def auth_succeeded(self, key: str) -> None:
-        self._send({"t": "anvil", "op": "authok", "ip": key}, urgent=False)
+        self.table.give_back_auth(self._table_key(key), self.limits)

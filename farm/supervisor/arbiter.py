@@ -30,7 +30,7 @@ from farm.config import Config, ConfigError, load_config
 from farm.logs import reopen_log_file
 from farm.metrics import SupervisorMetrics
 from farm.pipeline import prepare_shared_state
-from farm.supervisor.anvil import AnvilService
+from farm.supervisor.anvil import AnvilTable
 from farm.supervisor.channel import Channel, ChannelClosed
 from farm.supervisor.listeners import Listener, ListenerError, bind_listeners
 from farm.supervisor.metrics_http import MetricsHTTPServer
@@ -155,7 +155,8 @@ class Arbiter:
         self._scrape_pending: set[int] | None = None
         self._scrape_deadline = 0.0
         self._scrape_id = 0
-        self.anvil = AnvilService(config.limits.client_limits())
+        #: Per-client-IP counters, shared with every worker (mapped before the first fork).
+        self.anvil = AnvilTable()
 
     # -- setup and the loop ----------------------------------------------------------------
 
@@ -180,7 +181,7 @@ class Arbiter:
                 signalled = bool(self._signals)
                 self._handle_signals()
                 now = time.monotonic()
-                # Channel traffic (anvil questions) wakes the loop often: the periodic work
+                # Channel traffic may wake the loop often: the periodic work
                 # runs on signals and every TICK_INTERVAL, not on every wake-up.
                 if signalled or now >= next_tick:
                     self._reap()
@@ -260,6 +261,7 @@ class Arbiter:
         sys.stderr.flush()
         # Signals stay blocked in the child until its own handlers are in place (the worker
         # unblocks them): none is lost, and none kills it with a default action meanwhile.
+        region = self.anvil.new_region()  # the sessions it holds, seen by us after its death
         previous_mask = signal.pthread_sigmask(signal.SIG_BLOCK, SUPERVISOR_SIGNALS)
         try:
             pid = os.fork()
@@ -267,6 +269,7 @@ class Arbiter:
             signal.pthread_sigmask(signal.SIG_SETMASK, previous_mask)
             supervisor_end.close()
             worker_end.close()
+            region.close()
             raise
         if pid == 0:
             spec = WorkerSpec(
@@ -277,9 +280,12 @@ class Arbiter:
                 channel=worker_end,
                 close_fds=close_fds,
                 tls_context=tls_context,
+                anvil=self.anvil,
+                anvil_region=region,
             )
             run_worker(spec)  # never returns
         signal.pthread_sigmask(signal.SIG_SETMASK, previous_mask)
+        self.anvil.adopt(pid, region)
         worker_end.close()
         now = time.monotonic()
         worker = WorkerProcess(
@@ -314,14 +320,9 @@ class Arbiter:
             self._forget_channel(worker)
             return
         now = time.monotonic()
-        answers: list[dict[str, Any]] = []
         for message in messages:
             kind = message.get("t")
-            if kind == "anvil":
-                answer = self.anvil.handle(worker.pid, message)
-                if answer is not None:
-                    answers.append(answer)
-            elif kind == "hb":
+            if kind == "hb":
                 worker.last_beat = now
                 worker.lag = float(message.get("lag", 0.0))
                 worker.sessions = int(message.get("sessions", 0))
@@ -336,9 +337,6 @@ class Arbiter:
                 self._recycle(worker, str(message.get("reason", "recycle")))
             elif kind == "metrics":
                 self._on_metrics(worker, message)
-        if answers:
-            with contextlib.suppress(ChannelClosed):
-                worker.channel.send_many(answers)
 
     def _read_final_metrics(self, worker: WorkerProcess) -> None:
         """A reaped worker's last words: only its final metrics still matter."""
@@ -625,7 +623,6 @@ class Arbiter:
         for listener in reload.closing_listeners:
             listener.close()
         self.reload = None
-        self.anvil.update(self.config.limits.client_limits())
         self.metrics.reload_generation.set(self.generation)
         self.metrics.reload_last_success.set(1)
         log.info(

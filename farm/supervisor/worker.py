@@ -33,7 +33,7 @@ from farm.smtp import SMTP
 from farm.smtp.body import MemoryBudget
 from farm.smtp.drain import SessionTracker
 from farm.smtp.stages import Stages
-from farm.supervisor.anvil import ChannelLimiter
+from farm.supervisor.anvil import AnvilTable, SharedLimiter
 from farm.supervisor.channel import Channel, ChannelClosed
 from farm.supervisor.privileges import PrivilegeError, drop_privileges
 
@@ -76,6 +76,9 @@ class WorkerSpec:
     close_fds: list[int] = field(default_factory=list)
     #: The server's SSL context, loaded by the supervisor before any privilege drop.
     tls_context: Any = None
+    #: The farm's per-client-IP counters, and this worker's region of sessions held.
+    anvil: AnvilTable | None = None
+    anvil_region: Any = None
 
 
 def run_worker(spec: WorkerSpec) -> NoReturn:
@@ -324,7 +327,10 @@ class WorkerServer:
         # One budget for every session of this worker (the farm's: workers x the limit).
         self._smtp_kwargs["body_budget"] = MemoryBudget(self.config.body_memory_limit << 20)
         limits = self.config.limits.client_limits()
-        self.limiter = ChannelLimiter(limits, self._send_many, loop) if limits.active else None
+        self.limiter = None
+        if limits.active and spec.anvil is not None:
+            spec.anvil.forget_regions(keep=spec.anvil_region)  # the other workers' are not ours
+            self.limiter = SharedLimiter(limits, spec.anvil, spec.anvil_region)
         if self.limiter is not None:
             self._smtp_kwargs["limiter"] = self.limiter
         stages = build_stages(self.config, self.stats)
@@ -531,8 +537,6 @@ class WorkerServer:
                 self._send({"t": "metrics", "id": message.get("id"), "text": self.exposition()})
             elif kind == "stop":
                 self.stop(bool(message.get("graceful", True)))
-            elif kind == "anvil" and self.limiter is not None:
-                self.limiter.on_answer(message)
 
     def exposition(self) -> str:
         """This worker's metrics in the Prometheus text format."""

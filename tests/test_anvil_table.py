@@ -1,0 +1,138 @@
+"""The farm's shared table of per-client counters (farm.supervisor.anvil): the same arithmetic
+as the in-process Anvil, across real forked processes, robust to a process killed at any point.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+
+import pytest
+
+from farm.limits import ClientLimits
+from farm.supervisor.anvil import PROBES, AnvilTable, SharedLimiter, table_key
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def limiter(table: AnvilTable, **limits: object) -> SharedLimiter:
+    return SharedLimiter(ClientLimits(exempt_networks=(), **limits), table, table.new_region())
+
+
+def ask(coroutine: object) -> bool:
+    """Run one of the limiter's (never suspending) coroutines."""
+    return asyncio.run(coroutine)  # type: ignore[arg-type]
+
+
+def test_sessions_are_counted_and_given_back() -> None:
+    table = AnvilTable()
+    one = limiter(table, sessions_per_ip=2)
+    assert ask(one.open_session("192.0.2.1"))
+    assert ask(one.open_session("192.0.2.1"))
+    assert not ask(one.open_session("192.0.2.1"))
+    assert ask(one.open_session("192.0.2.2"))  # another client is not affected
+    assert table.sessions("192.0.2.1") == 2
+    one.close_session("192.0.2.1")
+    assert ask(one.open_session("192.0.2.1"))
+    for _ in range(5):  # more closes than opens never go below zero
+        one.close_session("192.0.2.1")
+    assert table.sessions("192.0.2.1") == 0
+
+
+def test_message_and_auth_buckets() -> None:
+    clock = Clock()
+    table = AnvilTable(clock=clock)
+    one = limiter(table, messages_per_ip=3, auth_failures_per_ip=2, interval=60.0)
+    assert [ask(one.count_message("192.0.2.1")) for _ in range(4)] == [True] * 3 + [False]
+    clock.now += 20  # one message per 20 s comes back
+    assert [ask(one.count_message("192.0.2.1")) for _ in range(2)] == [True, False]
+    assert ask(one.auth_allowed("192.0.2.1"))
+    one.auth_succeeded("192.0.2.1")  # a success gives its attempt back
+    assert [ask(one.auth_allowed("192.0.2.1")) for _ in range(3)] == [True, True, False]
+
+
+def test_an_idle_client_frees_its_slot_for_another() -> None:
+    clock = Clock()
+    table = AnvilTable(slots=PROBES, clock=clock)  # as small as it gets: every key collides
+    one = limiter(table, sessions_per_ip=5, messages_per_ip=1, interval=10.0)
+    keys = [f"192.0.2.{n}" for n in range(PROBES)]
+    for key in keys:
+        assert ask(one.open_session(key))
+    assert table.overflows == 0
+    # Full: a new client is let in uncounted (never refused for our bookkeeping).
+    assert ask(one.open_session("198.51.100.1"))
+    assert table.overflows == 1
+    one.close_session("198.51.100.1")  # (uncounted: nothing to give back)
+    # A client that left, but whose message bucket is still refilling, keeps its slot...
+    assert ask(one.count_message(keys[0]))
+    one.close_session(keys[0])
+    assert ask(one.open_session("198.51.100.2"))
+    assert table.overflows == 2
+    # ... until it has refilled: then the slot serves another client.
+    clock.now += 10
+    assert ask(one.open_session("198.51.100.3"))
+    assert table.overflows == 2
+    assert table.sessions("198.51.100.3") == 1
+
+
+def test_a_dead_workers_sessions_are_given_back() -> None:
+    table = AnvilTable()
+    region = table.new_region()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child: a worker that dies holding 3 sessions
+        code = 1
+        try:
+            worker = SharedLimiter(ClientLimits(exempt_networks=()), table, region)
+            code = 0 if all(ask(worker.open_session("192.0.2.9")) for _ in range(3)) else 1
+        finally:
+            os._exit(code)
+    table.adopt(pid, region)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert table.sessions("192.0.2.9") == 3
+    assert table.worker_gone(pid) == 3
+    assert table.sessions("192.0.2.9") == 0
+
+
+def test_a_process_killed_holding_the_lock_does_not_wedge_the_table() -> None:
+    table = AnvilTable()
+    ready_r, ready_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child takes the lock and never lets go
+        table._lock()
+        os.write(ready_w, b"x")
+        signal.pause()
+        os._exit(0)
+    assert os.read(ready_r, 1) == b"x"
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    one = limiter(table, sessions_per_ip=1)
+    assert ask(one.open_session("192.0.2.1"))  # the kernel released the dead process's lock
+    os.close(ready_r)
+    os.close(ready_w)
+
+
+def test_keys() -> None:
+    assert table_key("2001:db8::/64")[1:] == (6 | 64 << 8, 0x20010DB800000000, 0)
+    assert table_key("192.0.2.1")[1:] == (4, 0, 0xC0000201)
+    with pytest.raises(ValueError):
+        AnvilTable(slots=100)
+
+
+def test_a_message_leased_with_a_session_comes_back_unused() -> None:
+    table = AnvilTable(clock=Clock())
+    first, second = (limiter(table, messages_per_ip=2, interval=60.0) for _ in range(2))
+    assert ask(first.open_session("192.0.2.1"))  # leases one of the 2 messages
+    assert ask(second.open_session("192.0.2.1"))  # (another worker) leases the other
+    assert ask(first.count_message("192.0.2.1"))  # its lease: no table access
+    assert not ask(first.count_message("192.0.2.1"))  # none left anywhere
+    second.close_session("192.0.2.1")  # never sent one: its lease goes back
+    assert ask(first.count_message("192.0.2.1"))
+    assert not ask(first.count_message("192.0.2.1"))
