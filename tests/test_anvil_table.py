@@ -136,3 +136,28 @@ def test_a_message_leased_with_a_session_comes_back_unused() -> None:
     second.close_session("192.0.2.1")  # never sent one: its lease goes back
     assert ask(first.count_message("192.0.2.1"))
     assert not ask(first.count_message("192.0.2.1"))
+
+
+@pytest.mark.parametrize("kind", ["mutex", "fcntl"])
+def test_the_lock_survives_its_holder_killed(kind: str) -> None:
+    from farm.supervisor.shared_lock import SharedLock
+
+    lock = SharedLock()
+    if kind == "fcntl":
+        lock._init_fcntl()  # the fallback, where no robust mutex is available
+    assert lock.kind == kind
+    ready_r, ready_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child takes the lock and is killed holding it
+        lock.acquire()
+        os.write(ready_w, b"x")
+        signal.pause()
+        os._exit(0)
+    assert os.read(ready_r, 1) == b"x"
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    for _ in range(2):  # taken at once, and again after a release
+        lock.acquire()
+        lock.release()
+    os.close(ready_r)
+    os.close(ready_w)

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -84,7 +85,8 @@ def test_text_formatter_keeps_a_record_on_its_line() -> None:
 
 
 def test_json_formatter_writes_the_fields() -> None:
-    message = MessageLine("1f.7", "1f.7.1", "127.0.0.1:5", None, "<a\u2028@x>", 2, 25, "250", 0.25)
+    session = SimpleNamespace(id="1f.7", peer=("127.0.0.1", 5), proxy_data=None)
+    message = MessageLine(session, 1, "a\u2028@x", 2, 25, "250", 0.25)
     record = logging.LogRecord("farm.smtp", logging.INFO, "f", 1, message, None, None)
     line = JSONFormatter().format(record)
     assert line.isascii() and len(line.splitlines()) == 1

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import re
 import time
+from collections.abc import Callable
 from typing import Any
 
 __all__ = ["Fields", "MessageLine", "SessionLine", "escape", "log_info", "printable", "quote"]
@@ -70,9 +71,11 @@ def quote(value: str) -> str:
 class Fields:
     """A log message of named fields, rendered as ``key=value`` text by ``str()``.
 
-    Subclasses name the ``event`` and list the field ``names``; ``values`` come in that order.
-    Strings the client chose are quoted with :func:`quote` when rendered, floats are durations
-    (``0.002s``). The JSON formatter (``farm.logs``) reads :meth:`as_dict` instead.
+    Subclasses name the ``event`` and list the field ``names``; :meth:`fields` gives the
+    values in that order (subclasses may derive them from what they were given, when the
+    line is formatted rather than when it is logged). Strings the client chose are quoted
+    with :func:`quote`, floats are durations (``0.002s``). The JSON formatter (``farm.logs``)
+    reads :meth:`as_dict` instead. What a line holds must not change once it is logged.
     """
 
     __slots__ = ("values",)
@@ -82,38 +85,57 @@ class Fields:
     def __init__(self, *values: Any) -> None:
         self.values = values
 
+    def fields(self) -> tuple[Any, ...]:
+        return self.values
+
     def __str__(self) -> str:
-        return " ".join(
-            [f"{key}={_text(value)}" for key, value in zip(self.names, self.values, strict=True)]
-        )
+        pairs = zip(self.names, self.fields(), strict=True)
+        return " ".join([f"{key}={_text(value)}" for key, value in pairs if value is not None])
 
     def as_dict(self) -> dict[str, Any]:
         """The fields for the JSON format (``event`` first; ``None`` values left out)."""
         data: dict[str, Any] = {"event": self.event}
-        for key, value in zip(self.names, self.values, strict=True):
+        for key, value in zip(self.names, self.fields(), strict=True):
             if value is not None:
                 data[key] = value
         return data
 
 
 class MessageLine(Fields):
-    """The line of one message (``outcome`` is its reply code)."""
+    """The line of one message: ``MessageLine(session, n, mail_from, rcpts, size, outcome,
+    duration)``; ``n`` numbers the session's messages, ``outcome`` is the reply code."""
 
     __slots__ = ()
     event = "message"
     names = ("session", "msg", "peer", "client", "from", "rcpts", "size", "outcome", "duration")
 
+    def fields(self) -> tuple[Any, ...]:
+        session, n, sender, rcpts, size, outcome, duration = self.values
+        sid = session.id
+        return (
+            sid,
+            f"{sid}.{n}",
+            peer_text(session.peer),
+            proxy_client(session),
+            f"<{sender or ''}>",
+            rcpts,
+            size,
+            outcome,
+            duration,
+        )
+
     def __str__(self) -> str:
-        session, msg, peer, client, sender, rcpts, size, outcome, duration = self.values
+        sid, msg, peer, client, sender, rcpts, size, outcome, duration = self.fields()
         via = f" client={client}" if client is not None else ""
         return (
-            f"session={session} msg={msg} peer={peer}{via} from={quote(sender)} rcpts={rcpts} "
+            f"session={sid} msg={msg} peer={peer}{via} from={quote(sender)} rcpts={rcpts} "
             f"size={size} outcome={outcome} duration={duration:.3f}s"
         )
 
 
 class SessionLine(Fields):
-    """The line of one session, at its end."""
+    """The line of one session, at its end: ``SessionLine(session, commands, accepted,
+    rejected, bytes, end, duration)``."""
 
     __slots__ = ()
     event = "session"
@@ -130,14 +152,40 @@ class SessionLine(Fields):
         "duration",
     )
 
+    def fields(self) -> tuple[Any, ...]:
+        session, *counts = self.values
+        return (
+            session.id,
+            peer_text(session.peer),
+            proxy_client(session),
+            session.host_name or "",
+            *counts,
+        )
+
     def __str__(self) -> str:
-        session, peer, client, helo, commands, accepted, rejected, size, end, duration = self.values
+        sid, peer, client, helo, commands, accepted, rejected, size, end, duration = self.fields()
         via = f" client={client}" if client is not None else ""
         return (
-            f"session={session} peer={peer}{via} helo={quote(helo)} commands={commands} "
+            f"session={sid} peer={peer}{via} helo={quote(helo)} commands={commands} "
             f"accepted={accepted} rejected={rejected} bytes={size} end={end} "
             f"duration={duration:.3f}s"
         )
+
+
+def peer_text(peer: Any) -> str:
+    """A socket peer as ``host:port`` (``[v6]:port``), or its text."""
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        host = peer[0]
+        return f"[{host}]:{peer[1]}" if ":" in str(host) else f"{host}:{peer[1]}"
+    return quote(str(peer or "-"))
+
+
+def proxy_client(session: Any) -> str | None:
+    """The client's address from a valid PROXY header (None without one)."""
+    proxy = getattr(session, "proxy_data", None)
+    if proxy is None or not getattr(proxy, "valid", False):
+        return None
+    return str(getattr(proxy, "src_addr", "-"))
 
 
 def _text(value: Any) -> str:
@@ -155,16 +203,34 @@ _new_record = _LogRecord.__new__
 _RECORD_DEFAULTS = dict(_LogRecord("", logging.INFO, "(unknown file)", 0, "", (), None).__dict__)
 
 
+#: ``(handler, emit)``: a handler that may take these lines straight (see :func:`log_info`).
+_direct: tuple[logging.Handler, Callable[[str, Any, float], None]] | None = None
+
+
+def set_direct_route(handler: logging.Handler | None, emit: Any = None) -> None:
+    """Let :func:`log_info` hand lines to ``emit(logger name, message, time)`` whenever
+    ``handler`` is the only thing standard logging would give them to (None: never)."""
+    global _direct
+    _direct = (handler, emit) if handler is not None else None
+
+
 def log_info(logger: logging.Logger, message: Any) -> None:
     """``logger.info(message)``, for the lines logged once per message or session.
 
-    The record goes through ``logger.handle()`` like any other (levels, filters and every
-    handler apply), but it is a copy of a prepared one with the time set, instead of one
-    built by ``LogRecord.__init__`` (which also looks up the source file and thread each
-    time). A custom record factory (``logging.setLogRecordFactory``) is honoured: then this
-    is plain ``logger.info``.
+    Same outcome as ``logger.info``, with less work per line: when the only handler the
+    record would reach is the farm's own log writer (no filter on the way, nothing else
+    attached; ``farm.logs`` registers it with :func:`set_direct_route`), the line goes
+    straight to it. Otherwise the record goes through ``logger.handle()`` like any other, but
+    it is a copy of a prepared one with the time set, instead of one built by
+    ``LogRecord.__init__`` (which also looks up the source file and thread each time). A
+    custom record factory (``logging.setLogRecordFactory``) is honoured: then this is plain
+    ``logger.info``.
     """
     if not logger.isEnabledFor(logging.INFO):
+        return
+    direct = _direct
+    if direct is not None and _only_handler(logger, direct[0]):
+        direct[1](logger.name, message, time.time())
         return
     if logging.getLogRecordFactory() is not _LogRecord or logging._srcfile:  # type: ignore[attr-defined]
         logger.info(message)
@@ -179,3 +245,24 @@ def log_info(logger: logging.Logger, message: Any) -> None:
     attributes["msecs"] = (now - int(now)) * 1000
     attributes["relativeCreated"] = (now - logging._startTime) * 1000  # type: ignore[attr-defined]
     logger.handle(record)
+
+
+def _only_handler(logger: logging.Logger, handler: logging.Handler) -> bool:
+    """Whether an INFO record of ``logger`` would reach ``handler`` and nothing else."""
+    node: Any = logger
+    while node is not None:
+        if node.filters or node.disabled:
+            return False
+        handlers = node.handlers
+        if handlers:
+            return (
+                node.parent is None  # the root
+                and len(handlers) == 1
+                and handlers[0] is handler
+                and not handler.filters
+                and handler.level <= logging.INFO
+            )
+        if not node.propagate:
+            return False
+        node = node.parent
+    return False

@@ -42,6 +42,7 @@ from farm.smtp.framing import BodyPart, Chunk, Command, DataError, Framer, Messa
 from farm.smtp.help import offered, syntax, syntax_text
 from farm.smtp.hooks import MISSING, HookTable, hook_table
 from farm.smtp.logline import MessageLine, SessionLine, log_info
+from farm.smtp.logline import peer_text as _peer_text
 from farm.smtp.proxy import ProxyProtocolMixin, parse_networks
 from farm.smtp.replies import format_multiline, with_enhanced_code
 from farm.smtp.sasl import (
@@ -664,10 +665,7 @@ class SMTP(
         log_info(
             log,
             SessionLine(
-                session.id,
-                _peer_text(session.peer),
-                _proxy_client(session),
-                session.host_name or "",
+                session,
                 self._n_commands,
                 counts["accepted"],
                 counts["rejected"],
@@ -1212,17 +1210,12 @@ class SMTP(
             self._reply(reply)
         status = replies[0] if len(set(r[:3] for r in replies)) == 1 else "mixed"
         if log.isEnabledFor(logging.INFO):
-            session = self.session
-            sid = session.id  # type: ignore[union-attr]
-            n = self._counts["accepted"] + self._counts["rejected"]
             log_info(
                 log,
                 MessageLine(
-                    sid,
-                    f"{sid}.{n}",
-                    _peer_text(session.peer),  # type: ignore[union-attr]
-                    _proxy_client(session),
-                    f"<{envelope.mail_from or ''}>" if envelope else "<>",
+                    self.session,
+                    self._counts["accepted"] + self._counts["rejected"],
+                    envelope.mail_from if envelope else None,
                     len(envelope.rcpt_tos) if envelope else 0,
                     size,
                     status[:3],
@@ -1632,18 +1625,3 @@ def _ehlo_keywords(
     if auth is not None:
         lines.append("250-AUTH " + " ".join(auth))
     return tuple(lines)
-
-
-def _proxy_client(session: Any) -> str | None:
-    """The client's address from a valid PROXY header (None without one)."""
-    proxy = session.proxy_data
-    if proxy is None or not getattr(proxy, "valid", False):
-        return None
-    return str(getattr(proxy, "src_addr", "-"))
-
-
-def _peer_text(peer: Any) -> str:
-    if isinstance(peer, tuple) and len(peer) >= 2:
-        host = peer[0]
-        return f"[{host}]:{peer[1]}" if ":" in str(host) else f"{host}:{peer[1]}"
-    return str(peer or "-")

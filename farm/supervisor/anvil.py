@@ -1,12 +1,12 @@
 """Per-client-IP limits across the farm: one table of counters in shared memory.
 
-The supervisor maps the table (:class:`AnvilTable`, a ``memfd`` of :data:`TABLE_SLOTS` slots of
-64 octets) before it forks any worker, so every worker of every generation sees the same
-counters; each worker's limiter (:class:`SharedLimiter`) reads and updates them itself, with no
-round trip to the supervisor. Every change happens under an ``fcntl`` lock on the table's file:
-exact counts whatever the number of workers (a client cannot multiply its allowance by it), and
-a worker that dies holding the lock releases it with its death (the kernel drops the locks of
-a process that exits, even by SIGKILL).
+The supervisor maps the table (:class:`AnvilTable`, :data:`TABLE_SLOTS` slots of 64 octets of
+shared anonymous memory) before it forks any worker, so every worker of every generation sees
+the same counters; each worker's limiter (:class:`SharedLimiter`) reads and updates them
+itself, with no round trip to the supervisor. Every change happens under one lock
+(:class:`~farm.supervisor.shared_lock.SharedLock`, a robust process-shared mutex: no system
+call unless contended): exact counts whatever the number of workers (a client cannot multiply
+its allowance by it), and a worker that dies holding the lock does not leave it locked.
 
 A slot holds a client key (an IPv4 address, or an IPv6 address or prefix), its session count
 and two token buckets (messages, AUTH attempts), with the same arithmetic as
@@ -24,19 +24,15 @@ the supervisor reaps a worker it subtracts what that region still holds.
 
 from __future__ import annotations
 
-import fcntl
 import ipaddress
 import logging
 import mmap
-import os
 import time
 from collections import Counter
 from collections.abc import Callable
 
 from farm.limits import ClientLimits, Limiter
-
-lockf = fcntl.lockf
-LOCK_EX, LOCK_UN = fcntl.LOCK_EX, fcntl.LOCK_UN
+from farm.supervisor.shared_lock import SharedLock
 
 __all__ = ["PROBES", "TABLE_SLOTS", "AnvilTable", "SharedLimiter", "TableKey"]
 
@@ -75,9 +71,9 @@ class AnvilTable:
         self.slots = slots
         self._mask = slots - 1
         self._clock = clock
-        self._fd = os.memfd_create("farm-anvil", os.MFD_CLOEXEC)
-        os.ftruncate(self._fd, slots * _WORDS * 8)
-        self._map = mmap.mmap(self._fd, slots * _WORDS * 8)
+        self._map = mmap.mmap(-1, slots * _WORDS * 8)  # MAP_SHARED | MAP_ANONYMOUS
+        self.lock = SharedLock()
+        self._acquire, self._release = self.lock.acquire, self.lock.release
         self._words = memoryview(self._map).cast("Q")
         self._floats = memoryview(self._map).cast("d")
         self._regions: dict[int, mmap.mmap] = {}
@@ -88,10 +84,10 @@ class AnvilTable:
     # -- the lock -----------------------------------------------------------------------------
 
     def _lock(self) -> None:
-        lockf(self._fd, LOCK_EX)
+        self._acquire()
 
     def _unlock(self) -> None:
-        lockf(self._fd, LOCK_UN)
+        self._release()
 
     # -- slots --------------------------------------------------------------------------------
 
@@ -179,7 +175,7 @@ class AnvilTable:
         ``held``: the calling worker's region, where the session is recorded too.
         """
         now = self._clock()
-        lockf(self._fd, LOCK_EX)
+        self._acquire()
         try:
             slot = self._find(key, limits, now)
             if slot < 0:
@@ -203,13 +199,13 @@ class AnvilTable:
                 leased = True
             return slot, leased
         finally:
-            lockf(self._fd, LOCK_UN)
+            self._release()
 
     def close_session(
         self, slot: int, held: memoryview | None, limits: ClientLimits, unused: int = 0
     ) -> None:
         """A session of the client in ``slot`` ended; ``unused`` leased messages come back."""
-        lockf(self._fd, LOCK_EX)
+        self._acquire()
         try:
             base = slot * _WORDS
             words = self._words
@@ -222,7 +218,7 @@ class AnvilTable:
                 floats = self._floats
                 floats[base + _MSG_TOKENS] = min(float(limit), floats[base + _MSG_TOKENS] + unused)
         finally:
-            lockf(self._fd, LOCK_UN)
+            self._release()
 
     def take(self, key: TableKey, limits: ClientLimits, auth: bool = False) -> bool:
         """Take one message (or, with ``auth``, one AUTH attempt) from the client's bucket."""
