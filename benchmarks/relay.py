@@ -47,6 +47,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import run as bench  # noqa: E402  (benchmarks/run.py: farm start/stop, CPU readings)
+from server import MESSAGE_LINE, farm_toml  # noqa: E402  (benchmarks/server.py)
 
 ROOT = HERE.parent
 RESULTS = HERE / "results"
@@ -57,12 +58,12 @@ DOMAIN = "bench.test"
 SENDER = f"sender@{DOMAIN}"
 RECIPIENT = f"rcpt@{DOMAIN}"
 DIRECT = "direct"
+#: (mode, workload) -> the share of direct's msgs/s it should reach.
+TARGET = {("farm-2w", "per-conn"): 0.6}
 
-#: ``farm serve`` in a fresh interpreter, after run.py's ``--malloc warm`` step (server.py), so
-#: the workers forked from it start in the same allocator state as in ``run.py --farm``.
+#: ``farm serve`` from this checkout, as ``python -m farm serve`` (no allocator step).
 LAUNCHER = (
-    "import sys; sys.path[:0] = [sys.argv.pop(1), sys.argv.pop(1)]; "
-    "import server; server.set_malloc_state('warm'); "
+    "import sys; sys.path.insert(0, sys.argv.pop(1)); "
     "from farm.cli import main; sys.exit(main(sys.argv[1:]))"
 )
 
@@ -207,22 +208,32 @@ class Sink:
 class RelayFarm(bench.Server):
     """``farm serve -w N`` relaying to the sink; readiness, CPU and stop as in run.py."""
 
-    def __init__(self, workdir: Path, workers: int, sink_port: int, uvloop: bool) -> None:
+    def __init__(
+        self, workdir: Path, workers: int, sink_port: int, uvloop: bool, profile: str
+    ) -> None:
         super().__init__(f"farm-{workers}w", workdir)
         self.workers = workers
         self.uvloop = uvloop
-        self.config = workdir / f"relay-{workers}w.toml"
-        self.config.write_text(
-            'handler = "farm.relay:Relay"\n'
-            "[handler_args]\n"
-            f'next_hop = "127.0.0.1:{sink_port}"\n'
-            f'domains = ["{DOMAIN}"]\n'
-        )
+        self.profile = profile
+        self.name = f"relay-{workers}w"
+        self.log_path = workdir / f"{self.name}.log"
+        self.log_path.unlink(missing_ok=True)
+        handler = f'[handler_args]\nnext_hop = "127.0.0.1:{sink_port}"\ndomains = ["{DOMAIN}"]\n'
+        self.config = farm_toml(workdir, self.name, profile, handler)
+        self.config.write_text('handler = "farm.relay:Relay"\n' + self.config.read_text())
+
+    def log_messages(self) -> int | None:
+        if self.profile not in ("production", "nolimits"):
+            return None
+        try:
+            return len(MESSAGE_LINE.findall(self.log_path.read_bytes()))
+        except FileNotFoundError:
+            return 0
 
     def __enter__(self) -> RelayFarm:
-        cmd = [sys.executable, "-c", LAUNCHER, str(HERE), str(ROOT), "serve"]
+        cmd = [sys.executable, "-c", LAUNCHER, str(ROOT), "serve"]
         cmd += ["-c", str(self.config), "-b", "127.0.0.1:0", "-w", str(self.workers)]
-        cmd += ["--log-level", "WARNING", "--uvloop" if self.uvloop else "--no-uvloop"]
+        cmd += ["--uvloop" if self.uvloop else "--no-uvloop"]
         self.notify_path.unlink(missing_ok=True)
         self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.notify.bind(str(self.notify_path))
@@ -337,15 +348,24 @@ def measure(
     sink: Sink,
     workdir: Path,
     uvloop: bool,
+    profile: str,
 ) -> Sample:
     """Warm up, then measure, ``mode`` under ``workload`` (a fresh farm for each sample)."""
     if mode == DIRECT:
         checked_run(program, mode, sink.port, workload, workload.warmup, sink, None, workdir, False)
         return checked_run(program, mode, sink.port, workload, messages, sink, None, workdir, True)
     workers = int(mode.removeprefix("farm-").removesuffix("w"))
-    with RelayFarm(workdir, workers, sink.port, uvloop) as farm:
+    with RelayFarm(workdir, workers, sink.port, uvloop, profile) as farm:
         checked_run(program, mode, farm.port, workload, workload.warmup, sink, farm, workdir, False)
-        return checked_run(program, mode, farm.port, workload, messages, sink, farm, workdir, True)
+        sample = checked_run(
+            program, mode, farm.port, workload, messages, sink, farm, workdir, True
+        )
+    logged = farm.log_messages()  # after the graceful stop: every line is written by now
+    if logged is not None and logged != workload.warmup + messages:
+        raise bench.BenchError(
+            f"{mode}: {logged} message lines in its log, not {workload.warmup + messages}"
+        )
+    return sample
 
 
 # -- report --------------------------------------------------------------------------------
@@ -359,6 +379,7 @@ def render(
     reps: int,
     uvloop: bool,
     elapsed: float,
+    profile: str = "production",
 ) -> str:
     farms = [m for m in modes if m != DIRECT]
     loop = "uvloop" if uvloop else "asyncio"
@@ -374,8 +395,14 @@ def render(
         f"`smtp-source -s {SESSIONS} -l {MSG_SIZE} -m {messages} -c -f {SENDER} -t {RECIPIENT}` "
         "against `smtp-sink -c 127.0.0.1:PORT 256` (direct), or against `farm serve -w N` "
         f'({loop}) with `handler = "farm.relay:Relay"`, `next_hop` = the sink, '
-        f'`domains = ["{DOMAIN}"]` (250 only once the sink has accepted). '
-        f"{reps} run(s) per cell, modes interleaved; msgs/s: median (min-max); x direct: "
+        f'`domains = ["{DOMAIN}"]` (250 only once the sink has accepted), '
+        + (
+            "as in production: INFO log to a file, per-client limits applying to the "
+            "benchmark's client (benchmarks/server.py farm_toml). "
+            if profile == "production"
+            else f"profile `{profile}` (not the production settings: see farm_toml). "
+        )
+        + f"{reps} run(s) per cell, modes interleaved; msgs/s: median (min-max); x direct: "
         "farm msgs/s ÷ direct msgs/s; CPU µs/msg: supervisor + workers user+sys time per "
         "message, median. Every run verified: smtp-source's counter and the sink's both "
         "reached the message count.",
@@ -392,7 +419,10 @@ def render(
         rate = {m: statistics.median(s.msgs_per_s for s in mine[m]) for m in modes}
         cells = [f"{workload.title}, {messages} msgs", _rate(mine[DIRECT])]
         for mode in farms:
-            cells += [_rate(mine[mode]), f"{rate[mode] / rate[DIRECT]:.2f}x"]
+            ratio = rate[mode] / rate[DIRECT]
+            goal = TARGET.get((mode, workload.key))
+            mark = f" (target >= {goal}x {'✅' if ratio >= goal else '❌'})" if goal else ""
+            cells += [_rate(mine[mode]), f"{ratio:.2f}x{mark}"]
         cells += [f"{statistics.median(s.cpu_us_per_msg for s in mine[m]):.0f}" for m in farms]
         lines.append("| " + " | ".join(cells) + " |")
     other = [s.other_cpu_s / s.wall_s * 100 for s in samples]
@@ -493,6 +523,14 @@ def main() -> int:
         default=120,
         help="re-run a sample disturbed by other processes only during the first S seconds",
     )
+    parser.add_argument(
+        "--profile",
+        choices=("production", "nolog", "nolimits", "bare"),
+        default="production",
+        help="farm settings (benchmarks/server.py farm_toml): production = INFO log to a file "
+        "and per-client limits applying to the benchmark's client (default); the others take "
+        "the log (nolog), the limits (nolimits) or both (bare) away, for comparison",
+    )
     parser.add_argument("--no-save", action="store_true", help="don't write results/relay.*")
     args = parser.parse_args()
     if args.reps < 1:
@@ -521,7 +559,11 @@ def main() -> int:
                     order = modes[rep % len(modes) :] + modes[: rep % len(modes)]
                     for workload in workloads:
                         for mode in order:
-                            run = (program, mode, workload, messages, sink, workdir, args.uvloop)
+                            run = (
+                                program,
+                                *(mode, workload, messages, sink, workdir),
+                                *(args.uvloop, args.profile),
+                            )
                             sample = measure(*run)
                             sample.rep = rep
                             report_sample(sample, args.reps)
@@ -540,7 +582,9 @@ def main() -> int:
             print(f"benchmark failed: {error}", file=sys.stderr)
             return 1
     elapsed = time.monotonic() - started
-    table = render(samples, workloads, modes, messages, args.reps, args.uvloop, elapsed)
+    table = render(
+        samples, workloads, modes, messages, args.reps, args.uvloop, elapsed, args.profile
+    )
     print(table)
     if not args.no_save:
         meta = {
@@ -548,6 +592,7 @@ def main() -> int:
             "sessions": SESSIONS,
             "size": MSG_SIZE,
             "loop": "uvloop" if args.uvloop else "asyncio",
+            "profile": args.profile,
         }
         bench.save_results("relay", table, meta, workloads, samples)
     return 0

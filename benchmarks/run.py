@@ -40,30 +40,57 @@ from typing import Any
 import psutil
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from server import FARM_KINDS, MESSAGE_LINE  # noqa: E402  (benchmarks/server.py)
+
 ROOT = HERE.parent
 SERVER = HERE / "server.py"
 RESULTS = HERE / "results"
 
 #: Server kinds, in table order. The first is the baseline of the ratio column.
 BASELINE = "aiosmtpd-asyncio"
-SERVERS = ["aiosmtpd-asyncio", "aiosmtpd-uvloop", "farm-asyncio", "farm-uvloop"]
+#: Postfix's smtp-sink (C, does nothing with the mail): the reference for msgs/s.
+SINK = "smtp-sink"
 #: The real ``farm serve`` (supervisor + N forked workers, see server.py ``FARM_KINDS``):
-#: KIND -> number of workers. Not run by default.
-FARM_SERVERS = {
-    "farm-1w": 1,
-    "farm-2w": 2,
-    "farm-1w-asyncio": 1,
-    "farm-2w-asyncio": 2,
-    "farm-1w-limits": 1,
-}
+#: KIND -> number of workers. ``farm-Nw`` runs the README's production settings.
+FARM_SERVERS = {kind: workers for kind, (workers, _, _) in FARM_KINDS.items()}
+#: What ``make bench`` runs: the baseline and the reference, farm serve as in production
+#: (1 and 2 workers), the same without its INFO log and without limits (what each costs), and
+#: the engine alone in one process (labelled "engine only").
+SERVERS = [
+    BASELINE,
+    SINK,
+    "farm-1w",
+    "farm-2w",
+    "farm-1w-nolog",
+    "farm-1w-nolimits",
+    "farm-uvloop",
+]
+#: The engine alone, one process, no supervisor (``--engine``): what earlier runs compared.
+ENGINE_SET = ["aiosmtpd-asyncio", "aiosmtpd-uvloop", "farm-asyncio", "farm-uvloop"]
 #: Servers only run when asked for: the engine counting into metrics (prices the metrics).
-EXTRA_SERVERS = ["farm-uvloop-stats"]
-ALL_SERVERS = SERVERS + EXTRA_SERVERS + list(FARM_SERVERS)
-#: What ``--farm`` selects: the baseline, the single-process engine, and farm serve with 1 and
-#: 2 workers.
-FARM_SET = ["aiosmtpd-asyncio", "farm-uvloop", "farm-1w", "farm-2w"]
-#: CPU µs/msg relative to the baseline that each farm flavour should stay under.
-TARGETS = {"farm-asyncio": 0.5, "farm-uvloop": 0.2}
+EXTRA_SERVERS = ["aiosmtpd-uvloop", "farm-asyncio", "farm-uvloop-stats"]
+ALL_SERVERS = SERVERS + EXTRA_SERVERS + [k for k in FARM_SERVERS if k not in SERVERS]
+#: What ``--farm`` selects: the baseline, the reference and farm serve as in production.
+FARM_SET = [BASELINE, SINK, "farm-1w", "farm-2w"]
+#: CPU µs/msg relative to the baseline that each server should stay under (the engine-only
+#: ones are the goals of the engine alone).
+TARGETS = {"farm-1w": 0.3, "farm-asyncio": 0.5, "farm-uvloop": 0.2}
+#: msgs/s relative to smtp-sink's that each server should reach.
+RATE_TARGETS = {"farm-2w": 0.5}
+#: (server, without, what it costs): CPU µs/msg of the first over the second, at most 1.10.
+COSTS = [("farm-1w", "farm-1w-nolog", "the INFO log"), ("farm-1w", "farm-1w-nolimits", "limits")]
+COST_TARGET = 1.10
+#: Labels of the kinds that are not the product's production configuration.
+LABELS = {
+    "farm-uvloop": "engine only, 1 process, logging off",
+    "farm-asyncio": "engine only, 1 process, logging off",
+    "farm-uvloop-stats": "engine only + metrics",
+    "farm-1w-nolog": "logging off",
+    "farm-1w-nolimits": "limits not applying",
+    "farm-1w-bare": "logging off, limits not applying",
+}
 
 #: Other processes using more than this share of a core during a run make it "noisy".
 NOISY = 0.2
@@ -165,6 +192,8 @@ class Server:
         self.per_process: dict[int, float] = {}
 
     def __enter__(self) -> Server:
+        if self.kind == SINK:
+            return self._start_sink()
         self.portfile.unlink(missing_ok=True)
         cmd = [sys.executable, str(SERVER), self.kind, str(self.portfile), "--malloc", self.malloc]
         if self.profile is not None:
@@ -205,6 +234,49 @@ class Server:
                 raise
             self.handler += f" (farm serve -w {self.workers})"
         return self
+
+    def _start_sink(self) -> Server:
+        """``smtp-sink -c 127.0.0.1:PORT 256`` (``-u nobody`` as root: it refuses root)."""
+        program = shutil.which("smtp-sink") or shutil.which("smtp-sink", path="/usr/sbin:/usr/bin")
+        if not program:
+            raise SystemExit("smtp-sink not found (Debian: apt-get install postfix)")
+        user = ["-u", "nobody"] if os.geteuid() == 0 else []
+        for _attempt in range(3):  # the port picked may be taken before smtp-sink binds it
+            with socket.socket() as probe:
+                probe.bind(("127.0.0.1", 0))
+                self.port = probe.getsockname()[1]
+            with self.stderr_path.open("wb") as err:
+                self.proc = subprocess.Popen(
+                    [program, "-c", *user, f"127.0.0.1:{self.port}", "256"],
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=err,
+                )
+            deadline = time.monotonic() + 10
+            while self.proc.poll() is None and time.monotonic() < deadline:
+                with (
+                    contextlib.suppress(OSError),
+                    socket.create_connection(("127.0.0.1", self.port), timeout=5) as conn,
+                ):
+                    if conn.makefile("rb").readline().startswith(b"220"):
+                        conn.sendall(b"QUIT\r\n")
+                        self.ps = psutil.Process(self.proc.pid)
+                        self.handler, self.malloc_state = "smtp-sink (C, discards)", "n/a"
+                        return self
+                time.sleep(0.01)
+            self.stop()
+        raise BenchError(f"smtp-sink did not start:\n{self.stderr()}")
+
+    def log_messages(self) -> int | None:
+        """farm serve with a log file: how many message lines it holds (after the stop)."""
+        profile = FARM_KINDS.get(self.kind, (0, "", ""))[2]
+        if profile not in ("production", "nolimits"):
+            return None
+        path = self.portfile.parent / f"{self.kind}.log"
+        try:
+            return len(MESSAGE_LINE.findall(path.read_bytes()))
+        except FileNotFoundError:
+            return 0
 
     def _farm_ready(self, deadline: float) -> None:
         """Wait for READY=1, find the supervisor's listening port and check it answers 220."""
@@ -365,7 +437,9 @@ def busy_cpu() -> float:
 
 
 def measure(ctx: Context, kind: str, workload: Workload, rep: int, workdir: Path) -> Sample:
-    with Server(kind, workdir, ctx.malloc) as server:
+    (workdir / f"{kind}.log").unlink(missing_ok=True)
+    server = Server(kind, workdir, ctx.malloc)
+    with server:
         ctx.handlers[kind] = server.handler
         ctx.malloc_states.add(server.malloc_state)
         if workload.warmup:
@@ -383,6 +457,10 @@ def measure(ctx: Context, kind: str, workload: Workload, rep: int, workdir: Path
         client1 = children_cpu()
         busy1 = busy_cpu()
         check_run(server, workload, workload.messages, proc, counted=False)
+    logged = server.log_messages()  # after the graceful stop: every line is written by now
+    expected = workload.warmup + workload.messages
+    if logged is not None and logged != expected:
+        raise BenchError(f"{kind}: {logged} message lines in its log, not {expected}")
     return Sample(
         kind,
         workload.key,
@@ -458,23 +536,28 @@ def render(
         f"Ratio = CPU µs/msg ÷ {BASELINE}'s in the same workload."
         + (
             " farm-Nw: the real `farm serve -w N` (supervisor + N forked workers, uvloop unless "
-            "-asyncio); its CPU is the supervisor's plus all its children's, so server CPU % can "
+            "-asyncio) as in production: INFO log to a file, per-client limits applying to the "
+            "benchmark's client, the allocator as the farm leaves it; labelled rows take one of "
+            "those away. Its CPU is the supervisor's plus all its children's, so server CPU % can "
             "exceed 100 %; smtp-source shares the same cores."
             if any(kind in FARM_SERVERS for kind in servers)
             else ""
         ),
         "",
-        "| Workload | Server | msgs/s | CPU µs/msg | of which sys | x aiosmtpd-asyncio "
-        "| server CPU % | target |",
-        "|---|---|---:|---:|---:|---:|---:|---|",
+        "| Workload | Server | msgs/s | x smtp-sink msgs/s | CPU µs/msg | of which sys "
+        "| x aiosmtpd-asyncio CPU | server CPU % | target |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---|",
     ]
+    costs: list[str] = []
     for workload in workloads:
-        base = [
-            s.cpu_us_per_msg for s in samples if s.workload == workload.key and s.server == BASELINE
-        ]
-        base_cpu = _median(base) if base else None
+        cell = {
+            kind: [s for s in samples if s.workload == workload.key and s.server == kind]
+            for kind in servers
+        }
+        base_cpu = _median([s.cpu_us_per_msg for s in cell.get(BASELINE, [])] or [0.0]) or None
+        sink_rate = max((s.msgs_per_s for s in cell.get(SINK, [])), default=0.0) or None
         for kind in servers:
-            mine = [s for s in samples if s.workload == workload.key and s.server == kind]
+            mine = cell[kind]
             if not mine:
                 continue
             rate = max(s.msgs_per_s for s in mine)
@@ -484,19 +567,39 @@ def render(
             util = _median([s.server_cpu_s / s.wall_s * 100 for s in mine])
             spread = f" ({min(cpus):.0f}-{max(cpus):.0f})" if len(cpus) > 1 else ""
             ratio = f"{cpu / base_cpu:.3f}x" if base_cpu else "-"
-            target = ""
-            if kind in TARGETS and base_cpu:
+            rate_ratio = f"{rate / sink_rate:.2f}x" if sink_rate else "-"
+            goals = []
+            if kind in TARGETS and base_cpu and workload.key == "per-conn":
                 goal = TARGETS[kind]
-                target = f"<= {goal}x " + ("✅" if cpu / base_cpu <= goal else "❌")
+                goals.append(f"CPU <= {goal}x " + ("✅" if cpu / base_cpu <= goal else "❌"))
+            if kind in RATE_TARGETS and sink_rate:
+                goal = RATE_TARGETS[kind]
+                goals.append(f"msgs/s >= {goal}x " + ("✅" if rate / sink_rate >= goal else "❌"))
             title = f"{workload.title}, {workload.messages} msgs"
+            name = f"{kind} ({LABELS[kind]})" if kind in LABELS else kind
             lines.append(
-                f"| {title} | {kind} | {rate:,.0f} | {cpu:.0f}{spread} | {sys_us:.0f} | {ratio} "
-                f"| {util:.0f}% | {target} |"
+                f"| {title} | {name} | {rate:,.0f} | {rate_ratio} | {cpu:.0f}{spread} "
+                f"| {sys_us:.0f} | {ratio} | {util:.0f}% | {'; '.join(goals)} |"
             )
+        for kind, without, what in COSTS:
+            if cell.get(kind) and cell.get(without):
+                share = _median([s.cpu_us_per_msg for s in cell[kind]]) / _median(
+                    [s.cpu_us_per_msg for s in cell[without]]
+                )
+                verdict = "✅" if share <= COST_TARGET else "❌"
+                costs.append(
+                    f"{workload.key}: {what} {share:.2f}x ({kind} ÷ {without}, "
+                    f"target <= {COST_TARGET}x {verdict})"
+                )
     other = [s.other_cpu_s / s.wall_s * 100 for s in samples]
     busiest = max(samples, key=lambda s: s.other_cpu_s / s.wall_s)
     lines += [
         "",
+        *(
+            ["What each costs, CPU µs/msg with it ÷ without: " + "; ".join(costs) + "."]
+            if costs
+            else []
+        ),
         f"Other processes' CPU during the measured runs: median {_median(other):.0f}% of a core, "
         f"at most {max(other):.0f}% ({busiest.server}, {busiest.workload}, "
         f"run {busiest.rep + 1})"
@@ -633,14 +736,23 @@ def main() -> int:
         default="warm",
         help="glibc mmap-threshold state of the servers (see server.py): warm = steady state",
     )
+    parser.add_argument(
+        "--engine",
+        action="store_true",
+        help=f"the engine alone, one process per server: --servers {','.join(ENGINE_SET)}",
+    )
     parser.add_argument("--no-save", action="store_true", help="don't write results/latest.*")
     args = parser.parse_args()
     if args.quick:
         args.reps, args.scale = 1, 0.25
 
-    if args.farm and args.servers is not None:
-        parser.error("--farm is a shorthand for --servers; give one or the other")
-    chosen = ",".join(FARM_SET) if args.farm else args.servers or ",".join(SERVERS)
+    if (args.farm or args.engine) and args.servers is not None:
+        parser.error("--farm and --engine are shorthands for --servers; give one or the other")
+    chosen = args.servers or ",".join(SERVERS)
+    if args.farm:
+        chosen = ",".join(FARM_SET)
+    elif args.engine:
+        chosen = ",".join(ENGINE_SET)
     servers = [s for s in chosen.split(",") if s]
     unknown = set(servers) - set(ALL_SERVERS)
     if unknown:
@@ -661,8 +773,8 @@ def main() -> int:
         workdir = Path(tmp)
         try:
             if args.profile:
-                if args.profile not in SERVERS:
-                    parser.error(f"--profile needs one of {','.join(SERVERS)}")
+                if args.profile not in ENGINE_SET or args.profile.startswith("aiosmtpd"):
+                    parser.error("--profile needs farm-asyncio or farm-uvloop (see --profile-farm)")
                 profile(ctx, args.profile, workloads, workdir, args.top)
                 return 0
             samples: list[Sample] = []
