@@ -161,3 +161,24 @@ def test_the_lock_survives_its_holder_killed(kind: str) -> None:
         lock.release()
     os.close(ready_r)
     os.close(ready_w)
+
+
+def test_closed_sessions_reach_the_table_with_the_next_admission_or_soon() -> None:
+    from farm.supervisor.anvil import CLOSE_DELAY
+
+    table = AnvilTable()
+    one = limiter(table, sessions_per_ip=1)
+
+    async def scenario() -> list[int]:
+        seen = []
+        assert await one.open_session("192.0.2.1")
+        one.close_session("192.0.2.1")  # noted, not applied yet: the count is higher, not lower
+        seen.append(table.sessions("192.0.2.1"))
+        assert await one.open_session("192.0.2.1")  # applied first, under the same lock
+        seen.append(table.sessions("192.0.2.1"))
+        one.close_session("192.0.2.1")
+        await asyncio.sleep(CLOSE_DELAY * 4)  # no admission: the timer applies it
+        seen.append(table.sessions("192.0.2.1"))
+        return seen
+
+    assert asyncio.run(scenario()) == [1, 1, 0]

@@ -445,6 +445,9 @@ def test_a_client_gone_at_once_gives_its_session_back() -> None:
             _, writer = await asyncio.open_connection("127.0.0.1", port)
             writer.transport.abort()  # an RST at once
             await asyncio.wait_for(closed.wait(), WAIT)
+        deadline = loop.time() + WAIT  # closes reach the table within CLOSE_DELAY
+        while table.sessions("127.0.0.1") and loop.time() < deadline:
+            await asyncio.sleep(0.01)
         assert table.sessions("127.0.0.1") == 0
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         greeting = await asyncio.wait_for(reader.readline(), WAIT)

@@ -17,6 +17,11 @@ another client. When the :data:`PROBES` slots a key may use are all busy, that c
 uncounted (an MX should not refuse mail because its own bookkeeping is full) and a warning is
 logged.
 
+Per connection, one look at the table: the admission (which also leases one message of the
+client's rate along with the session). A session's end is noted by its worker and taken off
+the table with that worker's next admission, under the same lock, or within
+:data:`CLOSE_DELAY` seconds; until then the count errs on the high side only.
+
 Giving back a dead worker's sessions: each worker also has a private region (one counter per
 slot, also mapped by the supervisor before that worker's fork) of the sessions it holds; when
 the supervisor reaps a worker it subtracts what that region still holds.
@@ -24,6 +29,7 @@ the supervisor reaps a worker it subtracts what that region still holds.
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import logging
 import mmap
@@ -45,6 +51,10 @@ PROBES = 32
 #: Words (8 octets) per slot: tag, address high, address low, sessions, then the buckets.
 _WORDS = 8
 _TAG, _HIGH, _LOW, _SESSIONS, _MSG_TOKENS, _MSG_STAMP, _AUTH_TOKENS, _AUTH_STAMP = range(8)
+#: Seconds a worker may wait to take its closed sessions off the table, when no admission
+#: (which does it at once, under the same lock) comes first. Meanwhile the count is higher
+#: than the truth, never lower: a client is at worst refused a little early, never let past.
+CLOSE_DELAY = 0.05
 #: At most one "table full" warning per this many seconds.
 WARN_INTERVAL = 10.0
 
@@ -164,19 +174,26 @@ class AnvilTable:
     # -- what the workers ask -----------------------------------------------------------------
 
     def open_session(
-        self, key: TableKey, limits: ClientLimits, held: memoryview | None
+        self,
+        key: TableKey,
+        limits: ClientLimits,
+        held: memoryview | None,
+        closed: dict[int, list[int]] | None = None,
     ) -> tuple[int, bool]:
         """Count a new session of ``key``: (its slot, whether a message was leased with it).
 
         The slot is -1 when the session is refused, -2 when it is let in uncounted. With a
         message rate, one message is taken from the client's bucket along with the session
         (when there is one left), so that a session sending one message needs no second
-        look at the table; :meth:`close_session` gives it back if it was not used.
+        look at the table; :meth:`close_sessions` gives it back if it was not used.
         ``held``: the calling worker's region, where the session is recorded too.
+        ``closed``: sessions that ended meanwhile, applied first (see :meth:`close_sessions`).
         """
         now = self._clock()
         self._acquire()
         try:
+            if closed:
+                self._closed(closed, held, limits)
             slot = self._find(key, limits, now)
             if slot < 0:
                 self._overflow(now)
@@ -201,24 +218,30 @@ class AnvilTable:
         finally:
             self._release()
 
-    def close_session(
-        self, slot: int, held: memoryview | None, limits: ClientLimits, unused: int = 0
+    def close_sessions(
+        self, closed: dict[int, list[int]], held: memoryview | None, limits: ClientLimits
     ) -> None:
-        """A session of the client in ``slot`` ended; ``unused`` leased messages come back."""
+        """Sessions ended: ``{slot: [sessions, leased messages unused]}`` (emptied)."""
         self._acquire()
         try:
-            base = slot * _WORDS
-            words = self._words
-            if words[base + _SESSIONS]:
-                words[base + _SESSIONS] -= 1
-            if held is not None and held[slot]:
-                held[slot] -= 1
-            limit = limits.messages_per_ip
-            if unused and limit:
-                floats = self._floats
-                floats[base + _MSG_TOKENS] = min(float(limit), floats[base + _MSG_TOKENS] + unused)
+            self._closed(closed, held, limits)
         finally:
             self._release()
+
+    def _closed(
+        self, closed: dict[int, list[int]], held: memoryview | None, limits: ClientLimits
+    ) -> None:
+        words, floats = self._words, self._floats
+        limit = float(limits.messages_per_ip)
+        for slot, (sessions, unused) in closed.items():
+            index = slot * _WORDS + _SESSIONS
+            words[index] = max(0, words[index] - sessions)
+            if held is not None:
+                held[slot] = max(0, held[slot] - sessions)
+            if unused and limit:
+                tokens = slot * _WORDS + _MSG_TOKENS
+                floats[tokens] = min(limit, floats[tokens] + unused)
+        closed.clear()
 
     def take(self, key: TableKey, limits: ClientLimits, auth: bool = False) -> bool:
         """Take one message (or, with ``auth``, one AUTH attempt) from the client's bucket."""
@@ -332,6 +355,9 @@ class SharedLimiter(Limiter):
         self._slots: dict[str, int] = {}
         #: Messages leased with this worker's sessions and not used yet, per key.
         self._leased: Counter[str] = Counter()
+        #: Sessions closed but not yet taken off the table: {slot: [sessions, unused leases]}.
+        self._closed: dict[int, list[int]] = {}
+        self._flush_timer: asyncio.TimerHandle | None = None
 
     def _table_key(self, key: str) -> TableKey:
         found = self._table_keys.get(key)
@@ -342,7 +368,9 @@ class SharedLimiter(Limiter):
         return found
 
     async def open_session(self, key: str) -> bool:
-        slot, leased = self.table.open_session(self._table_key(key), self.limits, self._held)
+        slot, leased = self.table.open_session(
+            self._table_key(key), self.limits, self._held, self._closed
+        )
         if slot == -1:
             return False
         if slot >= 0:
@@ -353,19 +381,39 @@ class SharedLimiter(Limiter):
         return True
 
     def close_session(self, key: str) -> None:
+        """Noted here, and applied to the table with the next admission or within
+        :data:`CLOSE_DELAY` (one lock for both, instead of one each)."""
         slot = self._slots.get(key)
         if slot is None:
             return  # let in uncounted
         still_open = self._open[key] - 1
-        unused = self._leased[key] - still_open  # at most one lease per open session stays
-        if unused > 0:
+        unused = max(0, self._leased[key] - still_open)  # one lease per open session stays
+        if unused:
             self._leased[key] -= unused
-        self.table.close_session(slot, self._held, self.limits, max(0, unused))
+        pending = self._closed.get(slot)
+        if pending is None:
+            self._closed[slot] = [1, unused]
+        else:
+            pending[0] += 1
+            pending[1] += unused
         if still_open > 0:
             self._open[key] = still_open
         else:
             del self._open[key], self._slots[key]
             self._leased.pop(key, None)
+        if self._flush_timer is None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                self.flush()
+                return
+            self._flush_timer = loop.call_later(CLOSE_DELAY, self.flush)
+
+    def flush(self) -> None:
+        """Apply the sessions closed since the last admission to the table now."""
+        self._flush_timer = None
+        if self._closed:
+            self.table.close_sessions(self._closed, self._held, self.limits)
 
     async def count_message(self, key: str) -> bool:
         if self._leased[key] > 0:
