@@ -63,6 +63,7 @@ def test_readme_inbound_mx_example_runs(
         '"/etc/farm/mx1.example.com.pem"': f'"{cert_path}"',
         '"/etc/farm/mx1.example.com.key"': f'"{key_path}"',
         "greeting_delay = 2 ": "greeting_delay = 0.2 ",
+        '"/var/log/farm/farm.log"': f'"{tmp_path / "farm.log"}"',
         # smtp-sink advertises STARTTLS but cannot do TLS: the next hop leg stays plain here.
         'tls = "starttls"': 'tls = "none"',
         '"zen.spamhaus.org=127.0.0.[2..11]*3"': '"bl.test=127.0.0.[2..11]*3"',
