@@ -265,8 +265,15 @@ class LogWriter(logging.Handler):
         if self._thread is not None:
             return
         self._stopping = False
-        self._thread = threading.Thread(target=self._run, name="farm-log-flusher", daemon=True)
-        self._thread.start()
+        thread = threading.Thread(target=self._run, name="farm-log-flusher", daemon=True)
+        try:
+            thread.start()
+        except RuntimeError as error:  # no thread to spare (RLIMIT_NPROC, memory): unbatched
+            logging.getLogger("farm.logs").warning(
+                "log lines written one by one: cannot start the flusher thread (%s)", error
+            )
+            return
+        self._thread = thread
 
     def stop_batching(self, timeout: float = 1.0) -> None:
         """Write what is buffered and go back to writing each line at once."""

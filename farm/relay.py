@@ -101,6 +101,7 @@ from farm.relay_policy import INVALID_DOMAIN, RecipientPolicy, client_ip
 from farm.relay_pool import NextHopBusy, Pool
 from farm.relay_routes import Route, RouteTable, judged_address, parse_route
 from farm.smtp.body import Body, envelope_body
+from farm.smtp.logline import quote
 
 __all__ = ["RELAY_DENIED", "Relay", "clean_content", "dot_stuff"]
 
@@ -339,7 +340,7 @@ class Relay:
             await self._end(session, transaction)
         size = content_size(header, body)
         return self._reply_and_log(
-            server, session, transaction, recipients, results, size, started, error
+            server, session, envelope, transaction, recipients, results, size, started, error
         )
 
     async def _data(
@@ -371,6 +372,7 @@ class Relay:
         self,
         server: Any,
         session: Any,
+        envelope: Any,
         transaction: _Transaction | None,
         recipients: list[str],
         results: list[Reply | str],
@@ -396,12 +398,16 @@ class Relay:
         earlier = transaction.refused if transaction is not None else []
         n_earlier = transaction.refused_count if transaction is not None else 0
         all_refused = earlier + refused
-        log.log(
-            logging.INFO if accepted and not all_refused else logging.WARNING,
+        next_hop = transaction.route.text if transaction is not None else self.next_hop
+        if accepted and not refused and not n_earlier and not error:
+            # All delivered: said on the engine's line of this message, not a line of its own.
+            envelope.log_note = f"next_hop={next_hop} relay_time={time.monotonic() - started:.3f}s"
+            return reply
+        log.warning(
             "session=%s relay next_hop=%s rcpts=%d accepted=%d refused=%d size=%d "
             "outcome=%s duration=%.3fs%s%s%s",
             _session_id(session),
-            transaction.route.text if transaction is not None else self.next_hop,
+            next_hop,
             len(recipients) + n_earlier,
             len(accepted),
             n_earlier + len(refused),
@@ -409,10 +415,10 @@ class Relay:
             outcome,
             time.monotonic() - started,
             note,
-            (" refused_rcpts=" + ";".join(f"{a!r}:{r[:80]}" for a, r in all_refused))[:2000]
+            " refused_rcpts=" + quote(";".join(f"<{a}>:{r[:80]}" for a, r in all_refused)[:2000])
             if all_refused and accepted
             else "",
-            f" error={error}" if error else "",
+            f" error={quote(error)}" if error else "",
         )
         return reply
 

@@ -301,7 +301,7 @@ def test_behind_haproxy_the_farms_see_the_real_client_address(
     assert received == ["127.0.0.2"] * 4, dump
     assert sorted(re.findall(r"^Subject: (\d)", dump, re.MULTILINE)) == ["0", "1", "2", "3"]
     for farm in pair:  # each farm relayed some of them: both see the real address
-        farm.wait_log(r"relay next_hop=")  # (a worker writes its lines within 100 ms)
+        farm.wait_log(r" outcome=250 .*next_hop=")  # (a worker writes its lines within 100 ms)
     assert "127.0.0.3" not in dump
     # The refusal is logged with the client's address, not HAProxy's.
     wait_for(

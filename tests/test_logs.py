@@ -86,7 +86,7 @@ def test_text_formatter_keeps_a_record_on_its_line() -> None:
 
 def test_json_formatter_writes_the_fields() -> None:
     session = SimpleNamespace(id="1f.7", peer=("127.0.0.1", 5), proxy_data=None)
-    message = MessageLine(session, 1, "a\u2028@x", 2, 25, "250", 0.25)
+    message = MessageLine(session, 1, "a\u2028@x", 2, 25, "250", 0.25, " spf=pass dkim=none")
     record = logging.LogRecord("farm.smtp", logging.INFO, "f", 1, message, None, None)
     line = JSONFormatter().format(record)
     assert line.isascii() and len(line.splitlines()) == 1
@@ -100,6 +100,8 @@ def test_json_formatter_writes_the_fields() -> None:
     )
     assert "client" not in data
     assert {"time", "level", "pid", "logger", "session", "msg", "peer", "size"} <= set(data)
+    assert (data["spf"], data["dkim"]) == ("pass", "none")  # the stages' results, by name
+    assert str(message).endswith("outcome=250 duration=0.250s spf=pass dkim=none")
 
 
 # -- a real farm ----------------------------------------------------------------------------------

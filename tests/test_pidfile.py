@@ -83,11 +83,11 @@ def test_written_then_removed_on_a_graceful_stop(farms: Any, tmp_path: Path) -> 
 
 def test_removed_when_the_start_fails_after_writing_it(tmp_path: Path) -> None:
     path = tmp_path / "farm.pid"
-    # A numeric user without a passwd entry and no group: refused by the privilege drop,
-    # which comes after the pidfile was written.
-    proc = _farm("--pidfile", str(path), "--user", "54321", cwd=tmp_path)
-    assert proc.returncode == 1
-    assert "user 54321 has no passwd entry: give a group as well" in proc.stderr
+    # A handler that cannot be loaded: the worker fails at boot, after the pidfile was written.
+    proc = _farm("--pidfile", str(path), "--handler", "farm_no_such_module:Handler", cwd=tmp_path)
+    assert proc.returncode == 1, proc.stderr
+    assert "farm_no_such_module" in proc.stderr
+    assert "supervisor pid" in proc.stderr  # (printed once the pidfile is written)
     assert not path.exists()
 
 

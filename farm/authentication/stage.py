@@ -32,6 +32,7 @@ from farm.authentication.header import HEADER, format_header, is_forged, resinfo
 from farm.authentication.spf import SPFResult, check_spf
 from farm.limits import client_address
 from farm.resolver import Resolver
+from farm.smtp.logline import quote
 from farm.smtp.stages import EndOfData, Stage, header_fields
 
 log = logging.getLogger("farm.authentication")
@@ -154,7 +155,10 @@ class AuthenticationStage(Stage):
         if self.stats is not None:
             self.stats.authentication_actions["spf_reject"] += 1
         log.info(
-            "session=%s MAIL from=<%s> refused: SPF fail for %s", session.id, address, address_ip
+            "session=%s MAIL from=%s refused: SPF fail for %s",
+            session.id,
+            quote(f"<{address}>"),
+            address_ip,
         )
         return (
             f"550 5.7.23 SPF validation failed: {result.domain} does not allow "

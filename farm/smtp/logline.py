@@ -101,16 +101,31 @@ class Fields:
         return data
 
 
-class MessageLine(Fields):
+class _StageFields(Fields):
+    """A line whose last value is the stages' ``key=value`` text (``" spf=pass dkim=none"``,
+    or ``""``): appended to the text line, and split into fields of their own for JSON."""
+
+    __slots__ = ()
+
+    def as_dict(self) -> dict[str, Any]:
+        data = super().as_dict()
+        for part in self.values[-1].split():
+            key, _, value = part.partition("=")
+            data.setdefault(key, value)  # a stage cannot overwrite the engine's fields
+        return data
+
+
+class MessageLine(_StageFields):
     """The line of one message: ``MessageLine(session, n, mail_from, rcpts, size, outcome,
-    duration)``; ``n`` numbers the session's messages, ``outcome`` is the reply code."""
+    duration, checks)``; ``n`` numbers the session's messages, ``outcome`` is the reply
+    code, ``checks`` the stages' text."""
 
     __slots__ = ()
     event = "message"
     names = ("session", "msg", "peer", "client", "from", "rcpts", "size", "outcome", "duration")
 
     def fields(self) -> tuple[Any, ...]:
-        session, n, sender, rcpts, size, outcome, duration = self.values
+        session, n, sender, rcpts, size, outcome, duration, _ = self.values
         sid = session.id
         return (
             sid,
@@ -129,13 +144,13 @@ class MessageLine(Fields):
         via = f" client={client}" if client is not None else ""
         return (
             f"session={sid} msg={msg} peer={peer}{via} from={quote(sender)} rcpts={rcpts} "
-            f"size={size} outcome={outcome} duration={duration:.3f}s"
+            f"size={size} outcome={outcome} duration={duration:.3f}s{self.values[-1]}"
         )
 
 
-class SessionLine(Fields):
+class SessionLine(_StageFields):
     """The line of one session, at its end: ``SessionLine(session, commands, accepted,
-    rejected, bytes, end, duration)``."""
+    rejected, bytes, end, duration, checks)``."""
 
     __slots__ = ()
     event = "session"
@@ -153,7 +168,7 @@ class SessionLine(Fields):
     )
 
     def fields(self) -> tuple[Any, ...]:
-        session, *counts = self.values
+        session, *counts, _ = self.values
         return (
             session.id,
             peer_text(session.peer),
@@ -168,7 +183,7 @@ class SessionLine(Fields):
         return (
             f"session={sid} peer={peer}{via} helo={quote(helo)} commands={commands} "
             f"accepted={accepted} rejected={rejected} bytes={size} end={end} "
-            f"duration={duration:.3f}s"
+            f"duration={duration:.3f}s{self.values[-1]}"
         )
 
 

@@ -672,6 +672,7 @@ class SMTP(
                 counts["bytes"],
                 self._ended_how or "disconnect",
                 (self.loop.time() - self._started) if self.loop else 0.0,
+                self._stages.session_log(session) if self._stages else "",
             ),
         )
 
@@ -1220,8 +1221,15 @@ class SMTP(
                     size,
                     status[:3],
                     self.loop.time() - self._data_started,  # type: ignore[union-attr]
+                    self._message_notes(envelope) if envelope is not None else "",
                 ),
             )
+
+    def _message_notes(self, envelope: Envelope) -> str:
+        """What the stages and the handler add to a message's log line (``" k=v ..."``)."""
+        notes = self._stages.message_log(self.session, envelope) if self._stages else ""
+        handler_note = getattr(envelope, "log_note", "")
+        return f"{notes} {handler_note}" if handler_note else notes
 
     # -- commands (aiosmtpd names; the docstring is the HELP syntax) -------------------------
 

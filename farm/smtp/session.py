@@ -56,6 +56,8 @@ class Envelope:
     #: The sender authentication results (``farm.authentication.Results``) when
     #: ``[authentication]`` is on: SPF from MAIL on, the rest once the data is in.
     authentication: Any = None
+    #: ``key=value`` text a handler adds to the message's log line (the relay's next hop).
+    log_note = ""
 
     def __init__(self) -> None:
         self.mail_from: str | None = None
