@@ -182,3 +182,15 @@ def test_closed_sessions_reach_the_table_with_the_next_admission_or_soon() -> No
         return seen
 
     assert asyncio.run(scenario()) == [1, 1, 0]
+
+
+def test_sessions_without_a_usable_proxy_source_share_the_unknown_key() -> None:
+    table = AnvilTable()
+    one = limiter(table, sessions_per_ip=2)
+    assert ask(one.open_session("unknown"))
+    assert ask(one.open_session("unknown"))
+    assert not ask(one.open_session("unknown"))
+    assert ask(one.open_session("0.0.0.0"))  # not the same counter as any address
+    assert table.sessions("unknown") == 2
+    one.close_session("unknown")
+    assert ask(one.open_session("unknown"))

@@ -37,7 +37,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 
-from farm.limits import ClientLimits, Limiter
+from farm.limits import UNKNOWN_CLIENT, ClientLimits, Limiter
 from farm.supervisor.shared_lock import SharedLock
 
 __all__ = ["PROBES", "TABLE_SLOTS", "AnvilTable", "SharedLimiter", "TableKey"]
@@ -62,8 +62,15 @@ WARN_INTERVAL = 10.0
 TableKey = tuple[int, int, int, int]
 
 
+#: The tag of the ``unknown`` key (an address's is 4, or 6 plus its prefix length; 0: unused).
+_UNKNOWN_TAG = 1
+
+
 def table_key(key: str) -> TableKey:
-    """The table key of a limiter key (``192.0.2.1``, ``2001:db8::1`` or ``2001:db8::/64``)."""
+    """The table key of a limiter key (``192.0.2.1``, ``2001:db8::1`` or ``2001:db8::/64``,
+    or ``unknown``: the sessions whose PROXY header named no usable source)."""
+    if key == UNKNOWN_CLIENT:
+        return hash(key), _UNKNOWN_TAG, 0, 0
     network = ipaddress.ip_network(key)
     value = int(network.network_address)
     tag = 4 if network.version == 4 else 6 | (network.prefixlen << 8)
