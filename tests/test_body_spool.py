@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from farm.relay import clean_content, dot_stuff
-from farm.relay_content import content_chunks, content_size
+from farm.relay.content import content_chunks, content_size
 from farm.smtp.body import INSUFFICIENT_STORAGE, Body, MemoryBudget, envelope_body
 from farm.smtp.framing import BodyPart, Command, Framer, Message
 from tests.farm_helpers import FarmRunner, toml_config, wait_for

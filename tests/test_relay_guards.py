@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from farm.relay_client import ClientSettings, ProtocolError, connect
-from farm.relay_routes import Route
+from farm.relay.client import ClientSettings, ProtocolError, connect
+from farm.relay.routes import Route
 from tests.relay_support import (
     DOMAIN,
     FakeNextHop,

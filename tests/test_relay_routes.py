@@ -15,7 +15,7 @@ import trustme
 from farm.config import load_config
 from farm.handler_loading import load_handler
 from farm.relay import Relay
-from farm.relay_routes import Route, RouteTable, parse_route
+from farm.relay.routes import Route, RouteTable, parse_route
 from tests.conftest import free_port
 from tests.relay_support import (
     HAVE_SINK,

@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import asyncio
 
-from farm.relay_client import (
+from farm.relay.client import (
     NEXT_HOP_UNAVAILABLE,
     ClientSettings,
     Connection,
     NextHopError,
     connect,
 )
-from farm.relay_routes import Route
+from farm.relay.routes import Route
 
 __all__ = ["NEXT_HOP_BUSY", "NextHopBusy", "Pool"]
 

@@ -1,6 +1,6 @@
 """``Relay``: the inbound-MX handler. A 250 is a promise: no message is ever lost.
 
-Policy (``handle_RCPT``, ``farm.relay_policy``): a recipient is accepted when its domain is one
+Policy (``handle_RCPT``, ``farm.relay.policy``): a recipient is accepted when its domain is one
 of ``domains`` (exact, or ``.example.com`` for any subdomain; case-insensitive, a trailing dot
 ignored), or when the session is authenticated, or when the client address (the PROXY header's
 source when the session has a valid one, else the peer) is in ``trusted_networks``. The classic
@@ -12,7 +12,7 @@ IDNA 2008 software such as libidn2 and Postfix computes), and the recipient goes
 hop with its domain in that very form, so the next hop sees the domain that was judged; a
 non-ASCII domain that is not a valid IDN gets ``501 5.1.3 Bad recipient address syntax``.
 
-Routes (``farm.relay_routes``): ``routes`` maps a recipient domain (``example.com`` exactly, or
+Routes (``farm.relay.routes``): ``routes`` maps a recipient domain (``example.com`` exactly, or
 ``.example.org`` for anything under it) to a next hop, ``HOST:PORT``, ``smtp:HOST:PORT`` or
 ``lmtp:HOST:PORT``; other recipients go to ``next_hop`` (LMTP with ``lmtp=True``). One client
 transaction goes to one next hop: a recipient routed elsewhere than the transaction's first
@@ -47,7 +47,7 @@ reply is one entry per recipient. A client ``RSET``, a new ``MAIL``, ``QUIT``, a
 hook timeout ends the next hop's transaction (``RSET`` there and the connection goes back to the
 pool; one whose state is unknown is closed).
 
-Connections (``farm.relay_pool``): kept per next hop and reused: at most ``pool_size`` idle,
+Connections (``farm.relay.pool``): kept per next hop and reused: at most ``pool_size`` idle,
 each for ``pool_idle_timeout`` seconds, at most ``pool_max_messages`` transactions per
 connection. At most ``max_connections`` (20; 0: no cap) are open to one next hop at once, per
 worker: a recipient that needs one more waits at most ``connection_wait`` seconds (5) for one to
@@ -58,7 +58,7 @@ next-hop process. A reused connection found dead when its ``MAIL`` is sent (clos
 ``421``) is dropped and the attempt made once more on a new connection, unseen by the client.
 ``aclose()`` closes them all (a worker calls it when it stops).
 
-TLS to the next hop (``farm.relay_client``): ``tls = "none"`` | ``"starttls"`` (when offered) |
+TLS to the next hop (``farm.relay.client``): ``tls = "none"`` | ``"starttls"`` (when offered) |
 ``"required"`` | ``"implicit"``; ``tls_verify`` checks the certificate and the host name
 (``tls_server_name``, default the next hop's host) against the system CAs or ``tls_ca_file``.
 A next hop that sends anything after its ``220`` to ``STARTTLS`` before the handshake, or any
@@ -86,7 +86,7 @@ from datetime import UTC, datetime
 from email.utils import format_datetime
 from typing import Any
 
-from farm.relay_client import (
+from farm.relay.client import (
     NEXT_HOP_LOST,
     ClientSettings,
     Connection,
@@ -96,14 +96,14 @@ from farm.relay_client import (
     failure,
     make_ssl_context,
 )
-from farm.relay_content import content_chunks, content_size
-from farm.relay_policy import INVALID_DOMAIN, RecipientPolicy, client_ip
-from farm.relay_pool import NextHopBusy, Pool
-from farm.relay_routes import Route, RouteTable, judged_address, parse_route
+from farm.relay.content import content_chunks, content_size
+from farm.relay.policy import INVALID_DOMAIN, RecipientPolicy, client_ip
+from farm.relay.pool import NextHopBusy, Pool
+from farm.relay.routes import Route, RouteTable, judged_address, parse_route
 from farm.smtp.body import Body, envelope_body
 from farm.smtp.logline import quote
 
-__all__ = ["RELAY_DENIED", "Relay", "clean_content", "dot_stuff"]
+__all__ = ["RELAY_DENIED", "Relay"]
 
 log = logging.getLogger("farm.relay")
 
@@ -120,25 +120,6 @@ REFUSED_KEPT = 100
 
 #: Characters allowed in the names and addresses that go into the ``Received:`` header.
 _UNSAFE = re.compile(r"[^A-Za-z0-9.:_\[\]-]")
-#: Stray CR / LF (not part of a CRLF pair) and NUL.
-_STRAY = re.compile(rb"\r(?!\n)|(?<!\r)\n|\x00")
-#: A dot at the start of a line (after the first line), for dot-stuffing.
-_LEADING_DOT = re.compile(rb"\r\n\.")
-
-
-def clean_content(content: bytes) -> bytes:
-    """Stray CR/LF and NUL replaced with a space; ends with CRLF (unless empty)."""
-    content = _STRAY.sub(b" ", content)
-    if content and not content.endswith(b"\r\n"):
-        content += b"\r\n"
-    return content
-
-
-def dot_stuff(content: bytes) -> bytes:
-    """The DATA payload for ``content`` (CRLF lines): leading dots doubled, ``.`` line added."""
-    if content.startswith(b"."):
-        content = b"." + content
-    return _LEADING_DOT.sub(b"\r\n..", content) + b".\r\n"
 
 
 @functools.lru_cache(maxsize=1024)  # names repeat (our name, the clients' EHLO names)

@@ -1,11 +1,11 @@
-"""The content the relay sends to a next hop, streamed from a message body chunk by chunk.
+"""The content sent to a next hop: stray CR, LF and NUL made spaces, dot-stuffed for ``DATA``.
 
-The same bytes as ``clean_content`` (and ``dot_stuff`` for ``DATA``) in ``farm.relay`` would
-give for the whole message, without ever holding it whole: stray CR, LF (not part of a CRLF
-pair) and NUL become a space, the content ends with CRLF, and for ``DATA`` a dot starting a
-line is doubled and the ``.`` line added. A CR at the end of a chunk, or a CRLF (a dot may
-start the next chunk), waits for the next chunk, so the result does not depend on where the
-body's chunks end.
+``clean_content`` and ``dot_stuff`` work on a whole message in memory (the ``Proxy`` handler's);
+``content_chunks`` streams the same bytes from a message body chunk by chunk, never holding it
+whole (the relay's): stray CR, LF (not part of a CRLF pair) and NUL become a space, the content
+ends with CRLF, and for ``DATA`` a dot starting a line is doubled and the ``.`` line added. A
+CR at the end of a chunk, or a CRLF (a dot may start the next chunk), waits for the next chunk,
+so the result does not depend on where the body's chunks end.
 """
 
 from __future__ import annotations
@@ -15,12 +15,27 @@ from collections.abc import Iterator
 
 from farm.smtp.body import CHUNK_SIZE, Body
 
-__all__ = ["content_chunks", "content_size"]
+__all__ = ["clean_content", "content_chunks", "content_size", "dot_stuff"]
 
 #: Stray CR / LF (not part of a CRLF pair) and NUL.
 _STRAY = re.compile(rb"\r(?!\n)|(?<!\r)\n|\x00")
 #: A dot at the start of a line (after the first line), for dot-stuffing.
 _LEADING_DOT = re.compile(rb"\r\n\.")
+
+
+def clean_content(content: bytes) -> bytes:
+    """Stray CR/LF and NUL replaced with a space; ends with CRLF (unless empty)."""
+    content = _STRAY.sub(b" ", content)
+    if content and not content.endswith(b"\r\n"):
+        content += b"\r\n"
+    return content
+
+
+def dot_stuff(content: bytes) -> bytes:
+    """The DATA payload for ``content`` (CRLF lines): leading dots doubled, ``.`` line added."""
+    if content.startswith(b"."):
+        content = b"." + content
+    return _LEADING_DOT.sub(b"\r\n..", content) + b".\r\n"
 
 
 def content_size(header: bytes, body: Body) -> int:

@@ -22,7 +22,7 @@ import ssl
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from farm.relay_routes import Route
+from farm.relay.routes import Route
 
 __all__ = [
     "NEXT_HOP_LOST",

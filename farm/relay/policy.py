@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from farm.limits import client_address, unmapped
-from farm.relay_routes import normalise_domain, split_address
+from farm.relay.routes import normalise_domain, split_address
 
 __all__ = ["INVALID_DOMAIN", "IPAddress", "RecipientPolicy", "client_ip"]
 
