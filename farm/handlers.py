@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import email.message
-import functools
 import logging
 import mailbox
 import os
-import smtplib
+import socket
 import sys
 import time
 import warnings
@@ -23,7 +22,16 @@ from argparse import ArgumentParser
 from email.parser import BytesParser, Parser
 from typing import Any, Self, TextIO
 
-from farm.relay import clean_content
+from farm.relay.client import (
+    ClientSettings,
+    Connection,
+    NextHopError,
+    Reply,
+    connect,
+    describe,
+)
+from farm.relay.content import clean_content, dot_stuff
+from farm.relay.routes import Route
 
 __all__ = ["AsyncMessage", "Debugging", "Mailbox", "Message", "Proxy", "Sink"]
 
@@ -224,6 +232,10 @@ class Mailbox(Message):
 UPSTREAM_UNAVAILABLE = "451 4.4.1 Upstream server unavailable, try again later"
 UPSTREAM_LOST = "451 4.4.2 Connection to upstream server lost, try again later"
 NO_SMTPUTF8 = "553 5.6.7 Upstream server does not support SMTPUTF8"
+#: ``MAIL FROM`` parameters a client declared that go upstream, and the extension they need.
+_FORWARDED = {"SMTPUTF8": "SMTPUTF8", "BODY=8BITMIME": "8BITMIME"}
+#: ``timeout=None`` (no bound, as smtplib's): each step may take this long (a year).
+_UNBOUNDED = 365 * 86400.0
 
 
 def _with_peer_header(content: bytes, peer: Any) -> bytes:
@@ -243,42 +255,32 @@ def _with_peer_header(content: bytes, peer: Any) -> bytes:
     return header + b"\r\n" + content
 
 
-def _reply_text(raw: bytes | str, default: str) -> str:
-    """An upstream's reply text as one line (smtplib joins multi-line replies with LF)."""
-    text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
-    text = " ".join(part.strip() for part in text.splitlines() if part.strip())
-    return text or default
+def _passthrough(reply: Reply) -> str:
+    """Our reply for an upstream's refusal: its code and text, ``421`` made ``451``; a reply
+    that is no refusal (not 4xx/5xx) where one was expected means the exchange broke."""
+    return reply.passthrough() if 400 <= reply.code <= 599 else UPSTREAM_LOST
 
 
-def _passthrough(code: int, raw: bytes | str) -> str:
-    """Our reply for an upstream's refusal ``code``: its code and text, kept transient if 4xx."""
-    if not 400 <= code <= 599:
-        return UPSTREAM_LOST
-    if code == 421:  # the upstream is closing; for our client this is just "try again later"
-        code = 451
-    return f"{code} {_reply_text(raw, 'Requested action not taken')}"
-
-
-def _refused_reply(recipients: dict[str, tuple[int, bytes]]) -> str:
+def _refused_reply(refused: dict[str, Reply]) -> str:
     """Our reply when the upstream refused every recipient: a temporary refusal wins."""
-    refusals = list(recipients.values())
-    for code, text in refusals:
-        if 400 <= code <= 499:
-            return _passthrough(code, text)
-    code, text = refusals[0] if refusals else (-1, b"")
-    return _passthrough(code, text)
+    for reply in refused.values():
+        if 400 <= reply.code <= 499:
+            return _passthrough(reply)
+    return next((_passthrough(reply) for reply in refused.values()), UPSTREAM_LOST)
 
 
 class Proxy:
     """Relay each message, with an ``X-Peer`` header added, to ``remote_hostname:remote_port``.
 
-    The relay is synchronous ``smtplib`` run in the loop's default executor, so the event loop
-    keeps serving other sessions meanwhile. The reply to the client is ``250 OK`` when the
-    upstream accepted at least one recipient (refused ones are logged); otherwise the
-    upstream's own refusal (``4xx``/``5xx``), or ``451 4.4.x`` when it could not be reached or
-    the connection failed. ``timeout`` bounds each network operation with the upstream.
-    Stray CR, LF and NUL in the content become spaces, as ``farm.relay`` does: smtplib
-    dot-stuffs only after LF, so a bare ``<CR>.<CR>`` must never reach the upstream.
+    The upstream is reached with the relay's asyncio next-hop client (``farm.relay.client``),
+    one connection per message, so the event loop keeps serving other sessions meanwhile. The
+    reply to the client is ``250 OK`` when the upstream accepted the message for at least one
+    recipient (refused ones are logged); otherwise the upstream's own refusal (``4xx``/``5xx``;
+    of several refused recipients a temporary refusal wins), or ``451 4.4.x`` when it could not
+    be reached or the connection failed. ``timeout`` bounds each step with the upstream
+    (connect, each reply, each write); None: no bound. Stray CR, LF and NUL in the content
+    become spaces, as ``farm.relay`` does: dot-stuffing doubles a dot only after CRLF, so a
+    bare ``<CR>.<CR>`` must never reach the upstream.
     """
 
     def __init__(
@@ -287,28 +289,25 @@ class Proxy:
         self._hostname = remote_hostname
         self._port = remote_port
         self._timeout = timeout
+        self._route = Route(remote_hostname, int(remote_port))
+        self._settings = ClientSettings(_UNBOUNDED if timeout is None else float(timeout))
 
     async def handle_DATA(self, server: Server, session: Session, envelope: Envelope) -> str:
         content = envelope.content
         if isinstance(content, str):
             content = envelope.original_content
-        # smtplib dot-stuffs only after LF: stray CR/LF/NUL must not reach the upstream.
+        # Dot-stuffing follows CRLF only: stray CR/LF/NUL must not reach the upstream.
         data = _with_peer_header(clean_content(bytes(content)), session.peer)
         options = []
         if getattr(envelope, "smtp_utf8", False):
             options.append("SMTPUTF8")
         if "BODY=8BITMIME" in envelope.mail_options:
             options.append("BODY=8BITMIME")
-        relay = functools.partial(
-            self._relay,
-            envelope.mail_from,
-            list(envelope.rcpt_tos),
-            data,
-            options,
-            getattr(server, "hostname", None),
-        )
+        name = getattr(server, "hostname", None) or socket.getfqdn()
         started = time.monotonic()
-        reply, refused, error = await asyncio.get_running_loop().run_in_executor(None, relay)
+        reply, refused, error = await self._deliver(
+            envelope.mail_from, list(envelope.rcpt_tos), data, options, name
+        )
         log.log(
             logging.INFO if reply.startswith("2") else logging.WARNING,
             "session=%s relay upstream=%s:%s rcpts=%d refused=%d size=%d outcome=%s "
@@ -325,53 +324,58 @@ class Proxy:
         )
         return reply
 
-    def _relay(
+    async def _deliver(
+        self, mail_from: str, rcpt_tos: list[str], data: bytes, options: list[str], name: str
+    ) -> tuple[str, dict[str, Reply], str]:
+        """Deliver over a new connection: ``(reply, refused recipients, error detail)``."""
+        try:
+            connection = await connect(self._route, self._settings, name)
+        except NextHopError as error:  # refused, unresolvable, timed out, bad greeting or hello
+            return UPSTREAM_UNAVAILABLE, {}, str(error)
+        try:
+            result = await self._transaction(connection, mail_from, rcpt_tos, data, options)
+        except (OSError, ValueError) as error:  # closed, reset, timed out, broke the protocol
+            connection.abort()
+            return UPSTREAM_LOST, {}, describe(error)
+        except BaseException:  # cancelled (the client left, a hook timeout)
+            connection.abort()
+            raise
+        await connection.aclose()
+        return result
+
+    async def _transaction(
         self,
+        connection: Connection,
         mail_from: str,
         rcpt_tos: list[str],
         data: bytes,
         options: list[str],
-        local_hostname: str | None,
-    ) -> tuple[str, dict[str, tuple[int, bytes]], str]:
-        """Deliver (blocking; runs in a worker thread): ``(reply, refused, error detail)``."""
-        try:
-            client = smtplib.SMTP(
-                self._hostname, self._port, local_hostname=local_hostname, timeout=self._timeout
-            )
-        except (OSError, smtplib.SMTPException) as error:  # refused, unresolvable, bad greeting
-            return UPSTREAM_UNAVAILABLE, {}, _describe(error)
-        try:
-            client.ehlo_or_helo_if_needed()
-            wanted = {"SMTPUTF8": "smtputf8", "BODY=8BITMIME": "8bitmime"}
-            usable = [o for o in options if client.has_extn(wanted[o])]
-            refused = client.sendmail(mail_from, rcpt_tos, data, usable)
-        except smtplib.SMTPRecipientsRefused as error:
-            return _refused_reply(error.recipients), error.recipients, "all recipients refused"
-        except smtplib.SMTPHeloError as error:
-            return UPSTREAM_UNAVAILABLE, {}, _describe(error)
-        except smtplib.SMTPResponseException as error:  # sender refused, data refused
-            return _passthrough(error.smtp_code, error.smtp_error), {}, _describe(error)
-        except UnicodeEncodeError as error:  # an 8-bit address and no SMTPUTF8 upstream
-            return NO_SMTPUTF8, {}, _describe(error)
-        except (OSError, smtplib.SMTPException) as error:  # disconnected, timed out, reset
-            return UPSTREAM_LOST, {}, _describe(error)
-        finally:
-            _quit(client)
+    ) -> tuple[str, dict[str, Reply], str]:
+        """``MAIL``, one ``RCPT`` per recipient, ``DATA`` and the content, as smtplib's
+        ``sendmail`` does (``SIZE`` declared when offered)."""
+        params = [option for option in options if _FORWARDED[option] in connection.extensions]
+        utf8 = "SMTPUTF8" in params
+        if not utf8 and not (mail_from.isascii() and all(r.isascii() for r in rcpt_tos)):
+            return NO_SMTPUTF8, {}, "8-bit address, no SMTPUTF8 upstream"
+        if "SIZE" in connection.extensions:
+            params.append(f"SIZE={len(data)}")
+        reply = await connection.command(" ".join([f"MAIL FROM:<{mail_from}>", *params]), utf8=utf8)
+        if not reply.ok:
+            return _passthrough(reply), {}, f"sender refused: {reply!r}"
+        refused: dict[str, Reply] = {}
+        for rcpt in rcpt_tos:
+            reply = await connection.command(f"RCPT TO:<{rcpt}>", utf8=utf8)
+            if not reply.ok:
+                refused[rcpt] = reply
+                if reply.code == 421:  # the upstream is closing: nothing more goes through
+                    return _refused_reply(refused), refused, f"recipient refused: {reply!r}"
+        if len(refused) == len(rcpt_tos):
+            return _refused_reply(refused), refused, "all recipients refused"
+        reply = await connection.command("DATA")
+        if reply.code != 354:
+            return _passthrough(reply), refused, f"DATA refused: {reply!r}"
+        await connection.send(dot_stuff(data))
+        reply = await connection.read_reply()
+        if not reply.ok:
+            return _passthrough(reply), refused, f"message refused: {reply!r}"
         return "250 OK", refused, ""
-
-
-def _quit(client: smtplib.SMTP) -> None:
-    """Say goodbye if the connection still works; close it in any case."""
-    try:
-        if client.sock is not None:
-            client.quit()
-    except (OSError, smtplib.SMTPException):
-        pass
-    finally:
-        client.close()
-
-
-def _describe(error: BaseException) -> str:
-    """One line about a relay failure (no traceback)."""
-    text = " ".join(str(error).split())
-    return f"{type(error).__name__}: {text}" if text else type(error).__name__

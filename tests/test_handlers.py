@@ -20,7 +20,7 @@ import pytest
 
 from farm.handlers import AsyncMessage, Debugging, Mailbox, Message, Proxy, Sink
 from farm.smtp import SMTP
-from tests.relay_support import FakeNextHop, LoopThread, smtp_dialogue
+from tests.relay_support import FakeNextHop, LoopThread, smtp_dialogue, wait_until
 
 HOST = "127.0.0.1"
 #: Upper bound for anything a test waits for; a healthy run needs milliseconds.
@@ -521,6 +521,82 @@ def test_proxy_does_not_block_the_loop_while_relaying(serve: Callable[..., Serve
     assert not sender.is_alive()
     assert outcome == {"refused": {}}
     assert len(upstream.received) == 1
+
+
+def test_proxy_declares_size_when_offered(serve: Callable[..., ServerThread]) -> None:
+    upstream = Recorder()
+    up = serve(upstream)  # the engine offers SIZE
+    proxy = serve(Proxy(HOST, up.port, timeout=None))  # None: no bound, as smtplib's
+    with client(proxy) as c:
+        assert c.sendmail("anne@example.com", ["bart@example.com"], MESSAGE) == {}
+    [(_, _, content, options)] = upstream.received
+    assert f"SIZE={len(content)}" in options
+
+
+def test_proxy_upstream_lost_mid_transaction_gives_451(
+    serve: Callable[..., ServerThread], loop_thread: LoopThread, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="farm.handlers")
+
+    def answer(line: bytes, transaction: int) -> bytes | None:
+        return b"" if line.upper().startswith(b"DATA") else None  # b"": close, no reply
+
+    async def script(reader: Any, writer: Any, hop: FakeNextHop) -> None:
+        await smtp_dialogue(reader, writer, hop, answer)
+
+    upstream = FakeNextHop(script, loop_thread).start()
+    proxy = serve(Proxy(HOST, upstream.port))
+    with client(proxy) as c:
+        with pytest.raises(smtplib.SMTPDataError) as info:
+            c.sendmail("anne@example.com", ["bart@example.com"], MESSAGE)
+        assert info.value.smtp_code == 451
+        assert info.value.smtp_error.startswith(b"4.4.2 ")
+        assert c.noop()[0] == 250
+    [record] = relay_records(caplog)
+    assert record.levelno == logging.WARNING
+    assert record.exc_info is None
+    assert "outcome=451" in record.getMessage()
+    assert not [r for r in caplog.records if r.exc_info]
+
+
+def test_proxy_timeout_bounds_a_silent_upstream(
+    serve: Callable[..., ServerThread], loop_thread: LoopThread
+) -> None:
+    def answer(line: bytes, transaction: int) -> bytes | None:
+        return b"" if line == b".\r\n" else None  # the message is never answered
+
+    async def script(reader: Any, writer: Any, hop: FakeNextHop) -> None:
+        await smtp_dialogue(reader, writer, hop, answer)
+
+    upstream = FakeNextHop(script, loop_thread).start()
+    proxy = serve(Proxy(HOST, upstream.port, timeout=0.5))
+    with client(proxy) as c:
+        with pytest.raises(smtplib.SMTPDataError) as info:
+            c.sendmail("anne@example.com", ["bart@example.com"], MESSAGE)
+        assert info.value.smtp_code == 451
+        assert info.value.smtp_error.startswith(b"4.4.2 ")
+    assert len(upstream.messages) == 1  # the upstream had it, and never said so
+    wait_until(lambda: upstream.closed == 1, "the proxy to drop the silent upstream")
+
+
+def test_proxy_upstream_closing_at_rcpt_gives_451(
+    serve: Callable[..., ServerThread], loop_thread: LoopThread
+) -> None:
+    def answer(line: bytes, transaction: int) -> bytes | None:
+        if line.upper().startswith(b"RCPT TO:<CATE@"):
+            return b"421 4.3.2 Shutting down\r\n"
+        return None
+
+    async def script(reader: Any, writer: Any, hop: FakeNextHop) -> None:
+        await smtp_dialogue(reader, writer, hop, answer)
+
+    upstream = FakeNextHop(script, loop_thread).start()
+    proxy = serve(Proxy(HOST, upstream.port))
+    with client(proxy) as c, pytest.raises(smtplib.SMTPDataError) as info:
+        c.sendmail("anne@example.com", ["bart@example.com", "cate@example.com"], MESSAGE)
+    assert (info.value.smtp_code, info.value.smtp_error) == (451, b"4.3.2 Shutting down")
+    assert upstream.messages == []
+    assert not [line for line in upstream.lines if line.upper().startswith(b"DATA")]
 
 
 @pytest.mark.parametrize("upstream_utf8", [True, False])
