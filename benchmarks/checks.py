@@ -2,11 +2,12 @@
 
 Usage: ``.venv/bin/python benchmarks/checks.py [--n 300] [--reps 3]`` (``make bench-checks``)
 
-A real unbound (Debian's, as the tests run it: ``tests/dns_server.py``) serves the test zones
-of ``tests/mail_auth_zones.py`` on a free loopback port. Each check runs ``--n`` times in a row
-on one asyncio event loop, exactly as a worker runs it (the same functions, the same resolver,
-the same thread pool for signatures), and the process's CPU time (user + system, all threads:
-``time.process_time``) is divided by ``--n``; the median of ``--reps`` repetitions is reported.
+A real unbound (Debian's, as the tests run it: ``tests/support/dns_server.py``) serves the
+test zones of ``tests/support/mail_auth_zones.py`` on a free loopback port. Each check runs ``--n``
+times in a row on one asyncio event loop, exactly as a worker runs it (the same functions, the
+same resolver, the same thread pool for signatures), and the process's CPU time (user + system,
+all threads: ``time.process_time``) is divided by ``--n``; the median of ``--reps`` repetitions
+is reported.
 unbound's own CPU is not counted (it stands for the recursive resolver an MX asks).
 
 Two DNS conditions: *cold*, the worker's DNS cache off (every lookup is a UDP round trip to
@@ -45,8 +46,8 @@ from farm.resolver import Resolver  # noqa: E402
 from farm.screening import parse_site, screening_stage  # noqa: E402
 from farm.screening.cache import VerdictCache  # noqa: E402
 from farm.smtp.stages import edit_header  # noqa: E402
-from tests import mail_auth_zones as zones  # noqa: E402
-from tests.dns_server import Unbound  # noqa: E402
+from tests.support import mail_auth_zones as zones  # noqa: E402
+from tests.support.dns_server import Unbound  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 DEADLINE = 5.0

@@ -2,7 +2,7 @@
 
 Usage: ``.venv/bin/python benchmarks/scan.py [--messages N] [--reps N] [--size BYTES]``
 
-Starts one real rspamd (tests/rspamd_helpers.py's minimal configuration: a normal worker and
+Starts one real rspamd (tests/support/rspamd.py's minimal configuration: a normal worker and
 a milter-mode proxy) and, for each mode and repetition, a fresh ``farm serve -w 1`` with the
 ``Sink`` handler (so the handler costs nothing) and:
 
@@ -35,7 +35,7 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.rspamd_helpers import Rspamd  # noqa: E402  (the tests' minimal rspamd)
+from tests.support.rspamd import Rspamd  # noqa: E402  (the tests' minimal rspamd)
 
 MODES = ("none", "rspamd-http", "rspamd-milter")
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,19 +11,11 @@ from typing import Any
 import pytest
 
 from farm.controller import Controller
-from tests.farm_helpers import FarmRunner
+from tests.support.farms import FarmRunner
 
 #: The relay tests' fixtures (sink, serve, loop_thread), the DNS tests' (mail_dns, own_dns),
 #: the scanning tests' (rspamd and friends).
-pytest_plugins = ["tests.relay_support", "tests.dns_server", "tests.rspamd_helpers"]
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that is free on ``host`` right now."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
+pytest_plugins = ["tests.support.relay", "tests.support.dns_server", "tests.support.rspamd"]
 
 
 class RecordingHandler:

@@ -1,5 +1,5 @@
 """Sender authentication ([authentication]) against a real unbound serving SPF, DKIM and DMARC
-records (tests/mail_auth_zones.py): every SPF result class, DKIM signatures made by dkimpy
+records (tests/support/mail_auth_zones.py): every SPF result class, DKIM signatures made by dkimpy
 here, an ARC chain sealed here, DMARC reject/quarantine/pct/subdomain policy, the forged
 header removal, deadlines (a server that never answers, a dead resolver), and three kinds of
 handler. Clients connect from 127.0.0.3 (SPF pass) and 127.0.0.4 (SPF fail).
@@ -22,8 +22,8 @@ from farm.maildir import Maildir
 from farm.metrics import WorkerStats
 from farm.resolver import Resolver
 from farm.smtp import AuthResult
-from tests import mail_auth_zones as zones
-from tests.loops import both_loops  # noqa: F401 (every engine test on asyncio and uvloop)
+from tests.support import mail_auth_zones as zones
+from tests.support.loops import both_loops  # noqa: F401 (every engine test on asyncio and uvloop)
 
 WAIT = 30.0
 ID = "mx.test"

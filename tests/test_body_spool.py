@@ -24,7 +24,8 @@ from farm.relay import clean_content, dot_stuff
 from farm.relay.content import content_chunks, content_size
 from farm.smtp.body import INSUFFICIENT_STORAGE, Body, MemoryBudget, envelope_body
 from farm.smtp.framing import BodyPart, Command, Framer, Message
-from tests.farm_helpers import FarmRunner, toml_config, wait_for
+from tests.support.farms import FarmRunner, toml_config
+from tests.support.wait import wait_for
 
 PROPERTY = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -12,8 +12,9 @@ from typing import Any
 
 from farm.smtp.stages import GO_ON, EndOfData, Stage
 from tests.conftest import RecordingHandler
-from tests.farm_helpers import WAIT, SMTPClient
-from tests.loops import both_loops  # noqa: F401  (runs every test on both loops)
+from tests.support.client import SMTPClient
+from tests.support.loops import both_loops  # noqa: F401  (runs every test on both loops)
+from tests.support.wait import WAIT
 
 
 class Editor(Stage):

@@ -18,8 +18,10 @@ import pytest
 import trustme
 
 from farm.smtp import SMTP
-from tests.loops import both_loops  # noqa: F401  (loop_kind: asyncio and uvloop)
-from tests.test_hostile import TIMEOUT, Client, _shrink_server_buffers, codes, wait_for
+from tests.support.client import SMTPClient, codes
+from tests.support.loops import both_loops  # noqa: F401  (loop_kind: asyncio and uvloop)
+from tests.support.wait import wait_for
+from tests.test_hostile import TIMEOUT, _shrink_server_buffers
 from tests.test_tls_auth import Authenticator
 
 
@@ -58,11 +60,11 @@ def test_bdat_refused_by_a_policy_check_consumes_its_chunk(
     else:
         kwargs.update(auth_required=True, auth_require_tls=False, authenticator=Authenticator())
     controller = make_controller(handler, **kwargs)
-    with Client(controller) as client:
+    with SMTPClient.of(controller, timeout=TIMEOUT) as client:
         client.send(b"EHLO me\r\nBDAT 6 LAST\r\n" + CHUNK + b"NOOP\r\n")
         replies = [client.reply() for _ in range(4)]
         assert codes(replies) == [220, 250, 530, 250], replies
-        assert client.cmd(b"QUIT").code == 221
+        assert client.command(b"QUIT").code == 221
     assert handler.envelopes == []
 
 
@@ -72,7 +74,7 @@ def test_bdat_refused_by_a_policy_check_without_a_size_closes(
     controller = make_controller(
         handler, chunking=True, tls_context=server_context, require_starttls=True
     )
-    with Client(controller) as client:
+    with SMTPClient.of(controller, timeout=TIMEOUT) as client:
         client.send(b"EHLO me\r\nBDAT LAST\r\n" + CHUNK)
         assert codes(client.replies_until_close()) == [220, 250, 530]
 
@@ -109,12 +111,12 @@ def test_auth_state_is_forgotten_at_starttls(
 EHLO_FLOOD = b"EHLO x\r\n" * 50_000  # 400 kB
 
 
-def _flooded(make_controller: Any, handler: Any, **kwargs: Any) -> tuple[Client, Any]:
+def _flooded(make_controller: Any, handler: Any, **kwargs: Any) -> tuple[SMTPClient, Any]:
     """A client that pipelines the EHLO flood without reading, and the server's protocol."""
     controller = make_controller(
         handler, pipelining=True, chunking=True, enhanced_status_codes=True, dsn=True, **kwargs
     )
-    client = Client(controller, small_buffers=True)
+    client = SMTPClient.of(controller, timeout=TIMEOUT, small_buffers=True)
     assert client.reply().code == 220
     protocol = _shrink_server_buffers(controller)
     threading.Thread(target=_send_quietly, args=(client.sock, EHLO_FLOOD), daemon=True).start()

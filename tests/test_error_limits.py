@@ -21,17 +21,17 @@ from typing import Any
 import pytest
 
 from farm.config import SMTPSettings
-from tests.farm_helpers import FarmRunner, toml_config
-from tests.loops import both_loops  # noqa: F401  (loop_kind: asyncio and uvloop)
-from tests.relay_support import DOMAIN, HAVE_SINK, make_relay
-from tests.test_hostile import Client, codes
+from tests.support.client import SMTPClient, codes
+from tests.support.farms import FarmRunner, toml_config
+from tests.support.loops import both_loops  # noqa: F401  (loop_kind: asyncio and uvloop)
+from tests.support.relay import DOMAIN, HAVE_SINK, make_relay
 
 TOO_MANY = "421 4.7.0 farm.test Error: too many errors"
 BAD = b"RCPT TO:<x@y>\r\n"  # before MAIL: 503
 
 
 def test_off_by_default(make_controller: Any, handler: Any) -> None:
-    with Client(make_controller(handler)) as client:
+    with SMTPClient.of(make_controller(handler)) as client:
         client.send(b"EHLO me\r\n" + BAD * 200 + b"NOOP\r\n" * 200 + b"QUIT\r\n")
         replies = client.replies_until_close()
     assert codes(replies) == [220, 250] + [503] * 200 + [250] * 200 + [221]
@@ -39,7 +39,7 @@ def test_off_by_default(make_controller: Any, handler: Any) -> None:
 
 def test_hard_limit_closes_after_the_nth_error(make_controller: Any, handler: Any) -> None:
     controller = make_controller(handler, hard_error_limit=5)
-    with Client(controller) as client:
+    with SMTPClient.of(controller) as client:
         client.send(b"EHLO me\r\n" + BAD * 3000)  # pipelined: nothing after the 5th is answered
         replies = client.replies_until_close()
     assert codes(replies) == [220, 250, 503, 503, 503, 503, 503, 421]
@@ -48,15 +48,15 @@ def test_hard_limit_closes_after_the_nth_error(make_controller: Any, handler: An
 
 def test_each_kind_of_error_counts(make_controller: Any, handler: Any) -> None:
     controller = make_controller(handler, hard_error_limit=6)
-    with Client(controller) as client:
+    with SMTPClient.of(controller) as client:
         client.reply()
-        assert client.cmd(b"MAIL FROM:<a@b>").code == 503  # before HELO
-        assert client.cmd(b"EHLO me").code == 250
-        assert client.cmd(b"MAIL TO:<a@b>").code == 501
-        assert client.cmd(b"BOGUS").code == 500
-        assert client.cmd(b"MAIL FROM:<a@b> SIZE=99999999999").code == 552
-        assert client.cmd(b"A" * 600).code == 500  # a command line too long
-        assert client.cmd(b"RCPT TO:<x@y>").code == 503  # the 6th error is answered...
+        assert client.command(b"MAIL FROM:<a@b>").code == 503  # before HELO
+        assert client.command(b"EHLO me").code == 250
+        assert client.command(b"MAIL TO:<a@b>").code == 501
+        assert client.command(b"BOGUS").code == 500
+        assert client.command(b"MAIL FROM:<a@b> SIZE=99999999999").code == 552
+        assert client.command(b"A" * 600).code == 500  # a command line too long
+        assert client.command(b"RCPT TO:<x@y>").code == 503  # the 6th error is answered...
         (last,) = client.replies_until_close()  # ...and followed by the 421
     assert last.text == TOO_MANY
 
@@ -70,7 +70,7 @@ def test_refused_recipients_count(make_controller: Any) -> None:
             return "550 5.1.1 unknown user"
 
     controller = make_controller(Picky(), hard_error_limit=4)
-    with Client(controller) as client:
+    with SMTPClient.of(controller) as client:
         stream = b"EHLO me\r\nMAIL FROM:<a@b>\r\nRCPT TO:<ok@x>\r\n"
         stream += b"".join(b"RCPT TO:<guess%d@x>\r\n" % i for i in range(1000))
         client.send(stream)
@@ -80,7 +80,7 @@ def test_refused_recipients_count(make_controller: Any) -> None:
 
 def test_junk_commands_count_past_their_limit(make_controller: Any, handler: Any) -> None:
     controller = make_controller(handler, junk_command_limit=4, hard_error_limit=3)
-    with Client(controller) as client:
+    with SMTPClient.of(controller) as client:
         client.send(b"NOOP\r\nHELO a\r\nEHLO b\r\nRSET\r\nVRFY <c@d>\r\nHELP\r\nNOOP\r\nNOOP\r\n")
         replies = client.replies_until_close()
     # 4 free, then each one an error: the 3rd error (7th junk) gets no answer of its own.
@@ -90,7 +90,7 @@ def test_junk_commands_count_past_their_limit(make_controller: Any, handler: Any
 
 def test_452_is_flow_control_not_an_error(make_controller: Any, handler: Any) -> None:
     controller = make_controller(handler, max_recipients=1, hard_error_limit=2)
-    with Client(controller) as client:
+    with SMTPClient.of(controller) as client:
         client.send(b"EHLO me\r\nMAIL FROM:<a@b>\r\n" + b"RCPT TO:<r@x>\r\n" * 50 + b"QUIT\r\n")
         replies = client.replies_until_close()
     assert codes(replies) == [220, 250, 250, 250] + [452] * 49 + [221]
@@ -99,7 +99,7 @@ def test_452_is_flow_control_not_an_error(make_controller: Any, handler: Any) ->
 def test_an_accepted_message_forgives(make_controller: Any, handler: Any) -> None:
     controller = make_controller(handler, hard_error_limit=3)
     message = b"MAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\nDATA\r\nSubject: x\r\n\r\nhi\r\n.\r\n"
-    with Client(controller) as client:
+    with SMTPClient.of(controller) as client:
         client.send(b"EHLO me\r\n" + BAD * 2 + message + BAD * 2 + message + b"QUIT\r\n")
         replies = client.replies_until_close()
     assert codes(replies) == [220, 250, 503, 503, 250, 250, 354, 250] * 1 + [
@@ -122,17 +122,17 @@ def test_soft_limit_delays_replies_more_and_more(
     controller = make_controller(
         handler, soft_error_limit=2, hard_error_limit=6, error_sleep_time=0.3
     )
-    with Client(controller) as client:
+    with SMTPClient.of(controller) as client:
         client.reply()
         took = []
         for _ in range(5):
             started = time.monotonic()
-            assert client.cmd(BAD.rstrip()).code == 503
+            assert client.command(BAD.rstrip()).code == 503
             took.append(time.monotonic() - started)
         started = time.monotonic()
-        assert client.cmd(b"NOOP").code == 250  # every reply waits once past the soft limit
+        assert client.command(b"NOOP").code == 250  # every reply waits once past the soft limit
         took.append(time.monotonic() - started)
-        assert client.cmd(BAD.rstrip()).code == 503
+        assert client.command(BAD.rstrip()).code == 503
         assert codes(client.replies_until_close()) == [421]
     # errors 1 and 2 are free; the 3rd, 4th, 5th wait 0.3, 0.6, 0.9 s; the NOOP 0.9 s too.
     for wait, least in zip(took[2:], (0.3, 0.6, 0.9, 0.9), strict=True):
@@ -143,9 +143,9 @@ def test_the_delay_does_not_block_other_sessions(make_controller: Any, handler: 
     controller = make_controller(
         handler, soft_error_limit=1, hard_error_limit=5, error_sleep_time=8.0
     )
-    with Client(controller) as slow:
+    with SMTPClient.of(controller) as slow:
         slow.reply()
-        assert slow.cmd(BAD.rstrip()).code == 503
+        assert slow.command(BAD.rstrip()).code == 503
         slow.send(BAD)  # the 2nd error: its reply waits 8 s
         with smtplib.SMTP(controller.hostname, controller.port, timeout=10) as other:
             other.sendmail("a@b", ["c@d"], b"Subject: meanwhile\r\n\r\nhi\r\n")
@@ -207,17 +207,8 @@ def test_the_farm_turns_the_limits_on(farms: FarmRunner, tmp_path: Path) -> None
         smtp={"hostname": "farm.test", "error_sleep_time": 0.01},
     )
     farm = farms.start(config=config, workers=1)
-    with Client(_At(farm.port)) as client:
+    with SMTPClient(farm.port) as client:
         client.send(b"EHLO me\r\n" + b"NOOP\r\n" * 100 + BAD * 19 + b"NOOP\r\n" * 1000)
         replies = client.replies_until_close()
     assert codes(replies) == [220, 250] + [250] * 100 + [503] * 19 + [421]
     assert replies[-1].text == TOO_MANY
-
-
-class _At:
-    """Where ``Client`` connects: a farm's port on loopback."""
-
-    hostname = "127.0.0.1"
-
-    def __init__(self, port: int) -> None:
-        self.port = port

@@ -10,15 +10,15 @@ from __future__ import annotations
 import itertools
 import re
 import smtplib
-import socket
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 from farm.lmtp import LMTP
-from tests.logcheck import logged_errors
-from tests.loops import both_loops  # noqa: F401  (loop_kind: asyncio and uvloop)
+from tests.support.client import SMTPClient
+from tests.support.logcheck import logged_errors
+from tests.support.loops import both_loops  # noqa: F401  (loop_kind: asyncio and uvloop)
 
 TIMEOUT = 10.0
 HOST = "farm.test"
@@ -63,54 +63,14 @@ def errors_logged(caplog: pytest.LogCaptureFixture) -> list[str]:
 # -- a raw client -------------------------------------------------------------------------------
 
 
-class Wire:
-    """A raw SMTP/LMTP client: send bytes, read whole (multi-line) replies."""
+class Wire(SMTPClient):
+    """The raw client, greeted at connect, with EHLO/LHLO and BDAT shorthands."""
 
     def __init__(self, controller: Any) -> None:
-        self.sock = socket.create_connection(
-            (controller.hostname, controller.port), timeout=TIMEOUT
-        )
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.reader = self.sock.makefile("rb")
-        self.greeting = self.line()
-
-    def __enter__(self) -> Wire:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.reader.close()
-        self.sock.close()
-
-    def send(self, data: bytes | str) -> None:
-        self.sock.sendall(data.encode() if isinstance(data, str) else data)
-
-    def reply(self) -> list[str]:
-        """One reply: all its lines, CRLF stripped."""
-        lines: list[str] = []
-        while True:
-            raw = self.reader.readline()
-            if not raw:
-                raise EOFError(f"connection closed (after {lines!r})")
-            assert raw.endswith(b"\r\n"), raw
-            line = raw[:-2].decode()
-            assert line[:3].isdigit(), line
-            lines.append(line)
-            if line[3:4] != "-":
-                return lines
-
-    def line(self) -> str:
-        """A one-line reply."""
-        lines = self.reply()
-        assert len(lines) == 1, lines
-        return lines[0]
-
-    def cmd(self, command: str | bytes) -> str:
-        self.send((command.encode() if isinstance(command, str) else command) + b"\r\n")
-        return self.line()
+        super().__init__(controller.port, controller.hostname, timeout=TIMEOUT, greeting=True)
 
     def ehlo(self, verb: str = "EHLO") -> list[str]:
-        self.send(f"{verb} client.example\r\n")
-        lines = self.reply()
+        lines = self.command(f"{verb} client.example").lines
         assert lines[0] == f"250-{HOST}", lines
         return lines
 
@@ -120,10 +80,7 @@ class Wire:
 
     def assert_closed(self) -> None:
         """The server closed the connection, and sent nothing more before it did."""
-        try:
-            rest = self.reader.read()
-        except ConnectionResetError:
-            rest = b""
+        rest = self.read_to_close()
         assert rest == b"", rest
 
 
@@ -263,13 +220,13 @@ def test_enhanced_codes_on_handler_replies(make_controller: Any) -> None:
     with Wire(controller) as wire:
         wire.ehlo()
         wire.send("NOOP\r\n")
-        assert wire.reply() == [
+        assert wire.reply().lines == [
             "250-2.0.0 first line",
             "250-2.0.0 second line",
             "250 2.0.0 third line",
         ]
         wire.send("VRFY <x@example.com>\r\n")
-        lines = wire.reply()
+        lines = wire.reply().lines
         assert lines == ["250-2.0.0 first", "250-2.1.5 second has one", "250 2.0.0 last"]
         assert wire.cmd("MAIL FROM:<a@example.com>") == "250 2.1.0 OK"
         assert wire.cmd("RCPT TO:<coded@example.com>") == (

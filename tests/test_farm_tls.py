@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import trustme
 
-from tests.farm_helpers import FarmRunner, toml_config
+from tests.support.farms import FarmRunner, toml_config
 
 
 def test_starttls_and_implicit_tls_listeners(farms: FarmRunner, tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from farm.smtp.framing import Command, CommandTooLong, DataError, Event, Framer, Message
-from tests.smuggling import LOOKALIKES
+from tests.support.smuggling import LOOKALIKES
 
 MAX_COMMAND = 512
 LINE_LIMIT = 1000

@@ -1,5 +1,5 @@
 """Hypothesis-driven fuzzing of the framer and of the engine's command handling
-(``tests/fuzz_targets.py``), marked ``fuzz``.
+(``tests/support/fuzz_targets.py``), marked ``fuzz``.
 
 The normal suite runs a short pass (``FARM_FUZZ_EXAMPLES``, default 200 inputs per target).
 A long run: ``make fuzz`` (``FARM_FUZZ_EXAMPLES=100000`` by default), or
@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from farm.smtp.body import MemoryBudget
 from farm.smtp.framing import Chunk, Command, Framer
-from tests.fuzz_targets import EngineCase, run_engine, run_framer
+from tests.support.fuzz_targets import EngineCase, run_engine, run_framer
 
 pytestmark = pytest.mark.fuzz
 
@@ -249,7 +249,7 @@ def test_the_engine_checks_catch_a_bad_reply_a_late_write_and_a_crash(
 ) -> None:
     """The fuzz targets are only as good as their checks: each one fires when it should."""
     from farm.smtp import SMTP
-    from tests import fuzz_targets
+    from tests.support import fuzz_targets
 
     assert fuzz_targets._output_problems(b"220 hi\r\n250-a\r\n251 b\r\n") != []
     assert fuzz_targets._output_problems(b"220 hi\r\nok\r\n") != []
@@ -282,7 +282,7 @@ def test_the_engine_checks_catch_a_bad_reply_a_late_write_and_a_crash(
 
 
 def test_the_framer_checks_catch_a_bad_event() -> None:
-    from tests import fuzz_targets
+    from tests.support import fuzz_targets
 
     assert fuzz_targets._event_problems(Command(b"a\nb"), 512) != []
     assert fuzz_targets._event_problems(Chunk(b"abc", 2), 512) != []

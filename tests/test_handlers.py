@@ -20,7 +20,8 @@ import pytest
 
 from farm.handlers import AsyncMessage, Debugging, Mailbox, Message, Proxy, Sink
 from farm.smtp import SMTP
-from tests.relay_support import FakeNextHop, LoopThread, smtp_dialogue, wait_until
+from tests.support.relay import FakeNextHop, LoopThread, smtp_dialogue
+from tests.support.wait import wait_for
 
 HOST = "127.0.0.1"
 #: Upper bound for anything a test waits for; a healthy run needs milliseconds.
@@ -576,7 +577,7 @@ def test_proxy_timeout_bounds_a_silent_upstream(
         assert info.value.smtp_code == 451
         assert info.value.smtp_error.startswith(b"4.4.2 ")
     assert len(upstream.messages) == 1  # the upstream had it, and never said so
-    wait_until(lambda: upstream.closed == 1, "the proxy to drop the silent upstream")
+    wait_for(lambda: upstream.closed == 1, "the proxy to drop the silent upstream")
 
 
 def test_proxy_upstream_closing_at_rcpt_gives_451(

@@ -22,21 +22,17 @@ from typing import Any
 import pytest
 
 from farm.config import load_config
-from tests.farm_helpers import (
+from tests.support.client import SMTPClient, send_message, smtp_greeting
+from tests.support.farms import (
     SMTP_SOURCE,
-    WAIT,
     Farm,
     FarmRunner,
-    SMTPClient,
     delivered,
-    send_message,
-    smtp_greeting,
     start_smtp_source,
     stop_process,
     toml_config,
-    wait_for,
 )
-from tests.haproxy_helpers import (
+from tests.support.haproxy import (
     HAPROXY,
     Backend,
     HAProxy,
@@ -44,10 +40,11 @@ from tests.haproxy_helpers import (
     needs_haproxy,
     needs_smtp_sink,
 )
-from tests.relay_support import Sink
+from tests.support.relay import Sink
+from tests.support.wait import WAIT, wait_for
 
-COUNTING = "tests.handlers.counting:Counting"
-PROXIED_COUNTING = "tests.handlers.proxied:ProxiedCounting"
+COUNTING = "tests.support.handlers.counting:Counting"
+PROXIED_COUNTING = "tests.support.handlers.proxied:ProxiedCounting"
 PROXIED = {"proxy_protocol_timeout": 5, "proxy_trusted_networks": ["127.0.0.1/32"]}
 
 needs_smtp_source = pytest.mark.skipif(
@@ -77,7 +74,7 @@ def test_ready_says_booting_then_ready_and_metrics_stay(farms: FarmRunner, tmp_p
     delay_file.write_text("5")
     config = toml_config(
         tmp_path / "farm.toml",
-        {"handler": "tests.handlers.slowboot:SlowBoot"},
+        {"handler": "tests.support.handlers.slowboot:SlowBoot"},
         handler_args={"delay_file": str(delay_file)},
     )
     farm = farms.start(config=config, workers=1)
@@ -270,7 +267,7 @@ MESSAGE = "From: a@client.test\r\nTo: x@foreign.test\r\nSubject: {n}\r\n\r\nbody
 def test_behind_haproxy_the_farms_see_the_real_client_address(
     farms: FarmRunner, proxies: list[HAProxy], sink: Callable[..., Sink], tmp_path: Path
 ) -> None:
-    next_hop = sink()  # tests/relay_support.py's smtp-sink
+    next_hop = sink()  # tests/support/relay.py's smtp-sink
     relay_args = {
         "next_hop": next_hop.next_hop,
         "domains": ["ours.test"],

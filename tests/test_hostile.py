@@ -19,14 +19,15 @@ import threading
 import time
 import tracemalloc
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import pytest
 
-from tests.logcheck import logged_errors
-from tests.loops import both_loops  # noqa: F401  (loop_kind: asyncio and uvloop)
-from tests.smuggling import LOOKALIKES
+from tests.support.client import Reply, SMTPClient, codes
+from tests.support.logcheck import logged_errors
+from tests.support.loops import both_loops  # noqa: F401  (loop_kind: asyncio and uvloop)
+from tests.support.smuggling import LOOKALIKES
+from tests.support.wait import wait_for
 
 TIMEOUT = 10.0
 HOST = "farm.test"
@@ -46,108 +47,6 @@ def no_tracebacks(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
     yield
     bad = logged_errors(caplog, (HandlerBoom,), phases=("setup", "call", "teardown"))
     assert not bad, bad
-
-
-# -- a raw SMTP client --------------------------------------------------------------------------
-
-
-@dataclass
-class Reply:
-    code: int
-    lines: list[str]  # full lines, e.g. ["250-farm.test", ..., "250 HELP"]
-
-    @property
-    def text(self) -> str:
-        """The last line, e.g. ``"500 Command line too long"``."""
-        return self.lines[-1]
-
-
-class Client:
-    def __init__(self, controller: Any, small_buffers: bool = False) -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        if small_buffers:  # keep the kernel from absorbing a flood (see the flood tests)
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
-        self.sock.settimeout(TIMEOUT)
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.sock.connect((controller.hostname, controller.port))
-        self._buf = b""
-        self._pos = 0  # start of the unread part of _buf
-        self.eof = False
-
-    def __enter__(self) -> Client:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.sock.close()
-
-    def send(self, data: bytes, bytewise: bool = False) -> None:
-        if not bytewise:
-            self.sock.sendall(data)
-            return
-        for i in range(len(data)):
-            self.sock.sendall(data[i : i + 1])
-
-    def _fill(self) -> bool:
-        try:
-            chunk = self.sock.recv(65536)
-        except ConnectionResetError:
-            chunk = b""
-        if not chunk:
-            self.eof = True
-            return False
-        self._buf = self._buf[self._pos :] + chunk
-        self._pos = 0
-        return True
-
-    def _line(self) -> bytes | None:
-        while (end := self._buf.find(b"\r\n", self._pos)) < 0:
-            if not self._fill():
-                rest = self._buf[self._pos :]
-                assert rest == b"", f"partial line before close: {rest!r}"
-                return None
-        line = self._buf[self._pos : end]
-        self._pos = end + 2
-        return line
-
-    def reply(self) -> Reply:
-        reply = self._reply()
-        assert reply is not None, "server closed instead of replying"
-        return reply
-
-    def _reply(self) -> Reply | None:
-        lines: list[str] = []
-        while True:
-            line = self._line()
-            if line is None:
-                assert not lines, f"close inside a multi-line reply: {lines}"
-                return None
-            text = line.decode("utf-8", "replace")
-            assert len(text) >= 3 and text[:3].isdigit(), f"not a reply line: {text!r}"
-            lines.append(text)
-            if text[3:4] != "-":
-                return Reply(int(text[:3]), lines)
-
-    def cmd(self, line: bytes) -> Reply:
-        self.send(line + b"\r\n")
-        return self.reply()
-
-    def replies_until_close(self) -> list[Reply]:
-        replies = []
-        while (reply := self._reply()) is not None:
-            replies.append(reply)
-        return replies
-
-
-def codes(replies: list[Reply]) -> list[int]:
-    return [r.code for r in replies]
-
-
-def wait_for(condition: Any, what: str, timeout: float = TIMEOUT) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.005)
 
 
 # -- transactions -------------------------------------------------------------------------------
@@ -175,7 +74,7 @@ def transaction(raw_body: bytes) -> bytes:
 
 
 def run_session(controller: Any, stream: bytes, bytewise: bool = False) -> list[Reply]:
-    with Client(controller) as client:
+    with SMTPClient.of(controller, timeout=TIMEOUT) as client:
         client.send(stream, bytewise)
         return client.replies_until_close()
 
@@ -254,19 +153,19 @@ def test_v16_delivers_the_exact_bytes(make_controller: Any, handler: Any, bytewi
 @pytest.mark.parametrize("smtputf8", [False, True])
 def test_command_line_limit(make_controller: Any, handler: Any, smtputf8: bool) -> None:
     controller = make_controller(handler, enable_SMTPUTF8=smtputf8)
-    with Client(controller) as client:
+    with SMTPClient.of(controller, timeout=TIMEOUT) as client:
         assert client.reply().code == 220
-        assert client.cmd(b"NOOP " + b"x" * 508).text == "500 Command line too long"  # 513
-        assert client.cmd(b"NOOP " + b"x" * 507).text == "250 OK"  # 512
-        assert client.cmd(b"EHLO client.example").code == 250
+        assert client.command(b"NOOP " + b"x" * 508).text == "500 Command line too long"  # 513
+        assert client.command(b"NOOP " + b"x" * 507).text == "250 OK"  # 512
+        assert client.command(b"EHLO client.example").code == 250
         # ESMTP: MAIL may be 26 octets longer with SIZE, 10 more with SMTPUTF8
         mail_limit = 512 + 26 + (10 if smtputf8 else 0)
         head, tail = b"MAIL FROM:<", b"@b> SIZE=100"
         fits = head + b"l" * (mail_limit - len(head) - len(tail)) + tail
         assert len(fits) == mail_limit
-        assert client.cmd(fits[:10] + b"k" + fits[10:]).text == "500 Command line too long"
-        assert client.cmd(fits).text == "250 OK"
-        assert client.cmd(b"QUIT").text == "221 Bye"
+        assert client.command(fits[:10] + b"k" + fits[10:]).text == "500 Command line too long"
+        assert client.command(fits).text == "250 OK"
+        assert client.command(b"QUIT").text == "221 Bye"
 
 
 def test_ten_mib_command_line_without_crlf(controller: Any) -> None:
@@ -274,7 +173,7 @@ def test_ten_mib_command_line_without_crlf(controller: Any) -> None:
     view = memoryview(payload)
     tracemalloc.start()
     try:
-        with Client(controller) as client:
+        with SMTPClient.of(controller, timeout=TIMEOUT) as client:
             assert client.reply().code == 220
             tracemalloc.reset_peak()
             base = tracemalloc.get_traced_memory()[0]
@@ -327,7 +226,7 @@ def test_huge_data_line_memory_bounded(make_controller: Any, handler: Any) -> No
     view = memoryview(line)
     tracemalloc.start()
     try:
-        with Client(controller) as client:
+        with SMTPClient.of(controller, timeout=TIMEOUT) as client:
             client.send(EHLO + ENVELOPE + b"DATA\r\n" + HEADERS)
             assert codes([client.reply() for _ in range(5)]) == [220, 250, 250, 250, 354]
             tracemalloc.reset_peak()
@@ -345,7 +244,7 @@ def test_huge_data_line_memory_bounded(make_controller: Any, handler: Any) -> No
     assert [e.content for e in handler.envelopes] == [b"fine\r\n"]
 
 
-def run_rest(client: Client, stream: bytes) -> list[Reply]:
+def run_rest(client: SMTPClient, stream: bytes) -> list[Reply]:
     client.send(stream)
     return client.replies_until_close()
 
@@ -373,7 +272,7 @@ def test_too_much_data(make_controller: Any, handler: Any) -> None:
 
 def test_mail_size_parameter_over_limit(make_controller: Any, handler: Any) -> None:
     controller = make_controller(handler, data_size_limit=10000)
-    with Client(controller) as client:
+    with SMTPClient.of(controller, timeout=TIMEOUT) as client:
         client.send(EHLO + b"MAIL FROM:<a@b> SIZE=10001\r\nMAIL FROM:<a@b> SIZE=10000\r\nQUIT\r\n")
         replies = client.replies_until_close()
     assert [r.text for r in replies[2:]] == [
@@ -399,7 +298,7 @@ def test_mail_size_parameter_over_limit(make_controller: Any, handler: Any) -> N
     ids=["nul-in-mail", "cr-in-mail", "cr-in-ehlo", "nul-noop", "nul-after-rcpt", "nul-only"],
 )
 def test_control_characters_in_command(controller: Any, line: bytes) -> None:
-    with Client(controller) as client:
+    with SMTPClient.of(controller, timeout=TIMEOUT) as client:
         client.send(EHLO + line + b"\r\nRSET\r\nNOOP\r\nQUIT\r\n")
         replies = client.replies_until_close()
     assert codes(replies) == [220, 250, 501, 250, 250, 221], [r.text for r in replies]
@@ -410,7 +309,7 @@ def test_control_characters_in_command(controller: Any, line: bytes) -> None:
     ["MAIL FROM:<jürgen@b>", "RCPT TO:<ü@b>", "MAIL FROM:<a@bücher.example>"],
 )
 def test_non_ascii_without_smtputf8(controller: Any, line: str) -> None:
-    with Client(controller) as client:
+    with SMTPClient.of(controller, timeout=TIMEOUT) as client:
         client.send(EHLO + line.encode() + b"\r\nRSET\r\nQUIT\r\n")
         replies = client.replies_until_close()
     assert [r.text for r in replies[2:]] == ["500 Error: strict ASCII mode", "250 OK", "221 Bye"]
@@ -420,7 +319,7 @@ def test_invalid_utf8_with_smtputf8_does_not_break_the_session(
     make_controller: Any, handler: Any
 ) -> None:
     controller = make_controller(handler, enable_SMTPUTF8=True)
-    with Client(controller) as client:
+    with SMTPClient.of(controller, timeout=TIMEOUT) as client:
         client.send(
             EHLO + b"MAIL FROM:<\xff\xfe@b> SMTPUTF8\r\nRCPT TO:<\xc3@local>\r\nRSET\r\nQUIT\r\n"
         )
@@ -454,7 +353,7 @@ def test_bare_lf_command_accepted(controller: Any) -> None:
 
 def test_unknown_commands_limit(controller: Any) -> None:
     stream = b"".join(b"FOO%d\r\n" % i for i in range(1, 6)) + b"NOOP\r\n"
-    with Client(controller) as client:
+    with SMTPClient.of(controller, timeout=TIMEOUT) as client:
         client.send(stream)
         replies = client.replies_until_close()
     assert [r.text for r in replies] == [
@@ -484,7 +383,7 @@ def test_recipient_limit(make_controller: Any, handler: Any) -> None:
 
 
 def test_pipelined_burst_answered_in_order(make_controller: Any, handler: Any) -> None:
-    with Client(make_controller(handler)) as client:
+    with SMTPClient.of(make_controller(handler), timeout=TIMEOUT) as client:
         client.send(
             EHLO
             + b"MAIL FROM:<a@b>\r\n"
@@ -510,7 +409,7 @@ TIMEOUT_REPLY = f"421 4.4.2 {HOST} Error: timeout exceeded"
 
 def test_idle_timeout_after_greeting(make_controller: Any, handler: Any) -> None:
     controller = make_controller(handler, timeout=1)
-    with Client(controller) as client:
+    with SMTPClient.of(controller, timeout=TIMEOUT) as client:
         assert client.reply().code == 220
         started = time.monotonic()
         assert client.reply().text == TIMEOUT_REPLY
@@ -521,12 +420,12 @@ def test_idle_timeout_after_greeting(make_controller: Any, handler: Any) -> None
 
 def test_idle_timeout_restarts_on_each_line(make_controller: Any, handler: Any) -> None:
     controller = make_controller(handler, timeout=1)
-    with Client(controller) as client:
+    with SMTPClient.of(controller, timeout=TIMEOUT) as client:
         assert client.reply().code == 220
         started = time.monotonic()
         for _ in range(4):  # a NOOP every 0.5 s for 2 s: twice the timeout
             time.sleep(0.5)
-            assert client.cmd(b"NOOP").text == "250 OK"
+            assert client.command(b"NOOP").text == "250 OK"
         assert time.monotonic() - started >= 2.0
         quiet = time.monotonic()
         assert client.reply().text == TIMEOUT_REPLY
@@ -536,7 +435,7 @@ def test_idle_timeout_restarts_on_each_line(make_controller: Any, handler: Any) 
 
 def test_idle_timeout_after_354(make_controller: Any, handler: Any) -> None:
     controller = make_controller(handler, timeout=1)
-    with Client(controller) as client:
+    with SMTPClient.of(controller, timeout=TIMEOUT) as client:
         client.send(EHLO + ENVELOPE + b"DATA\r\nSubject: never finished\r\n")
         assert codes([client.reply() for _ in range(5)]) == [220, 250, 250, 250, 354]
         started = time.monotonic()
@@ -548,7 +447,7 @@ def test_idle_timeout_after_354(make_controller: Any, handler: Any) -> None:
 
 def test_idle_timer_restarts_after_data(make_controller: Any, handler: Any) -> None:
     controller = make_controller(handler, timeout=3)
-    with Client(controller) as client:
+    with SMTPClient.of(controller, timeout=TIMEOUT) as client:
         client.send(EHLO + ENVELOPE + b"DATA\r\n")
         assert codes([client.reply() for _ in range(5)]) == [220, 250, 250, 250, 354]
         time.sleep(2.0)  # a pause inside DATA, shorter than the timeout
@@ -624,7 +523,7 @@ def _fresh_session_works(controller: Any, handler: Any) -> None:
     assert handler.envelopes[before].content == b"fresh\r\n"
 
 
-def _drain(client: Client, noops: int, finish_sending: Any) -> None:
+def _drain(client: SMTPClient, noops: int, finish_sending: Any) -> None:
     """Read the flood's replies in a thread while ``finish_sending()`` completes the flood,
     then QUIT; every NOOP must have been answered, in order."""
     result: list[Any] = []
@@ -651,7 +550,7 @@ def _drain(client: Client, noops: int, finish_sending: Any) -> None:
 def test_pipelined_noops_without_reading(make_controller: Any, handler: Any) -> None:
     controller = make_controller(handler)
     noops = 20_000
-    with Client(controller, small_buffers=True) as client:
+    with SMTPClient.of(controller, timeout=TIMEOUT, small_buffers=True) as client:
         assert client.reply().code == 220
         protocol = _shrink_server_buffers(controller)
         sender = threading.Thread(
@@ -679,7 +578,7 @@ def test_pipelined_noops_without_reading(make_controller: Any, handler: Any) -> 
 FLOOD_CHUNK = b"NOOP\r\n" * 1000
 
 
-def _flood_until_paused(client: Client, protocol: Any, cap: int = 64 * 2**20) -> int:
+def _flood_until_paused(client: SMTPClient, protocol: Any, cap: int = 64 * 2**20) -> int:
     """Pipeline NOOPs without reading until the server pauses reading; the octets sent."""
     client.sock.setblocking(False)
     sent = 0
@@ -697,7 +596,7 @@ def test_flood_until_backpressure(make_controller: Any, handler: Any) -> None:
     """Keep pipelining NOOPs without reading: the server must stop reading (bounded memory)
     instead of buffering without end, and still serve other clients."""
     controller = make_controller(handler)
-    with Client(controller, small_buffers=True) as client:
+    with SMTPClient.of(controller, timeout=TIMEOUT, small_buffers=True) as client:
         assert client.reply().code == 220
         protocol = _shrink_server_buffers(controller)
         tracemalloc.start()
@@ -721,7 +620,7 @@ def test_non_reading_client_dropped_at_timeout(
     if loop_kind == "uvloop":
         pytest.skip("same engine path; run once, since it waits out its bound")
     controller = make_controller(handler, timeout=1)
-    with Client(controller, small_buffers=True) as client:
+    with SMTPClient.of(controller, timeout=TIMEOUT, small_buffers=True) as client:
         assert client.reply().code == 220
         protocol = _shrink_server_buffers(controller)
         _flood_until_paused(client, protocol)
@@ -730,7 +629,7 @@ def test_non_reading_client_dropped_at_timeout(
 
 
 def test_half_close_inside_data_delivers_nothing(make_controller: Any, handler: Any) -> None:
-    with Client(make_controller(handler)) as client:
+    with SMTPClient.of(make_controller(handler), timeout=TIMEOUT) as client:
         client.send(EHLO + ENVELOPE + b"DATA\r\nSubject: cut\r\n\r\npartial body\r\n")
         assert codes([client.reply() for _ in range(5)]) == [220, 250, 250, 250, 354]
         client.sock.shutdown(socket.SHUT_WR)
@@ -771,7 +670,7 @@ def test_data_body_of_a_client_that_does_not_read_stays_bounded(
 ) -> None:
     """Replies back up right before DATA; the body that follows must not pile up unread."""
     controller = make_controller(handler, data_size_limit=1_000_000)
-    with Client(controller, small_buffers=True) as client:
+    with SMTPClient.of(controller, timeout=TIMEOUT, small_buffers=True) as client:
         assert client.reply().code == 220
         protocol = _shrink_server_buffers(controller)
         # The replies back up before DATA is reached (the server then stops processing and
@@ -791,7 +690,7 @@ def test_data_body_of_a_client_that_does_not_read_stays_bounded(
 
 def test_eof_during_an_auth_exchange_closes_at_once(make_controller: Any, handler: Any) -> None:
     controller = make_controller(handler, auth_require_tls=False, timeout=30)
-    with Client(controller) as client:
+    with SMTPClient.of(controller, timeout=TIMEOUT) as client:
         assert client.reply().code == 220
         client.send(b"EHLO me\r\nAUTH LOGIN\r\n")
         replies = [client.reply() for _ in range(2)]
@@ -804,7 +703,7 @@ def test_eof_during_an_auth_exchange_closes_at_once(make_controller: Any, handle
 
 def test_early_talker_is_refused(make_controller: Any, handler: Any) -> None:
     controller = make_controller(handler, greeting_delay=0.5)
-    with Client(controller) as client:
+    with SMTPClient.of(controller, timeout=TIMEOUT) as client:
         # Talks at once, without waiting for the greeting: refused, nothing runs.
         client.send(EHLO + ENVELOPE + b"DATA\r\nbody\r\n.\r\n")
         assert [r.text for r in client.replies_until_close()] == [
@@ -812,7 +711,7 @@ def test_early_talker_is_refused(make_controller: Any, handler: Any) -> None:
         ]
     assert handler.envelopes == []
     # A client that waits for the 220 is served as usual.
-    with Client(controller) as client:
+    with SMTPClient.of(controller, timeout=TIMEOUT) as client:
         assert client.reply().code == 220
         client.send(transaction(b"patient\r\n"))
         assert codes(client.replies_until_close()) == ONE_MESSAGE[1:]

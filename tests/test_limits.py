@@ -11,7 +11,6 @@ import base64
 import ipaddress
 import os
 import signal
-import socket
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -20,7 +19,9 @@ import pytest
 
 from farm.config import ConfigError, load_config
 from farm.limits import Anvil, ClientLimits, LocalLimiter, client_address
-from tests.farm_helpers import SMTPClient, toml_config, wait_for
+from tests.support.client import SMTPClient
+from tests.support.farms import toml_config
+from tests.support.wait import wait_for
 
 WAIT = 30.0
 
@@ -31,14 +32,6 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
-
-
-class ClientFrom(SMTPClient):
-    """A raw SMTP client bound to a chosen loopback source address."""
-
-    def __init__(self, port: int, source: str, host: str = "127.0.0.1") -> None:
-        self.sock = socket.create_connection((host, port), timeout=WAIT, source_address=(source, 0))
-        self._buffer = b""
 
 
 # -- the Anvil ------------------------------------------------------------------------------------
@@ -127,19 +120,19 @@ def test_too_many_connections_from_one_address(make_controller: Any, handler: An
     limiter = LocalLimiter(sessions_per_ip=2, exempt_networks=())
     controller = make_controller(handler, limiter=limiter)
     port = controller.port
-    held = [ClientFrom(port, "127.0.0.2") for _ in range(2)]
+    held = [SMTPClient(port, source="127.0.0.2") for _ in range(2)]
     assert all(_greeted(c).startswith("220 ") for c in held)
-    refused = ClientFrom(port, "127.0.0.2")
+    refused = SMTPClient(port, source="127.0.0.2")
     reply = refused.reply()
     assert reply.startswith("421 4.7.0 ") and "too many connections from 127.0.0.2" in reply
     assert refused.at_eof()
-    other = ClientFrom(port, "127.0.0.3")
+    other = SMTPClient(port, source="127.0.0.3")
     assert other.reply().startswith("220 ")  # other clients are not affected
     held[0].command("QUIT")
     held[0].close()
 
     def admitted_again() -> bool:
-        client = ClientFrom(port, "127.0.0.2")
+        client = SMTPClient(port, source="127.0.0.2")
         try:
             return client.reply().startswith("220 ")
         finally:
@@ -153,7 +146,7 @@ def test_too_many_connections_from_one_address(make_controller: Any, handler: An
 def test_message_rate_per_address(make_controller: Any, handler: Any) -> None:
     limiter = LocalLimiter(sessions_per_ip=0, messages_per_ip=2, exempt_networks=())
     controller = make_controller(handler, limiter=limiter, enhanced_status_codes=True)
-    client = ClientFrom(controller.port, "127.0.0.4")
+    client = SMTPClient(controller.port, source="127.0.0.4")
     client.reply()
     client.command("EHLO client.test")
     for _ in range(2):
@@ -162,7 +155,7 @@ def test_message_rate_per_address(make_controller: Any, handler: Any) -> None:
     reply = client.command("MAIL FROM:<a@example.com>")
     assert reply.startswith("450 4.7.1 Error: too much mail from 127.0.0.4"), reply
     assert client.command("NOOP").startswith("250")  # the session goes on
-    other = ClientFrom(controller.port, "127.0.0.5")
+    other = SMTPClient(controller.port, source="127.0.0.5")
     other.reply()
     other.command("EHLO client.test")
     assert other.command("MAIL FROM:<a@example.com>").startswith("250")
@@ -190,12 +183,12 @@ def test_auth_failures_per_address_across_sessions(make_controller: Any, handler
         auth_require_tls=False,
     )
     for _ in range(2):  # two sessions, one failure each
-        client = ClientFrom(controller.port, "127.0.0.6")
+        client = SMTPClient(controller.port, source="127.0.0.6")
         client.reply()
         client.command("EHLO client.test")
         assert client.command(f"AUTH PLAIN {_plain('u', 'wrong')}").startswith("535")
         client.close()
-    client = ClientFrom(controller.port, "127.0.0.6")
+    client = SMTPClient(controller.port, source="127.0.0.6")
     client.reply()
     client.command("EHLO client.test")
     reply = client.command(f"AUTH PLAIN {_plain('u', 'right?')}")
@@ -263,7 +256,7 @@ def _open_until_refused(port: int, source: str, most: int) -> tuple[list[SMTPCli
     """Open sessions from ``source`` until one is refused; (the greeted ones, the refusal)."""
     greeted: list[SMTPClient] = []
     for _ in range(most):
-        client = ClientFrom(port, source)
+        client = SMTPClient(port, source=source)
         reply = client.reply()
         if not reply.startswith("220 "):
             client.close()
@@ -317,7 +310,7 @@ def test_farm_limits_hold_across_workers_and_survive_a_worker_kill(
     for _ in range(5):
 
         def greeted() -> SMTPClient | None:
-            client = ClientFrom(farm.port, "127.0.0.3")
+            client = SMTPClient(farm.port, source="127.0.0.3")
             if client.reply().startswith("220 "):
                 return client
             client.close()
@@ -402,7 +395,7 @@ def test_parallel_sessions_cannot_multiply_the_auth_allowance(
     controller = make_controller(
         handler, limiter=limiter, authenticator=SlowRefusal(), auth_require_tls=False
     )
-    clients = [ClientFrom(controller.port, "127.0.0.7") for _ in range(5)]
+    clients = [SMTPClient(controller.port, source="127.0.0.7") for _ in range(5)]
     for client in clients:
         client.reply()
         client.command("EHLO client.test")
@@ -479,12 +472,12 @@ def test_early_talker_refused_while_the_limiter_is_asked(
 ) -> None:
     limiter = SlowLimiter(1.0, sessions_per_ip=5, exempt_networks=())
     controller = make_controller(handler, limiter=limiter, greeting_delay=0.2)
-    client = ClientFrom(controller.port, "127.0.0.8")
+    client = SMTPClient(controller.port, source="127.0.0.8")
     client.send("EHLO bot.test\r\nMAIL FROM:<a@b.test>\r\n")  # before any greeting
     assert client.reply() == "554 5.5.0 Error: SMTP protocol synchronization\r\n"
     assert client.at_eof()
     client.close()
-    patient = ClientFrom(controller.port, "127.0.0.8")
+    patient = SMTPClient(controller.port, source="127.0.0.8")
     assert patient.reply().startswith("220 ")  # one that waits is greeted
     assert patient.command("EHLO ok.test").startswith("250")
     patient.close()

@@ -10,7 +10,6 @@ import stat
 import subprocess
 import sys
 import textwrap
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -28,7 +27,8 @@ from farm.supervisor.listeners import (
     inherit_systemd_listeners,
 )
 from farm.supervisor.privileges import PrivilegeError, drop_privileges
-from tests.conftest import free_port
+from tests.support.net import free_port
+from tests.support.wait import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 IS_ROOT = os.geteuid() == 0
@@ -455,14 +455,15 @@ def test_systemd_socket_activate_hands_over_named_sockets() -> None:
 
 
 def _connect_retrying(address: tuple[str, int], process: subprocess.Popen[bytes]) -> socket.socket:
-    deadline = time.monotonic() + 10
-    while True:
+    def connected() -> socket.socket | None:
         try:
             return socket.create_connection(address, timeout=5)
         except ConnectionRefusedError:
-            if process.poll() is not None or time.monotonic() > deadline:
+            if process.poll() is not None:
                 raise
-            time.sleep(0.05)
+            return None
+
+    return wait_for(connected, f"{address} accepting connections")
 
 
 # --- accept queue ------------------------------------------------------------------------------
@@ -473,10 +474,8 @@ def test_accept_queue_depth(bound: list[Listener], tmp_path: Path) -> None:
     assert accept_queue(listener.socket) == (0, 8)
     clients = [socket.create_connection(listener.socket.getsockname(), 5) for _ in range(3)]
     try:
-        deadline = time.monotonic() + 5
-        while (queue := accept_queue(listener.socket)) != (3, 8) and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert queue == (3, 8)
+        wait_for(lambda: accept_queue(listener.socket) == (3, 8), "3 connections queued")
+        assert accept_queue(listener.socket) == (3, 8)
     finally:
         for client in clients:
             client.close()

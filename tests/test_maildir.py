@@ -25,15 +25,10 @@ import pytest
 
 from farm.maildir import DELIVERY_FAILED, Maildir, mailbox_dir_name
 from tests.conftest import new_loop
-from tests.farm_helpers import (
-    SMTP_SOURCE,
-    FarmRunner,
-    SMTPClient,
-    run_smtp_source,
-    toml_config,
-    wait_for,
-)
-from tests.loops import both_loops  # noqa: F401  (loop_kind: asyncio and uvloop)
+from tests.support.client import SMTPClient
+from tests.support.farms import SMTP_SOURCE, FarmRunner, run_smtp_source, toml_config
+from tests.support.loops import both_loops  # noqa: F401  (loop_kind: asyncio and uvloop)
+from tests.support.wait import wait_for
 
 WAIT = 30.0
 SENDER = "sender@client.test"
@@ -272,7 +267,9 @@ def test_a_hanging_write_does_not_block_other_sessions(
     sender.start()
     try:
         # The handler's executor thread is now stuck in the kernel on the frozen file system.
-        wait_for(blocked_threads, WAIT, what="the delivery blocked on the frozen file system")
+        wait_for(
+            blocked_threads, timeout=WAIT, what="the delivery blocked on the frozen file system"
+        )
         other = SMTPClient(controller.port, timeout=10)
         try:
             assert other.reply().startswith("220 ")
@@ -610,7 +607,7 @@ def test_delivery_over_smtp_sweeps_tmp(make_controller: Any, tmp_path: Path) -> 
     controller = make_controller(Maildir(tmp_path, per_recipient=True))
     code, _ = send(controller.port, ["alice@example.com", "bob@example.com"])
     assert code == 250
-    wait_for(lambda: not alice.exists(), WAIT, what="the stale tmp/ file removed")
+    wait_for(lambda: not alice.exists(), timeout=WAIT, what="the stale tmp/ file removed")
     assert partial.exists()
     for name in ("alice", "bob"):
         box = mailbox.Maildir(tmp_path / name, create=False)

@@ -9,7 +9,8 @@ import subprocess
 import sys
 import time
 
-from tests.farm_helpers import farm_env, free_port
+from tests.support.farms import farm_env
+from tests.support.net import free_port
 
 
 def wait_for_line(proc: subprocess.Popen[str], text: str, timeout: float = 30.0) -> list[str]:

@@ -13,7 +13,9 @@ from pathlib import Path
 import trustme
 
 from farm import metrics as names
-from tests.farm_helpers import FarmRunner, send_message, toml_config, wait_for
+from tests.support.client import send_message
+from tests.support.farms import FarmRunner, toml_config
+from tests.support.wait import wait_for
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -57,7 +59,7 @@ def test_every_worker_metric_is_exported_with_its_slot(farms: FarmRunner, tmp_pa
     chain, key, client_context = tls_files(tmp_path)
     config = toml_config(
         tmp_path / "farm.toml",
-        {"handler": "tests.handlers.counting:Counting"},
+        {"handler": "tests.support.handlers.counting:Counting"},
         handler_args={"path": str(tmp_path / "delivered")},
         smtp={"auth_require_tls": False, "tls_cert": chain, "tls_key": key},
     )
@@ -143,7 +145,7 @@ def test_a_hung_worker_delays_a_scrape_by_the_bound_and_counts_an_error(
 ) -> None:
     config = toml_config(
         tmp_path / "farm.toml",
-        {"handler": "tests.handlers.blocking:Blocking", "timeout": 60},
+        {"handler": "tests.support.handlers.blocking:Blocking", "timeout": 60},
     )
     farm = farms.start(config=config, workers=2)
     farm.wait_ready(2)

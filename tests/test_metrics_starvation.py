@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import pytest
 
 from farm.supervisor.metrics_http import CLIENT_TIMEOUT, MAX_CLIENTS
-from tests.farm_helpers import Farm, FarmRunner
+from tests.support.farms import Farm, FarmRunner
 
 #: Well under CLIENT_TIMEOUT: a starved request would take that long.
 ANSWER_WITHIN = 4.0

@@ -26,7 +26,8 @@ import psutil
 import pytest
 import trustme
 
-from tests.farm_helpers import REPO, FarmRunner, smtp_greeting, toml_config
+from tests.support.client import smtp_greeting
+from tests.support.farms import REPO, FarmRunner, toml_config
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 

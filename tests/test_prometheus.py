@@ -26,8 +26,10 @@ from typing import Any
 
 import pytest
 
-from tests.farm_helpers import WAIT, Farm, FarmRunner, free_port, toml_config, wait_for
-from tests.rspamd_helpers import RSPAMD
+from tests.support.farms import Farm, FarmRunner, toml_config
+from tests.support.net import free_port
+from tests.support.rspamd import RSPAMD
+from tests.support.wait import WAIT, wait_for
 from tests.test_grafana import (
     RULES,
     dashboard_queries,

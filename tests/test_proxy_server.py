@@ -22,8 +22,9 @@ from typing import Any
 import pytest
 
 from farm.proxy_protocol import AF, PROTO, V2_CMD
-from tests.logcheck import logged_errors
-from tests.loops import both_loops  # noqa: F401  (loop_kind: asyncio and uvloop)
+from tests.support.client import SMTPClient
+from tests.support.logcheck import logged_errors
+from tests.support.loops import both_loops  # noqa: F401  (loop_kind: asyncio and uvloop)
 
 TIMEOUT = 10.0
 HOST = "farm.test"
@@ -116,66 +117,13 @@ class NoProxyHook:
         return "250 OK"
 
 
-class Wire:
-    def __init__(self, controller: Any) -> None:
-        self.sock = socket.create_connection(
-            (controller.hostname, controller.port), timeout=TIMEOUT
-        )
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.reader = self.sock.makefile("rb")
-
-    def __enter__(self) -> Wire:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.reader.close()
-        self.sock.close()
-
-    def send(self, data: bytes, bytewise: bool = False) -> None:
-        if not bytewise:
-            self.sock.sendall(data)
-            return
-        for i in range(len(data)):
-            self.sock.sendall(data[i : i + 1])
-
-    def reply(self) -> list[str]:
-        lines: list[str] = []
-        while True:
-            raw = self.reader.readline()
-            if not raw:
-                raise EOFError(f"connection closed (after {lines!r})")
-            assert raw.endswith(b"\r\n"), raw
-            lines.append(raw[:-2].decode())
-            if lines[-1][3:4] != "-":
-                return lines
-
-    def line(self) -> str:
-        lines = self.reply()
-        assert len(lines) == 1, lines
-        return lines[0]
-
-    def cmd(self, command: str) -> str:
-        self.send(command.encode() + b"\r\n")
-        return self.line()
-
-    def read_to_close(self) -> bytes:
-        """Everything the server sends until it closes (a reset counts as a close)."""
-        data = b""
-        try:
-            while chunk := self.sock.recv(4096):
-                data += chunk
-        except ConnectionResetError:
-            pass
-        return data
-
-
 def proxy_controller(make_controller: Any, handler: Any, **kwargs: Any) -> Any:
     """A started Controller whose connections expect a PROXY header (``proxy_protocol_timeout``)."""
     kwargs.setdefault("proxy_protocol_timeout", 5)
     return make_controller(handler, **kwargs)
 
 
-def smtp_transaction(wire: Wire) -> None:
+def smtp_transaction(wire: SMTPClient) -> None:
     assert wire.cmd("MAIL FROM:<a@example.com>") == "250 OK"
     assert wire.cmd("RCPT TO:<b@example.com>") == "250 OK"
     assert wire.cmd("DATA").startswith("354 ")
@@ -199,7 +147,7 @@ def test_accepted_header_then_smtp(make_controller: Any, kind: str, how: str) ->
     header, src, sport, dst, dport = HEADERS[kind]
     handler = ProxyHandler()
     controller = proxy_controller(make_controller, handler)
-    with Wire(controller) as wire:
+    with SMTPClient.of(controller, timeout=TIMEOUT) as wire:
         if how == "with-ehlo":
             wire.send(header + b"EHLO client.example\r\n")  # one segment
         else:
@@ -208,7 +156,7 @@ def test_accepted_header_then_smtp(make_controller: Any, kind: str, how: str) ->
         assert greeting.startswith(f"220 {HOST} "), greeting
         if how != "with-ehlo":
             wire.send(b"EHLO client.example\r\n")
-        assert wire.reply()[0] == f"250-{HOST}"
+        assert wire.reply().lines[0] == f"250-{HOST}"
         smtp_transaction(wire)
         assert wire.read_to_close() == b""
     assert len(handler.proxy_calls) == 1
@@ -229,7 +177,7 @@ def test_v2_header_with_tlvs(make_controller: Any) -> None:
     handler = ProxyHandler()
     controller = proxy_controller(make_controller, handler)
     header = v2_tcp4(tlvs=tlv(0x02, b"mx.example.org") + tlv(0x05, b"id-42"))
-    with Wire(controller) as wire:
+    with SMTPClient.of(controller, timeout=TIMEOUT) as wire:
         wire.send(header, bytewise=True)
         assert wire.line().startswith("220 ")
         assert wire.cmd("QUIT") == "221 Bye"
@@ -245,7 +193,7 @@ def test_v2_header_with_tlvs(make_controller: Any) -> None:
 def test_trusted_network_works(make_controller: Any, networks: list[str]) -> None:
     handler = ProxyHandler()
     controller = proxy_controller(make_controller, handler, proxy_trusted_networks=networks)
-    with Wire(controller) as wire:
+    with SMTPClient.of(controller, timeout=TIMEOUT) as wire:
         wire.send(V1_TCP4)
         assert wire.line().startswith(f"220 {HOST} ")
         assert wire.cmd("HELO client.example") == f"250 {HOST}"
@@ -260,7 +208,7 @@ def test_trusted_network_works(make_controller: Any, networks: list[str]) -> Non
 def test_handle_proxy_falsy_closes_without_greeting(make_controller: Any, accept: Any) -> None:
     handler = ProxyHandler(accept=accept)
     controller = proxy_controller(make_controller, handler)
-    with Wire(controller) as wire:
+    with SMTPClient.of(controller, timeout=TIMEOUT) as wire:
         wire.send(V1_TCP4)
         assert wire.read_to_close() == b""
     assert len(handler.proxy_calls) == 1
@@ -270,7 +218,7 @@ def test_handle_proxy_falsy_closes_without_greeting(make_controller: Any, accept
 def test_handle_proxy_falsy_with_pipelined_commands_closes(make_controller: Any) -> None:
     handler = ProxyHandler(accept=False)
     controller = proxy_controller(make_controller, handler)
-    with Wire(controller) as wire:
+    with SMTPClient.of(controller, timeout=TIMEOUT) as wire:
         wire.send(
             v2_tcp4() + b"HELO x\r\nMAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.com>\r\n"
             b"DATA\r\nsmuggled\r\n.\r\nQUIT\r\n"
@@ -283,7 +231,7 @@ def test_handle_proxy_falsy_with_pipelined_commands_closes(make_controller: Any)
 def test_handle_proxy_raising_closes_without_greeting(make_controller: Any) -> None:
     handler = RaisingProxyHook()
     controller = proxy_controller(make_controller, handler)
-    with Wire(controller) as wire:
+    with SMTPClient.of(controller, timeout=TIMEOUT) as wire:
         wire.send(V1_TCP4 + b"HELO x\r\n")
         assert wire.read_to_close() == b""
     assert len(handler.proxy_calls) == 1
@@ -292,7 +240,7 @@ def test_handle_proxy_raising_closes_without_greeting(make_controller: Any) -> N
 def test_handler_without_handle_proxy_closes(make_controller: Any) -> None:
     handler = NoProxyHook()
     controller = proxy_controller(make_controller, handler)
-    with Wire(controller) as wire:
+    with SMTPClient.of(controller, timeout=TIMEOUT) as wire:
         wire.send(V1_TCP4 + b"HELO x\r\n")
         assert wire.read_to_close() == b""
     assert handler.envelopes == []
@@ -324,7 +272,7 @@ def test_malformed_header_closes_without_traceback(
     caplog.set_level(logging.INFO, logger="farm.smtp")
     handler = ProxyHandler()
     controller = proxy_controller(make_controller, handler)
-    with Wire(controller) as wire:
+    with SMTPClient.of(controller, timeout=TIMEOUT) as wire:
         # (the server may close as soon as the header goes wrong, before all of it is sent)
         with contextlib.suppress(BrokenPipeError, ConnectionResetError):
             wire.send(MALFORMED[kind], bytewise=bytewise)
@@ -337,7 +285,10 @@ def test_malformed_header_closes_without_traceback(
 def test_no_header_in_time_closes(make_controller: Any) -> None:
     handler = ProxyHandler()
     controller = proxy_controller(make_controller, handler, proxy_protocol_timeout=1)
-    with Wire(controller) as silent, Wire(controller) as partial:
+    with (
+        SMTPClient.of(controller, timeout=TIMEOUT) as silent,
+        SMTPClient.of(controller, timeout=TIMEOUT) as partial,
+    ):
         partial.send(V1_TCP4[:20])
         started = time.monotonic()
         assert silent.read_to_close() == b""
@@ -355,9 +306,9 @@ def test_untrusted_peer_closed_before_reading(make_controller: Any) -> None:
         proxy_protocol_timeout=30,
         proxy_trusted_networks=["10.0.0.0/8", "::1/128"],
     )
-    with Wire(controller) as silent:
+    with SMTPClient.of(controller, timeout=TIMEOUT) as silent:
         assert silent.read_to_close() == b""  # closed without waiting for a header
-    with Wire(controller) as eager:
+    with SMTPClient.of(controller, timeout=TIMEOUT) as eager:
         # A valid header and a whole transaction, sent at once: none of it may be read.
         with contextlib.suppress(BrokenPipeError, ConnectionResetError):
             eager.send(V1_TCP4 + b"HELO x\r\nMAIL FROM:<a@example.com>\r\nQUIT\r\n")
@@ -372,12 +323,12 @@ def test_untrusted_peer_closed_before_reading(make_controller: Any) -> None:
 def test_proxy_line_on_a_plain_listener_is_an_unknown_command(make_controller: Any) -> None:
     handler = ProxyHandler()
     controller = make_controller(handler)
-    with Wire(controller) as wire:
+    with SMTPClient.of(controller, timeout=TIMEOUT) as wire:
         assert wire.line().startswith(f"220 {HOST} ")
         wire.send(V1_TCP4)
         assert wire.line() == '500 Error: command "PROXY" not recognized'
         wire.send(b"EHLO client.example\r\n")
-        assert wire.reply()[0] == f"250-{HOST}"
+        assert wire.reply().lines[0] == f"250-{HOST}"
         smtp_transaction(wire)
     assert handler.proxy_calls == []
     assert handler.sessions[0].proxy_data is None
@@ -406,7 +357,7 @@ def test_hung_handle_proxy_is_given_up(make_controller: Any, loop_kind: str) -> 
         make_controller, HungProxyHook(), proxy_protocol_timeout=1, timeout=1
     )
     controller.drain_timeout = 1
-    with Wire(controller) as wire:
+    with SMTPClient.of(controller, timeout=TIMEOUT) as wire:
         wire.sock.settimeout(4)  # 4 x the timeouts
         wire.send(V1_TCP4)
         try:

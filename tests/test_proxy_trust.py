@@ -9,14 +9,14 @@ and in the limiter's exempt networks, as a balancer on the farm's own network of
 
 from __future__ import annotations
 
-import socket
 import struct
 from typing import Any
 
 import pytest
 
 from farm.limits import LocalLimiter
-from tests.relay_support import DOMAIN, make_relay
+from tests.support.client import SMTPClient
+from tests.support.relay import DOMAIN, make_relay
 
 V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
 
@@ -45,40 +45,12 @@ HEADERS = {
 }
 
 
-class Conversation:
-    """A line-based client on a raw socket (a PROXY header is bytes before any SMTP)."""
-
-    def __init__(self, port: int) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-        self.reader = self.sock.makefile("rb")
-
-    def send(self, data: bytes) -> None:
-        self.sock.sendall(data)
-
-    def reply(self) -> str:
-        lines = []
-        while True:
-            line = self.reader.readline().decode()
-            assert line, f"closed after {lines}"
-            lines.append(line)
-            if line[3:4] != "-":
-                return "".join(lines)
-
-    def command(self, line: str) -> str:
-        self.send(line.encode() + b"\r\n")
-        return self.reply()
-
-    def close(self) -> None:
-        self.reader.close()
-        self.sock.close()
-
-
 @pytest.mark.parametrize("name", HEADERS)
 def test_no_usable_source_is_not_the_trusted_balancer(serve: Any, sink: Any, name: str) -> None:
     next_hop = sink()
     relay = make_relay(next_hop.next_hop, trusted_networks=["127.0.0.0/8"])
     controller = serve(relay, proxy_protocol_timeout=5.0, proxy_trusted_networks=["127.0.0.1/32"])
-    client = Conversation(controller.port)
+    client = SMTPClient(controller.port, timeout=10)
     client.send(HEADERS[name])
     assert client.reply().startswith("220 ")
     assert client.command("EHLO client.test").startswith("250")
@@ -109,13 +81,13 @@ def test_no_usable_source_is_not_the_exempt_balancer(make_controller: Any, name:
         proxy_protocol_timeout=5.0,
         proxy_trusted_networks=["127.0.0.1/32"],
     )
-    first = Conversation(controller.port)
+    first = SMTPClient(controller.port, timeout=10)
     first.send(HEADERS[name])
     assert first.reply().startswith("220 ")
-    second = Conversation(controller.port)
+    second = SMTPClient(controller.port, timeout=10)
     second.send(HEADERS[name])
     assert "too many connections from unknown" in second.reply()
-    third = Conversation(controller.port)  # a real source is counted on its own
+    third = SMTPClient(controller.port, timeout=10)  # a real source is counted on its own
     third.send(b"PROXY TCP4 198.51.100.7 192.0.2.25 40000 25\r\n")
     assert third.reply().startswith("220 ")
     for client in (first, second, third):

@@ -5,7 +5,7 @@ Authentication-Results header the next hop gets and refuse a DMARC p=reject fail
 
 Only the addresses, certificate paths, the greeting delay, TLS towards the next hop (smtp-sink
 offers STARTTLS without being able to do it), the DNS list names and the resolver (a real
-unbound serving tests/mail_auth_zones.py) and the exempt networks (the test's clients are on
+unbound serving tests/support/mail_auth_zones.py) and the exempt networks (the test's clients are on
 loopback) are swapped for test values; every other line is the README's.
 """
 
@@ -23,9 +23,9 @@ from typing import Any
 import pytest
 import trustme
 
-from tests import mail_auth_zones as zones
-from tests.farm_helpers import farm_env
-from tests.relay_support import SMTP_SINK, Sink, sinks
+from tests.support import mail_auth_zones as zones
+from tests.support.farms import farm_env
+from tests.support.relay import SMTP_SINK, Sink, sinks
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 MARKER = "<!-- inbound-mx-example -->"

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.farm_helpers import FarmRunner, delivered, send_message
+from tests.support.client import send_message
+from tests.support.farms import FarmRunner, delivered
 from tests.test_supervisor import counting_config
 
 

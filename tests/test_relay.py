@@ -26,8 +26,8 @@ from farm.controller import Controller
 from farm.lmtp import LMTP
 from farm.relay import RELAY_DENIED, clean_content, dot_stuff
 from farm.smtp import SMTP
-from tests.conftest import free_port
-from tests.relay_support import (
+from tests.support.net import free_port
+from tests.support.relay import (
     DOMAIN,
     HAVE_SINK,
     SMTP_SOURCE,
@@ -41,7 +41,7 @@ from tests.relay_support import (
     send,
     smtp_dialogue,
 )
-from tests.relay_support import make_relay as relay
+from tests.support.relay import make_relay as relay
 
 pytestmark = pytest.mark.skipif(not HAVE_SINK, reason="smtp-sink not installed")
 
@@ -563,7 +563,7 @@ def test_smtputf8_address(serve: Any, sink: Any) -> None:
 
 def test_undeclared_unicode_recipient_is_refused_alone(serve: Any, sink: Any) -> None:
     """Without SMTPUTF8 in MAIL, a UTF-8 recipient gets 553; the ASCII ones still go through."""
-    from tests.farm_helpers import SMTPClient
+    from tests.support.client import SMTPClient
 
     next_hop = sink()
     controller = serve(relay(next_hop.next_hop))

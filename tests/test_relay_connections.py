@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from farm.relay import Relay
-from tests.relay_support import (
+from tests.support.relay import (
     DOMAIN,
     HAVE_SINK,
     WAIT,

@@ -11,16 +11,9 @@ import pytest
 
 from farm.relay.client import ClientSettings, ProtocolError, connect
 from farm.relay.routes import Route
-from tests.relay_support import (
-    DOMAIN,
-    FakeNextHop,
-    LoopThread,
-    attempt,
-    message,
-    smtp_dialogue,
-    wait_until,
-)
-from tests.relay_support import make_relay as relay
+from tests.support.relay import DOMAIN, FakeNextHop, LoopThread, attempt, message, smtp_dialogue
+from tests.support.relay import make_relay as relay
+from tests.support.wait import wait_for
 
 
 def answering(verb: bytes, reply: bytes) -> Any:
@@ -70,7 +63,7 @@ def test_broken_next_hop_temp_fails_and_is_not_reused(
         assert code == 451 and text.startswith(b"4.4."), result
     assert hop.messages == []
     assert hop.connections == 2  # each attempt on a new connection: none was pooled
-    wait_until(lambda: hop.closed == 2, "both connections closed")
+    wait_for(lambda: hop.closed == 2, "both connections closed")
 
 
 #: Against a next hop that insists on MAIL + RCPT in one write and answers both in one write:
@@ -105,7 +98,7 @@ def test_broken_pipelining_next_hop_fails_safely(
             assert result.rcpt[0][1].startswith(b"4.4."), result
     assert hop.messages == []
     assert hop.connections == 2  # the connection was never given back to the pool
-    wait_until(lambda: hop.closed == 2, "both connections closed")
+    wait_for(lambda: hop.closed == 2, "both connections closed")
 
 
 #: Broken replies to the message content (or to DATA): the client never gets a 250.
@@ -129,7 +122,7 @@ def test_broken_reply_to_content_is_never_a_250(
         assert result.rcpt == [(250, b"2.1.5 OK")], result
         assert result.final is not None and result.final[0] == 451, result
     assert hop.connections == 2
-    wait_until(lambda: hop.closed == 2, "both connections closed")
+    wait_for(lambda: hop.closed == 2, "both connections closed")
 
 
 def test_unsolicited_reply_while_idle_is_never_taken_as_an_answer(
@@ -157,13 +150,13 @@ def test_unsolicited_reply_while_idle_is_never_taken_as_an_answer(
     controller = serve(handler)
     assert attempt(controller.port, [f"r@{DOMAIN}"], message("first")).accepted
     loop_thread.loop.call_soon_threadsafe(stray.set)
-    wait_until(lambda: sum(p.idle for p in handler._pools.values()) == 1, "idle connection")
+    wait_for(lambda: sum(p.idle for p in handler._pools.values()) == 1, "idle connection")
 
     def stray_buffered() -> bool:
         pool = next(iter(handler._pools.values()))
         return bool(pool._idle) and not pool._idle[0].usable()
 
-    wait_until(stray_buffered, "the stray reply to arrive")
+    wait_for(stray_buffered, "the stray reply to arrive")
     result = attempt(controller.port, [f"r@{DOMAIN}"], message("second"))
     assert result.accepted, result
     assert len(hop.messages) == 2 and hop.connections == 2

@@ -21,7 +21,7 @@ import pytest
 from farm.controller import Controller
 from farm.lmtp import LMTP
 from farm.smtp import SMTP
-from tests.relay_support import (
+from tests.support.relay import (
     DOMAIN,
     HAVE_SINK,
     WAIT,
@@ -32,7 +32,7 @@ from tests.relay_support import (
     message,
     smtp_dialogue,
 )
-from tests.relay_support import make_relay as relay
+from tests.support.relay import make_relay as relay
 
 CRLF = b"\r\n"
 

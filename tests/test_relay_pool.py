@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from tests.relay_support import (
+from tests.support.relay import (
     DOMAIN,
     HAVE_SINK,
     WAIT,
@@ -23,9 +23,9 @@ from tests.relay_support import (
     message,
     pool_idle,
     smtp_dialogue,
-    wait_until,
 )
-from tests.relay_support import make_relay as relay
+from tests.support.relay import make_relay as relay
+from tests.support.wait import wait_for
 
 pytestmark = pytest.mark.skipif(not HAVE_SINK, reason="smtp-sink not installed")
 
@@ -67,7 +67,7 @@ def test_reuse_across_sessions_and_after_rset(
         client.mail("a@ext.test")
         assert client.rcpt(f"r@{DOMAIN}")[0] == 250
     # QUIT in mid-transaction (smtplib's context exit)
-    wait_until(lambda: pool_idle(handler) == 1, "the connection back in the pool")
+    wait_for(lambda: pool_idle(handler) == 1, "the connection back in the pool")
     with socket.create_connection(("127.0.0.1", controller.port), timeout=WAIT) as raw:
         stream = raw.makefile("rb")
         assert stream.readline().startswith(b"220")
@@ -76,7 +76,7 @@ def test_reuse_across_sessions_and_after_rset(
             assert stream.readline().startswith(b"250")
         stream.close()  # (the socket's fd stays open while its file object does)
     # disconnect in mid-transaction: handle_CLOSE gives the connection back
-    wait_until(lambda: pool_idle(handler) == 1, "the connection back in the pool")
+    wait_for(lambda: pool_idle(handler) == 1, "the connection back in the pool")
     assert attempt(controller.port, [f"r@{DOMAIN}"], message(marker)).accepted
     next_hop.wait_for(f"Subject: {marker}".encode(), 7)
     assert next_hop.count(f"Subject: {marker}".encode()) == 7  # only the completed ones
@@ -95,7 +95,7 @@ def test_pool_max_messages_and_size(serve: Any, sink: Any, loop_thread: LoopThre
             assert client.sendmail("a@ext.test", [f"r@{DOMAIN}"], message(marker)) == {}
     next_hop.wait_for(f"Subject: {marker}".encode(), 12)
     assert proxy.accepted == 3
-    wait_until(lambda: proxy.closed >= 3, "retired connections closed")
+    wait_for(lambda: proxy.closed >= 3, "retired connections closed")
 
 
 def test_no_pooling_with_size_zero(serve: Any, sink: Any, loop_thread: LoopThread) -> None:
@@ -105,7 +105,7 @@ def test_no_pooling_with_size_zero(serve: Any, sink: Any, loop_thread: LoopThrea
     for _ in range(3):
         assert attempt(controller.port, [f"r@{DOMAIN}"], message("nopool")).accepted
     assert proxy.accepted == 3
-    wait_until(lambda: proxy.closed == 3, "every connection closed")
+    wait_for(lambda: proxy.closed == 3, "every connection closed")
 
 
 def test_idle_connections_close_on_timeout(serve: Any, sink: Any, loop_thread: LoopThread) -> None:
@@ -114,8 +114,8 @@ def test_idle_connections_close_on_timeout(serve: Any, sink: Any, loop_thread: L
     handler = relay(proxy.next_hop, pool_idle_timeout=0.5)
     controller = serve(handler)
     assert attempt(controller.port, [f"r@{DOMAIN}"], message("idle")).accepted
-    wait_until(lambda: proxy.accepted == 1 and proxy.closed == 1, "the idle connection closed")
-    wait_until(lambda: connections_to(proxy.port) == 0, "no fd left to the next hop")
+    wait_for(lambda: proxy.accepted == 1 and proxy.closed == 1, "the idle connection closed")
+    wait_for(lambda: connections_to(proxy.port) == 0, "no fd left to the next hop")
     assert pool_idle(handler) == 0
     assert attempt(controller.port, [f"r@{DOMAIN}"], message("idle")).accepted
     assert proxy.accepted == 2
@@ -138,11 +138,11 @@ def test_aclose_leaves_no_connections(serve: Any, sink: Any, loop_thread: LoopTh
         for client in clients:
             client.close()
     assert proxy.accepted == 3
-    wait_until(lambda: pool_idle(handler) == 3, "three idle connections")
+    wait_for(lambda: pool_idle(handler) == 3, "three idle connections")
     assert connections_to(proxy.port) == 3
     close_relay(handler, controller)
     assert connections_to(proxy.port) == 0
-    wait_until(lambda: proxy.closed == 3, "the proxy saw every connection close")
+    wait_for(lambda: proxy.closed == 3, "the proxy saw every connection close")
     # The handler is still usable afterwards.
     assert attempt(controller.port, [f"r@{DOMAIN}"], message("after")).accepted
 
@@ -207,7 +207,7 @@ def test_hook_timeout_drops_the_upstream_transaction(
         assert code in (421, 451)
         with pytest.raises(smtplib.SMTPServerDisconnected):
             client.noop()
-    wait_until(lambda: proxy.accepted == 1 and proxy.closed == 1, "upstream connection closed")
+    wait_for(lambda: proxy.accepted == 1 and proxy.closed == 1, "upstream connection closed")
     assert pool_idle(handler) == 0
 
 
@@ -219,7 +219,7 @@ def test_controller_stop_closes_the_pool(
     handler = relay(proxy.next_hop)
     controller = make_controller(handler)
     assert attempt(controller.port, [f"r@{DOMAIN}"], message("pooled")).accepted
-    wait_until(lambda: pool_idle(handler) == 1, "one idle pooled connection")
+    wait_for(lambda: pool_idle(handler) == 1, "one idle pooled connection")
     controller.stop()  # Controller._shutdown calls the handler's aclose()
-    wait_until(lambda: proxy.closed == 1, "the pooled connection closed by stop()")
+    wait_for(lambda: proxy.closed == 1, "the pooled connection closed by stop()")
     assert connections_to(proxy.port) == 0

@@ -16,14 +16,8 @@ from farm.config import load_config
 from farm.handler_loading import load_handler
 from farm.relay import Relay
 from farm.relay.routes import Route, RouteTable, parse_route
-from tests.conftest import free_port
-from tests.relay_support import (
-    HAVE_SINK,
-    SWAKS,
-    WAIT,
-    attempt,
-    message,
-)
+from tests.support.net import free_port
+from tests.support.relay import HAVE_SINK, SWAKS, WAIT, attempt, message
 
 DOMAINS = ["a.test", ".b.test", "c.test"]
 

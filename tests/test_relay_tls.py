@@ -13,8 +13,8 @@ import pytest
 import trustme
 
 from tests.conftest import RecordingHandler
-from tests.loops import both_loops  # noqa: F401  (loop_kind: asyncio and uvloop)
-from tests.relay_support import (
+from tests.support.loops import both_loops  # noqa: F401  (loop_kind: asyncio and uvloop)
+from tests.support.relay import (
     DOMAIN,
     HAVE_SINK,
     FakeNextHop,
@@ -23,7 +23,7 @@ from tests.relay_support import (
     message,
     smtp_dialogue,
 )
-from tests.relay_support import make_relay as relay
+from tests.support.relay import make_relay as relay
 
 TLS_FAILED = 451, b"4.7.5"
 

@@ -13,7 +13,10 @@ from pathlib import Path
 
 import psutil
 
-from tests.farm_helpers import FarmRunner, free_port, smtp_greeting, toml_config, wait_for
+from tests.support.client import smtp_greeting
+from tests.support.farms import FarmRunner, toml_config
+from tests.support.net import free_port
+from tests.support.wait import wait_for
 
 
 def _refused(port: int) -> bool:

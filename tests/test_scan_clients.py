@@ -19,8 +19,8 @@ from farm.scan.message import MessageEdit
 from farm.scan.milter import MilterClient
 from farm.scan.rspamd import RspamdClient
 from farm.scan.verdict import ScanContext, Verdict
-from tests.farm_helpers import wait_for
-from tests.rspamd_helpers import GTUBE, OpenDKIM, Rspamd, needs_opendkim, needs_rspamd
+from tests.support.rspamd import GTUBE, OpenDKIM, Rspamd, needs_opendkim, needs_rspamd
+from tests.support.wait import wait_for
 
 pytestmark = needs_rspamd
 

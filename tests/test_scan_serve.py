@@ -14,8 +14,10 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.farm_helpers import WAIT, Farm, FarmRunner, SMTPClient, toml_config, wait_for
-from tests.rspamd_helpers import GTUBE, Rspamd, needs_rspamd
+from tests.support.client import SMTPClient
+from tests.support.farms import Farm, FarmRunner, toml_config
+from tests.support.rspamd import GTUBE, Rspamd, needs_rspamd
+from tests.support.wait import WAIT, wait_for
 
 pytestmark = needs_rspamd
 

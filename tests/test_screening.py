@@ -1,5 +1,5 @@
 """Connection screening ([screening]): DNS lists in postscreen's syntax, looked up in a real
-unbound (tests/dns_server.py) by clients connecting from 127.0.0.2-127.0.0.9, each action
+unbound (tests/support/dns_server.py) by clients connecting from 127.0.0.2-127.0.0.9, each action
 (enforce, drop, ignore), weights, filters, allow lists, exemptions, fail-open on a slow or dead
 resolver, and the farm-wide verdict cache across two real workers.
 """
@@ -9,7 +9,6 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
-import socket
 import threading
 from pathlib import Path
 from typing import Any
@@ -22,21 +21,13 @@ from farm.resolver import Resolver
 from farm.screening import parse_site, screening_stage
 from farm.screening.cache import SLOT_SIZE, VerdictCache
 from farm.smtp import AuthResult
-from tests import mail_auth_zones as zones
-from tests.farm_helpers import SMTPClient, toml_config, wait_for
-from tests.loops import both_loops  # noqa: F401 (every engine test on asyncio and uvloop)
+from tests.support import mail_auth_zones as zones
+from tests.support.client import SMTPClient
+from tests.support.farms import toml_config
+from tests.support.loops import both_loops  # noqa: F401 (every engine test on asyncio and uvloop)
+from tests.support.wait import wait_for
 
 WAIT = 30.0
-
-
-class ClientFrom(SMTPClient):
-    """A raw SMTP client bound to a loopback source address."""
-
-    def __init__(self, port: int, source: str) -> None:
-        self.sock = socket.create_connection(
-            ("127.0.0.1", port), timeout=WAIT, source_address=(source, 0)
-        )
-        self._buffer = b""
 
 
 def stage(
@@ -63,7 +54,7 @@ def stage(
 
 def transaction(port: int, source: str, rcpts: tuple[str, ...] = ("bob@mx.test",)) -> list[str]:
     """Greeting, EHLO, MAIL, each RCPT, and (if one was accepted) DATA: the replies."""
-    client = ClientFrom(port, source)
+    client = SMTPClient(port, source=source)
     try:
         replies = [client.reply()]
         replies.append(client.command("EHLO client.test"))
@@ -167,7 +158,7 @@ def test_drop_answers_554_instead_of_the_greeting_and_closes(
     make_controller: Any, handler: Any, mail_dns: Any
 ) -> None:
     controller = make_controller(handler, stages=[stage(mail_dns, "drop")], greeting_delay=0.2)
-    client = ClientFrom(controller.port, zones.LISTED)
+    client = SMTPClient(controller.port, source=zones.LISTED)
     try:
         greeting = client.reply()
         assert greeting == (
@@ -185,7 +176,7 @@ def test_a_client_that_talks_while_drop_decides_is_an_early_talker(
     controller = make_controller(
         handler, stages=[stage(mail_dns, "drop", lists=("list.slow.test",), timeout=10)]
     )
-    client = ClientFrom(controller.port, zones.CLEAN)
+    client = SMTPClient(controller.port, source=zones.CLEAN)
     try:
         client.send("EHLO quick.test\r\n")  # the greeting waits for a list that never answers
         assert client.reply().startswith("554 5.5.0")
@@ -252,7 +243,7 @@ def test_authenticated_sessions_are_never_blocked(
         auth_require_tls=False,
         authenticator=authenticator,
     )
-    client = ClientFrom(controller.port, zones.LISTED)
+    client = SMTPClient(controller.port, source=zones.LISTED)
     try:
         client.reply()
         client.command("EHLO client.test")
@@ -282,8 +273,8 @@ def test_a_list_that_never_answers_fails_open_without_delaying_anyone(
         stats=stats,
     )
     controller = make_controller(handler, stages=[screening])
-    slow = ClientFrom(controller.port, zones.CLEAN)
-    listed = ClientFrom(controller.port, zones.LISTED)
+    slow = SMTPClient(controller.port, source=zones.CLEAN)
+    listed = SMTPClient(controller.port, source=zones.LISTED)
     try:
         assert slow.reply().startswith("220")  # before any verdict
         assert listed.reply().startswith("220")
@@ -293,7 +284,7 @@ def test_a_list_that_never_answers_fails_open_without_delaying_anyone(
             client.command("MAIL FROM:<alice@example.test>")
         rcpt_replies: dict[str, str] = {}
 
-        def rcpt(name: str, client: ClientFrom) -> None:
+        def rcpt(name: str, client: SMTPClient) -> None:
             rcpt_replies[name] = client.command("RCPT TO:<bob@mx.test>")
 
         waiting = [
@@ -359,7 +350,7 @@ def test_every_worker_sees_the_verdicts_until_their_ttl_ends(
     )
     farm = farms.start(config=config, workers=2)
     farm.wait_ready(2)
-    first = ClientFrom(farm.port, zones.LISTED)
+    first = SMTPClient(farm.port, source=zones.LISTED)
     second = None
     try:
         assert first.reply().startswith("220")
@@ -368,7 +359,7 @@ def test_every_worker_sees_the_verdicts_until_their_ttl_ends(
         assert first.command("RCPT TO:<bob@mx.test>").startswith("550 5.7.1")
         dns.stop()
         # The first worker is at its cap: this connection is the other worker's.
-        second = ClientFrom(farm.port, zones.LISTED)
+        second = SMTPClient(farm.port, source=zones.LISTED)
         assert second.reply().startswith("220")
         second.command("EHLO client.test")
         second.command("MAIL FROM:<alice@example.test>")

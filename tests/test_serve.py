@@ -7,7 +7,7 @@ import smtplib
 import subprocess
 import sys
 
-from tests.conftest import free_port
+from tests.support.net import free_port
 
 
 def start_farm(*args: str) -> subprocess.Popen[str]:

@@ -12,7 +12,7 @@ import pytest
 
 from farm import smtp as farm_smtp
 from farm.smtp import SMTP, syntax
-from tests.loops import both_loops  # noqa: F401  (loop_kind: asyncio and uvloop)
+from tests.support.loops import both_loops  # noqa: F401  (loop_kind: asyncio and uvloop)
 
 
 def client_for(controller: Any) -> smtplib.SMTP:

@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 
 from farm.smtp.stages import EndOfData, Stage, edit_header, header_end, header_fields
-from tests.farm_helpers import wait_for
-from tests.loops import both_loops  # noqa: F401 (every engine test on asyncio and uvloop)
+from tests.support.loops import both_loops  # noqa: F401 (every engine test on asyncio and uvloop)
+from tests.support.wait import wait_for
 
 WAIT = 30.0
 

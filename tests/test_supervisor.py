@@ -31,35 +31,33 @@ from pathlib import Path
 
 import pytest
 
-from tests.farm_helpers import (
+from tests.support.client import SMTPClient, send_message, smtp_greeting
+from tests.support.farms import (
     REPO,
     SMTP_SOURCE,
     Farm,
     FarmRunner,
-    SMTPClient,
     delivered,
     farm_env,
-    free_port,
     living,
     run_smtp_source,
-    send_message,
-    smtp_greeting,
     start_smtp_source,
     stop_process,
     toml_config,
-    wait_for,
 )
+from tests.support.net import free_port
+from tests.support.wait import wait_for
 
 needs_smtp_source = pytest.mark.skipif(
     not os.path.exists(SMTP_SOURCE), reason="needs Postfix's smtp-source"
 )
 
-COUNTING = "tests.handlers.counting:Counting"
-BLOCKING = "tests.handlers.blocking:Blocking"
+COUNTING = "tests.support.handlers.counting:Counting"
+BLOCKING = "tests.support.handlers.blocking:Blocking"
 
 
 def counting_config(path: Path, out: Path, delay: float = 0.0, **top: object) -> Path:
-    """A farm.toml serving tests.handlers.counting into ``out``."""
+    """A farm.toml serving tests.support.handlers.counting into ``out``."""
     settings: dict[str, object] = {"handler": COUNTING, "graceful_timeout": 20}
     settings.update(top)
     handler_args: dict[str, object] = {"path": str(out)}
@@ -384,7 +382,7 @@ def test_handler_import_error_exits_1_quickly(farms: FarmRunner) -> None:
     started = time.monotonic()
     farm = farms.start(
         "--handler",
-        "tests.handlers.broken:Handler",
+        "tests.support.handlers.broken:Handler",
         workers=2,
         metrics=False,
         log_file=False,
@@ -395,8 +393,8 @@ def test_handler_import_error_exits_1_quickly(farms: FarmRunner) -> None:
     err = farm.stderr()
     assert code == 1, err
     assert took < 10, f"took {took:.1f}s"
-    assert "cannot import handler module 'tests.handlers.broken'" in err
-    assert "ImportError: tests.handlers.broken is broken on purpose" in err
+    assert "cannot import handler module 'tests.support.handlers.broken'" in err
+    assert "ImportError: tests.support.handlers.broken is broken on purpose" in err
     assert "(the handler could not be loaded); stopping" in err
     assert len(re.findall(r"worker \d+ gen \d+ started", err)) <= 2, "a fork loop"
     pids = {int(pid) for pid in re.findall(r"started \(pid (\d+)\)", err)}
@@ -493,7 +491,7 @@ def test_worker_stuck_in_blocking_call_is_dumped_killed_and_replaced(
     dump = farm.log()[hang.detected.end() : hang.killed.start()]
     assert re.search(r"(Current thread|Thread) 0x[0-9a-f]+", dump), dump
     assert re.search(
-        rf'File ".*tests/handlers/blocking\.py", line {sleep_line} in handle_DATA', dump
+        rf'File ".*tests/support/handlers/blocking\.py", line {sleep_line} in handle_DATA', dump
     ), dump
 
     farm.wait_metric("farm_worker_restarts_total", 1, reason="timeout")

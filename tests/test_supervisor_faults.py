@@ -10,7 +10,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.farm_helpers import FarmRunner, living, send_message, toml_config, wait_for
+from tests.support.client import send_message
+from tests.support.farms import FarmRunner, living, toml_config
+from tests.support.wait import wait_for
 
 
 def crash_a_worker(port: int) -> None:
@@ -37,7 +39,9 @@ def test_workers_exit_when_the_supervisor_is_killed(farms: FarmRunner) -> None:
 def test_a_slot_that_keeps_dying_young_is_respawned_with_growing_backoff(
     farms: FarmRunner, tmp_path: Path
 ) -> None:
-    config = toml_config(tmp_path / "farm.toml", {"handler": "tests.handlers.crashing:Crashing"})
+    config = toml_config(
+        tmp_path / "farm.toml", {"handler": "tests.support.handlers.crashing:Crashing"}
+    )
     farm = farms.start(config=config, workers=1)
     farm.wait_ready(1)
     crash_a_worker(farm.port)
@@ -80,7 +84,7 @@ def test_reload_retires_a_recycle_replacement_still_booting(
     delay.write_text("0")
     config = toml_config(
         tmp_path / "farm.toml",
-        {"handler": "tests.handlers.slowboot:SlowBoot", "max_messages": 1},
+        {"handler": "tests.support.handlers.slowboot:SlowBoot", "max_messages": 1},
         handler_args={"delay_file": str(delay)},
     )
     farm = farms.start(config=config, workers=1)

@@ -19,7 +19,7 @@ import pytest
 import trustme
 
 from farm.smtp import AuthResult, LoginPassword, TLSSetupException
-from tests.loops import both_loops  # noqa: F401  (loop_kind: asyncio and uvloop)
+from tests.support.loops import both_loops  # noqa: F401  (loop_kind: asyncio and uvloop)
 
 
 @pytest.fixture(scope="module")

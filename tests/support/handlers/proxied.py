@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tests.handlers.counting import Counting
+from tests.support.handlers.counting import Counting
 
 
 class ProxiedCounting(Counting):

@@ -24,7 +24,7 @@ import dkim
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from tests.dns_server import txt
+from tests.support.dns_server import txt
 
 ZONES = ["test"]
 SLOW_ZONE = "slow.test"

@@ -11,7 +11,6 @@ import os
 import signal
 import socket
 import subprocess
-import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
@@ -20,8 +19,9 @@ import dns.query
 import dns.rcode
 import pytest
 
+from tests.support.wait import WAIT, wait_for
+
 UNBOUND = "/usr/sbin/unbound"
-WAIT = 30.0
 
 
 def free_udp_tcp_port(host: str = "127.0.0.1") -> int:
@@ -142,18 +142,21 @@ class Unbound:
 
     def _wait_serving(self) -> None:
         assert self.process is not None
-        deadline = time.monotonic() + WAIT
         query = dns.message.make_query(self.zones[0], "SOA")
-        while True:
+
+        def answering() -> bool:
+            assert self.process is not None
             if self.process.poll() is not None:
                 raise AssertionError(f"unbound exited: {self.log_path.read_text()}")
             with contextlib.suppress(Exception):
                 answer = dns.query.udp(query, "127.0.0.1", port=self.port, timeout=0.5)
-                if answer.rcode() in (dns.rcode.NOERROR, dns.rcode.NXDOMAIN):
-                    return
-            if time.monotonic() > deadline:
-                raise AssertionError(f"unbound not answering: {self.log_path.read_text()}")
-            time.sleep(0.05)
+                return answer.rcode() in (dns.rcode.NOERROR, dns.rcode.NXDOMAIN)
+            return False
+
+        try:
+            wait_for(answering, "unbound answering", timeout=WAIT)
+        except AssertionError as error:
+            raise AssertionError(f"{error}: {self.log_path.read_text()}") from None
 
     @property
     def pid(self) -> int | None:
@@ -197,10 +200,10 @@ def _require_unbound() -> None:
 
 @pytest.fixture(scope="module")
 def mail_dns(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Unbound]:
-    """One unbound for a test module, serving tests/mail_auth_zones.py (slow.test: a black
+    """One unbound for a test module, serving tests/support/mail_auth_zones.py (slow.test: a black
     hole)."""
     _require_unbound()
-    from tests import mail_auth_zones as zones
+    from tests.support import mail_auth_zones as zones
 
     directory = tmp_path_factory.mktemp("dns")
     with unbound(directory, zones.ZONES, zones.records(), zones.SLOW_ZONE) as server:
@@ -211,7 +214,7 @@ def mail_dns(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Unbound]:
 def own_dns(tmp_path: Path) -> Iterator[Callable[..., Unbound]]:
     """Factory of unbounds for one test (to stop mid-test): ``own_dns(dnsbl_ttl=300)``."""
     _require_unbound()
-    from tests import mail_auth_zones as zones
+    from tests.support import mail_auth_zones as zones
 
     servers: list[Unbound] = []
 

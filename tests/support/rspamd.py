@@ -28,7 +28,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.farm_helpers import WAIT, free_port, wait_for
+from tests.support.net import free_port
+from tests.support.wait import WAIT, wait_for
 
 RSPAMD = shutil.which("rspamd", path=f"{os.environ.get('PATH', '')}:/usr/bin:/usr/sbin")
 OPENDKIM = shutil.which("opendkim", path=f"{os.environ.get('PATH', '')}:/usr/sbin")
@@ -187,7 +188,7 @@ class Rspamd:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(WAIT)
-        wait_for(lambda: not _listening(self.http_port), WAIT, what="rspamd's port closed")
+        wait_for(lambda: not _listening(self.http_port), timeout=WAIT, what="rspamd's port closed")
         self.output.close()
 
     def cleanup(self) -> None:
@@ -255,7 +256,9 @@ Nameservers 127.0.0.1
             args, stdin=subprocess.DEVNULL, stdout=self.output, stderr=subprocess.STDOUT
         )
         try:
-            wait_for(lambda: self._check_alive() or _listening(self.port), WAIT, what="opendkim")
+            wait_for(
+                lambda: self._check_alive() or _listening(self.port), timeout=WAIT, what="opendkim"
+            )
         except BaseException:
             self.stop()
             raise

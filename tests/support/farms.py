@@ -12,26 +12,23 @@ import contextlib
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
-import time
 import urllib.request
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import psutil
 
-REPO = Path(__file__).resolve().parent.parent
-#: The generous bound of every wait (seconds).
-WAIT = 30.0
+from tests.support.client import smtp_greeting
+from tests.support.wait import WAIT, wait_for
+
+REPO = Path(__file__).resolve().parents[2]
 SMTP_SOURCE = "/usr/sbin/smtp-source"
 #: Seconds a farm gets to stop by itself at teardown before it is SIGKILLed.
 STOP_GRACE = 10.0
-
-T = TypeVar("T")
 
 _BANNER = re.compile(r"farm: supervisor pid (\d+): SMTP on (\S+?)[,\s]")
 _METRICS_AT = re.compile(r"metrics on http://(\S+)/metrics")
@@ -39,30 +36,6 @@ _WORKER_EVENT = re.compile(r"worker (\d+) gen (\d+) (started|ready) \(pid (\d+)\
 _TITLE = re.compile(r"farm: worker (\d+) gen (\d+)")
 _SAMPLE = re.compile(r"^([A-Za-z_:][\w:]*)(?:\{([^}]*)\})?\s+(\S+)")
 _LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
-
-
-def wait_for(
-    condition: Callable[[], T], timeout: float = WAIT, interval: float = 0.05, what: str = ""
-) -> T:
-    """Poll ``condition`` until it returns something truthy, and return that.
-
-    Raises AssertionError after ``timeout`` seconds.
-    """
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what or condition}")
-        time.sleep(interval)
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port free on ``host`` right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
 
 
 def farm_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -170,7 +143,7 @@ class Farm:
             self.check_alive()
             return regex.search(self.log(), since)
 
-        return wait_for(found, timeout, what=f"log line {pattern!r}")
+        return wait_for(found, timeout=timeout, what=f"log line {pattern!r}")
 
     def check_alive(self) -> None:
         if self.proc.poll() is not None:
@@ -195,7 +168,7 @@ class Farm:
             self.check_alive()
             return self.metric(name, **labels) == value
 
-        wait_for(equal, timeout, what=f"{name}{labels or ''} == {value}")
+        wait_for(equal, timeout=timeout, what=f"{name}{labels or ''} == {value}")
 
     # -- workers ---------------------------------------------------------------------------
 
@@ -354,75 +327,9 @@ class FarmRunner:
             farm.kill_everything()
 
 
-# -- SMTP clients -----------------------------------------------------------------------------
-
-
-class SMTPClient:
-    """A raw, blocking SMTP client that shows every reply as the server sent it."""
-
-    def __init__(self, port: int, host: str = "127.0.0.1", timeout: float = WAIT) -> None:
-        self.sock = socket.create_connection((host, port), timeout=timeout)
-        self._buffer = b""
-
-    def close(self) -> None:
-        self.sock.close()
-
-    def reply(self) -> str:
-        """The next (possibly multi-line) reply, CRLFs included; '' at EOF."""
-        lines = []
-        while True:
-            while b"\r\n" not in self._buffer:
-                chunk = self.sock.recv(65536)
-                if not chunk:
-                    return "".join(lines) + self._buffer.decode(errors="replace")
-                self._buffer += chunk
-            line, self._buffer = self._buffer.split(b"\r\n", 1)
-            lines.append(line.decode(errors="replace") + "\r\n")
-            if len(line) < 4 or line[3:4] != b"-":
-                return "".join(lines)
-
-    def send(self, data: str) -> None:
-        self.sock.sendall(data.encode())
-
-    def command(self, line: str) -> str:
-        self.send(line + "\r\n")
-        return self.reply()
-
-    def at_eof(self, timeout: float = WAIT) -> bool:
-        """Whether the server closed the connection (waits up to ``timeout``)."""
-        self.sock.settimeout(timeout)
-        try:
-            return self.sock.recv(1) == b""
-        except ConnectionResetError:
-            return True
-
-
-def smtp_greeting(port: int) -> str:
-    client = SMTPClient(port)
-    try:
-        return client.reply()
-    finally:
-        client.close()
-
-
-def send_message(port: int, rcpt: str, body: str = "Subject: test\r\n\r\nhello\r\n") -> str:
-    """One whole transaction; returns the reply to the final dot."""
-    client = SMTPClient(port)
-    try:
-        assert client.reply().startswith("220 ")
-        assert client.command("EHLO client.test").startswith("250")
-        assert client.command("MAIL FROM:<sender@client.test>").startswith("250")
-        assert client.command(f"RCPT TO:<{rcpt}>").startswith("250")
-        assert client.command("DATA").startswith("354")
-        reply = client.command(body + ".")
-        client.command("QUIT")
-        return reply
-    finally:
-        client.close()
-
-
 def delivered(path: Path) -> list[str]:
-    """Lines written by tests.handlers.counting (one per accepted message), complete ones only."""
+    """Lines written by tests.support.handlers.counting (one per accepted message), complete ones
+    only."""
     try:
         text = path.read_text()
     except FileNotFoundError:

@@ -28,7 +28,8 @@ import pytest
 
 from farm.controller import Controller
 from farm.relay import Relay
-from tests.conftest import free_port
+from tests.support.net import free_port
+from tests.support.wait import wait_for
 
 SMTP_SINK = "/usr/sbin/smtp-sink"
 SMTP_SOURCE = "/usr/sbin/smtp-source"
@@ -37,18 +38,6 @@ HAVE_SINK = os.path.exists(SMTP_SINK)
 
 DOMAIN = "farm.test"
 WAIT = 10.0
-
-
-def wait_until(predicate: Callable[[], Any], what: str, timeout: float = WAIT) -> Any:
-    """Poll ``predicate`` until it is true (bounded); its value."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 class Sink:
@@ -68,16 +57,16 @@ class Sink:
         self._wait_listening()
 
     def _wait_listening(self) -> None:
-        deadline = time.monotonic() + WAIT
-        while time.monotonic() < deadline:
+        def listening() -> bool:
             if self.process.poll() is not None:
                 raise RuntimeError(f"smtp-sink exited: {self.process.stderr.read()!r}")  # type: ignore[union-attr]
             try:
                 socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                return
             except OSError:
-                time.sleep(0.02)
-        raise RuntimeError("smtp-sink did not start listening")
+                return False
+            return True
+
+        wait_for(listening, "smtp-sink listening")
 
     @property
     def next_hop(self) -> str:
@@ -92,7 +81,7 @@ class Sink:
     def wait_for(self, marker: bytes, count: int = 1) -> bytes:
         """The dump once it holds ``marker`` ``count`` times (the sink writes it on ``.``)."""
         try:
-            return wait_until(lambda: self.text() if self.count(marker) >= count else b"", "dump")
+            return wait_for(lambda: self.text() if self.count(marker) >= count else b"", "dump")
         except AssertionError:
             raise AssertionError(f"{marker!r} x{count} never reached the next hop") from None
 

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.farm_helpers import WAIT, free_port, wait_for
+from tests.support.net import free_port
+from tests.support.wait import WAIT, wait_for
 
 HAPROXY = shutil.which("haproxy", path=f"{os.environ.get('PATH', '')}:/usr/sbin")
 SMTP_SINK = "/usr/sbin/smtp-sink"
