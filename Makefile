@@ -46,7 +46,7 @@ compat: $(COMPAT_STAMP)
 ## Fuzz the framer and the engine: FARM_FUZZ_EXAMPLES inputs per target (the suite runs 200).
 fuzz: $(STAMP)
 	FARM_FUZZ_EXAMPLES=$${FARM_FUZZ_EXAMPLES:-100000} $(BIN)/python -m pytest -q -m fuzz \
-		--timeout=0 --hypothesis-show-statistics tests/test_fuzz.py
+		--timeout=0 --hypothesis-show-statistics tests/unit/test_fuzz.py
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run.py

@@ -1,4 +1,4 @@
-"""Fuzz targets (no tests here; ``tests/test_fuzz.py`` drives them with hypothesis).
+"""Fuzz targets (no tests here; ``tests/unit/test_fuzz.py`` drives them with hypothesis).
 
 * :func:`run_framer`: a :class:`~farm.smtp.framing.Framer` under an arbitrary sequence of
   feeds, mode switches (``start_data``, ``start_chunk``) and ``take_buffered`` calls.

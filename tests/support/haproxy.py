@@ -142,7 +142,7 @@ class HAProxy:
                 return False
             return all(current.get(name, "").startswith(s) for name, s in wanted.items())
 
-        wait_for(reached, timeout, what=f"haproxy servers {dict(wanted)}")
+        wait_for(reached, timeout=timeout, what=f"haproxy servers {dict(wanted)}")
 
     def stop(self) -> None:
         if self.process.poll() is None:

@@ -151,7 +151,7 @@ class Rspamd:
                     self._check_alive()
                     or (_listening(self.http_port) and _listening(self.milter_port))
                 ),
-                WAIT,
+                timeout=WAIT,
                 what="rspamd listening",
             )
         except BaseException:

@@ -192,7 +192,7 @@ def test_graceful_stop_takes_queued_connections_then_refuses(
 
 # -- HAProxy in front of two farms ------------------------------------------------------------
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 def _readme_section() -> str:

@@ -18,11 +18,11 @@ import pytest
 import trustme
 
 from farm.smtp import SMTP
+from tests.engine.test_hostile import TIMEOUT, _shrink_server_buffers
+from tests.engine.test_tls_auth import Authenticator
 from tests.support.client import SMTPClient, codes
 from tests.support.loops import both_loops  # noqa: F401  (loop_kind: asyncio and uvloop)
 from tests.support.wait import wait_for
-from tests.test_hostile import TIMEOUT, _shrink_server_buffers
-from tests.test_tls_auth import Authenticator
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ suffixes of its type (``_total`` for counters, ``_bucket``/``_sum``/``_count`` f
 ``promtool check rules`` and ``promtool test rules`` run when promtool is installed (Debian
 package ``prometheus``).
 
-The parsing helpers here are also used by tests/test_prometheus.py, which evaluates the same
+The parsing helpers here are also used by tests/ops/test_prometheus.py, which evaluates the same
 expressions on a real Prometheus.
 """
 
@@ -30,7 +30,7 @@ import pytest
 
 from farm import metrics
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 GRAFANA = REPO / "grafana"
 DASHBOARD = GRAFANA / "dashboard.json"
 RULES = GRAFANA / "rules.yml"

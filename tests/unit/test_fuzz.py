@@ -3,7 +3,7 @@
 
 The normal suite runs a short pass (``FARM_FUZZ_EXAMPLES``, default 200 inputs per target).
 A long run: ``make fuzz`` (``FARM_FUZZ_EXAMPLES=100000`` by default), or
-``FARM_FUZZ_EXAMPLES=1000000 .venv/bin/python -m pytest -m fuzz tests/test_fuzz.py``.
+``FARM_FUZZ_EXAMPLES=1000000 .venv/bin/python -m pytest -m fuzz tests/unit/test_fuzz.py``.
 A crash is an exception escaping the code under test; an invariant violation (a malformed
 reply line, a write after close, an ERROR logged, a chunk left unread, ...) fails too; hypothesis
 then shrinks the input and prints it.

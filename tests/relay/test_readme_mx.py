@@ -27,7 +27,7 @@ from tests.support import mail_auth_zones as zones
 from tests.support.farms import farm_env
 from tests.support.relay import SMTP_SINK, Sink, sinks
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 MARKER = "<!-- inbound-mx-example -->"
 WAIT = 30.0
 

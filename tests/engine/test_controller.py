@@ -21,8 +21,8 @@ from farm.controller import (
 )
 from farm.smtp import SMTP
 
-SPEC = Path(__file__).resolve().parents[2] / "shared" / "spec" / "controller.rst"
-README = Path(__file__).resolve().parents[1] / "README.md"
+SPEC = Path(__file__).resolve().parents[3] / "shared" / "spec" / "controller.rst"
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 class CRLFTolerantChecker(doctest.OutputChecker):

@@ -30,7 +30,7 @@ from farm.supervisor.privileges import PrivilegeError, drop_privileges
 from tests.support.net import free_port
 from tests.support.wait import wait_for
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 IS_ROOT = os.geteuid() == 0
 
 

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.ops.test_supervisor import counting_config
 from tests.support.client import send_message
 from tests.support.farms import FarmRunner, delivered
-from tests.test_supervisor import counting_config
 
 
 def test_max_messages_recycles_the_worker_without_losing_mail(

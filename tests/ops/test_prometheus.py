@@ -26,11 +26,7 @@ from typing import Any
 
 import pytest
 
-from tests.support.farms import Farm, FarmRunner, toml_config
-from tests.support.net import free_port
-from tests.support.rspamd import RSPAMD
-from tests.support.wait import WAIT, wait_for
-from tests.test_grafana import (
+from tests.ops.test_grafana import (
     RULES,
     dashboard_queries,
     label_values,
@@ -41,6 +37,10 @@ from tests.test_grafana import (
     variable_query,
     variables,
 )
+from tests.support.farms import Farm, FarmRunner, toml_config
+from tests.support.net import free_port
+from tests.support.rspamd import RSPAMD
+from tests.support.wait import WAIT, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 

@@ -484,7 +484,7 @@ def test_worker_stuck_in_blocking_call_is_dumped_killed_and_replaced(
     sleep_line = next(
         number
         for number, line in enumerate(
-            (REPO / "tests" / "handlers" / "blocking.py").read_text().splitlines(), 1
+            (REPO / "tests" / "support" / "handlers" / "blocking.py").read_text().splitlines(), 1
         )
         if "time.sleep(3600)  #" in line
     )

@@ -17,7 +17,7 @@ import pytest
 
 from farm.supervisor.systemd import Notifier, monotonic_usec
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 UNITS = ROOT / "systemd"
 SECURITY_LIMIT = 2.0
 """Highest acceptable ``systemd-analyze security`` exposure (1.1 with systemd 252)."""
