@@ -525,7 +525,7 @@ def test_ipv6_clients_of_one_prefix_share_the_limit_across_workers(
     """Clients behind a trusted PROXY sender, from one /64: one client for the limits."""
     config = toml_config(
         tmp_path / "farm.toml",
-        {"handler": "tests.handlers.proxied:ProxiedCounting", "max_sessions": 1},
+        {"handler": "tests.support.handlers.proxied:ProxiedCounting", "max_sessions": 1},
         handler_args={"path": str(tmp_path / "out")},
         smtp={"proxy_protocol_timeout": 5, "proxy_trusted_networks": ["127.0.0.1/32"]},
         limits={"sessions_per_ip": 1, "exempt_networks": []},

@@ -16,7 +16,8 @@ import pytest
 
 from farm.pidfile import write_pidfile
 from farm.supervisor.privileges import drop_privileges, resolve_user
-from tests.farm_helpers import farm_env, wait_for
+from tests.support.farms import farm_env
+from tests.support.wait import wait_for
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (file owners, privileges)")
 

@@ -25,13 +25,9 @@ import pytest
 from farm.logs import JSONFormatter, TextFormatter, configure_logging, reopen_log_file
 from farm.smtp.logline import MessageLine, quote
 from farm.supervisor.privileges import drop_privileges, resolve_user
-from tests.farm_helpers import (
-    SMTPClient,
-    farm_env,
-    run_smtp_source,
-    send_message,
-    wait_for,
-)
+from tests.support.client import SMTPClient, send_message
+from tests.support.farms import farm_env, run_smtp_source
+from tests.support.wait import wait_for
 
 SINK = "farm.handlers:Sink"
 #: A token of a log line: key=bare or key="quoted with \" escapes".
