@@ -21,9 +21,10 @@ venv: $(STAMP)
 run: $(STAMP)
 	$(BIN)/python -m farm serve --bind 127.0.0.1:8025 --workers 2 --handler farm.handlers:Debugging --metrics 127.0.0.1:9125
 
-## The whole suite, the long load/chaos tests included.
-test: $(STAMP)
+## The whole suite, the long load/chaos tests included, then aiosmtpd's own suite against farm.
+test: $(STAMP) $(COMPAT_STAMP)
 	$(BIN)/python -m pytest -q
+	$(COMPAT_VENV)/bin/python tests/compat/run.py
 
 ## Everything but the tests marked slow.
 test-fast: $(STAMP)
