@@ -34,7 +34,7 @@ from farm.limits import DEFAULT_EXEMPT, DEFAULT_IPV6_PREFIX, ClientLimits
 from farm.resolver import parse_nameserver
 from farm.scan.milter import parse_milter_address
 from farm.screening.sites import parse_site
-from farm.smtp.body import SPOOL_THRESHOLD_DEFAULT
+from farm.smtp.settings import DEFAULTS as _ENGINE
 
 __all__ = [
     "LOG_LEVELS",
@@ -345,46 +345,63 @@ def _cpu_count() -> int:
 class SMTPSettings:
     """The ``[smtp]`` table: keyword arguments for ``farm.smtp.SMTP``."""
 
-    hostname: str | None = field(default=None, metadata=_checked(_optional_string))
-    ident: str | None = field(default=None, metadata=_checked(_optional_string))
-    data_size_limit: int = field(default=33554432, metadata=_checked(_integer(0)))
+    hostname: str | None = field(default=_ENGINE.hostname, metadata=_checked(_optional_string))
+    ident: str | None = field(default=_ENGINE.ident, metadata=_checked(_optional_string))
+    data_size_limit: int = field(default=_ENGINE.data_size_limit, metadata=_checked(_integer(0)))
+    #: Override: internationalised addresses are accepted (aiosmtpd's default is off).
     enable_SMTPUTF8: bool = field(default=True, metadata=_checked(_boolean))
-    decode_data: bool = field(default=False, metadata=_checked(_boolean))
-    timeout: float = field(default=300.0, metadata=_checked(_positive_number))
-    max_recipients: int = field(default=1000, metadata=_checked(_integer(1)))
+    decode_data: bool = field(default=_ENGINE.decode_data, metadata=_checked(_boolean))
+    timeout: float = field(default=_ENGINE.timeout, metadata=_checked(_positive_number))
+    max_recipients: int = field(default=_ENGINE.max_recipients, metadata=_checked(_integer(1)))
     command_call_limit: int | Mapping[str, int] | None = field(
-        default=None, metadata=_checked(_call_limit)
+        default=_ENGINE.command_call_limit, metadata=_checked(_call_limit)
     )
+    #: Override: PIPELINING is offered (RFC 2920; every MTA sends it).
     pipelining: bool = field(default=True, metadata=_checked(_boolean))
+    #: Override: replies carry RFC 3463 enhanced status codes, as Postfix's do.
     enhanced_status_codes: bool = field(default=True, metadata=_checked(_boolean))
+    #: Override: CHUNKING/BDAT is offered (RFC 3030).
     chunking: bool = field(default=True, metadata=_checked(_boolean))
-    dsn: bool = field(default=False, metadata=_checked(_boolean))
-    min_data_rate: float = field(default=500.0, metadata=_checked(_positive_number))
+    dsn: bool = field(default=_ENGINE.dsn, metadata=_checked(_boolean))
+    min_data_rate: float = field(default=_ENGINE.min_data_rate, metadata=_checked(_positive_number))
     #: PEM certificate chain and key: STARTTLS is offered when both are set.
     tls_cert: str | None = field(default=None, metadata=_checked(_readable_file))
     tls_key: str | None = field(default=None, metadata=_checked(_readable_file))
-    tls_handshake_timeout: float = field(default=30.0, metadata=_checked(_positive_number))
-    require_starttls: bool = field(default=False, metadata=_checked(_boolean))
-    auth_require_tls: bool = field(default=True, metadata=_checked(_boolean))
-    auth_failure_limit: int = field(default=3, metadata=_checked(_integer(1)))
-    unknown_command_limit: int = field(default=5, metadata=_checked(_integer(1)))
-    #: Postfix's error limits (farm.smtp.error_limits); 0 switches one off.
+    tls_handshake_timeout: float = field(
+        default=_ENGINE.tls_handshake_timeout, metadata=_checked(_positive_number)
+    )
+    require_starttls: bool = field(default=_ENGINE.require_starttls, metadata=_checked(_boolean))
+    auth_require_tls: bool = field(default=_ENGINE.auth_require_tls, metadata=_checked(_boolean))
+    auth_failure_limit: int = field(
+        default=_ENGINE.auth_failure_limit, metadata=_checked(_integer(1))
+    )
+    unknown_command_limit: int = field(
+        default=_ENGINE.unknown_command_limit, metadata=_checked(_integer(1))
+    )
+    #: Overrides: Postfix's error limits and their defaults (farm.smtp.error_limits; the
+    #: engine's default is 0, off, as aiosmtpd has none); 0 switches one off.
     soft_error_limit: int = field(default=10, metadata=_checked(_integer(0)))
     hard_error_limit: int = field(default=20, metadata=_checked(_integer(0)))
     junk_command_limit: int = field(default=100, metadata=_checked(_integer(0)))
-    error_sleep_time: float = field(default=1.0, metadata=_checked(_non_negative_number))
+    error_sleep_time: float = field(
+        default=_ENGINE.error_sleep_time, metadata=_checked(_non_negative_number)
+    )
     #: Seconds the client must stay silent before the 220 (0: greet at once); talkers: 554.
-    greeting_delay: float = field(default=0.0, metadata=_checked(_non_negative_number))
+    greeting_delay: float = field(
+        default=_ENGINE.greeting_delay, metadata=_checked(_non_negative_number)
+    )
     proxy_protocol_timeout: float | None = field(
-        default=None, metadata=_checked(_optional_positive)
+        default=_ENGINE.proxy_protocol_timeout, metadata=_checked(_optional_positive)
     )
     proxy_trusted_networks: tuple[str, ...] | None = field(
-        default=None, metadata=_checked(_networks)
+        default=_ENGINE.proxy_trusted_networks, metadata=_checked(_networks)
     )
     #: Message bodies larger than this (octets) are spooled to an unlinked file (0: all).
-    spool_threshold: int = field(default=SPOOL_THRESHOLD_DEFAULT, metadata=_checked(_integer(0)))
+    spool_threshold: int = field(default=_ENGINE.spool_threshold, metadata=_checked(_integer(0)))
     #: Where spool files live (default: the system's temporary directory); on disk, not tmpfs.
-    spool_directory: str | None = field(default=None, metadata=_checked(_directory))
+    spool_directory: str | None = field(
+        default=_ENGINE.spool_directory, metadata=_checked(_directory)
+    )
 
     def __post_init__(self) -> None:
         _validate(self, "smtp.")

@@ -32,6 +32,8 @@ import tempfile
 from collections.abc import Iterator
 from typing import Any, BinaryIO
 
+from farm.smtp.settings import DEFAULTS
+
 __all__ = [
     "CHUNK_SIZE",
     "INSUFFICIENT_STORAGE",
@@ -44,7 +46,7 @@ __all__ = [
 
 #: Bodies larger than this (octets) go to a spool file (aiosmtpd-style handlers still get
 #: ``envelope.content``, read on first use).
-SPOOL_THRESHOLD_DEFAULT = 1 << 20
+SPOOL_THRESHOLD_DEFAULT = DEFAULTS.spool_threshold
 #: Largest chunk :meth:`Body.chunks` yields, and what the framer hands over at a time.
 CHUNK_SIZE = 256 * 1024
 #: The reply when a body cannot be held: memory budget exhausted, spool write failed.

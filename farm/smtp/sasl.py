@@ -18,11 +18,12 @@ from farm.limits import too_many_auth_failures
 from farm.smtp.auth import AuthResult, LoginPassword
 from farm.smtp.help import syntax
 from farm.smtp.hooks import MISSING
+from farm.smtp.settings import DEFAULTS
 
 log = logging.getLogger("farm.smtp")
 
 #: Failed AUTH attempts a session may make; the next failure closes it with 421.
-AUTH_FAILURE_LIMIT_DEFAULT = 3
+AUTH_FAILURE_LIMIT_DEFAULT = DEFAULTS.auth_failure_limit
 #: RFC 4954 4: an AUTH command or SASL response line may be this long.
 SASL_LINE_LIMIT = 12288
 

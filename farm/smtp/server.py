@@ -30,7 +30,6 @@ from farm.smtp.arguments import CONTROL_CHARACTERS, parse_params, parse_path, st
 from farm.smtp.body import (
     CHUNK_SIZE,
     INSUFFICIENT_STORAGE,
-    SPOOL_THRESHOLD_DEFAULT,
     Body,
     BodyMemoryExceeded,
     MemoryBudget,
@@ -46,26 +45,25 @@ from farm.smtp.logline import peer_text as _peer_text
 from farm.smtp.proxy import ProxyProtocolMixin, parse_networks
 from farm.smtp.replies import format_multiline, with_enhanced_code
 from farm.smtp.sasl import (
-    AUTH_FAILURE_LIMIT_DEFAULT,
     SASL_LINE_LIMIT,
     AuthMixin,
     server_mechanisms,
 )
 from farm.smtp.session import Envelope, Session
+from farm.smtp.settings import DEFAULTS
 from farm.smtp.stages import Stage, Stages
-from farm.smtp.tls import TLS_HANDSHAKE_TIMEOUT_DEFAULT, StartTLSMixin, tls_session_info
+from farm.smtp.tls import StartTLSMixin, tls_session_info
 
 log = logging.getLogger("farm.smtp")
 
 #: The greeting's default identification, after the host name (``ident=`` replaces it).
 __ident__ = f"Python SMTP farm {__version__}"
 #: Unknown commands a session may send; the last one is answered 502 and closes.
-BOGUS_LIMIT = 5
+BOGUS_LIMIT = DEFAULTS.unknown_command_limit
 #: Per-command call limit when ``command_call_limit`` is a dict without a ``"*"`` entry.
 CALL_LIMIT_DEFAULT = 20
-DATA_SIZE_DEFAULT = 2**25
-#: Recipients per transaction (RFC 5321 4.5.3.1.8 requires at least 100).
-MAX_RECIPIENTS_DEFAULT = 1000
+DATA_SIZE_DEFAULT = DEFAULTS.data_size_limit
+MAX_RECIPIENTS_DEFAULT = DEFAULTS.max_recipients
 
 #: Commands allowed before STARTTLS when ``require_starttls`` is set.
 ALLOWED_BEFORE_STARTTLS = frozenset({"NOOP", "EHLO", "STARTTLS", "QUIT"})
@@ -207,42 +205,42 @@ class SMTP(
         self,
         handler: Any,
         *,
-        data_size_limit: int | None = DATA_SIZE_DEFAULT,
-        enable_SMTPUTF8: bool = False,
-        decode_data: bool = False,
-        hostname: str | None = None,
-        ident: str | None = None,
-        tls_context: Any = None,
-        require_starttls: bool = False,
-        timeout: float | None = 300,
-        auth_required: bool = False,
-        auth_require_tls: bool = True,
-        auth_exclude_mechanism: Any = None,
-        auth_callback: Any = None,
-        command_call_limit: int | dict[str, int] | None = None,
-        authenticator: Any = None,
-        proxy_protocol_timeout: float | None = None,
-        loop: asyncio.AbstractEventLoop | None = None,
-        pipelining: bool = False,
-        max_recipients: int | None = MAX_RECIPIENTS_DEFAULT,
-        min_data_rate: float = 500.0,
-        enhanced_status_codes: bool = False,
-        chunking: bool = False,
-        dsn: bool = False,
-        proxy_trusted_networks: Any = None,
-        greeting_delay: float = 0.0,
-        tls_handshake_timeout: float = TLS_HANDSHAKE_TIMEOUT_DEFAULT,
-        auth_failure_limit: int = AUTH_FAILURE_LIMIT_DEFAULT,
-        limiter: Any = None,
-        unknown_command_limit: int = BOGUS_LIMIT,
-        spool_threshold: int | None = SPOOL_THRESHOLD_DEFAULT,
-        spool_directory: str | None = None,
-        body_budget: MemoryBudget | None = None,
-        stages: Iterable[Stage] | None = None,
-        soft_error_limit: int = 0,
-        hard_error_limit: int = 0,
-        junk_command_limit: int = 0,
-        error_sleep_time: float = 1.0,
+        data_size_limit: int | None = DEFAULTS.data_size_limit,
+        enable_SMTPUTF8: bool = DEFAULTS.enable_SMTPUTF8,
+        decode_data: bool = DEFAULTS.decode_data,
+        hostname: str | None = DEFAULTS.hostname,
+        ident: str | None = DEFAULTS.ident,
+        tls_context: Any = DEFAULTS.tls_context,
+        require_starttls: bool = DEFAULTS.require_starttls,
+        timeout: float | None = DEFAULTS.timeout,
+        auth_required: bool = DEFAULTS.auth_required,
+        auth_require_tls: bool = DEFAULTS.auth_require_tls,
+        auth_exclude_mechanism: Any = DEFAULTS.auth_exclude_mechanism,
+        auth_callback: Any = DEFAULTS.auth_callback,
+        command_call_limit: int | dict[str, int] | None = DEFAULTS.command_call_limit,
+        authenticator: Any = DEFAULTS.authenticator,
+        proxy_protocol_timeout: float | None = DEFAULTS.proxy_protocol_timeout,
+        loop: asyncio.AbstractEventLoop | None = DEFAULTS.loop,
+        pipelining: bool = DEFAULTS.pipelining,
+        max_recipients: int | None = DEFAULTS.max_recipients,
+        min_data_rate: float = DEFAULTS.min_data_rate,
+        enhanced_status_codes: bool = DEFAULTS.enhanced_status_codes,
+        chunking: bool = DEFAULTS.chunking,
+        dsn: bool = DEFAULTS.dsn,
+        proxy_trusted_networks: Any = DEFAULTS.proxy_trusted_networks,
+        greeting_delay: float = DEFAULTS.greeting_delay,
+        tls_handshake_timeout: float = DEFAULTS.tls_handshake_timeout,
+        auth_failure_limit: int = DEFAULTS.auth_failure_limit,
+        limiter: Any = DEFAULTS.limiter,
+        unknown_command_limit: int = DEFAULTS.unknown_command_limit,
+        spool_threshold: int | None = DEFAULTS.spool_threshold,
+        spool_directory: str | None = DEFAULTS.spool_directory,
+        body_budget: MemoryBudget | None = DEFAULTS.body_budget,
+        stages: Iterable[Stage] | None = DEFAULTS.stages,
+        soft_error_limit: int = DEFAULTS.soft_error_limit,
+        hard_error_limit: int = DEFAULTS.hard_error_limit,
+        junk_command_limit: int = DEFAULTS.junk_command_limit,
+        error_sleep_time: float = DEFAULTS.error_sleep_time,
     ) -> None:
         self.event_handler = handler
         self.data_size_limit = data_size_limit

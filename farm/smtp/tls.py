@@ -11,11 +11,12 @@ import ssl
 from typing import Any
 
 from farm.smtp.help import syntax
+from farm.smtp.settings import DEFAULTS
 
 log = logging.getLogger("farm.smtp")
 
 #: Seconds a client has to complete the TLS handshake.
-TLS_HANDSHAKE_TIMEOUT_DEFAULT = 30.0
+TLS_HANDSHAKE_TIMEOUT_DEFAULT = DEFAULTS.tls_handshake_timeout
 
 
 def tls_session_info(transport: Any) -> dict[str, Any]:
