@@ -34,6 +34,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from farm.proxy_protocol import V2_CMD
+from farm.smtp.limiter import (
+    too_many_auth_failures,
+    too_many_connections,
+    too_much_mail,
+)
 
 __all__ = [
     "Anvil",
@@ -59,18 +64,6 @@ DEFAULT_IPV6_PREFIX = 64
 KEY_CACHE = 4096
 #: The Anvil forgets idle clients in a sweep at most this often (seconds).
 SWEEP_INTERVAL = 10.0
-
-
-def too_many_connections(hostname: str, ip: str) -> str:
-    return f"421 4.7.0 {hostname} Error: too many connections from {ip}"
-
-
-def too_much_mail(ip: str) -> str:
-    return f"450 4.7.1 Error: too much mail from {ip}"
-
-
-def too_many_auth_failures(ip: str) -> str:
-    return f"454 4.7.0 Error: too many AUTH failures from {ip}"
 
 
 @dataclass(frozen=True)
@@ -311,6 +304,10 @@ class Limiter:
             keys.clear()
         keys[address] = key
         return key
+
+    def session_key(self, peer: Any, proxy_data: Any = None) -> str | None:
+        """The key of a session (farm.smtp.limiter.ClientLimiter): see :func:`session_key`."""
+        return session_key(self, peer, proxy_data)
 
     @property
     def counts_messages(self) -> bool:

@@ -13,7 +13,7 @@ import logging
 from collections.abc import Iterable
 from typing import Any
 
-from farm.proxy_protocol import ProxyData, ProxyParser
+from farm.smtp.proxy_header import ProxyData, ProxyParser
 
 log = logging.getLogger("farm.smtp")
 

@@ -14,10 +14,10 @@ import warnings
 from base64 import b64decode, b64encode
 from typing import Any
 
-from farm.limits import too_many_auth_failures
 from farm.smtp.auth import AuthResult, LoginPassword
 from farm.smtp.help import syntax
 from farm.smtp.hooks import MISSING
+from farm.smtp.limiter import too_many_auth_failures
 from farm.smtp.settings import DEFAULTS
 
 log = logging.getLogger("farm.smtp")

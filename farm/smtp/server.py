@@ -25,7 +25,6 @@ from collections.abc import Callable, Coroutine, Iterable
 from typing import Any
 
 from farm import __version__
-from farm.limits import session_key, too_many_connections, too_much_mail
 from farm.smtp.arguments import CONTROL_CHARACTERS, parse_params, parse_path, strip_keyword
 from farm.smtp.body import (
     CHUNK_SIZE,
@@ -40,6 +39,7 @@ from farm.smtp.error_limits import JUNK_COMMANDS, ErrorLimitMixin
 from farm.smtp.framing import BodyPart, Chunk, Command, DataError, Framer, Message
 from farm.smtp.help import offered, syntax, syntax_text
 from farm.smtp.hooks import MISSING, HookTable, hook_table
+from farm.smtp.limiter import too_many_connections, too_much_mail
 from farm.smtp.logline import MessageLine, SessionLine, log_info
 from farm.smtp.logline import peer_text as _peer_text
 from farm.smtp.proxy import ProxyProtocolMixin, parse_networks
@@ -434,7 +434,7 @@ class SMTP(
         if limiter is None:
             return True
         session = self.session
-        key = session_key(limiter, session.peer, session.proxy_data)  # type: ignore[union-attr]
+        key = limiter.session_key(session.peer, session.proxy_data)  # type: ignore[union-attr]
         if key is None:
             return True
         if not await limiter.open_session(key):

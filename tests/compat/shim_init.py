@@ -23,7 +23,7 @@ SUBMODULES = {
     "controller": "farm.controller",
     "handlers": "farm.handlers",
     "lmtp": "farm.lmtp",
-    "proxy_protocol": "farm.proxy_protocol",
+    "proxy_protocol": "farm.smtp.proxy_header",
     "main": "farm.main",
 }
 
