@@ -63,6 +63,7 @@ bench-checks: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check farm tests benchmarks
 	$(BIN)/ruff format --check farm tests benchmarks
+	$(BIN)/mypy
 
 clean:
 	rm -rf $(VENV) $(COMPAT_VENV) .pytest_cache build *.egg-info

@@ -41,10 +41,11 @@ def parse_path(arg: str, local_part_limit: int = 0) -> tuple[str | None, str | N
     else:
         try:
             if arg.lstrip().startswith("<"):
-                token, rest = get_angle_addr(arg)
+                angle, rest = get_angle_addr(arg)
+                address = angle.addr_spec
             else:
-                token, rest = get_addr_spec(arg)
-            address = token.addr_spec
+                spec, rest = get_addr_spec(arg)
+                address = spec.addr_spec
         except (HeaderParseError, IndexError, ValueError, AttributeError):
             return None, None
     if local_part_limit and len(address.rpartition("@")[0]) > local_part_limit:

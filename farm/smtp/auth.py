@@ -46,7 +46,8 @@ class LoginPassword(NamedTuple):
     def __str__(self) -> str:
         return f"LoginPassword(login='{self.login.decode(errors='replace')}', password=...)"
 
-    __repr__ = __str__
+    def __repr__(self) -> str:
+        return self.__str__()
 
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -61,7 +62,7 @@ def auth_mechanism(actual_name: str) -> Callable[[F], F]:
         raise ValueError(f"Invalid AUTH mechanism name: {actual_name.upper()}")
 
     def decorator(func: F) -> F:
-        func.__auth_mechanism_name__ = actual_name  # type: ignore[attr-defined]
+        func.__dict__["__auth_mechanism_name__"] = actual_name
         return func
 
     return decorator

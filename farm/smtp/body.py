@@ -190,7 +190,9 @@ class Body:
             self._write_file(part)
 
     def _write_file(self, data: bytes) -> None:
-        fd = self._file.fileno()  # type: ignore[union-attr]
+        file = self._file
+        assert file is not None  # written to only once spooling opened it
+        fd = file.fileno()
         view = memoryview(data)
         try:
             while view:
@@ -219,9 +221,11 @@ class Body:
             self._parts = [self._whole] if self._whole else []
             return self._whole
         if not self._count(self.size, must_fit=True):
+            budget = self._budget
+            assert budget is not None  # only a budget makes a body not fit
             raise BodyMemoryExceeded(
                 f"a {self.size}-octet body does not fit in the memory budget "
-                f"({self._budget.used}/{self._budget.limit} octets in use)"  # type: ignore[union-attr]
+                f"({budget.used}/{budget.limit} octets in use)"
             )
         try:
             self._whole = self._pread_all(self._file.fileno())
@@ -272,7 +276,7 @@ class Body:
         if self._file is None or self._whole is not None:
             return io.BytesIO(self.read_all())
         raw = _SpoolReader(self._file.fileno(), self.size, self)
-        return io.BufferedReader(raw, CHUNK_SIZE)  # type: ignore[return-value]
+        return io.BufferedReader(raw, CHUNK_SIZE)
 
     def endswith(self, suffix: bytes) -> bool:
         """Whether the body ends with ``suffix`` (reads only its last octets when spooled)."""
@@ -375,7 +379,7 @@ def envelope_body(envelope: Any) -> Body:
     """The body to stream for ``envelope``: ``envelope.body`` as received, unless a handler
     replaced ``original_content`` (or the envelope came from elsewhere, with only
     ``content``): then that content, in memory."""
-    body = getattr(envelope, "body", None)
+    body: Body | None = getattr(envelope, "body", None)
     if body is not None and not getattr(envelope, "original_content_replaced", False):
         return body
     content = envelope.original_content

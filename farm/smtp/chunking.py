@@ -71,7 +71,8 @@ class ChunkingMixin:
     def _bdat_error(self, size: int) -> str | None:
         server: Any = self
         if not server.session.host_name:
-            return server._helo_required
+            refusal: str = server._helo_required
+            return refusal
         if not server.envelope.rcpt_tos:
             return "503 Error: need RCPT command"
         if self._bdat_content is None and server._no_room_for_a_body():

@@ -126,7 +126,7 @@ class Framer:
 
     # -- input ---------------------------------------------------------------------------
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
         """Append bytes received from the client."""
         self._buf += data
 
@@ -187,7 +187,7 @@ class Framer:
             return self._next_chunk()
         return self._next_command()
 
-    def _next_chunk(self) -> Chunk | None:
+    def _next_chunk(self) -> Chunk | BodyPart | None:
         left = self._chunk_left
         assert left is not None
         take = min(left, len(self._buf) - self._pos)

@@ -16,9 +16,9 @@ def syntax(text: str, extended: str | None = None, when: str | None = None) -> C
     """Give an ``smtp_<VERB>`` method its HELP syntax (``extended`` is added after EHLO)."""
 
     def decorator(func: F) -> F:
-        func.__smtp_syntax__ = text  # type: ignore[attr-defined]
-        func.__smtp_syntax_extended__ = extended  # type: ignore[attr-defined]
-        func.__smtp_syntax_when__ = when  # type: ignore[attr-defined]
+        func.__dict__["__smtp_syntax__"] = text
+        func.__dict__["__smtp_syntax_extended__"] = extended
+        func.__dict__["__smtp_syntax_when__"] = when
         return func
 
     return decorator

@@ -84,8 +84,8 @@ def _build(handler: Any) -> HookTable:
         if attr.startswith("auth_") and attr != "auth_":
             method = getattr(handler, attr, None)
             if callable(method):
-                name = getattr(method, "__auth_mechanism_name__", None)
-                mechanisms[(name or attr[5:].replace("__", "-")).upper()] = method
+                given = getattr(method, "__auth_mechanism_name__", None)
+                mechanisms[(given or attr[5:].replace("__", "-")).upper()] = method
     return HookTable(
         hooks=hooks,
         old_style_ehlo=old_style,

@@ -22,6 +22,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+#: When logging was imported (its private ``_startTime``, which typeshed does not declare).
+_LOGGING_STARTED: float = vars(logging)["_startTime"]
+
 __all__ = ["Fields", "MessageLine", "SessionLine", "escape", "log_info", "printable", "quote"]
 
 #: Printable ASCII except space, ``"`` and ``\``: safe to log bare.
@@ -247,7 +250,7 @@ def log_info(logger: logging.Logger, message: Any) -> None:
     if direct is not None and _only_handler(logger, direct[0]):
         direct[1](logger.name, message, time.time())
         return
-    if logging.getLogRecordFactory() is not _LogRecord or logging._srcfile:  # type: ignore[attr-defined]
+    if logging.getLogRecordFactory() is not _LogRecord or logging._srcfile:
         logger.info(message)
         return
     record = _new_record(_LogRecord)
@@ -258,7 +261,7 @@ def log_info(logger: logging.Logger, message: Any) -> None:
     attributes["msg"] = message
     attributes["created"] = now
     attributes["msecs"] = (now - int(now)) * 1000
-    attributes["relativeCreated"] = (now - logging._startTime) * 1000  # type: ignore[attr-defined]
+    attributes["relativeCreated"] = (now - _LOGGING_STARTED) * 1000
     logger.handle(record)
 
 

@@ -153,7 +153,7 @@ def _same_attribs(get: Any, raises: bool, kwargs: dict[str, Any]) -> bool:
     return True
 
 
-class ProxyTLV(dict):
+class ProxyTLV(dict[str, Any]):
     """The TLV vectors of a v2 header, by name: ``tlv["AUTHORITY"]`` or ``tlv.AUTHORITY``.
 
     Names are the spec's without their ``PP2_TYPE_``/``PP2_SUBTYPE_`` prefix; values are the raw

@@ -38,7 +38,7 @@ def server_mechanisms(cls: type) -> dict[str, str]:
             if attr.startswith("auth_") and callable(getattr(cls, attr, None)):
                 name = getattr(getattr(cls, attr), "__auth_mechanism_name__", None)
                 table[(name or attr[5:].replace("__", "-")).upper()] = attr
-        cls._mechanism_table_cache = table  # type: ignore[attr-defined]
+        type.__setattr__(cls, "_mechanism_table_cache", table)  # this class only
     return table
 
 

@@ -19,10 +19,11 @@ import os
 import socket
 import ssl
 import threading
+import typing
 import warnings
 import weakref
 from collections.abc import Callable, Coroutine, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from farm import __version__
 from farm.smtp.arguments import CONTROL_CHARACTERS, parse_params, parse_path, strip_keyword
@@ -38,7 +39,8 @@ from farm.smtp.dsn import dsn_mail_options_valid, dsn_rcpt_options_valid, split_
 from farm.smtp.error_limits import JUNK_COMMANDS, ErrorLimitMixin
 from farm.smtp.framing import BodyPart, Chunk, Command, DataError, Framer, Message
 from farm.smtp.help import offered, syntax, syntax_text
-from farm.smtp.hooks import MISSING, HookTable, hook_table
+from farm.smtp.hooks import MISSING as MISSING  # re-exported by farm.smtp
+from farm.smtp.hooks import HookTable, hook_table
 from farm.smtp.limiter import too_many_connections, too_much_mail
 from farm.smtp.logline import MessageLine, SessionLine, log_info
 from farm.smtp.logline import peer_text as _peer_text
@@ -117,7 +119,7 @@ def _hook_verbs(cls: type) -> dict[str, Callable[..., Coroutine[Any, Any, None]]
             for name in dir(cls)
             if name.startswith("smtp_") and name[5:].isupper()
         }
-        cls._verb_table_cache = table  # type: ignore[attr-defined]
+        type.__setattr__(cls, "_verb_table_cache", table)  # this class only
     return table
 
 
@@ -141,9 +143,17 @@ class SMTP(
     local_part_limit = 0
     # Per-connection state that starts the same for every session: class defaults, set on
     # the instance only once it changes (keeps building a protocol per connection cheap).
-    session: Session | None = None
-    envelope: Envelope | None = None
-    transport: asyncio.BaseTransport | None = None
+    if TYPE_CHECKING:
+        # None until connection_made (aiosmtpd's API); no command runs before it sets them.
+        session: Session
+        envelope: Envelope
+        transport: asyncio.Transport
+        loop: asyncio.AbstractEventLoop
+    else:
+        session = None
+        envelope = None
+        transport = None
+        loop = None
     #: Called with this protocol once its connection is lost (the farm's worker uses it).
     on_close: Callable[[SMTP], None] | None = None
     _tls_protocol: Any = None
@@ -278,7 +288,8 @@ class SMTP(
         self._enhanced = enhanced_status_codes
         self._chunking = chunking
         self._dsn = dsn
-        self.loop = loop
+        if loop is not None:
+            self.loop = loop
         self._call_limits, self._call_limit_default = _call_limits(command_call_limit)
         self._hooks: HookTable = hook_table(handler)
         if self._hooks.old_style_ehlo:
@@ -289,8 +300,9 @@ class SMTP(
                 DeprecationWarning,
                 stacklevel=2,
             )
-        self._verbs = _hook_verbs(type(self))
-        self._task_verbs = _task_verbs(type(self), self._hooks)
+        cls: type = type(self)
+        self._verbs = _hook_verbs(cls)
+        self._task_verbs = _task_verbs(cls, self._hooks)
         self._tls_handshake_timeout = tls_handshake_timeout
         self._auth_failure_limit = auth_failure_limit
         self._limiter = limiter
@@ -401,7 +413,7 @@ class SMTP(
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if self.loop is None:
             self.loop = asyncio.get_running_loop()
-        self.transport = transport
+        self.transport = typing.cast(asyncio.Transport, transport)
         session = self.session = self._create_session()
         session.peer = transport.get_extra_info("peername")
         session.id = f"{_session_prefix}.{next(_session_ids)}"
@@ -434,11 +446,11 @@ class SMTP(
         if limiter is None:
             return True
         session = self.session
-        key = limiter.session_key(session.peer, session.proxy_data)  # type: ignore[union-attr]
+        key = limiter.session_key(session.peer, session.proxy_data)
         if key is None:
             return True
         if not await limiter.open_session(key):
-            log.info("session=%s refused: too many connections from %s", session.id, key)  # type: ignore[union-attr]
+            log.info("session=%s refused: too many connections from %s", session.id, key)
             if self.stats is not None:
                 self.stats.limited["sessions"] += 1
             self._ended_how = "error"
@@ -459,7 +471,7 @@ class SMTP(
             return True
         if await self._limiter.count_message(key):
             return True
-        log.info("session=%s MAIL refused: too much mail from %s", self.session.id, key)  # type: ignore[union-attr]
+        log.info("session=%s MAIL refused: too much mail from %s", self.session.id, key)
         if self.stats is not None:
             self.stats.limited["messages"] += 1
         self._reply(too_much_mail(key))
@@ -475,11 +487,11 @@ class SMTP(
             self._greet()
             return
         self._early_talker_watch = True
-        self._greet_handle = self.loop.call_later(self._greeting_delay, self._greet)  # type: ignore[union-attr]
+        self._greet_handle = self.loop.call_later(self._greeting_delay, self._greet)
 
     def _early_talker(self) -> None:
         """The client spoke before the greeting: a bot that does not wait (Postfix postscreen)."""
-        log.info("session=%s spoke before the greeting: refused", self.session.id)  # type: ignore[union-attr]
+        log.info("session=%s spoke before the greeting: refused", self.session.id)
         if self._greet_handle is not None:
             self._greet_handle.cancel()
         self._ended_how = "error"
@@ -500,9 +512,11 @@ class SMTP(
 
     async def _greet_after_stages(self) -> None:
         try:
-            refusal = await self._stages.greet(self.session)  # type: ignore[union-attr]
+            stages = self._stages
+            assert stages is not None  # only called when there are stages
+            refusal = await stages.greet(self.session)
         except Exception:  # a stage's bug: greet (fail open) rather than leave the client
-            log.exception("session=%s greeting stage failed", self.session.id)  # type: ignore[union-attr]
+            log.exception("session=%s greeting stage failed", self.session.id)
             refusal = None
         if self._close_after_flush or self._closed:
             return
@@ -517,7 +531,7 @@ class SMTP(
 
     def _send_greeting(self) -> None:
         self._early_talker_watch = False
-        now = self._last_line = self.loop.time()  # type: ignore[union-attr]
+        now = self._last_line = self.loop.time()
         if self.stats is not None:
             self.stats.banner.observe(now - self._started)
         self._reply(f"220 {self.hostname} {self.__ident__}", plain=True)
@@ -527,8 +541,8 @@ class SMTP(
     def _start_timer(self) -> None:
         """Arm the idle timer (once): it also gives up on hooks that hang."""
         if self._timeout and self._timer is None:
-            deadline = self.loop.time() + self._timeout  # type: ignore[union-attr]
-            self._timer = self.loop.call_at(deadline, self._on_timer)  # type: ignore[union-attr]
+            deadline = self.loop.time() + self._timeout
+            self._timer = self.loop.call_at(deadline, self._on_timer)
 
     def get_buffer(self, sizehint: int) -> memoryview:
         """Reads land in one buffer per thread, copied into the framer at once.
@@ -537,10 +551,10 @@ class SMTP(
         can cost an mmap/munmap pair per read.)
         """
         try:
-            return _read_buffers.view
+            view: memoryview = _read_buffers.view
         except AttributeError:
-            _read_buffers.view = memoryview(bytearray(_READ_BUFFER_SIZE))
-            return _read_buffers.view
+            view = _read_buffers.view = memoryview(bytearray(_READ_BUFFER_SIZE))
+        return view
 
     def buffer_updated(self, nbytes: int) -> None:
         self.data_received(_read_buffers.view[:nbytes])
@@ -556,7 +570,7 @@ class SMTP(
         framer = self._framer
         framer.feed(data)
         if framer.in_data and self._timeout:
-            now = self.loop.time()  # type: ignore[union-attr]
+            now = self.loop.time()
             self._data_deadline = min(
                 now + self._timeout, self._data_deadline + len(data) / self._min_data_rate
             )
@@ -569,7 +583,7 @@ class SMTP(
             or (not framer.in_data and framer.buffered > _MAX_PENDING_INPUT)
         ):
             self._read_paused = True
-            self.transport.pause_reading()  # type: ignore[union-attr]
+            self.transport.pause_reading()
 
     async def _read_line(self) -> bytes | None:
         """Inside a command: the client's next line (a SASL response); None if too long.
@@ -578,13 +592,13 @@ class SMTP(
         """
         event = self._framer.next_event()
         if event is None:
-            self._line_waiter = self.loop.create_future()  # type: ignore[union-attr]
+            self._line_waiter = self.loop.create_future()
             try:
                 event = await self._line_waiter
             finally:
                 self._line_waiter = None
         if self._timeout:
-            self._last_line = self.loop.time()  # type: ignore[union-attr]
+            self._last_line = self.loop.time()
         return event.line if type(event) is Command else None
 
     def _feed_line_waiter(self) -> None:
@@ -633,7 +647,7 @@ class SMTP(
             self._log_disconnect()
         if self._closed_waiter is not None and not self._closed_waiter.done():
             self._closed_waiter.set_result(None)
-        self.transport = None
+        self.__dict__.pop("transport", None)  # back to the class's None (typed as set)
         close_hook = self._hooks.hooks.get("CLOSE")
         if close_hook is not None:
             self._call_close_hook(close_hook)
@@ -648,9 +662,9 @@ class SMTP(
             try:
                 await hook(self, self.session, self.envelope)
             except Exception:
-                log.exception("session=%s handle_CLOSE failed", self.session.id)  # type: ignore[union-attr]
+                log.exception("session=%s handle_CLOSE failed", self.session.id)
 
-        task = self.loop.create_task(close())  # type: ignore[union-attr]
+        task = self.loop.create_task(close())
         _close_tasks.add(task)
         task.add_done_callback(_close_tasks.discard)
 
@@ -683,7 +697,7 @@ class SMTP(
         self._write_paused_at = self.loop.time()
         if self._task is None and not self._read_paused:
             self._read_paused = True
-            self.transport.pause_reading()  # type: ignore[attr-defined]
+            self.transport.pause_reading()
         stall_deadline = self._write_paused_at + self._write_stall()
         timer = self._timer
         if timer is None and not self._timeout and self._last_line:  # greeted, no idle timer
@@ -711,7 +725,7 @@ class SMTP(
             # closing already, every reply handed over: only a TLS close_notify may be awaited
             transport is not None
             and transport.is_closing()
-            and not transport.get_write_buffer_size()  # type: ignore[attr-defined]
+            and not transport.get_write_buffer_size()
         ):
             self.abort()  # no transaction can be in flight: nothing to finish
             return
@@ -724,12 +738,12 @@ class SMTP(
         if self._closed or self.transport is None:
             return
         if self._closed_waiter is None:
-            self._closed_waiter = self.loop.create_future()  # type: ignore[union-attr]
+            self._closed_waiter = self.loop.create_future()
         await self._closed_waiter
 
     def abort(self) -> None:
         if self.transport is not None:
-            self.transport.abort()  # type: ignore[attr-defined]
+            self.transport.abort()
 
     def _finish_drain_if_idle(self) -> None:
         if (
@@ -756,16 +770,16 @@ class SMTP(
                 if self._error_delay:
                     self._pause_for_errors()
                 break
-            kind = type(event)
-            if kind is Command:
-                self._on_command(event.line)  # type: ignore[union-attr]
-            elif kind is Message:
-                self._on_message(event)  # type: ignore[arg-type]
-            elif kind is Chunk:
-                self._on_chunk(event)  # type: ignore[arg-type]
-            elif kind is BodyPart:
+            if type(event) is Command:
+                self._on_command(event.line)
+            elif type(event) is Message:
+                self._on_message(event)
+            elif type(event) is Chunk:
+                self._on_chunk(event)
+            elif type(event) is BodyPart:
                 body = self._body if self._body is not None else self._bdat_content
-                body.write(event.data)  # type: ignore[union-attr]
+                assert body is not None  # a BodyPart comes only while a body is open
+                body.write(event.data)
             else:
                 self._n_commands += 1
                 self._reply("500 Command line too long")
@@ -778,14 +792,14 @@ class SMTP(
         self._flush()
         if self._read_paused and self._task is None and not self._closed and not self._write_paused:
             self._read_paused = False
-            self.transport.resume_reading()  # type: ignore[union-attr]
+            self.transport.resume_reading()
         if self._eof and self._task is None:
             self._close()
 
     def _on_command(self, line: bytes) -> None:
         self._n_commands += 1
         if self._timeout:
-            self._last_line = self.loop.time()  # type: ignore[union-attr]
+            self._last_line = self.loop.time()
         verb_bytes, space, arg_bytes = line.partition(b" ")
         try:
             verb = verb_bytes.upper().decode("ascii")
@@ -849,12 +863,12 @@ class SMTP(
             return
         self._run(_resume(coro, waiting_for))
 
-    def _command_failed(self, error: Exception) -> None:
+    def _command_failed(self, error: BaseException) -> None:
         """A command raised: the handler's ``handle_exception`` gives the reply (else 451).
 
         A ``ConnectionResetError`` ends the session without a reply (aiosmtpd does the same).
         """
-        session_id = self.session.id  # type: ignore[union-attr]
+        session_id = self.session.id
         if isinstance(error, ConnectionResetError):
             log.info("session=%s connection reset during a command: closing", session_id)
             self._close_after_flush = True
@@ -891,7 +905,7 @@ class SMTP(
         ):
             self._reply("530 Must issue a STARTTLS command first")
             return True
-        if self._draining and self.envelope.mail_from is None and verb != "QUIT":  # type: ignore[union-attr]
+        if self._draining and self.envelope.mail_from is None and verb != "QUIT":
             self._reply(SHUTTING_DOWN)
             self._close_after_flush = True
             return True
@@ -903,13 +917,13 @@ class SMTP(
             used = self._call_counts.get(verb, 0) + 1
             self._call_counts[verb] = used
             if used > self._call_limits.get(verb, self._call_limit_default):
-                log.warning("session=%s %s sent too many times", self.session.id, verb)  # type: ignore[union-attr]
+                log.warning("session=%s %s sent too many times", self.session.id, verb)
                 self._reply(f"421 4.7.0 {verb} sent too many times")
                 self._close_after_flush = True
                 return True
         if (
             self._auth_required
-            and not self.session.authenticated  # type: ignore[union-attr]
+            and not self.session.authenticated
             and verb not in ALLOWED_BEFORE_AUTH
         ):
             self._reply("530 5.7.0 Authentication required")
@@ -919,8 +933,8 @@ class SMTP(
     def _run(self, coro: Coroutine[Any, Any, None], delivery: bool = False) -> None:
         """Run a command or delivery coroutine that may suspend, in a task."""
         self._task_is_delivery = delivery
-        self._task_started = self.loop.time()  # type: ignore[union-attr]
-        self._task = task = self.loop.create_task(coro)  # type: ignore[union-attr]
+        self._task_started = self.loop.time()
+        self._task = task = self.loop.create_task(coro)
         task.add_done_callback(self._task_done)
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
@@ -931,7 +945,7 @@ class SMTP(
             return
         error = task.exception()
         if error is not None:
-            self._command_failed(error)  # type: ignore[arg-type]
+            self._command_failed(error)
             if self._task is not None:
                 return  # handle_exception runs; its task's end goes on from here
         self._process()
@@ -962,7 +976,7 @@ class SMTP(
             text = out[0] + "\r\n" if len(out) == 1 else "\r\n".join(out) + "\r\n"
             out.clear()
             if self.transport is not None and not self._closed:
-                self.transport.write(text.encode("utf-8", "surrogateescape"))  # type: ignore[attr-defined]
+                self.transport.write(text.encode("utf-8", "surrogateescape"))
         if self._close_after_flush:
             self._close()
 
@@ -972,46 +986,46 @@ class SMTP(
             transport.close()
             # A client that does not read would hold the connection open forever; over TLS,
             # one that never answers our close_notify would, for the 30 s of asyncio's wait.
-            if self._tls_protocol is not None or transport.get_write_buffer_size():  # type: ignore[attr-defined]
-                self.loop.call_later(_CLOSE_GRACE, self._abort_unflushed, transport)  # type: ignore[union-attr]
+            if self._tls_protocol is not None or transport.get_write_buffer_size():
+                self.loop.call_later(_CLOSE_GRACE, self._abort_unflushed, transport)
 
     def _abort_unflushed(self, transport: asyncio.BaseTransport) -> None:
         if self.transport is transport:
             log.info(
                 "session=%s replies not read within %ss: aborting", self.session.id, _CLOSE_GRACE
-            )  # type: ignore[union-attr]
-            transport.abort()  # type: ignore[attr-defined]
+            )
+            transport.abort()
 
     def _on_timer(self) -> None:
         self._timer = None
         if self._closed or self.transport is None:
             return
-        now = self.loop.time()  # type: ignore[union-attr]
+        now = self.loop.time()
         if self._write_paused and now >= self._write_paused_at + self._write_stall():
             log.info(
                 "session=%s replies not read for %ss: closing",
-                self.session.id,  # type: ignore[union-attr]
+                self.session.id,
                 round(now - self._write_paused_at, 1),
             )
             self._ended_how = "timeout"
-            self.transport.abort()  # type: ignore[attr-defined]
+            self.transport.abort()
             return
         if not self._timeout:  # only the write stall is timed
             if self._write_paused:
-                self._timer = self.loop.call_at(  # type: ignore[union-attr]
+                self._timer = self.loop.call_at(
                     self._write_paused_at + self._write_stall(), self._on_timer
                 )
             return
         task = self._task
         if task is not None:
-            deadline = self._task_started + self._timeout  # type: ignore[operator]
+            deadline = self._task_started + self._timeout
             if now >= deadline:
                 # A hung hook: give up on it like a hung client (aiosmtpd closes here too).
                 log.warning(
                     "session=%s handler hook exceeded the %ss timeout",
                     self.session.id,
                     self._timeout,
-                )  # type: ignore[union-attr]
+                )
                 self._task = None
                 task.cancel()
                 self._reply(LOCAL_ERROR)
@@ -1021,13 +1035,13 @@ class SMTP(
         elif self._framer.in_data:
             deadline = self._data_deadline
         else:
-            deadline = self._last_line + self._timeout  # type: ignore[operator]
+            deadline = self._last_line + self._timeout
         if now < deadline:
             if self._write_paused:
                 deadline = min(deadline, self._write_paused_at + self._write_stall())
-            self._timer = self.loop.call_at(deadline, self._on_timer)  # type: ignore[union-attr]
+            self._timer = self.loop.call_at(deadline, self._on_timer)
             return
-        log.info("session=%s timeout", self.session.id)  # type: ignore[union-attr]
+        log.info("session=%s timeout", self.session.id)
         self._ended_how = "timeout"
         self._reply(f"421 4.4.2 {self.hostname} Error: timeout exceeded")
         self._close_after_flush = True
@@ -1067,7 +1081,7 @@ class SMTP(
             return False
         log.warning(
             "session=%s %s refused: bodies in memory %d >= budget %d octets",
-            self.session.id,  # type: ignore[union-attr]
+            self.session.id,
             self._verb,
             budget.used,
             budget.limit,
@@ -1078,26 +1092,26 @@ class SMTP(
         hook = self._hooks.hooks.get(name)
         if hook is None:
             return MISSING
-        started = self.loop.time()  # type: ignore[union-attr]
+        started = self.loop.time()
         try:
             status = hook(self, self.session, self.envelope, *args)
             if inspect.isawaitable(status):
                 status = await status
         except BodyMemoryExceeded as error:  # the handler read a spooled body whole
-            log.warning("session=%s handle_%s: %s", self.session.id, name, error)  # type: ignore[union-attr]
+            log.warning("session=%s handle_%s: %s", self.session.id, name, error)
             status = INSUFFICIENT_STORAGE
         except ConnectionResetError:
             raise  # the session ends without a reply (see _command_failed)
         except Exception as error:
             status = await self._handle_exception(error)
         if self.stats is not None:
-            self.stats.handler_time(name, self.loop.time() - started)  # type: ignore[union-attr]
+            self.stats.handler_time(name, self.loop.time() - started)
         if status is None:
-            log.warning("session=%s handle_%s returned no reply", self.session.id, name)  # type: ignore[union-attr]
+            log.warning("session=%s handle_%s returned no reply", self.session.id, name)
             return LOCAL_ERROR
         return status
 
-    async def _handle_exception(self, error: Exception) -> str:
+    async def _handle_exception(self, error: BaseException) -> str:
         handler = self._hooks.handle_exception
         if handler is not None:
             try:
@@ -1105,10 +1119,10 @@ class SMTP(
                 if inspect.isawaitable(status):
                     status = await status
             except Exception:
-                log.exception("session=%s handle_exception failed", self.session.id)  # type: ignore[union-attr]
+                log.exception("session=%s handle_exception failed", self.session.id)
                 return LOCAL_ERROR
             return status if status else LOCAL_ERROR
-        log.error("session=%s handler error", self.session.id, exc_info=error)  # type: ignore[union-attr]
+        log.error("session=%s handler error", self.session.id, exc_info=error)
         return LOCAL_ERROR
 
     # -- DATA completion -------------------------------------------------------------------
@@ -1119,10 +1133,11 @@ class SMTP(
         self._verb = "DATA"
         self._counts["bytes"] += message.size
         if self._timeout:
-            self._last_line = self.loop.time()  # type: ignore[union-attr]
+            self._last_line = self.loop.time()
         envelope = self.envelope
         if body is None:
             body, self._body = self._body, None
+        status: str | None
         if message.error is not None:
             if body is not None:
                 body.close()
@@ -1138,7 +1153,7 @@ class SMTP(
         body.write(message.content)
         status = None
         if body.error is not None:
-            log.warning("session=%s message not kept: %s", self.session.id, body.error)  # type: ignore[union-attr]
+            log.warning("session=%s message not kept: %s", self.session.id, body.error)
             status = INSUFFICIENT_STORAGE
         elif self._decode_data and not self.enable_SMTPUTF8 and not body.ascii:
             status = "500 Error: strict ASCII mode"
@@ -1147,9 +1162,9 @@ class SMTP(
             self._set_post_data_state()
             self._end_message(status, message.size, envelope)
             return
-        envelope.body = body  # type: ignore[union-attr]
+        envelope.body = body
         if self._decode_data:
-            envelope.content_encoding = "utf-8" if self.enable_SMTPUTF8 else "ascii"  # type: ignore[union-attr]
+            envelope.content_encoding = "utf-8" if self.enable_SMTPUTF8 else "ascii"
         if "DATA" in self._hooks.hooks or (
             self._stages is not None and self._stages.on_end_of_data
         ):
@@ -1171,10 +1186,10 @@ class SMTP(
             try:
                 status = await self._stages.end_of_data(self.session, envelope, self._decoded)
             except BodyMemoryExceeded as error:  # a stage read a spooled body whole
-                log.warning("session=%s end-of-data stage: %s", self.session.id, error)  # type: ignore[union-attr]
+                log.warning("session=%s end-of-data stage: %s", self.session.id, error)
                 status = INSUFFICIENT_STORAGE
             except Exception:  # a stage's bug: never a 250 for a message it did not check
-                log.exception("session=%s end-of-data stage failed", self.session.id)  # type: ignore[union-attr]
+                log.exception("session=%s end-of-data stage failed", self.session.id)
                 status = LOCAL_ERROR
         if status is None:
             status = await self._call_handler_hook("DATA")
@@ -1189,7 +1204,7 @@ class SMTP(
             return [status]
         log.error(
             "session=%s handle_DATA returned %s, not a reply string",
-            self.session.id,  # type: ignore[union-attr]
+            self.session.id,
             type(status).__name__,
         )
         return [LOCAL_ERROR]
@@ -1218,7 +1233,7 @@ class SMTP(
                     len(envelope.rcpt_tos) if envelope else 0,
                     size,
                     status[:3],
-                    self.loop.time() - self._data_started,  # type: ignore[union-attr]
+                    self.loop.time() - self._data_started,
                     self._message_notes(envelope) if envelope is not None else "",
                 ),
             )
@@ -1238,14 +1253,14 @@ class SMTP(
             self._reply("501 Syntax: HELO hostname")
             return
         self._set_rset_state()
-        self.session.extended_smtp = False  # type: ignore[union-attr]
+        self.session.extended_smtp = False
         status = (
             await self._call_handler_hook("HELO", hostname)
             if "HELO" in self._hooks.hooks
             else MISSING
         )
         if status is MISSING:
-            self.session.host_name = hostname  # type: ignore[union-attr]
+            self.session.host_name = hostname
             status = f"250 {self.hostname}"
         self._reply(status)
 
@@ -1256,12 +1271,12 @@ class SMTP(
             self._reply("501 Syntax: EHLO hostname")
             return
         self._set_rset_state()
-        self.session.extended_smtp = True  # type: ignore[union-attr]
+        self.session.extended_smtp = True
         lines = self.ehlo_lines()
         if hasattr(self, "ehlo_hook"):
             await self._deprecated_hook("ehlo_hook", "EHLO")
         if "EHLO" not in self._hooks.hooks:
-            self.session.host_name = hostname  # type: ignore[union-attr]
+            self.session.host_name = hostname
             lines.append("250 HELP")
         elif self._hooks.old_style_ehlo:
             status = await self._call_handler_hook("EHLO", hostname)
@@ -1319,7 +1334,7 @@ class SMTP(
         if arg:
             method = self._verbs.get(arg.upper())
             if method is not None and offered(self, method):
-                extended = self.session.extended_smtp  # type: ignore[union-attr]
+                extended = self.session.extended_smtp
                 self._reply("250 Syntax: " + syntax_text(method, extended))
                 return
             code = 501
@@ -1354,7 +1369,7 @@ class SMTP(
     _helo_required = "503 Error: send HELO first"
 
     def _helo_missing(self) -> bool:
-        if not self.session.host_name:  # type: ignore[union-attr]
+        if not self.session.host_name:
             self._reply(self._helo_required)
             return True
         return False
@@ -1364,7 +1379,7 @@ class SMTP(
         """MAIL FROM: <address>"""
         if self._helo_missing():
             return
-        esmtp = self.session.extended_smtp  # type: ignore[union-attr]
+        esmtp = self.session.extended_smtp
         syntaxerr = "501 Syntax: MAIL FROM: <address>"
         if esmtp:
             syntaxerr += " [SP <mail-parameters>]"
@@ -1383,7 +1398,7 @@ class SMTP(
             self._reply(syntaxerr)
             return
         envelope = self.envelope
-        if envelope.mail_from:  # type: ignore[union-attr]
+        if envelope.mail_from:
             self._reply("503 Error: nested MAIL command")
             return
         mail_options = split_options(params, self._dsn)
@@ -1405,10 +1420,10 @@ class SMTP(
             return
         size = options.pop("SIZE", None)
         if size is not None:
-            if size is True or not (size.isascii() and size.isdigit()):  # type: ignore[union-attr]
+            if not isinstance(size, str) or not (size.isascii() and size.isdigit()):
                 self._reply(syntaxerr)
                 return
-            if self.data_size_limit and int(size) > self.data_size_limit:  # type: ignore[arg-type]
+            if self.data_size_limit and int(size) > self.data_size_limit:
                 self._reply("552 Error: message size exceeds fixed maximum message size")
                 return
         if self._dsn and not dsn_mail_options_valid(options):
@@ -1419,8 +1434,8 @@ class SMTP(
             return
         if self._limit_key is not None and not await self._mail_allowed():
             return
-        envelope.smtp_utf8 = bool(smtputf8)  # type: ignore[union-attr]
-        self._data_started = self.loop.time()  # type: ignore[union-attr]
+        envelope.smtp_utf8 = bool(smtputf8)
+        self._data_started = self.loop.time()
         if self._stages is not None and self._stages.on_mail:
             refusal = await self._stages.mail(self.session, envelope, address)
             if refusal is not None:
@@ -1432,8 +1447,8 @@ class SMTP(
             else MISSING
         )
         if status is MISSING:
-            envelope.mail_from = address  # type: ignore[union-attr]
-            envelope.mail_options.extend(mail_options)  # type: ignore[union-attr]
+            envelope.mail_from = address
+            envelope.mail_options.extend(mail_options)
             status = "250 OK"
         self._reply(status)
 
@@ -1443,10 +1458,10 @@ class SMTP(
         if self._helo_missing():
             return
         envelope = self.envelope
-        if not envelope.mail_from:  # type: ignore[union-attr]
+        if not envelope.mail_from:
             self._reply("503 Error: need MAIL command")
             return
-        esmtp = self.session.extended_smtp  # type: ignore[union-attr]
+        esmtp = self.session.extended_smtp
         syntaxerr = "501 Syntax: RCPT TO: <address>"
         if esmtp:
             syntaxerr += " [SP <mail-parameters>]"
@@ -1475,7 +1490,7 @@ class SMTP(
         if options:
             self._reply("555 RCPT TO parameters not recognized or not implemented")
             return
-        if self._max_recipients and len(envelope.rcpt_tos) >= self._max_recipients:  # type: ignore[union-attr]
+        if self._max_recipients and len(envelope.rcpt_tos) >= self._max_recipients:
             self._reply("452 4.5.3 Error: too many recipients")
             return
         if self._stages is not None and self._stages.on_rcpt:
@@ -1489,8 +1504,8 @@ class SMTP(
             else MISSING
         )
         if status is MISSING:
-            envelope.rcpt_tos.append(address)  # type: ignore[union-attr]
-            envelope.rcpt_options.extend(rcpt_options)  # type: ignore[union-attr]
+            envelope.rcpt_tos.append(address)
+            envelope.rcpt_options.extend(rcpt_options)
             status = "250 OK"
         self._reply(status)
 
@@ -1499,7 +1514,7 @@ class SMTP(
         """DATA"""
         if self._helo_missing():
             return
-        if not self.envelope.rcpt_tos:  # type: ignore[union-attr]
+        if not self.envelope.rcpt_tos:
             self._reply("503 Error: need RCPT command")
             return
         if arg:
@@ -1515,7 +1530,7 @@ class SMTP(
         self._body = self._new_body()
         self._framer.start_data(self.data_size_limit, self._spill)
         if self._timeout:
-            self._data_deadline = self.loop.time() + self._timeout  # type: ignore[union-attr]
+            self._data_deadline = self.loop.time() + self._timeout
 
 
 async def _resume(coro: Coroutine[Any, Any, None], waiting_for: Any) -> None:
