@@ -54,6 +54,14 @@ from farm.smtp.sasl import (
 from farm.smtp.session import Envelope, Session
 from farm.smtp.settings import DEFAULTS
 from farm.smtp.stages import Stage, Stages
+from farm.smtp.state import (
+    SHUTTING_DOWN,
+    GateState,
+    call_limit_exceeded,
+    refusal_before_verb,
+    refusal_for_auth,
+    too_many_calls,
+)
 from farm.smtp.tls import StartTLSMixin, tls_session_info
 
 log = logging.getLogger("farm.smtp")
@@ -67,13 +75,8 @@ CALL_LIMIT_DEFAULT = 20
 DATA_SIZE_DEFAULT = DEFAULTS.data_size_limit
 MAX_RECIPIENTS_DEFAULT = DEFAULTS.max_recipients
 
-#: Commands allowed before STARTTLS when ``require_starttls`` is set.
-ALLOWED_BEFORE_STARTTLS = frozenset({"NOOP", "EHLO", "STARTTLS", "QUIT"})
-#: Commands allowed before AUTH when ``auth_required`` is set.
-ALLOWED_BEFORE_AUTH = frozenset({"AUTH", "EHLO", "HELO", "NOOP", "RSET", "QUIT"})
 
 LOCAL_ERROR = "451 4.3.0 Requested action aborted: local error"
-SHUTTING_DOWN = "421 4.3.2 Service shutting down"
 #: Input kept while a hook runs or the client does not read; reading pauses past it.
 _MAX_PENDING_INPUT = 256 * 1024
 #: Replies of one pipelined batch written at a time: past them, the write buffer is looked at
@@ -894,41 +897,34 @@ class SMTP(
         )
 
     def _refused(self, verb: str, known: bool) -> bool:
-        """Apply TLS, drain, call-limit and AUTH policies; True when a reply was given."""
-        if not self._tls_handshake_okay and verb != "QUIT":
-            self._reply("554 Command refused due to lack of security")
-            return True
-        if (
-            self._require_starttls
-            and self._tls_protocol is None
-            and verb not in ALLOWED_BEFORE_STARTTLS
-        ):
-            self._reply("530 Must issue a STARTTLS command first")
-            return True
-        if self._draining and self.envelope.mail_from is None and verb != "QUIT":
-            self._reply(SHUTTING_DOWN)
-            self._close_after_flush = True
-            return True
-        if not known:
+        """Apply TLS, drain, call-limit and AUTH policies (farm.smtp.state); True when a reply
+        was given."""
+        state = GateState(
+            self._tls_handshake_okay,
+            self._require_starttls and self._tls_protocol is None,
+            self._draining,
+            self.envelope.mail_from is not None,
+            self._auth_required,
+            bool(self.session.authenticated),
+        )
+        refusal = refusal_before_verb(verb, state)
+        if refusal is None and known:
+            if self._call_limits is not None:
+                if self._call_counts is None:
+                    self._call_counts = {}
+                if call_limit_exceeded(
+                    self._call_counts, self._call_limits, self._call_limit_default, verb
+                ):
+                    log.warning("session=%s %s sent too many times", self.session.id, verb)
+                    refusal = too_many_calls(verb)
+            if refusal is None:
+                refusal = refusal_for_auth(verb, state)
+        if refusal is None:
             return False
-        if self._call_limits is not None:
-            if self._call_counts is None:
-                self._call_counts = {}
-            used = self._call_counts.get(verb, 0) + 1
-            self._call_counts[verb] = used
-            if used > self._call_limits.get(verb, self._call_limit_default):
-                log.warning("session=%s %s sent too many times", self.session.id, verb)
-                self._reply(f"421 4.7.0 {verb} sent too many times")
-                self._close_after_flush = True
-                return True
-        if (
-            self._auth_required
-            and not self.session.authenticated
-            and verb not in ALLOWED_BEFORE_AUTH
-        ):
-            self._reply("530 5.7.0 Authentication required")
-            return True
-        return False
+        self._reply(refusal.reply)
+        if refusal.close:
+            self._close_after_flush = True
+        return True
 
     def _run(self, coro: Coroutine[Any, Any, None], delivery: bool = False) -> None:
         """Run a command or delivery coroutine that may suspend, in a task."""
