@@ -2,8 +2,9 @@
 
 The asyncio protocol (:class:`farm.smtp.server.SMTP`) holds the state and does the I/O; the
 rules it applies live here as pure functions, tested without a socket
-(``tests/test_state_gate.py``). So far: the policy gate every command passes when a policy is
-on (TLS handshake, ``require_starttls``, drain, per-verb call limits, ``auth_required``).
+(``tests/unit/test_state_gate.py``). So far: the policy gate every command passes when a
+policy is on (TLS handshake, ``require_starttls``, drain, per-verb call limits,
+``auth_required``).
 """
 
 from __future__ import annotations
