@@ -27,15 +27,12 @@ from pathlib import Path
 
 import psutil
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import free_port
+
 REPO = Path(__file__).resolve().parent.parent
 SMTP_SINK = "/usr/sbin/smtp-sink"
 WAIT = 60.0
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def status_kib(pid: int, field: str) -> int:

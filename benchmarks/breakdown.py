@@ -33,18 +33,16 @@ import collections
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import psutil
-
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+import harness  # noqa: E402  (benchmarks/harness.py)
 import relay  # noqa: E402  (benchmarks/relay.py)
 import run as bench  # noqa: E402  (benchmarks/run.py)
 from server import farm_toml  # noqa: E402  (benchmarks/server.py)
@@ -127,7 +125,7 @@ def main() -> int:
         sink = None
         if args.relay:
             sink = relay.Sink(workdir).__enter__()
-            server: bench.Server = relay.RelayFarm(workdir, 1, sink.port, True, args.profile)
+            server: harness.Server = relay.RelayFarm(workdir, 1, sink.port, True, args.profile)
         else:
             server = ProfiledFarm(workdir, args.profile)
         try:
@@ -184,8 +182,8 @@ def main() -> int:
     return 0
 
 
-class ProfiledFarm(bench.Server):
-    """``farm serve -w 1`` with Sink and a profile's settings (readiness, CPU, stop: run.py)."""
+class ProfiledFarm(harness.Server):
+    """``farm serve -w 1`` with Sink and a profile's settings (readiness, CPU, stop: harness.py)."""
 
     def __init__(self, workdir: Path, profile: str) -> None:
         super().__init__("farm-1w", workdir)
@@ -196,22 +194,7 @@ class ProfiledFarm(bench.Server):
     def __enter__(self) -> ProfiledFarm:
         cmd = [sys.executable, "-m", "farm", "serve", "-c", str(self.config), "-b"]
         cmd += ["127.0.0.1:0", "-w", "1", "--handler", "farm.handlers:Sink"]
-        self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.notify.bind(str(self.notify_path))
-        self.notify.settimeout(0.05)
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("LISTEN_", "NOTIFY_"))}
-        env["NOTIFY_SOCKET"] = str(self.notify_path)
-        env["PYTHONPATH"] = str(bench.ROOT)
-        with self.stderr_path.open("wb") as err:
-            self.proc = subprocess.Popen(
-                cmd, stdin=subprocess.DEVNULL, stdout=err, stderr=err, env=env, cwd=bench.ROOT
-            )
-        self.ps = psutil.Process(self.proc.pid)
-        try:
-            self._farm_ready(time.monotonic() + 30)
-        except BaseException:
-            self.stop()
-            raise
+        self.start_farm(cmd, {"PYTHONPATH": str(harness.ROOT)})
         return self
 
 

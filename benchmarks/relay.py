@@ -27,11 +27,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import re
-import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -39,21 +35,23 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import Any
 
-import psutil
+import harness  # benchmarks/harness.py (it puts benchmarks/ on sys.path)
+from harness import (
+    MSG_SIZE,
+    NOISY,
+    ROOT,
+    SESSIONS,
+    WORKLOADS,
+    BenchError,
+    Workload,
+    busy_cpu,
+    children_cpu,
+    process_cpu,
+)
+from server import MESSAGE_LINE, farm_toml  # benchmarks/server.py
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-
-import run as bench  # noqa: E402  (benchmarks/run.py: farm start/stop, CPU readings)
-from server import MESSAGE_LINE, farm_toml  # noqa: E402  (benchmarks/server.py)
-
-ROOT = HERE.parent
-RESULTS = HERE / "results"
-
-SESSIONS = 20
-MSG_SIZE = 1024
 DOMAIN = "bench.test"
 SENDER = f"sender@{DOMAIN}"
 RECIPIENT = f"rcpt@{DOMAIN}"
@@ -68,24 +66,8 @@ LAUNCHER = (
 )
 
 
-@dataclass(frozen=True)
-class Workload:
-    key: str
-    title: str
-    flags: tuple[str, ...]
-    warmup: int
-
-
-WORKLOADS = [
-    # One connection per message: HELO MAIL RCPT DATA QUIT (and the farm: one more to the sink).
-    Workload("per-conn", "1 msg/connection", (), 200),
-    # -d: each of the 20 sessions sends messages/20 messages over one connection.
-    Workload("long", "many msgs/connection (-d)", ("-d",), 400),
-]
-
-
 @dataclass
-class Sample:
+class Sample(harness.Rates):
     mode: str
     workload: str
     rep: int
@@ -101,34 +83,11 @@ class Sample:
     split_cpu_s: list[float] = field(default_factory=list)
 
     @property
-    def msgs_per_s(self) -> float:
-        return self.messages / self.wall_s
-
-    @property
-    def cpu_us_per_msg(self) -> float:
-        return self.farm_cpu_s * 1e6 / self.messages
+    def cpu_s(self) -> float:
+        return self.farm_cpu_s
 
 
 # -- processes -----------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def greets(port: int) -> bool:
-    """Whether 127.0.0.1:port answers with a 220 greeting (and then QUIT)."""
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=5) as probe:
-            if not probe.makefile("rb").readline().startswith(b"220"):
-                return False
-            probe.sendall(b"QUIT\r\n")
-            return True
-    except OSError:
-        return False
 
 
 class Sink:
@@ -141,28 +100,8 @@ class Sink:
         self.port = 0
 
     def __enter__(self) -> Sink:
-        program = shutil.which("smtp-sink") or shutil.which("smtp-sink", path="/usr/sbin:/usr/bin")
-        if not program:
-            raise SystemExit("smtp-sink not found (Debian: apt-get install postfix)")
-        user = ["-u", "nobody"] if os.geteuid() == 0 else []  # it will not run as root
-        try:
-            for _attempt in range(3):  # the port picked may be taken before smtp-sink binds it
-                self.port = free_port()
-                cmd = [program, "-c", *user, f"127.0.0.1:{self.port}", "256"]
-                with self.out_path.open("wb") as out, self.err_path.open("wb") as err:
-                    self.proc = subprocess.Popen(
-                        cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=err
-                    )
-                deadline = time.monotonic() + 10
-                while self.proc.poll() is None and time.monotonic() < deadline:
-                    if greets(self.port):
-                        return self
-                    time.sleep(0.01)
-                self.stop()
-        except BaseException:
-            self.stop()
-            raise
-        raise bench.BenchError(f"smtp-sink did not start:\n{self.stderr()}")
+        self.proc, self.port = harness.start_sink(self.out_path, self.err_path)
+        return self
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
@@ -192,21 +131,15 @@ class Sink:
 
     def check_alive(self) -> None:
         if self.proc is None or self.proc.poll() is not None:
-            raise bench.BenchError(f"smtp-sink died:\n{self.stderr()}")
+            raise BenchError(f"smtp-sink died:\n{self.stderr()}")
 
     def stop(self) -> None:
         proc, self.proc = self.proc, None
-        if proc is not None and proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        harness.stop_process(proc)
 
 
-class RelayFarm(bench.Server):
-    """``farm serve -w N`` relaying to the sink; readiness, CPU and stop as in run.py."""
+class RelayFarm(harness.Server):
+    """``farm serve -w N`` relaying to the sink; readiness, CPU and stop from harness.Server."""
 
     def __init__(
         self, workdir: Path, workers: int, sink_port: int, uvloop: bool, profile: str
@@ -234,42 +167,9 @@ class RelayFarm(bench.Server):
         cmd = [sys.executable, "-c", LAUNCHER, str(ROOT), "serve"]
         cmd += ["-c", str(self.config), "-b", "127.0.0.1:0", "-w", str(self.workers)]
         cmd += ["--uvloop" if self.uvloop else "--no-uvloop"]
-        self.notify_path.unlink(missing_ok=True)
-        self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.notify.bind(str(self.notify_path))
-        self.notify.settimeout(0.05)
-        env = {
-            key: value
-            for key, value in os.environ.items()
-            if not key.startswith(("LISTEN_", "NOTIFY_SOCKET", "WATCHDOG_"))
-        }
-        env["NOTIFY_SOCKET"] = str(self.notify_path)
-        try:
-            with self.stderr_path.open("wb") as err:
-                self.proc = subprocess.Popen(
-                    cmd, stdin=subprocess.DEVNULL, stdout=err, stderr=err, env=env, cwd=ROOT
-                )
-            self.ps = psutil.Process(self.proc.pid)
-            self._farm_ready(time.monotonic() + 30)
-        except BaseException:
-            self.stop()
-            raise
+        self.start_farm(cmd)
         self.handler = f"farm.relay:Relay (farm serve -w {self.workers})"
         return self
-
-
-def smtp_source(
-    program: str, port: int, workload: Workload, messages: int, out: IO[bytes], err: IO[bytes]
-) -> int:
-    """Run smtp-source with ``-c`` (its counter to ``out``); its exit status."""
-    cmd = [program, "-s", str(SESSIONS), "-l", str(MSG_SIZE), "-m", str(messages), "-c"]
-    cmd += [*workload.flags, "-f", SENDER, "-t", RECIPIENT, "-M", "client.test"]
-    cmd.append(f"127.0.0.1:{port}")
-    timeout = 30 + messages / 50  # generous: even 50 msgs/s finishes
-    try:
-        return subprocess.run(cmd, stdout=out, stderr=err, timeout=timeout).returncode
-    except subprocess.TimeoutExpired:  # run() has killed it
-        raise bench.BenchError(f"smtp-source still running after {timeout:.0f}s") from None
 
 
 def checked_run(
@@ -280,39 +180,32 @@ def checked_run(
     messages: int,
     sink: Sink,
     farm: RelayFarm | None,
-    workdir: Path,
     measure: bool,
 ) -> Sample:
     """One smtp-source run, verified end to end; the sample (CPU figures only if ``measure``)."""
-    out_path, err_path = workdir / "smtp-source.out", workdir / "smtp-source.err"
     sessions0, sink0 = sink.counters()
-    cpu0, split0, busy0, client0 = (0.0, 0.0), {}, bench.busy_cpu(), bench.children_cpu()
+    cpu0, split0, busy0, client0 = (0.0, 0.0), {}, busy_cpu(), children_cpu()
     sink_cpu0 = _cpu(sink)
     if farm is not None and measure:
         cpu0 = farm.cpu_seconds()
         split0 = dict(farm.per_process)
-    with out_path.open("wb") as out, err_path.open("wb") as err:
-        t0 = time.perf_counter()
-        status = smtp_source(program, port, workload, messages, out, err)
-        t1 = time.perf_counter()
+    t0 = time.perf_counter()
+    proc = harness.smtp_source(
+        program, port, workload, messages, count=True, sender=SENDER, recipient=RECIPIENT
+    )
+    t1 = time.perf_counter()
     sample = Sample(mode, workload.key, 0, messages, t1 - t0)
     if farm is not None and measure:
         cpu1 = farm.cpu_seconds()
         sample.farm_cpu_s = cpu1[0] - cpu0[0]
         split = {pid: cpu - split0.get(pid, 0.0) for pid, cpu in farm.per_process.items()}
         sample.split_cpu_s = [split.pop(farm.ps.pid), *sorted(split.values(), reverse=True)]
-    others = (bench.busy_cpu() - busy0) - sample.farm_cpu_s - (bench.children_cpu() - client0)
+    others = (busy_cpu() - busy0) - sample.farm_cpu_s - (children_cpu() - client0)
     sample.other_cpu_s = max(0.0, others - (_cpu(sink) - sink_cpu0))
 
-    counter = re.findall(r"\d+", out_path.read_text(errors="replace"))
-    stderr = err_path.read_text(errors="replace").strip()
-    problem = ""
-    if status != 0:
-        problem = f"smtp-source exit status {status}"
-    elif stderr:
-        problem = "smtp-source wrote on stderr"
-    elif not counter or int(counter[-1]) != messages:
-        problem = f"smtp-source's counter ended at {counter[-1] if counter else 'nothing'}"
+    problem = harness.source_problem(proc, messages, counted=True)
+    if problem:
+        problem = f"smtp-source: {problem}"
     else:
         received = sink.wait_messages(sink0 + messages) - sink0
         if received != messages:
@@ -320,24 +213,20 @@ def checked_run(
         sample.sink_sessions = sink.counters()[0] - sessions0
     if problem:
         where = f"\nfarm stderr: {farm.stderr()[-2000:]}" if farm is not None else ""
-        raise bench.BenchError(
+        raise BenchError(
             f"{mode} / {workload.title}: {problem}, expected {messages}\n"
-            f"smtp-source stderr: {stderr[-2000:]}\nsink stderr: {sink.stderr()[-1000:]}{where}"
+            f"smtp-source stderr: {proc.stderr.strip()[-2000:]}\n"
+            f"sink stderr: {sink.stderr()[-1000:]}{where}"
         )
     sink.check_alive()
     if farm is not None and farm.proc is not None and farm.proc.poll() is not None:
-        raise bench.BenchError(f"{mode} died during the run:\n{farm.stderr()}")
+        raise BenchError(f"{mode} died during the run:\n{farm.stderr()}")
     return sample
 
 
 def _cpu(sink: Sink) -> float:
     """smtp-sink's user+sys CPU seconds so far (it is not this process's waited-for child)."""
-    if sink.proc is None:
-        return 0.0
-    with contextlib.suppress(psutil.NoSuchProcess):
-        times = psutil.Process(sink.proc.pid).cpu_times()
-        return times.user + times.system
-    return 0.0
+    return 0.0 if sink.proc is None else process_cpu(sink.proc.pid)
 
 
 def measure(
@@ -352,19 +241,23 @@ def measure(
 ) -> Sample:
     """Warm up, then measure, ``mode`` under ``workload`` (a fresh farm for each sample)."""
     if mode == DIRECT:
-        checked_run(program, mode, sink.port, workload, workload.warmup, sink, None, workdir, False)
-        return checked_run(program, mode, sink.port, workload, messages, sink, None, workdir, True)
+        checked_run(program, mode, sink.port, workload, workload.warmup, sink, None, False)
+        return checked_run(program, mode, sink.port, workload, messages, sink, None, True)
     workers = int(mode.removeprefix("farm-").removesuffix("w"))
     with RelayFarm(workdir, workers, sink.port, uvloop, profile) as farm:
-        checked_run(program, mode, farm.port, workload, workload.warmup, sink, farm, workdir, False)
-        sample = checked_run(
-            program, mode, farm.port, workload, messages, sink, farm, workdir, True
-        )
+        checked_run(program, mode, farm.port, workload, workload.warmup, sink, farm, False)
+        sample = checked_run(program, mode, farm.port, workload, messages, sink, farm, True)
     logged = farm.log_messages()  # after the graceful stop: every line is written by now
     if logged is not None and logged != workload.warmup + messages:
-        raise bench.BenchError(
+        raise BenchError(
             f"{mode}: {logged} message lines in its log, not {workload.warmup + messages}"
         )
+    return sample
+
+
+def _measured(run: tuple[Any, ...], rep: int) -> Sample:
+    sample = measure(*run)
+    sample.rep = rep
     return sample
 
 
@@ -390,7 +283,7 @@ def render(
     lines = [
         "# Relay throughput: smtp-source to smtp-sink, directly and through the farm",
         "",
-        f"{time.strftime('%Y-%m-%d %H:%M:%S')} · {bench._versions()}",
+        f"{time.strftime('%Y-%m-%d %H:%M:%S')} · {harness.versions()}",
         "",
         f"`smtp-source -s {SESSIONS} -l {MSG_SIZE} -m {messages} -c -f {SENDER} -t {RECIPIENT}` "
         "against `smtp-sink -c 127.0.0.1:PORT 256` (direct), or against `farm serve -w N` "
@@ -432,7 +325,7 @@ def render(
         f"of a core, at most {max(other):.0f}%"
         + (
             " - the machine was not quiet, the figures are suspect."
-            if max(other) > bench.NOISY * 100
+            if max(other) > NOISY * 100
             else "."
         ),
         "Sink sessions ended per message during the measured runs, median: "
@@ -464,16 +357,8 @@ def _split_lines(samples: list[Sample], workloads: list[Workload], farms: list[s
     for workload in workloads:
         for mode in farms:
             mine = [s for s in samples if s.workload == workload.key and s.mode == mode]
-            if not mine or not all(s.farm_cpu_s for s in mine):
-                continue
-            shares = [
-                statistics.median(s.split_cpu_s[i] / s.farm_cpu_s * 100 for s in mine)
-                for i in range(min(len(s.split_cpu_s) for s in mine))
-            ]
-            cells.append(
-                f"{mode} {workload.key} {shares[0]:.0f}% / "
-                + " / ".join(f"{share:.0f}%" for share in shares[1:])
-            )
+            if mine and all(s.farm_cpu_s for s in mine):
+                cells.append(harness.split_cell(f"{mode} {workload.key}", mine))
     if not cells:
         return []
     return ["Farm CPU split, supervisor / each worker (busiest first): " + "; ".join(cells) + "."]
@@ -548,7 +433,7 @@ def main() -> int:
         parser.error(f"--workloads: a subset of {','.join(w.key for w in WORKLOADS)}")
     modes = [DIRECT, *dict.fromkeys(f"farm-{n}w" for n in workers)]
 
-    program = bench.find_smtp_source()
+    program = harness.find_smtp_source()
     started = time.monotonic()
     samples: list[Sample] = []
     with tempfile.TemporaryDirectory(prefix="farm-bench-relay-") as tmp:
@@ -564,21 +449,14 @@ def main() -> int:
                                 *(mode, workload, messages, sink, workdir),
                                 *(args.uvloop, args.profile),
                             )
-                            sample = measure(*run)
-                            sample.rep = rep
-                            report_sample(sample, args.reps)
-                            # Other processes competed for the CPUs: measure again, once, while
-                            # the time budget allows, and keep the quieter run (as run.py does).
-                            if (
-                                sample.other_cpu_s > bench.NOISY * sample.wall_s
-                                and time.monotonic() - started < args.retry_budget
-                            ):
-                                again = measure(*run)
-                                again.rep = rep
-                                report_sample(again, args.reps, "(retry: the first was noisy)")
-                                sample = min(sample, again, key=lambda s: s.other_cpu_s / s.wall_s)
+                            sample = harness.quietest(
+                                lambda: _measured(run, rep),  # noqa: B023
+                                lambda s, note: report_sample(s, args.reps, note),
+                                started,
+                                args.retry_budget,
+                            )
                             samples.append(sample)
-        except bench.BenchError as error:
+        except BenchError as error:
             print(f"benchmark failed: {error}", file=sys.stderr)
             return 1
     elapsed = time.monotonic() - started
@@ -594,7 +472,7 @@ def main() -> int:
             "loop": "uvloop" if args.uvloop else "asyncio",
             "profile": args.profile,
         }
-        bench.save_results("relay", table, meta, workloads, samples)
+        harness.save_results("relay", table, meta, workloads, samples)
     return 0
 
 

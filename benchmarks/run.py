@@ -18,43 +18,35 @@ The ``farm-Nw`` kinds (not in the default set; ``--farm`` or ``--servers``) are 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
-import os
-import platform
 import pstats
-import re
-import resource
-import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
 
-import psutil
-
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-
-from server import FARM_KINDS, MESSAGE_LINE  # noqa: E402  (benchmarks/server.py)
-
-ROOT = HERE.parent
-SERVER = HERE / "server.py"
-RESULTS = HERE / "results"
+import harness  # benchmarks/harness.py (it puts benchmarks/ on sys.path)
+from harness import (
+    FARM_SERVERS,
+    MSG_SIZE,
+    NOISY,
+    RESULTS,
+    ROOT,
+    SESSIONS,
+    SINK,
+    BenchError,
+    Server,
+    Workload,
+    busy_cpu,
+    children_cpu,
+    find_smtp_source,
+    save_results,
+)
 
 #: Server kinds, in table order. The first is the baseline of the ratio column.
 BASELINE = "aiosmtpd-asyncio"
-#: Postfix's smtp-sink (C, does nothing with the mail): the reference for msgs/s.
-SINK = "smtp-sink"
-#: The real ``farm serve`` (supervisor + N forked workers, see server.py ``FARM_KINDS``):
-#: KIND -> number of workers. ``farm-Nw`` runs the README's production settings.
-FARM_SERVERS = {kind: workers for kind, (workers, _, _) in FARM_KINDS.items()}
 #: What ``make bench`` runs: the baseline and the reference, farm serve as in production
 #: (1 and 2 workers), the same without its INFO log and without limits (what each costs), and
 #: the engine alone in one process (labelled "engine only").
@@ -92,35 +84,19 @@ LABELS = {
     "farm-1w-bare": "logging off, limits not applying",
 }
 
-#: Other processes using more than this share of a core during a run make it "noisy".
-NOISY = 0.2
-
-SESSIONS = 20
-MSG_SIZE = 1024
 SENDER = "bench-sender@client.test"
 RECIPIENT = "bench-rcpt@bench.test"
 
 
-@dataclass(frozen=True)
-class Workload:
-    key: str
-    title: str
-    flags: tuple[str, ...]
-    messages: int
-    warmup: int
-
-
+#: Messages per measured run: the per-conn workload is the slower one.
 WORKLOADS = [
-    # Without -d smtp-source opens a connection per message: HELO MAIL RCPT DATA QUIT.
-    Workload("per-conn", "1 msg/connection", (), 16000, 200),
-    # -d: "don't disconnect after sending a message", so each of the 20 sessions sends
-    # messages/20 messages over one connection (HELO, then MAIL RCPT DATA repeated, QUIT).
-    Workload("long", "many msgs/connection (-d)", ("-d",), 40000, 400),
+    replace(harness.WORKLOADS[0], messages=16000),
+    replace(harness.WORKLOADS[1], messages=40000),
 ]
 
 
 @dataclass
-class Sample:
+class Sample(harness.Rates):
     server: str
     workload: str
     rep: int
@@ -135,12 +111,8 @@ class Sample:
     split_cpu_s: list[float] = field(default_factory=list)
 
     @property
-    def msgs_per_s(self) -> float:
-        return self.messages / self.wall_s
-
-    @property
-    def cpu_us_per_msg(self) -> float:
-        return self.server_cpu_s * 1e6 / self.messages
+    def cpu_s(self) -> float:
+        return self.server_cpu_s
 
 
 @dataclass
@@ -153,246 +125,23 @@ class Context:
     malloc_states: set[str] = field(default_factory=set)
 
 
-class BenchError(RuntimeError):
-    pass
-
-
 # -- processes -----------------------------------------------------------------------------
-
-
-def find_smtp_source() -> str:
-    found = shutil.which("smtp-source") or shutil.which("smtp-source", path="/usr/sbin:/usr/bin")
-    if not found:
-        raise SystemExit("smtp-source not found (Debian: apt-get install postfix)")
-    return found
-
-
-class Server:
-    """One ``server.py`` subprocess, stopped by PID when the block ends."""
-
-    def __init__(
-        self, kind: str, workdir: Path, malloc: str = "warm", profile: Path | None = None
-    ) -> None:
-        self.kind = kind
-        self.malloc = malloc
-        self.portfile = workdir / f"{kind}.port"
-        self.stderr_path = workdir / f"{kind}.stderr"
-        self.profile = profile
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.port = 0
-        self.handler = ""
-        self.malloc_state = ""
-        #: farm serve: workers expected, the sd_notify socket it reports readiness on, and the
-        #: descendants seen (pid -> process), checked at every CPU reading and killed at stop.
-        self.workers = FARM_SERVERS.get(kind, 0)
-        self.notify: socket.socket | None = None
-        self.notify_path = workdir / f"{kind}.notify"
-        self.children: dict[int, psutil.Process] = {}
-        #: farm serve: user+sys CPU seconds per pid at the last :meth:`cpu_seconds`.
-        self.per_process: dict[int, float] = {}
-
-    def __enter__(self) -> Server:
-        if self.kind == SINK:
-            return self._start_sink()
-        self.portfile.unlink(missing_ok=True)
-        cmd = [sys.executable, str(SERVER), self.kind, str(self.portfile), "--malloc", self.malloc]
-        if self.profile is not None:
-            cmd += ["--profile", str(self.profile)]
-        env = None
-        if self.workers:
-            # farm's supervisor sends sd_notify READY=1 once every worker has reported READY.
-            self.notify_path.unlink(missing_ok=True)
-            self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-            self.notify.bind(str(self.notify_path))
-            self.notify.settimeout(0.05)
-            env = {
-                k: v
-                for k, v in os.environ.items()
-                if k not in ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "WATCHDOG_USEC")
-            }
-            env["NOTIFY_SOCKET"] = str(self.notify_path)
-        with self.stderr_path.open("wb") as err:
-            self.proc = subprocess.Popen(
-                cmd, stdin=subprocess.DEVNULL, stdout=err, stderr=err, env=env
-            )
-        deadline = time.monotonic() + 30
-        while not self.portfile.exists():
-            if self.proc.poll() is not None:
-                raise BenchError(f"{self.kind} exited at startup:\n{self.stderr()}")
-            if time.monotonic() > deadline:
-                self.stop()
-                raise BenchError(f"{self.kind} did not start listening within 30s")
-            time.sleep(0.01)
-        port, _pid, malloc_state, handler = self.portfile.read_text().strip().split(" ", 3)
-        self.port, self.handler, self.malloc_state = int(port), handler, malloc_state
-        self.ps = psutil.Process(self.proc.pid)
-        if self.workers:
-            try:
-                self._farm_ready(deadline)
-            except BaseException:
-                self.stop()
-                raise
-            self.handler += f" (farm serve -w {self.workers})"
-        return self
-
-    def _start_sink(self) -> Server:
-        """``smtp-sink -c 127.0.0.1:PORT 256`` (``-u nobody`` as root: it refuses root)."""
-        program = shutil.which("smtp-sink") or shutil.which("smtp-sink", path="/usr/sbin:/usr/bin")
-        if not program:
-            raise SystemExit("smtp-sink not found (Debian: apt-get install postfix)")
-        user = ["-u", "nobody"] if os.geteuid() == 0 else []
-        for _attempt in range(3):  # the port picked may be taken before smtp-sink binds it
-            with socket.socket() as probe:
-                probe.bind(("127.0.0.1", 0))
-                self.port = probe.getsockname()[1]
-            with self.stderr_path.open("wb") as err:
-                self.proc = subprocess.Popen(
-                    [program, "-c", *user, f"127.0.0.1:{self.port}", "256"],
-                    stdin=subprocess.DEVNULL,
-                    stdout=subprocess.DEVNULL,
-                    stderr=err,
-                )
-            deadline = time.monotonic() + 10
-            while self.proc.poll() is None and time.monotonic() < deadline:
-                with (
-                    contextlib.suppress(OSError),
-                    socket.create_connection(("127.0.0.1", self.port), timeout=5) as conn,
-                ):
-                    if conn.makefile("rb").readline().startswith(b"220"):
-                        conn.sendall(b"QUIT\r\n")
-                        self.ps = psutil.Process(self.proc.pid)
-                        self.handler, self.malloc_state = "smtp-sink (C, discards)", "n/a"
-                        return self
-                time.sleep(0.01)
-            self.stop()
-        raise BenchError(f"smtp-sink did not start:\n{self.stderr()}")
-
-    def log_messages(self) -> int | None:
-        """farm serve with a log file: how many message lines it holds (after the stop)."""
-        profile = FARM_KINDS.get(self.kind, (0, "", ""))[2]
-        if profile not in ("production", "nolimits"):
-            return None
-        path = self.portfile.parent / f"{self.kind}.log"
-        try:
-            return len(MESSAGE_LINE.findall(path.read_bytes()))
-        except FileNotFoundError:
-            return 0
-
-    def _farm_ready(self, deadline: float) -> None:
-        """Wait for READY=1, find the supervisor's listening port and check it answers 220."""
-        assert self.proc is not None and self.notify is not None
-        while True:
-            if self.proc.poll() is not None:
-                raise BenchError(f"{self.kind} exited at startup:\n{self.stderr()}")
-            if time.monotonic() > deadline:
-                raise BenchError(f"{self.kind} did not report READY=1 within 30s:\n{self.stderr()}")
-            try:
-                datagram = self.notify.recv(4096)
-            except TimeoutError:
-                continue
-            if "READY=1" in datagram.decode(errors="replace").splitlines():
-                break
-        ports = {
-            conn.laddr.port
-            for conn in self.ps.net_connections(kind="tcp")
-            if conn.status == psutil.CONN_LISTEN
-        }
-        if len(ports) != 1:
-            raise BenchError(f"{self.kind}: expected one listening port, found {sorted(ports)}")
-        self.port = ports.pop()
-        with socket.create_connection(("127.0.0.1", self.port), timeout=10) as probe:
-            greeting = probe.makefile("rb").readline()
-            if not greeting.startswith(b"220"):
-                raise BenchError(f"{self.kind}: greeting {greeting!r}, not 220")
-            probe.sendall(b"QUIT\r\n")
-        self.children = {p.pid: p for p in self.ps.children(recursive=True)}
-        if len(self.children) < self.workers:
-            raise BenchError(
-                f"{self.kind}: READY with {len(self.children)} child process(es), "
-                f"not {self.workers} workers"
-            )
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    def cpu_seconds(self) -> tuple[float, float]:
-        """(user+sys, sys) CPU seconds the server has used so far.
-
-        For farm serve: the supervisor's plus every descendant's. The workers live through the
-        whole run, so the difference of two readings is the farm's CPU time in between; a
-        process that came or went (a worker replaced, say) would make it wrong, so that is an
-        error.
-        """
-        if not self.workers:
-            times = self.ps.cpu_times()
-            return times.user + times.system, times.system
-        try:
-            children = self.ps.children(recursive=True)
-            if {p.pid for p in children} != set(self.children):
-                raise BenchError(
-                    f"{self.kind}: worker processes changed ({sorted(self.children)} -> "
-                    f"{sorted(p.pid for p in children)}):\n{self.stderr()[-2000:]}"
-                )
-            user = system = 0.0
-            for process in [self.ps, *children]:
-                times = process.cpu_times()
-                user, system = user + times.user, system + times.system
-                self.per_process[process.pid] = times.user + times.system
-        except psutil.NoSuchProcess as error:
-            raise BenchError(
-                f"{self.kind}: process {error.pid} vanished:\n{self.stderr()}"
-            ) from None
-        return user + system, system
-
-    def stderr(self) -> str:
-        try:
-            return self.stderr_path.read_text(errors="replace").strip()
-        except FileNotFoundError:
-            return ""
-
-    def stop(self, grace: float = 5.0) -> None:
-        proc = self.proc
-        if proc is not None and proc.poll() is None:
-            if self.workers:
-                # Include workers forked since the last look, before the supervisor goes.
-                with contextlib.suppress(psutil.NoSuchProcess):
-                    self.children.update((p.pid, p) for p in self.ps.children(recursive=True))
-                grace = 10.0  # a graceful farm stop: workers drain, then the supervisor exits
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(grace)
-            except subprocess.TimeoutExpired:
-                print(
-                    f"{self.kind}: still running {grace:.0f}s after SIGTERM, SIGKILL",
-                    file=sys.stderr,
-                )
-                proc.kill()
-                proc.wait()
-        if self.children:
-            # No worker may outlive its supervisor (it would keep a core busy, or the port).
-            _gone, alive = psutil.wait_procs(list(self.children.values()), timeout=5)
-            for process in alive:
-                print(f"{self.kind}: worker {process.pid} survived, SIGKILL", file=sys.stderr)
-                with contextlib.suppress(psutil.NoSuchProcess):
-                    process.kill()
-            psutil.wait_procs(alive, timeout=5)
-            self.children = {}
-        if self.notify is not None:
-            self.notify.close()
-            self.notify = None
-            self.notify_path.unlink(missing_ok=True)
 
 
 def smtp_source(
     ctx: Context, port: int, workload: Workload, messages: int, count: bool
 ) -> subprocess.CompletedProcess[str]:
-    cmd = [ctx.smtp_source, "-s", str(ctx.sessions), "-l", str(ctx.size), "-m", str(messages)]
-    cmd += [*workload.flags, "-f", SENDER, "-t", RECIPIENT, "-M", "client.test"]
-    if count:
-        cmd.append("-c")
-    cmd.append(f"127.0.0.1:{port}")
-    timeout = 30 + messages / 50  # generous: even 50 msgs/s finishes
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    return harness.smtp_source(
+        ctx.smtp_source,
+        port,
+        workload,
+        messages,
+        count=count,
+        sender=SENDER,
+        recipient=RECIPIENT,
+        sessions=ctx.sessions,
+        size=ctx.size,
+    )
 
 
 def check_run(
@@ -402,19 +151,8 @@ def check_run(
     proc: subprocess.CompletedProcess[str],
     counted: bool,
 ) -> None:
-    """smtp-source stops with a fatal error on any unexpected reply or failed connect."""
-    problem = ""
-    if proc.returncode != 0:
-        problem = f"exit status {proc.returncode}"
-    elif proc.stderr.strip():
-        problem = "output on stderr"
-    elif counted:
-        # -c prints "\r<n>" after each completed DATA; the last one must be the total.
-        numbers = re.findall(r"\d+", proc.stdout)
-        if not numbers or int(numbers[-1]) != messages:
-            problem = f"counter ended at {numbers[-1] if numbers else 'nothing'}, not {messages}"
-    elif proc.stdout.strip():
-        problem = "unexpected output on stdout"
+    """The run must have gone through (see ``harness.source_problem``), the server be alive."""
+    problem = harness.source_problem(proc, messages, counted)
     if problem:
         raise BenchError(
             f"{server.kind} / {workload.title}: smtp-source failed ({problem})\n"
@@ -423,17 +161,6 @@ def check_run(
         )
     if server.proc is not None and server.proc.poll() is not None:
         raise BenchError(f"{server.kind} died during the run:\n{server.stderr()}")
-
-
-def children_cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
-
-
-def busy_cpu() -> float:
-    """CPU seconds the whole machine has spent not idle, all cores summed."""
-    times = psutil.cpu_times()
-    return sum(times) - times.idle - getattr(times, "iowait", 0.0)
 
 
 def measure(ctx: Context, kind: str, workload: Workload, rep: int, workdir: Path) -> Sample:
@@ -482,39 +209,6 @@ def _median(values: list[float]) -> float:
     return statistics.median(values)
 
 
-def _versions() -> str:
-    import importlib.metadata as md
-
-    def version(name: str) -> str:
-        try:
-            return md.version(name)
-        except md.PackageNotFoundError:
-            return "n/a"
-
-    try:
-        rev = subprocess.run(
-            ["git", "-C", str(ROOT), "describe", "--always", "--dirty"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        rev = ""
-    cpu = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return (
-        f"Python {platform.python_version()}, aiosmtpd {version('aiosmtpd')}, "
-        f"uvloop {version('uvloop')}, farm {rev or 'no commit yet'}; "
-        f"{os.cpu_count()} CPUs ({cpu or platform.machine()})"
-    )
-
-
 def render(
     ctx: Context,
     samples: list[Sample],
@@ -526,7 +220,7 @@ def render(
     lines = [
         "# farm vs aiosmtpd: smtp-source benchmark",
         "",
-        f"{time.strftime('%Y-%m-%d %H:%M:%S')} · {_versions()}",
+        f"{time.strftime('%Y-%m-%d %H:%M:%S')} · {harness.versions()}",
         "",
         f"`smtp-source -s {ctx.sessions} -l {ctx.size}` against 127.0.0.1; one server process "
         f"(one event loop) per run, do-nothing handler; {reps} run(s) per cell, servers "
@@ -629,16 +323,8 @@ def _split_lines(samples: list[Sample], workloads: list[Workload], servers: list
                 for s in samples
                 if s.workload == workload.key and s.server == kind and s.split_cpu_s
             ]
-            if not mine:
-                continue
-            shares = [
-                _median([s.split_cpu_s[i] / s.server_cpu_s * 100 for s in mine if s.server_cpu_s])
-                for i in range(min(len(s.split_cpu_s) for s in mine))
-            ]
-            cells.append(
-                f"{kind} {workload.key} {shares[0]:.0f}% / "
-                + " / ".join(f"{share:.0f}%" for share in shares[1:])
-            )
+            if mine:
+                cells.append(harness.split_cell(f"{kind} {workload.key}", mine))
     if not cells:
         return []
     return [
@@ -762,7 +448,7 @@ def main() -> int:
     for w in WORKLOADS:
         if w.key in keys:
             n = max(args.sessions, round(w.messages * args.scale / args.sessions) * args.sessions)
-            workloads.append(Workload(w.key, w.title, w.flags, n, w.warmup))
+            workloads.append(replace(w, messages=n))
     if not workloads:
         parser.error("no workload selected")
 
@@ -783,17 +469,12 @@ def main() -> int:
                 order = servers[rep % len(servers) :] + servers[: rep % len(servers)]
                 for workload in workloads:
                     for kind in order:
-                        sample = measure(ctx, kind, workload, rep, workdir)
-                        report_sample(sample, args.reps)
-                        # Another process competed for the CPUs: measure again, once, while
-                        # the time budget allows, and keep the quieter of the two runs.
-                        if (
-                            sample.other_cpu_s > NOISY * sample.wall_s
-                            and time.monotonic() - started < args.retry_budget
-                        ):
-                            again = measure(ctx, kind, workload, rep, workdir)
-                            report_sample(again, args.reps, "(retry: the first run was noisy)")
-                            sample = min(sample, again, key=lambda s: s.other_cpu_s / s.wall_s)
+                        sample = harness.quietest(
+                            lambda: measure(ctx, kind, workload, rep, workdir),  # noqa: B023
+                            lambda s, note: report_sample(s, args.reps, note),
+                            started,
+                            args.retry_budget,
+                        )
                         samples.append(sample)
         except BenchError as error:
             print(f"benchmark failed: {error}", file=sys.stderr)
@@ -809,22 +490,6 @@ def main() -> int:
         }
         save_results("latest", table, meta, workloads, samples)
     return 0
-
-
-def save_results(name: str, table: str, meta: dict[str, Any], workloads: Any, samples: Any) -> None:
-    """Write ``results/NAME.md`` (the table) and ``results/NAME.json`` (every sample)."""
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{name}.md").write_text(table)
-    raw = {
-        **meta,
-        "workloads": [asdict(w) for w in workloads],
-        "samples": [
-            {**asdict(s), "msgs_per_s": s.msgs_per_s, "cpu_us_per_msg": s.cpu_us_per_msg}
-            for s in samples
-        ],
-    }
-    (RESULTS / f"{name}.json").write_text(json.dumps(raw, indent=2) + "\n")
-    print(f"(written to {(RESULTS / f'{name}.md').relative_to(ROOT)})", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -30,41 +29,14 @@ import tempfile
 import time
 from pathlib import Path
 
-import psutil
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from harness import find_smtp_source, free_port, greets, process_cpu  # noqa: E402  (benchmarks/)
 
 from tests.support.rspamd import Rspamd  # noqa: E402  (the tests' minimal rspamd)
 
 MODES = ("none", "rspamd-http", "rspamd-milter")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def tree_cpu(pid: int) -> float:
-    """User + system seconds of ``pid`` and its live children."""
-    try:
-        root = psutil.Process(pid)
-        total = 0.0
-        for proc in [root, *root.children(recursive=True)]:
-            times = proc.cpu_times()
-            total += times.user + times.system
-        return total
-    except psutil.NoSuchProcess:
-        return 0.0
-
-
-def greets(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
-            return sock.recv(4).startswith(b"220")
-    except OSError:
-        return False
 
 
 def start_farm(mode: str, rspamd: Rspamd, workdir: Path) -> tuple[subprocess.Popen[bytes], int]:
@@ -106,20 +78,19 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
 def run_once(
     mode: str, rspamd: Rspamd, workdir: Path, messages: int, size: int
 ) -> dict[str, float]:
-    smtp_source = shutil.which("smtp-source", path=f"{os.environ.get('PATH', '')}:/usr/sbin")
-    assert smtp_source, "smtp-source not installed (postfix)"
+    smtp_source = find_smtp_source()
     proc, port = start_farm(mode, rspamd, workdir)
     try:
         command = [smtp_source, "-s", "1", "-l", str(size), "-f", "a@bench.test"]
         command += ["-t", "b@bench.test", f"127.0.0.1:{port}"]
         subprocess.run([*command[:1], "-m", "20", *command[1:]], check=True, capture_output=True)
-        farm0, rspamd0 = tree_cpu(proc.pid), tree_cpu(rspamd.process.pid)
+        farm0, rspamd0 = process_cpu(proc.pid, True), process_cpu(rspamd.process.pid, True)
         started = time.perf_counter()
         done = subprocess.run(
             [*command[:1], "-m", str(messages), *command[1:]], capture_output=True, text=True
         )
         wall = time.perf_counter() - started
-        farm1, rspamd1 = tree_cpu(proc.pid), tree_cpu(rspamd.process.pid)
+        farm1, rspamd1 = process_cpu(proc.pid, True), process_cpu(rspamd.process.pid, True)
         if done.returncode != 0 or done.stderr:
             raise RuntimeError(f"smtp-source failed: {done.stderr}")
     finally:
