@@ -33,7 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -472,7 +472,8 @@ def main() -> int:
             "loop": "uvloop" if args.uvloop else "asyncio",
             "profile": args.profile,
         }
-        harness.save_results("relay", table, meta, workloads, samples)
+        runs = [replace(w, messages=messages) for w in workloads]
+        harness.save_results("relay", table, meta, runs, samples)
     return 0
 
 
