@@ -33,6 +33,7 @@ from farm.pipeline import prepare_shared_state
 from farm.supervisor.anvil import AnvilTable
 from farm.supervisor.channel import Channel, ChannelClosed
 from farm.supervisor.listeners import Listener, ListenerError, bind_listeners
+from farm.supervisor.messages import Heartbeat, Metrics, MetricsRequest, Ready, Recycle
 from farm.supervisor.metrics_http import MetricsHTTPServer
 from farm.supervisor.scrape import WorkerMetrics, listener_families
 from farm.supervisor.systemd import Notifier
@@ -321,31 +322,39 @@ class Arbiter:
             return
         now = time.monotonic()
         for message in messages:
-            kind = message.get("t")
-            if kind == "hb":
-                worker.last_beat = now
-                worker.lag = float(message.get("lag", 0.0))
-                worker.sessions = int(message.get("sessions", 0))
-                worker.messages = int(message.get("messages", 0))
-            elif kind == "ready":
-                worker.ready_at = worker.last_beat = now
-                log.info(
-                    "worker %d gen %d ready (pid %d)", worker.slot, worker.generation, worker.pid
-                )
-                self._on_ready(worker)
-            elif kind == "recycle":
-                self._recycle(worker, str(message.get("reason", "recycle")))
-            elif kind == "metrics":
-                self._on_metrics(worker, message)
+            match message:
+                case Heartbeat():
+                    worker.last_beat = now
+                    worker.lag = message.lag
+                    worker.sessions = message.sessions
+                    worker.messages = message.messages
+                case Ready():
+                    worker.ready_at = worker.last_beat = now
+                    log.info(
+                        "worker %d gen %d ready (pid %d)",
+                        worker.slot,
+                        worker.generation,
+                        worker.pid,
+                    )
+                    self._on_ready(worker)
+                case Recycle():
+                    self._recycle(worker, message.reason)
+                case Metrics():
+                    self._on_metrics(worker, message)
+                case _:
+                    log.warning(
+                        "worker %d (pid %d) sent a %s: ignored",
+                        worker.slot,
+                        worker.pid,
+                        message.kind,
+                    )
 
     def _read_final_metrics(self, worker: WorkerProcess) -> None:
         """A reaped worker's last words: only its final metrics still matter."""
         with contextlib.suppress(ChannelClosed, OSError):
             for message in worker.channel.receive():
-                if message.get("t") == "metrics":
-                    self.worker_metrics.record(
-                        worker.pid, worker.slot, str(message.get("text", ""))
-                    )
+                if isinstance(message, Metrics):
+                    self.worker_metrics.record(worker.pid, worker.slot, message.text)
 
     def _forget_channel(self, worker: WorkerProcess) -> None:
         with contextlib.suppress(KeyError, ValueError):
@@ -885,7 +894,7 @@ class Arbiter:
             if not worker.ready or worker.killed or worker.channel.sock.fileno() < 0:
                 continue  # a worker still booting has nothing to say yet
             try:
-                worker.channel.send({"t": "metrics?", "id": self._scrape_id})
+                worker.channel.send(MetricsRequest(self._scrape_id))
             except ChannelClosed:
                 continue
             pending.add(worker.pid)
@@ -894,10 +903,10 @@ class Arbiter:
         if not pending:
             self._finish_scrape()
 
-    def _on_metrics(self, worker: WorkerProcess, message: dict[str, Any]) -> None:
-        self.worker_metrics.record(worker.pid, worker.slot, str(message.get("text", "")))
+    def _on_metrics(self, worker: WorkerProcess, message: Metrics) -> None:
+        self.worker_metrics.record(worker.pid, worker.slot, message.text)
         pending = self._scrape_pending
-        if pending is not None and message.get("id") == self._scrape_id:
+        if pending is not None and message.request == self._scrape_id:
             pending.discard(worker.pid)
             if not pending:
                 self._finish_scrape()

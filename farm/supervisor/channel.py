@@ -1,13 +1,15 @@
-"""The supervisor <-> worker channel: newline-delimited JSON messages over a socketpair.
+"""The supervisor <-> worker channel: typed messages, one line each, over a socketpair.
 
-Both ends are non-blocking. EOF tells either side that the other is gone.
+Both ends are non-blocking. EOF tells either side that the other is gone. The messages and
+their wire format are in :mod:`farm.supervisor.messages`.
 """
 
 from __future__ import annotations
 
-import json
 import socket
-from typing import Any
+from collections.abc import Sequence
+
+from farm.supervisor.messages import Message, decode, encode
 
 #: A message larger than this is a protocol error (metrics exposition fits well below it).
 MAX_MESSAGE = 16 * 1024 * 1024
@@ -18,7 +20,7 @@ class ChannelClosed(Exception):
 
 
 class Channel:
-    """One end of a socketpair carrying JSON objects, one per line."""
+    """One end of a socketpair carrying messages, one per line."""
 
     def __init__(self, sock: socket.socket) -> None:
         sock.setblocking(False)
@@ -41,15 +43,14 @@ class Channel:
 
     # -- sending ---------------------------------------------------------------------------
 
-    def send(self, message: dict[str, Any]) -> None:
+    def send(self, message: Message) -> None:
         """Queue a message and write as much as the socket takes now."""
-        self._outbox += json.dumps(message, separators=(",", ":")).encode() + b"\n"
+        self._outbox += encode(message)
         self.flush()
 
-    def send_many(self, messages: list[dict[str, Any]]) -> None:
+    def send_many(self, messages: Sequence[Message]) -> None:
         """Queue several messages and write them with one system call."""
-        encode = json.JSONEncoder(separators=(",", ":")).encode
-        self._outbox += b"".join(encode(message).encode() + b"\n" for message in messages)
+        self._outbox += b"".join(encode(message) for message in messages)
         self.flush()
 
     @property
@@ -69,8 +70,12 @@ class Channel:
 
     # -- receiving -------------------------------------------------------------------------
 
-    def receive(self) -> list[dict[str, Any]]:
-        """Read what is available and return the complete messages; ChannelClosed at EOF."""
+    def receive(self) -> list[Message]:
+        """Read what is available and return the complete messages; ChannelClosed at EOF.
+
+        A line that is no message (see :func:`~farm.supervisor.messages.decode`) is logged
+        and skipped.
+        """
         if self._eof:
             raise ChannelClosed("end of file")
         while True:
@@ -97,9 +102,6 @@ class Channel:
                 return messages
             line = bytes(self._inbox[:end])
             del self._inbox[: end + 1]
-            try:
-                message = json.loads(line)
-            except ValueError:
-                raise ChannelClosed("malformed message") from None
-            if isinstance(message, dict):
+            message = decode(line)
+            if message is not None:
                 messages.append(message)

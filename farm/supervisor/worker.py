@@ -35,6 +35,14 @@ from farm.smtp.drain import SessionTracker
 from farm.smtp.stages import Stages
 from farm.supervisor.anvil import AnvilTable, SharedLimiter
 from farm.supervisor.channel import Channel, ChannelClosed
+from farm.supervisor.messages import (
+    Heartbeat,
+    Metrics,
+    MetricsRequest,
+    Ready,
+    Recycle,
+    ToSupervisor,
+)
 from farm.supervisor.privileges import PrivilegeError, drop_privileges
 
 log = logging.getLogger("farm.worker")
@@ -397,7 +405,7 @@ class WorkerServer:
     def _ask_recycle(self, reason: str) -> None:
         if not self._recycle_asked:
             self._recycle_asked = True
-            self._send({"t": "recycle", "reason": reason})
+            self._send(Recycle(reason))
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -414,7 +422,7 @@ class WorkerServer:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, SUPERVISOR_SIGNALS)
         loop.add_reader(self.channel.fileno(), self._on_channel)
         await self.gate.start()
-        self._send({"t": "ready", "pid": os.getpid()})
+        self._send(Ready())
         self._beat_due = loop.time() + HEARTBEAT_INTERVAL
         loop.call_at(self._beat_due, self._heartbeat)
         return await self._done
@@ -499,10 +507,10 @@ class WorkerServer:
 
     # -- the channel -----------------------------------------------------------------------
 
-    def _send(self, message: dict[str, Any]) -> None:
+    def _send(self, message: ToSupervisor) -> None:
         self._send_many([message])
 
-    def _send_many(self, messages: list[dict[str, Any]]) -> None:
+    def _send_many(self, messages: list[ToSupervisor]) -> None:
         try:
             self.channel.send_many(messages)
         except ChannelClosed:
@@ -532,11 +540,13 @@ class WorkerServer:
             self._supervisor_gone()
             return
         for message in messages:
-            kind = message.get("t")
-            if kind == "metrics?":
-                self._send({"t": "metrics", "id": message.get("id"), "text": self.exposition()})
-            elif kind == "stop":
-                self.stop(bool(message.get("graceful", True)))
+            match message:
+                case MetricsRequest():
+                    self._send(Metrics(message.request, self.exposition()))
+                case _:
+                    log.warning(
+                        "worker %d: the supervisor sent a %s: ignored", self.spec.slot, message.kind
+                    )
 
     def exposition(self) -> str:
         """This worker's metrics in the Prometheus text format."""
@@ -546,7 +556,7 @@ class WorkerServer:
     def send_final_metrics(self) -> None:
         """On the way out: the last totals, so the supervisor's counters lose nothing."""
         with contextlib.suppress(ChannelClosed, OSError):
-            self.channel.send({"t": "metrics", "id": None, "text": self.exposition()})
+            self.channel.send(Metrics(None, self.exposition()))
             self.channel.sock.setblocking(True)
             self.channel.sock.settimeout(1.0)
             self.channel.flush()
@@ -561,13 +571,6 @@ class WorkerServer:
         now = self.loop.time()
         lag = max(0.0, now - self._beat_due)
         self.stats.loop_lag = lag
-        self._send(
-            {
-                "t": "hb",
-                "lag": round(lag, 6),
-                "sessions": self.active,
-                "messages": self.messages,
-            }
-        )
+        self._send(Heartbeat(round(lag, 6), self.active, self.messages))
         self._beat_due = now + HEARTBEAT_INTERVAL
         self.loop.call_at(self._beat_due, self._heartbeat)
