@@ -91,7 +91,7 @@ class Channel:
             self._inbox += chunk
             if len(chunk) < 262144:
                 break
-        messages = []
+        messages: list[Message] = []
         while True:
             end = self._inbox.find(b"\n")
             if end < 0:

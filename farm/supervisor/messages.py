@@ -181,21 +181,21 @@ def decode(line: bytes) -> Message | None:
     try:
         fields = json.loads(line)
     except ValueError:
-        return _reject(line, "not JSON")
-    if not isinstance(fields, dict):
-        return _reject(line, "not a JSON object")
-    kind = fields.get("t")
-    cls = _CLASSES.get(kind) if isinstance(kind, str) else None
-    if cls is None:
-        return _reject(line, "unknown kind")
-    try:
-        return cls.from_wire(fields)
-    except KeyError as error:
-        return _reject(line, f"no field {error}")
-    except MalformedMessage as error:
-        return _reject(line, str(error))
-
-
-def _reject(line: bytes, why: str) -> None:
+        why = "not JSON"
+    else:
+        if not isinstance(fields, dict):
+            why = "not a JSON object"
+        else:
+            kind = fields.get("t")
+            cls = _CLASSES.get(kind) if isinstance(kind, str) else None
+            if cls is None:
+                why = "unknown kind"
+            else:
+                try:
+                    return cls.from_wire(fields)
+                except KeyError as error:
+                    why = f"no field {error}"
+                except MalformedMessage as error:
+                    why = str(error)
     log.warning("channel: ignoring a message (%s): %r", why, line[:_LOGGED_CHARS])
     return None
