@@ -15,7 +15,12 @@ from tests.support.farms import FarmRunner
 
 #: The relay tests' fixtures (sink, serve, loop_thread), the DNS tests' (mail_dns, own_dns),
 #: the scanning tests' (rspamd and friends).
-pytest_plugins = ["tests.support.relay", "tests.support.dns_server", "tests.support.rspamd"]
+pytest_plugins = [
+    "tests.support.relay",
+    "tests.support.dns_server",
+    "tests.support.rspamd",
+    "tests.support.tls",
+]
 
 
 class RecordingHandler:

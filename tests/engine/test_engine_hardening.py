@@ -9,13 +9,11 @@ from __future__ import annotations
 import contextlib
 import smtplib
 import socket
-import ssl
 import threading
 import time
 from typing import Any
 
 import pytest
-import trustme
 
 from farm.smtp import SMTP
 from tests.engine.test_hostile import TIMEOUT, _shrink_server_buffers
@@ -23,26 +21,6 @@ from tests.engine.test_tls_auth import Authenticator
 from tests.support.client import SMTPClient, codes
 from tests.support.loops import both_loops  # noqa: F401  (loop_kind: asyncio and uvloop)
 from tests.support.wait import wait_for
-
-
-@pytest.fixture(scope="module")
-def ca() -> trustme.CA:
-    return trustme.CA()
-
-
-@pytest.fixture(scope="module")
-def server_context(ca: trustme.CA) -> ssl.SSLContext:
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ca.issue_cert("farm.test", "127.0.0.1").configure_cert(context)
-    return context
-
-
-@pytest.fixture(scope="module")
-def client_context(ca: trustme.CA) -> ssl.SSLContext:
-    context = ssl.create_default_context()
-    ca.configure_trust(context)
-    return context
-
 
 # -- a BDAT refused before smtp_BDAT: its chunk is consumed ------------------------------------
 

@@ -9,36 +9,15 @@ import logging
 import shutil
 import smtplib
 import socket
-import ssl
 import subprocess
 import threading
 import time
 from typing import Any
 
 import pytest
-import trustme
 
 from farm.smtp import AuthResult, LoginPassword, TLSSetupException
 from tests.support.loops import both_loops  # noqa: F401  (loop_kind: asyncio and uvloop)
-
-
-@pytest.fixture(scope="module")
-def ca() -> trustme.CA:
-    return trustme.CA()
-
-
-@pytest.fixture(scope="module")
-def server_context(ca: trustme.CA) -> ssl.SSLContext:
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ca.issue_cert("farm.test", "127.0.0.1").configure_cert(context)
-    return context
-
-
-@pytest.fixture(scope="module")
-def client_context(ca: trustme.CA) -> ssl.SSLContext:
-    context = ssl.create_default_context()
-    ca.configure_trust(context)
-    return context
 
 
 class Authenticator:

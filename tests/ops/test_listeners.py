@@ -11,7 +11,7 @@ import subprocess
 import sys
 import textwrap
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ from farm.supervisor.listeners import (
     inherit_systemd_listeners,
 )
 from farm.supervisor.privileges import PrivilegeError, drop_privileges
+from tests.support.fork import in_child
 from tests.support.net import free_port
 from tests.support.wait import wait_for
 
@@ -167,7 +168,7 @@ def test_permission_denied_for_a_low_port_when_unprivileged() -> None:
     if not start.exists() or int(start.read_text()) <= 25:
         pytest.skip("ports below 1024 are not privileged on this host")
     if IS_ROOT:
-        code, message = _in_child(lambda: _bind_low_port_as("nobody"))
+        code, message = in_child(lambda: _bind_low_port_as("nobody"))
     else:
         code, message = 0, _bind_low_port_as(None)
     assert code == 0, message
@@ -252,7 +253,7 @@ def test_forked_child_close_keeps_the_socket_file(tmp_path: Path) -> None:
     path = tmp_path / "kept.sock"
     [listener] = bind_listeners([f"unix:{path}"])
     try:
-        code, message = _in_child(lambda: (listener.close(), "")[1])
+        code, message = in_child(lambda: (listener.close(), "")[1])
         assert code == 0, message
         assert path.exists()
     finally:
@@ -486,28 +487,6 @@ def test_accept_queue_depth(bound: list[Listener], tmp_path: Path) -> None:
 # --- privileges --------------------------------------------------------------------------------
 
 
-def _in_child(body: Callable[[], str]) -> tuple[int, str]:
-    """Run ``body`` in a forked child; return its exit status and the string it returned."""
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child
-        code = 0
-        try:
-            os.close(read_end)
-            message = body()
-        except BaseException as error:
-            code, message = 1, f"{type(error).__name__}: {error}"
-        try:
-            os.write(write_end, message.encode())
-        finally:
-            os._exit(code)
-    os.close(write_end)
-    with os.fdopen(read_end, "rb") as pipe:
-        message = pipe.read().decode()
-    _, status = os.waitpid(pid, 0)
-    return os.waitstatus_to_exitcode(status), message
-
-
 def _drop_and_report(user: str | None, group: str | None) -> str:
     drop_privileges(user, group)
     ids = {"uid": os.getresuid(), "gid": os.getresgid(), "groups": os.getgroups()}
@@ -522,7 +501,7 @@ def _drop_and_report(user: str | None, group: str | None) -> str:
 
 @needs_root
 def test_drop_privileges_to_nobody_is_irrevocable() -> None:
-    code, message = _in_child(lambda: _drop_and_report("nobody", None))
+    code, message = in_child(lambda: _drop_and_report("nobody", None))
     assert code == 0, message
     assert json.loads(message) == {
         "uid": [65534, 65534, 65534],
@@ -534,7 +513,7 @@ def test_drop_privileges_to_nobody_is_irrevocable() -> None:
 
 @needs_root
 def test_drop_privileges_numeric_ids() -> None:
-    code, message = _in_child(lambda: _drop_and_report("65534", "65534"))
+    code, message = in_child(lambda: _drop_and_report("65534", "65534"))
     assert code == 0, message
     assert json.loads(message)["uid"] == [65534, 65534, 65534]
     assert json.loads(message)["regain"] == "refused"
@@ -551,7 +530,7 @@ def test_drop_privileges_needs_root() -> None:
             return str(error)
         return "became root"
 
-    code, message = _in_child(body)
+    code, message = in_child(body)
     assert code == 0, message
     assert message == "cannot switch to user root: not running as root (uid 65534)"
 

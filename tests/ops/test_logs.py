@@ -13,7 +13,6 @@ import re
 import shutil
 import signal
 import stat
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -26,7 +25,8 @@ from farm.logs import JSONFormatter, TextFormatter, configure_logging, reopen_lo
 from farm.smtp.logline import MessageLine, quote
 from farm.supervisor.privileges import drop_privileges, resolve_user
 from tests.support.client import SMTPClient, send_message
-from tests.support.farms import farm_env, run_smtp_source
+from tests.support.farms import run_smtp_source, serve_expecting_exit
+from tests.support.fork import in_child
 from tests.support.wait import wait_for
 
 SINK = "farm.handlers:Sink"
@@ -221,7 +221,7 @@ def test_log_file_symlink_is_refused(tmp_path: Path) -> None:
     target.write_text("keep me\n")
     link = tmp_path / "farm.log"
     link.symlink_to(target)
-    proc = _farm("--log-file", str(link), cwd=tmp_path)
+    proc = serve_expecting_exit("--log-file", str(link), cwd=tmp_path)
     assert proc.returncode == 1
     assert proc.stderr == f"farm: log file {link}: is a symbolic link (refused)\n"
     assert target.read_text() == "keep me\n"
@@ -249,7 +249,7 @@ def test_log_file_is_created_for_the_user_and_reopened_after_the_drop(tmp_path: 
         return f"{ok}"
 
     try:
-        code, message = _in_child(child)
+        code, message = in_child(child)
         assert (code, message) == (0, "True")
         info = path.stat()
         assert (info.st_uid, info.st_gid, stat.S_IMODE(info.st_mode)) == (uid, gid, 0o640)
@@ -263,39 +263,3 @@ def _world_dir() -> Path:
     directory = Path(tempfile.mkdtemp(prefix="farm-logs-"))
     directory.chmod(0o777)
     return directory
-
-
-def _in_child(body: Any) -> tuple[int, str]:
-    """Run ``body`` in a forked child; its exit status and the string it returned."""
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child
-        code = 0
-        try:
-            os.close(read_end)
-            message = body()
-        except BaseException as error:
-            code, message = 1, f"{type(error).__name__}: {error}"
-        try:
-            os.write(write_end, message.encode())
-        finally:
-            os._exit(code)
-    os.close(write_end)
-    with os.fdopen(read_end, "rb") as pipe:
-        message = pipe.read().decode()
-    _, status = os.waitpid(pid, 0)
-    return os.waitstatus_to_exitcode(status), message
-
-
-def _farm(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    """``farm serve`` that is expected to stop by itself at start-up."""
-    return subprocess.run(
-        [sys.executable, "-m", "farm", "serve", "-b", "127.0.0.1:0", "-w", "1", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=cwd,
-        env=farm_env(),
-        stdin=subprocess.DEVNULL,
-        check=False,
-    )

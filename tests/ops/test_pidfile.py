@@ -6,8 +6,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -16,24 +14,10 @@ import pytest
 
 from farm.pidfile import write_pidfile
 from farm.supervisor.privileges import drop_privileges, resolve_user
-from tests.support.farms import farm_env
+from tests.support.farms import serve_expecting_exit
 from tests.support.wait import wait_for
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (file owners, privileges)")
-
-
-def _farm(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    """``farm serve`` that is expected to stop by itself at start-up."""
-    return subprocess.run(
-        [sys.executable, "-m", "farm", "serve", "-b", "127.0.0.1:0", "-w", "1", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=cwd,
-        env=farm_env(),
-        stdin=subprocess.DEVNULL,
-        check=False,
-    )
 
 
 def test_a_symlink_is_refused_and_its_target_untouched(tmp_path: Path) -> None:
@@ -41,7 +25,7 @@ def test_a_symlink_is_refused_and_its_target_untouched(tmp_path: Path) -> None:
     target.write_text("keep me\n")
     link = tmp_path / "farm.pid"
     link.symlink_to(target)
-    proc = _farm("--pidfile", str(link), cwd=tmp_path)
+    proc = serve_expecting_exit("--pidfile", str(link), cwd=tmp_path)
     assert proc.returncode == 1
     assert f"farm: pidfile {link}: is a symbolic link (refused)\n" in proc.stderr
     assert target.read_text() == "keep me\n"
@@ -53,7 +37,7 @@ def test_a_hard_link_is_refused(tmp_path: Path) -> None:
     target.write_text("keep me\n")
     link = tmp_path / "farm.pid"
     os.link(target, link)
-    proc = _farm("--pidfile", str(link), cwd=tmp_path)
+    proc = serve_expecting_exit("--pidfile", str(link), cwd=tmp_path)
     assert proc.returncode == 1
     assert f"farm: pidfile {link}: has 2 hard links (refused)\n" in proc.stderr
     assert target.read_text() == "keep me\n"
@@ -65,7 +49,7 @@ def test_a_file_of_another_user_is_never_truncated(tmp_path: Path) -> None:
     path.write_text("someone else's\n")
     uid, gid = resolve_user("nobody")
     os.chown(path, uid, gid)
-    proc = _farm("--pidfile", str(path), cwd=tmp_path)
+    proc = serve_expecting_exit("--pidfile", str(path), cwd=tmp_path)
     assert proc.returncode == 1
     assert f"farm: pidfile {path}: owned by uid {uid}, not by us: refusing" in proc.stderr
     assert path.read_text() == "someone else's\n"
@@ -85,7 +69,9 @@ def test_written_then_removed_on_a_graceful_stop(farms: Any, tmp_path: Path) -> 
 def test_removed_when_the_start_fails_after_writing_it(tmp_path: Path) -> None:
     path = tmp_path / "farm.pid"
     # A handler that cannot be loaded: the worker fails at boot, after the pidfile was written.
-    proc = _farm("--pidfile", str(path), "--handler", "farm_no_such_module:Handler", cwd=tmp_path)
+    proc = serve_expecting_exit(
+        "--pidfile", str(path), "--handler", "farm_no_such_module:Handler", cwd=tmp_path
+    )
     assert proc.returncode == 1, proc.stderr
     assert "farm_no_such_module" in proc.stderr
     assert "supervisor pid" in proc.stderr  # (printed once the pidfile is written)

@@ -327,6 +327,20 @@ class FarmRunner:
             farm.kill_everything()
 
 
+def serve_expecting_exit(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """``farm serve`` that is expected to stop by itself at start-up."""
+    return subprocess.run(
+        [sys.executable, "-m", "farm", "serve", "-b", "127.0.0.1:0", "-w", "1", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=cwd,
+        env=farm_env(),
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
+
+
 def delivered(path: Path) -> list[str]:
     """Lines written by tests.support.handlers.counting (one per accepted message), complete ones
     only."""
