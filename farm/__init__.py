@@ -1,3 +1,5 @@
 """farm: a production SMTP server farm with an aiosmtpd-compatible asyncio engine."""
 
-__version__ = "0.1.0"
+from farm.smtp.version import __version__
+
+__all__ = ["__version__"]

@@ -1,6 +1,6 @@
 """The SMTP engine: an aiosmtpd-compatible asyncio server (``farm.smtp.SMTP``)."""
 
-from farm import __version__
+from farm.smtp.version import __version__
 from farm.smtp.auth import AuthResult, LoginPassword, auth_mechanism
 from farm.smtp.help import syntax
 from farm.smtp.server import (

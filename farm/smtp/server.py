@@ -25,7 +25,7 @@ import weakref
 from collections.abc import Callable, Coroutine, Iterable
 from typing import TYPE_CHECKING, Any
 
-from farm import __version__
+from farm.smtp.version import __version__
 from farm.smtp.arguments import CONTROL_CHARACTERS, parse_params, parse_path, strip_keyword
 from farm.smtp.body import (
     CHUNK_SIZE,
