@@ -1,6 +1,5 @@
 """The SMTP engine: an aiosmtpd-compatible asyncio server (``farm.smtp.SMTP``)."""
 
-from farm.smtp.version import __version__
 from farm.smtp.auth import AuthResult, LoginPassword, auth_mechanism
 from farm.smtp.help import syntax
 from farm.smtp.server import (
@@ -13,6 +12,7 @@ from farm.smtp.server import (
 )
 from farm.smtp.session import Envelope, Session
 from farm.smtp.tls import TLSSetupException
+from farm.smtp.version import __version__
 
 __all__ = [
     "BOGUS_LIMIT",

@@ -18,15 +18,14 @@ are free up to ``junk_command_limit``; each one after that counts as an error.
 
 0 switches a limit off (the engine's default, as in aiosmtpd; the farm's ``[smtp]`` table turns
 them on with Postfix's defaults: 10, 20, 100 and 1 s).
+
+:class:`ErrorLimits` does the counting and the deciding, without I/O; the protocol holds one
+per session (when a limit is on), sends the ``421`` and runs the delay.
 """
 
 from __future__ import annotations
 
-import asyncio
-import logging
 from typing import Any
-
-log = logging.getLogger("farm.smtp")
 
 #: The longest delay given to one reply, in seconds.
 ERROR_DELAY_MAX = 10.0
@@ -41,93 +40,77 @@ def check_limit(name: str, value: Any) -> int:
     return value
 
 
-class ErrorLimitMixin:
-    """Error counting for :class:`farm.smtp.SMTP`: ``_count_reply`` sees every reply,
-    ``_count_junk`` every junk command; ``_error_delay`` asks the input loop for a pause."""
+def any_limit(soft: int, hard: int, junk: int) -> bool:
+    """Whether a session needs an :class:`ErrorLimits` at all (0 switches a limit off)."""
+    return bool(soft or hard or junk)
 
-    hostname: str
-    _soft_error_limit = 0
-    _hard_error_limit = 0
-    _junk_command_limit = 0
-    _error_sleep_time = 1.0
-    #: Whether any limit is on (the reply path checks only this).
-    _error_limits = False
-    _errors = 0
-    _junk = 0
-    #: The command (``_n_commands``) that last counted an error: one error per command.
-    _error_at = -1
-    #: Seconds the next replies wait before they are sent (set past the soft limit).
-    _error_delay = 0.0
-    #: Replies are held while an error delay runs.
-    _held = False
 
-    def _set_error_limits(
-        self, soft: int, hard: int, junk: int, sleep_time: float | int | None
-    ) -> None:
-        self._soft_error_limit = check_limit("soft_error_limit", soft)
-        self._hard_error_limit = check_limit("hard_error_limit", hard)
-        self._junk_command_limit = check_limit("junk_command_limit", junk)
+class ErrorLimits:
+    """One session's errors and junk commands, and what they lead to.
+
+    Commands are told apart by their number in the session (``command``): a command counts
+    one error at most, however many error replies it gets.
+    """
+
+    __slots__ = ("delay", "error_at", "errors", "hard", "junk", "junk_limit", "sleep_time", "soft")
+
+    def __init__(self, soft: int, hard: int, junk: int, sleep_time: float | None) -> None:
+        self.soft = check_limit("soft_error_limit", soft)
+        self.hard = check_limit("hard_error_limit", hard)
+        self.junk_limit = check_limit("junk_command_limit", junk)
         sleep_time = 0.0 if sleep_time is None else float(sleep_time)
         if not sleep_time >= 0:
             raise ValueError(f"error_sleep_time must be a number >= 0, not {sleep_time!r}")
-        self._error_sleep_time = sleep_time
-        self._error_limits = bool(soft or hard or junk)
+        self.sleep_time = sleep_time
+        self.errors = 0
+        self.junk = 0
+        #: The command that last counted an error.
+        self.error_at = -1
+        #: Seconds the next replies wait before they are sent (set past the soft limit).
+        self.delay = 0.0
 
-    def _count_reply(self, text: str) -> None:
-        """A reply is being queued: count it if it is an error (called when limits are on)."""
-        server: Any = self
-        if server._close_after_flush:
-            return
+    def count_reply(self, text: str, command: int) -> bool:
+        """A reply to ``command`` is being sent: True when it makes one error too many (the
+        session must end with ``421``)."""
         code = text[:3]
         if code == "452":
-            self._count_junk()
+            over = self.count_junk(command)
         elif code[:1] in ("4", "5") and code != "421":
-            self._count_error()
-        if self._soft_error_limit and self._errors > self._soft_error_limit:
-            over = self._errors - self._soft_error_limit
-            self._error_delay = min(self._error_sleep_time * over, ERROR_DELAY_MAX)
-
-    def _count_junk(self, verb: str | None = None) -> bool:
-        """A junk command (or a 452): True when it hit the hard limit (the session is over)."""
-        if not self._junk_command_limit:
-            return False
-        self._junk += 1
-        if self._junk > self._junk_command_limit:
-            return self._count_error()
+            over = self.count_error(command)
+        else:
+            over = False
+        if over:
+            return True
+        if self.soft and self.errors > self.soft:
+            self.delay = min(self.sleep_time * (self.errors - self.soft), ERROR_DELAY_MAX)
         return False
 
-    def _count_error(self) -> bool:
-        """One more error for the current command: True when it hit the hard limit."""
-        server: Any = self
-        if self._error_at == server._n_commands:
+    def count_junk(self, command: int) -> bool:
+        """A junk command (or a 452): True when it hit the hard limit."""
+        if not self.junk_limit:
             return False
-        self._error_at = server._n_commands
-        self._errors += 1
-        if not self._hard_error_limit or self._errors < self._hard_error_limit:
+        self.junk += 1
+        if self.junk > self.junk_limit:
+            return self.count_error(command)
+        return False
+
+    def count_error(self, command: int) -> bool:
+        """An error reply to ``command``: True when it hit the hard limit."""
+        if self.error_at == command:
             return False
-        log.info("session=%s too many errors (%d): closing", server.session.id, self._errors)
-        server._ended_how = "error"
-        server._close_after_flush = True
-        self._error_delay = 0.0
-        server._reply(f"421 4.7.0 {self.hostname} Error: too many errors")
+        self.error_at = command
+        self.errors += 1
+        if not self.hard or self.errors < self.hard:
+            return False
+        self.delay = 0.0
         return True
 
-    def _forgive_errors(self) -> None:
+    def forgive(self) -> None:
         """A message was accepted: errors and junk commands start again from zero."""
-        self._errors = self._junk = 0
-        self._error_delay = 0.0
+        self.errors = self.junk = 0
+        self.delay = 0.0
 
-    def _pause_for_errors(self) -> None:
-        """Hold the replies so far for ``_error_delay`` seconds; no input is handled meanwhile."""
-        server: Any = self
-        delay, self._error_delay = self._error_delay, 0.0
-        if server._timeout:
-            delay = min(delay, server._timeout / 2)  # never taken for a hung hook
-        self._held = True
-        server._run(self._error_pause(delay))
-
-    async def _error_pause(self, delay: float) -> None:
-        try:
-            await asyncio.sleep(delay)
-        finally:
-            self._held = False
+    def take_delay(self) -> float:
+        """The pause due before the next replies (then none until more errors)."""
+        delay, self.delay = self.delay, 0.0
+        return delay

@@ -25,7 +25,6 @@ import weakref
 from collections.abc import Callable, Coroutine, Iterable
 from typing import TYPE_CHECKING, Any
 
-from farm.smtp.version import __version__
 from farm.smtp.arguments import CONTROL_CHARACTERS, parse_params, parse_path, strip_keyword
 from farm.smtp.body import (
     CHUNK_SIZE,
@@ -36,7 +35,7 @@ from farm.smtp.body import (
 )
 from farm.smtp.chunking import ChunkingMixin
 from farm.smtp.dsn import dsn_mail_options_valid, dsn_rcpt_options_valid, split_options
-from farm.smtp.error_limits import JUNK_COMMANDS, ErrorLimitMixin
+from farm.smtp.error_limits import JUNK_COMMANDS, ErrorLimits, any_limit
 from farm.smtp.framing import BodyPart, Chunk, Command, DataError, Framer, Message
 from farm.smtp.help import offered, syntax, syntax_text
 from farm.smtp.hooks import MISSING as MISSING  # re-exported by farm.smtp
@@ -63,6 +62,7 @@ from farm.smtp.state import (
     too_many_calls,
 )
 from farm.smtp.tls import StartTLSMixin, tls_session_info
+from farm.smtp.version import __version__
 
 log = logging.getLogger("farm.smtp")
 
@@ -131,7 +131,6 @@ class SMTP(
     StartTLSMixin,
     ChunkingMixin,
     ProxyProtocolMixin,
-    ErrorLimitMixin,
     asyncio.BufferedProtocol,
 ):
     """One SMTP session per instance; construct one per connection (a protocol factory)."""
@@ -199,6 +198,10 @@ class SMTP(
     _body: Body | None = None
     #: The checks around the hooks (farm.smtp.stages); None: there are none.
     _stages: Stages | None = None
+    #: Postfix's error limits (farm.smtp.error_limits); None: all off.
+    _error_limits: ErrorLimits | None = None
+    #: Replies are held while an error delay runs.
+    _held = False
 
     #: Verbs that always run in a task (they await the client or a TLS handshake).
     _always_task = frozenset({"STARTTLS", "AUTH"})
@@ -321,8 +324,8 @@ class SMTP(
         # The framer hands the body over in parts of this size (the Body spools or keeps them).
         self._spill = None if spool_threshold is None else CHUNK_SIZE
         self._announce_auth_mechanisms()
-        if soft_error_limit or hard_error_limit or junk_command_limit:
-            self._set_error_limits(
+        if any_limit(soft_error_limit, hard_error_limit, junk_command_limit):
+            self._error_limits = ErrorLimits(
                 soft_error_limit, hard_error_limit, junk_command_limit, error_sleep_time
             )
         self._framer = Framer(
@@ -764,14 +767,15 @@ class SMTP(
 
     def _process(self) -> None:
         framer = self._framer
+        limits = self._error_limits
         while self._task is None and not self._close_after_flush and not self._closed:
-            if self._error_delay:  # past the soft error limit: the replies so far wait
-                self._pause_for_errors()
+            if limits is not None and limits.delay:  # past the soft limit: the replies wait
+                self._pause_for_errors(limits)
                 break
             event = framer.next_event()
             if event is None:
-                if self._error_delay:
-                    self._pause_for_errors()
+                if limits is not None and limits.delay:
+                    self._pause_for_errors(limits)
                 break
             if type(event) is Command:
                 self._on_command(event.line)
@@ -838,7 +842,9 @@ class SMTP(
             if verb == "BDAT":
                 self._skip_refused_chunk(arg)
             return
-        if self._error_limits and verb in JUNK_COMMANDS and self._count_junk():
+        limits = self._error_limits
+        if limits is not None and verb in JUNK_COMMANDS and limits.count_junk(self._n_commands):
+            self._too_many_errors(limits)
             return  # that junk command was one error too many: 421 and close
         if method is None:
             self._bogus_budget -= 1
@@ -957,8 +963,34 @@ class SMTP(
         if self.stats is not None:
             self.stats.reply(text[:1] + "xx")
         self._out.append(text)
-        if self._error_limits:
-            self._count_reply(text)
+        limits = self._error_limits
+        if (
+            limits is not None
+            and not self._close_after_flush
+            and limits.count_reply(text, self._n_commands)
+        ):
+            self._too_many_errors(limits)
+
+    def _too_many_errors(self, limits: ErrorLimits) -> None:
+        """The hard error limit is reached: ``421`` and close."""
+        log.info("session=%s too many errors (%d): closing", self.session.id, limits.errors)
+        self._ended_how = "error"
+        self._close_after_flush = True
+        self._reply(f"421 4.7.0 {self.hostname} Error: too many errors")
+
+    def _pause_for_errors(self, limits: ErrorLimits) -> None:
+        """Hold the replies so far for the error delay; no input is handled meanwhile."""
+        delay = limits.take_delay()
+        if self._timeout:
+            delay = min(delay, self._timeout / 2)  # never taken for a hung hook
+        self._held = True
+        self._run(self._error_pause(delay))
+
+    async def _error_pause(self, delay: float) -> None:
+        try:
+            await asyncio.sleep(delay)
+        finally:
+            self._held = False
 
     async def push(self, status: str) -> None:
         """Queue a reply line (aiosmtpd API); it is written with the command's other replies."""
@@ -1209,8 +1241,8 @@ class SMTP(
         replies = self._data_replies(status, envelope)
         accepted = any(reply.startswith("2") for reply in replies)
         self._counts["accepted" if accepted else "rejected"] += 1
-        if accepted and self._error_limits:
-            self._forgive_errors()
+        if accepted and self._error_limits is not None:
+            self._error_limits.forgive()
         stats = self.stats
         if stats is not None:
             stats.messages["accepted" if accepted else "rejected"] += 1
