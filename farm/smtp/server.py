@@ -33,7 +33,13 @@ from farm.smtp.body import (
     BodyMemoryExceeded,
     MemoryBudget,
 )
-from farm.smtp.chunking import ChunkingMixin
+from farm.smtp.chunking import (
+    BDAT_SYNTAX,
+    chunk_accepted,
+    chunk_refusal,
+    chunk_size_to_skip,
+    parse_bdat,
+)
 from farm.smtp.dsn import dsn_mail_options_valid, dsn_rcpt_options_valid, split_options
 from farm.smtp.error_limits import JUNK_COMMANDS, ErrorLimits, any_limit
 from farm.smtp.framing import BodyPart, Chunk, Command, DataError, Framer, Message
@@ -129,7 +135,6 @@ def _hook_verbs(cls: type) -> dict[str, Callable[..., Coroutine[Any, Any, None]]
 class SMTP(
     AuthMixin,
     StartTLSMixin,
-    ChunkingMixin,
     ProxyProtocolMixin,
     asyncio.BufferedProtocol,
 ):
@@ -196,6 +201,12 @@ class SMTP(
     _limit_key: str | None = None
     #: The DATA body being received (BDAT's is ``_bdat_content``).
     _body: Body | None = None
+    #: Content received by earlier BDAT chunks of this transaction (None: no BDAT yet).
+    _bdat_content: Body | None = None
+    #: For the chunk being read: is it the last, and the reply refusing it ("": refused
+    #: before :meth:`smtp_BDAT` ran, already answered; None: accepted).
+    _bdat_last = False
+    _bdat_refusal: str | None = None
     #: The checks around the hooks (farm.smtp.stages); None: there are none.
     _stages: Stages | None = None
     #: Postfix's error limits (farm.smtp.error_limits); None: all off.
@@ -1559,6 +1570,80 @@ class SMTP(
         self._framer.start_data(self.data_size_limit, self._spill)
         if self._timeout:
             self._data_deadline = self.loop.time() + self._timeout
+
+    # -- BDAT (RFC 3030; the rules are farm.smtp.chunking's) ---------------------------------
+
+    @syntax("BDAT <size> [LAST]", when="_chunking")
+    async def smtp_BDAT(self, arg: str | None) -> None:
+        """BDAT <size> [LAST]"""
+        if not self._chunking:
+            self._reply('500 Error: command "BDAT" not recognized')
+            return
+        bdat = parse_bdat(arg)
+        if bdat is None:
+            # Without a size the chunk's end is unknown: the stream cannot be trusted any more.
+            self._reply(BDAT_SYNTAX)
+            self._close_after_flush = True
+            return
+        content = self._bdat_content
+        refusal = chunk_refusal(
+            None if self.session.host_name else self._helo_required,
+            bool(self.envelope.rcpt_tos),
+            None if content is None else content.size,
+            bdat.size,
+            self.data_size_limit,
+            self._no_room_for_a_body,
+        )
+        if refusal is not None:
+            self._framer.start_chunk(bdat.size, keep=False)
+        else:
+            self._framer.start_chunk(bdat.size, spill=self._spill)
+            if content is None:
+                self._bdat_content = self._new_body()
+        self._bdat_last, self._bdat_refusal = bdat.last, refusal
+        if self._timeout:
+            self._data_deadline = self.loop.time() + self._timeout
+
+    def _skip_refused_chunk(self, arg: str | None) -> None:
+        """A ``BDAT`` refused before :meth:`smtp_BDAT` ran (a policy check answered it): its
+        chunk is still read and dropped, unanswered, so its octets never run as commands;
+        without a valid size the stream cannot be trusted and the connection closes."""
+        if not self._chunking:
+            return  # BDAT is then an unknown command, as in aiosmtpd
+        size = chunk_size_to_skip(arg)
+        if size is None:
+            self._close_after_flush = True
+            return
+        self._framer.start_chunk(size, keep=False)
+        self._bdat_last, self._bdat_refusal = False, ""
+
+    def _on_chunk(self, chunk: Chunk) -> None:
+        last, refusal = self._bdat_last, self._bdat_refusal
+        self._bdat_last, self._bdat_refusal = False, None
+        if refusal == "":
+            return  # refused before smtp_BDAT: already answered
+        if refusal is not None:
+            if refusal.startswith("552"):
+                # The transaction is over; only its last chunk gets (LMTP: per-recipient) replies.
+                self._counts["bytes"] += chunk.size
+                envelope = self.envelope
+                self._set_post_data_state()
+                if last:
+                    self._end_message(refusal, chunk.size, envelope)
+                else:
+                    self._counts["rejected"] += 1
+                    self._reply(refusal)
+            else:
+                self._reply(refusal)
+            return
+        content = self._bdat_content
+        assert content is not None
+        content.write(chunk.data)
+        if not last:
+            self._reply(chunk_accepted(chunk.size))
+            return
+        self._bdat_content = None
+        self._on_message(Message(b"", content.size), content)
 
 
 async def _resume(coro: Coroutine[Any, Any, None], waiting_for: Any) -> None:
