@@ -49,7 +49,8 @@ from farm.smtp.hooks import HookTable, hook_table
 from farm.smtp.limiter import too_many_connections, too_much_mail
 from farm.smtp.logline import MessageLine, SessionLine, log_info
 from farm.smtp.logline import peer_text as _peer_text
-from farm.smtp.proxy import ProxyProtocolMixin, parse_networks
+from farm.smtp.proxy import parse_networks, peer_trusted
+from farm.smtp.proxy_header import ProxyData, ProxyParser
 from farm.smtp.replies import format_multiline, with_enhanced_code
 from farm.smtp.sasl import (
     SASL_LINE_LIMIT,
@@ -135,7 +136,6 @@ def _hook_verbs(cls: type) -> dict[str, Callable[..., Coroutine[Any, Any, None]]
 class SMTP(
     AuthMixin,
     StartTLSMixin,
-    ProxyProtocolMixin,
     asyncio.BufferedProtocol,
 ):
     """One SMTP session per instance; construct one per connection (a protocol factory)."""
@@ -209,6 +209,9 @@ class SMTP(
     _bdat_refusal: str | None = None
     #: The checks around the hooks (farm.smtp.stages); None: there are none.
     _stages: Stages | None = None
+    #: The PROXY header being read (None: none expected, or read) and its deadline.
+    _proxy_parser: ProxyParser | None = None
+    _proxy_timer: asyncio.TimerHandle | None = None
     #: Postfix's error limits (farm.smtp.error_limits); None: all off.
     _error_limits: ErrorLimits | None = None
     #: Replies are held while an error delay runs.
@@ -443,7 +446,7 @@ class SMTP(
         if log.isEnabledFor(logging.DEBUG):
             log.debug("session=%s connect peer=%s", session.id, _peer_text(session.peer))
         if self._proxy_timeout:
-            self._expect_proxy_header()
+            self._expect_proxy_header(self._proxy_timeout)
             return
         # With a greeting delay, a client may not speak before the 220, even while we ask
         # the limiter.
@@ -1644,6 +1647,66 @@ class SMTP(
             return
         self._bdat_content = None
         self._on_message(Message(b"", content.size), content)
+
+    # -- the PROXY header (farm.smtp.proxy_header parses it) ---------------------------------
+
+    def _expect_proxy_header(self, timeout: float) -> bool:
+        """At connection: wait ``timeout`` seconds for the header. False if the peer was
+        refused."""
+        session = self.session
+        if not peer_trusted(session.peer, self._proxy_networks):
+            log.warning("session=%s PROXY header from an untrusted peer refused", session.id)
+            self.transport.abort()
+            return False
+        self._proxy_parser = ProxyParser()
+        self._proxy_timer = self.loop.call_later(timeout, self._proxy_header_late)
+        return True
+
+    def _proxy_header_late(self) -> None:
+        if self._proxy_parser is not None and self.transport is not None:
+            log.info("session=%s no PROXY header in time: closing", self.session.id)
+            self._proxy_parser = None
+            self.transport.abort()
+
+    def _feed_proxy_header(self, data: bytes | memoryview) -> None:
+        parser = self._proxy_parser
+        assert parser is not None
+        result = parser.feed(data)
+        if result is None:
+            return
+        self._proxy_parser = None
+        if self._proxy_timer is not None:
+            self._proxy_timer.cancel()
+            self._proxy_timer = None
+        if not result.valid:
+            log.info("session=%s bad PROXY header: %s", self.session.id, result.error)
+            self.transport.abort()
+            return
+        self.session.proxy_data = result
+        if self._greeting_delay:
+            # The client must wait for the 220: bytes after the header are an early talk.
+            self._early_talker_watch = True
+            if result.trailing:
+                self._early_talker()
+                return
+        self._framer.feed(result.trailing)  # what followed the header comes first
+        self._run(self._accept_proxy(result))
+        self._start_timer()  # a hung handle_PROXY is given up like any hung hook
+
+    async def _accept_proxy(self, proxy_data: ProxyData) -> None:
+        hook = self._hooks.hooks.get("PROXY")
+        accepted = False
+        if hook is not None:
+            try:
+                accepted = bool(await hook(self, self.session, self.envelope, proxy_data))
+            except Exception:
+                log.exception("session=%s handle_PROXY failed", self.session.id)
+        if not accepted:
+            log.info("session=%s PROXY header not accepted by the handler", self.session.id)
+            self._close_after_flush = True
+            return
+        if await self._admitted():
+            self._greet_after_delay()
 
 
 async def _resume(coro: Coroutine[Any, Any, None], waiting_for: Any) -> None:
