@@ -68,7 +68,14 @@ from farm.smtp.state import (
     refusal_for_auth,
     too_many_calls,
 )
-from farm.smtp.tls import StartTLSMixin, tls_session_info
+from farm.smtp.tls import (
+    HANDSHAKE_ERRORS,
+    failure_reason,
+    forget_before_tls,
+    setup_exception,
+    starttls_refusal,
+    tls_session_info,
+)
 from farm.smtp.version import __version__
 
 log = logging.getLogger("farm.smtp")
@@ -135,7 +142,6 @@ def _hook_verbs(cls: type) -> dict[str, Callable[..., Coroutine[Any, Any, None]]
 
 class SMTP(
     AuthMixin,
-    StartTLSMixin,
     asyncio.BufferedProtocol,
 ):
     """One SMTP session per instance; construct one per connection (a protocol factory)."""
@@ -165,6 +171,8 @@ class SMTP(
     on_close: Callable[[SMTP], None] | None = None
     _tls_protocol: Any = None
     _tls_handshake_okay = True
+    #: True while a STARTTLS handshake runs (a draining server aborts it: no mail in flight).
+    _in_tls_handshake = False
     _auth_failures = 0
     _line_waiter: asyncio.Future[Any] | None = None
     _task: asyncio.Task[None] | None = None
@@ -1707,6 +1715,75 @@ class SMTP(
             return
         if await self._admitted():
             self._greet_after_delay()
+
+    # -- STARTTLS (RFC 3207; the rules are farm.smtp.tls's) ----------------------------------
+
+    @syntax("STARTTLS", when="tls_context")
+    async def smtp_STARTTLS(self, arg: str | None) -> None:
+        """STARTTLS"""
+        refusal = starttls_refusal(
+            arg, self.tls_context is not None, self._tls_protocol is not None
+        )
+        if refusal is not None:
+            self._reply(refusal)
+            return
+        self._reply("220 Ready to start TLS")
+        self._flush()
+        discarded = self._framer.take_buffered()
+        session = self.session
+        if discarded:
+            log.warning(
+                "session=%s discarded %d octets sent after STARTTLS before the handshake",
+                session.id,
+                len(discarded),
+            )
+        self._in_tls_handshake = True
+        try:
+            transport = await self.loop.start_tls(
+                self.transport,
+                self,
+                self.tls_context,
+                server_side=True,
+                ssl_handshake_timeout=self._tls_handshake_timeout,
+            )
+        except HANDSHAKE_ERRORS as error:
+            log.info("session=%s TLS handshake failed: %s", session.id, failure_reason(error))
+            if self.stats is not None:
+                self.stats.tls["failed"] += 1
+            if self.transport is not None:
+                self.transport.abort()
+            await self._report_tls_failure(error)
+            # asyncio tells only the TLS layer that the connection is gone: end the session.
+            self.connection_lost(error)
+            return
+        finally:
+            self._in_tls_handshake = False
+        if transport is None:  # the connection closed during the handshake
+            self.connection_lost(None)
+            return
+        self.transport = transport
+        if self.stats is not None:
+            self.stats.tls["ok"] += 1
+        self._tls_protocol = transport.get_extra_info("ssl_object")
+        session.ssl = tls_session_info(transport)
+        forget_before_tls(session)
+        self._set_rset_state()
+        hook = self._hooks.hooks.get("STARTTLS")
+        if hook is not None:
+            try:
+                self._tls_handshake_okay = bool(hook(self, session, self.envelope))
+            except Exception:
+                log.exception("session=%s handle_STARTTLS failed", session.id)
+                self._tls_handshake_okay = False
+        self._update_checks()
+        log.info("session=%s TLS established: %s", session.id, session.ssl.get("version"))
+
+    async def _report_tls_failure(self, error: BaseException) -> None:
+        """Tell the handler's ``handle_exception`` (as aiosmtpd does); the connection is gone,
+        so whatever it returns is not sent."""
+        if self._hooks.handle_exception is None:
+            return
+        await self._handle_exception(setup_exception(error))
 
 
 async def _resume(coro: Coroutine[Any, Any, None], waiting_for: Any) -> None:
