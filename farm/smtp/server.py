@@ -26,6 +26,7 @@ from collections.abc import Callable, Coroutine, Iterable
 from typing import TYPE_CHECKING, Any
 
 from farm.smtp.arguments import CONTROL_CHARACTERS, parse_params, parse_path, strip_keyword
+from farm.smtp.auth import AuthResult, LoginPassword
 from farm.smtp.body import (
     CHUNK_SIZE,
     INSUFFICIENT_STORAGE,
@@ -46,17 +47,29 @@ from farm.smtp.framing import BodyPart, Chunk, Command, DataError, Framer, Messa
 from farm.smtp.help import offered, syntax, syntax_text
 from farm.smtp.hooks import MISSING as MISSING  # re-exported by farm.smtp
 from farm.smtp.hooks import HookTable, hook_table
-from farm.smtp.limiter import too_many_connections, too_much_mail
+from farm.smtp.limiter import too_many_auth_failures, too_many_connections, too_much_mail
 from farm.smtp.logline import MessageLine, SessionLine, log_info
 from farm.smtp.logline import peer_text as _peer_text
 from farm.smtp.proxy import parse_networks, peer_trusted
 from farm.smtp.proxy_header import ProxyData, ProxyParser
 from farm.smtp.replies import format_multiline, with_enhanced_code
 from farm.smtp.sasl import (
+    AUTH_FAILED,
+    AUTH_OK,
     SASL_LINE_LIMIT,
-    AuthMixin,
+    TOO_MANY_FAILURES,
+    UNRECOGNIZED,
+    AuthAborted,
+    AuthOutcome,
+    auth_outcome,
+    check_credentials,
+    failure_closes,
+    login_exchange,
+    parse_auth,
+    plain_exchange,
     server_mechanisms,
 )
+from farm.smtp.sasl import challenge as sasl_challenge
 from farm.smtp.session import Envelope, Session
 from farm.smtp.settings import DEFAULTS
 from farm.smtp.stages import Stage, Stages
@@ -140,10 +153,7 @@ def _hook_verbs(cls: type) -> dict[str, Callable[..., Coroutine[Any, Any, None]]
     return table
 
 
-class SMTP(
-    AuthMixin,
-    asyncio.BufferedProtocol,
-):
+class SMTP(asyncio.BufferedProtocol):
     """One SMTP session per instance; construct one per connection (a protocol factory)."""
 
     command_size_limit = 512
@@ -169,6 +179,9 @@ class SMTP(
         loop = None
     #: Called with this protocol once its connection is lost (the farm's worker uses it).
     on_close: Callable[[SMTP], None] | None = None
+    #: The LOGIN mechanism's prompts (aiosmtpd's texts; a subclass may change them).
+    AuthLoginUsernameChallenge = "User Name\x00"
+    AuthLoginPasswordChallenge = "Password\x00"
     _tls_protocol: Any = None
     _tls_handshake_okay = True
     #: True while a STARTTLS handshake runs (a draining server aborts it: no mail in flight).
@@ -1715,6 +1728,132 @@ class SMTP(
             return
         if await self._admitted():
             self._greet_after_delay()
+
+    # -- AUTH (RFC 4954; the rules and the exchange are farm.smtp.sasl's) --------------------
+
+    @syntax("AUTH <mechanism>")
+    async def smtp_AUTH(self, arg: str | None) -> None:
+        """AUTH <mechanism>"""
+        session = self.session
+        request = parse_auth(
+            arg,
+            helo=bool(session.host_name),
+            esmtp=session.extended_smtp,
+            tls_missing=self._auth_require_tls and self._tls_protocol is None,
+            authenticated=bool(session.authenticated),
+            in_transaction=self.envelope.mail_from is not None,
+        )
+        if isinstance(request, str):
+            self._reply(request)
+            return
+        if self._limit_key is not None and not await self._auth_rate_allowed(self._limit_key):
+            return
+        if "AUTH" in self._hooks.hooks:
+            status = await self._call_handler_hook("AUTH", request.args)
+            if status is not MISSING:
+                self._reply(status)
+                return
+        method = self._auth_method(request.mechanism)
+        if method is None:
+            self._reply(UNRECOGNIZED)
+            return
+        try:
+            result = method(self, request.args)
+            if inspect.isawaitable(result):
+                result = await result
+        except AuthAborted:
+            return  # the reply is sent; only a credential check counts as a failure
+        if result is not None:  # (None: the mechanism answered the client itself)
+            self._finish_auth(request.mechanism, auth_outcome(result))
+
+    async def _auth_rate_allowed(self, key: str) -> bool:
+        """The client's AUTH-failure allowance (``limiter``): False after replying 454."""
+        limiter = self._limiter
+        if not limiter.counts_auth or await limiter.auth_allowed(key):
+            return True
+        log.info("session=%s AUTH refused: too many AUTH failures from %s", self.session.id, key)
+        if self.stats is not None:
+            self.stats.limited["auth"] += 1
+        self._reply(too_many_auth_failures(key))
+        return False
+
+    def _auth_method(self, name: str) -> Any:
+        """The mechanism's method: the handler's ``auth_<NAME>``, else this class's."""
+        if name in self._auth_exclude_mechanism:
+            return None
+        handler_method = self._hooks.auth_mechanisms.get(name)
+        if handler_method is not None:
+            return handler_method
+        method_name = server_mechanisms(type(self)).get(name)
+        return None if method_name is None else getattr(self, method_name)
+
+    def _finish_auth(self, mechanism: str, outcome: AuthOutcome) -> None:
+        """Apply a mechanism's outcome: authenticate, or count a failure (the last: 421)."""
+        session = self.session
+        if self.stats is not None:
+            self.stats.auth["success" if outcome.success else "failure"] += 1
+        if outcome.success:
+            if self._limit_key is not None and self._limiter.counts_auth:
+                self._limiter.auth_succeeded(self._limit_key)
+            session.authenticated = True
+            session.auth_data = outcome.auth_data
+            session.login_data = outcome.login_data
+            self._reply(outcome.message or AUTH_OK)
+            log.info("session=%s authenticated with %s", session.id, mechanism)
+            return
+        self._auth_failures += 1
+        log.info(
+            "session=%s AUTH %s failed (%d of %d)",
+            session.id,
+            mechanism,
+            self._auth_failures,
+            self._auth_failure_limit,
+        )
+        if not outcome.handled:
+            self._reply(outcome.message or AUTH_FAILED)
+        if failure_closes(self._auth_failures, self._auth_failure_limit):
+            self._reply(TOO_MANY_FAILURES)
+            self._close_after_flush = True
+
+    async def challenge_auth(
+        self,
+        challenge: str | bytes,
+        encode_to_b64: bool = True,
+        log_client_response: bool = False,
+    ) -> Any:
+        """Send a ``334`` challenge and return the client's decoded response (aiosmtpd API).
+
+        Returns :data:`MISSING` after replying, when the client aborts or sends bad base64.
+        ``log_client_response=True`` warns as aiosmtpd does, but farm still never logs the
+        response: it may be a secret.
+        """
+        try:
+            return await sasl_challenge(self, challenge, encode_to_b64, log_client_response)
+        except AuthAborted:
+            return MISSING
+
+    async def _authenticate(self, mechanism: str, credentials: LoginPassword) -> AuthResult:
+        """Check credentials with the ``authenticator`` (or ``auth_callback``)."""
+        return await check_credentials(
+            self._authenticator,
+            self._auth_callback,
+            self,
+            self.session,
+            self.envelope,
+            mechanism,
+            credentials,
+        )
+
+    async def auth_PLAIN(self, server: Any, args: list[str]) -> AuthResult:
+        """RFC 4616 PLAIN: ``AUTH PLAIN [initial-response]``."""
+        return await self._authenticate("PLAIN", await plain_exchange(self, args))
+
+    async def auth_LOGIN(self, server: Any, args: list[str]) -> AuthResult:
+        """The LOGIN mechanism: user name and password, each asked for (or given at once)."""
+        credentials = await login_exchange(
+            self, args, self.AuthLoginUsernameChallenge, self.AuthLoginPasswordChallenge
+        )
+        return await self._authenticate("LOGIN", credentials)
 
     # -- STARTTLS (RFC 3207; the rules are farm.smtp.tls's) ----------------------------------
 
