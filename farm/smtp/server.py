@@ -661,7 +661,7 @@ class SMTP(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._closed:
-            return  # (a failed STARTTLS handshake reports it itself; see tls.py)
+            return  # (a failed STARTTLS handshake reports it itself; see smtp_STARTTLS)
         self._closed = True
         if self._timer is not None:
             self._timer.cancel()
