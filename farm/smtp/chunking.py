@@ -70,11 +70,9 @@ class ChunkingMixin:
 
     def _bdat_error(self, size: int) -> str | None:
         server: Any = self
-        if not server.session.host_name:
-            refusal: str = server._helo_required
+        refusal: str | None = server._ordering_refusal("BDAT")
+        if refusal is not None:
             return refusal
-        if not server.envelope.rcpt_tos:
-            return "503 Error: need RCPT command"
         if self._bdat_content is None and server._no_room_for_a_body():
             return INSUFFICIENT_STORAGE
         received = self._bdat_content.size if self._bdat_content is not None else 0
