@@ -8,7 +8,7 @@ command with several faults gets the same reply as there.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import TypeAlias
 
 from farm.smtp.arguments import parse_params, parse_path, strip_keyword
 from farm.smtp.dsn import dsn_mail_options_valid, dsn_rcpt_options_valid, split_options
@@ -28,16 +28,11 @@ RCPT_UNKNOWN = "555 RCPT TO parameters not recognized or not implemented"
 TOO_MANY_RECIPIENTS = "452 4.5.3 Error: too many recipients"
 
 
-class MailRequest(NamedTuple):
-    address: str
-    #: The parameters as the handler gets them (``envelope.mail_options``).
-    options: list[str]
-    smtputf8: bool
-
-
-class RcptRequest(NamedTuple):
-    address: str
-    options: list[str]
+#: ``(address, parameters, SMTPUTF8 asked)``; the parameters as the handler gets them
+#: (``envelope.mail_options``). Plain tuples: a MAIL and a RCPT per message build one each.
+MailRequest: TypeAlias = tuple[str, list[str], bool]
+#: ``(address, parameters)``.
+RcptRequest: TypeAlias = tuple[str, list[str]]
 
 
 def parse_mail(
@@ -66,6 +61,8 @@ def parse_mail(
         return syntax_error
     if in_transaction:
         return NESTED_MAIL
+    if not params:  # the common case; what the checks below would find for no parameters
+        return address, [], False
     mail_options = split_options(params, dsn)
     options = parse_params(mail_options)
     if options is None:
@@ -87,7 +84,7 @@ def parse_mail(
         return syntax_error
     if options:
         return MAIL_UNKNOWN
-    return MailRequest(address, mail_options, smtputf8 is True)
+    return address, mail_options, smtputf8 is True
 
 
 def parse_rcpt(
@@ -112,6 +109,10 @@ def parse_rcpt(
         return MALFORMED_ADDRESS
     if not address or (not esmtp and params):
         return syntax_error
+    if not params:  # the common case: only the recipient limit applies
+        if max_recipients and recipients >= max_recipients:
+            return TOO_MANY_RECIPIENTS
+        return address, []
     rcpt_options = split_options(params, dsn)
     options = parse_params(rcpt_options)
     if options is None:
@@ -122,4 +123,4 @@ def parse_rcpt(
         return RCPT_UNKNOWN
     if max_recipients and recipients >= max_recipients:
         return TOO_MANY_RECIPIENTS
-    return RcptRequest(address, rcpt_options)
+    return address, rcpt_options

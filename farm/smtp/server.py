@@ -1382,11 +1382,7 @@ class SMTP(
         """The command-order rule ``verb`` breaks now, if any (farm.smtp.state)."""
         envelope = self.envelope
         return ordering_refusal(
-            verb,
-            bool(self.session.host_name),
-            bool(envelope.mail_from),
-            bool(envelope.rcpt_tos),
-            self._helo_required,
+            verb, self.session.host_name, envelope.mail_from, envelope.rcpt_tos, self._helo_required
         )
 
     def _out_of_order(self, verb: str) -> bool:

@@ -16,7 +16,7 @@ MAIL/RCPT arguments are decided in :mod:`farm.smtp.mail_rcpt`, the timers in
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -84,20 +84,25 @@ class ConnectionState:
 
 
 def ordering_refusal(
-    verb: str, helo: bool, mail: bool, rcpt: bool, helo_required: str = HELO_FIRST
+    verb: str,
+    host_name: str | None,
+    mail_from: str | None,
+    rcpt_tos: Sequence[str],
+    helo_required: str = HELO_FIRST,
 ) -> str | None:
     """The command-sequence rule a transaction command breaks before its arguments are read,
     if any: MAIL, RCPT, DATA and BDAT need HELO/EHLO; RCPT needs MAIL; DATA and BDAT need a
-    RCPT. ``helo``/``mail``/``rcpt``: a HELO name, a sender and a recipient are on record.
+    RCPT. The other arguments are what the session has on record: its HELO name, the
+    transaction's sender and recipients (aiosmtpd's ``session``/``envelope`` fields).
 
-    (A nested MAIL is refused only once its address parsed: :func:`farm.smtp.mail_rcpt`.)
+    (A nested MAIL is refused only once its address parsed: :mod:`farm.smtp.mail_rcpt`.)
     """
-    if not helo:
+    if not host_name:
         return helo_required if verb in _TRANSACTION_VERBS else None
     if verb == "RCPT":
-        return None if mail else NEED_MAIL
+        return None if mail_from else NEED_MAIL
     if verb == "DATA" or verb == "BDAT":
-        return None if rcpt else NEED_RCPT
+        return None if rcpt_tos else NEED_RCPT
     return None
 
 

@@ -21,10 +21,10 @@ DSN: dict[str, Any] = {**ESMTP, "dsn": True}
 
 #: (argument, settings, expected request or reply)
 MAIL_CASES: list[tuple[str | None, dict[str, Any], MailRequest | str]] = [
-    ("FROM:<a@b>", ESMTP, MailRequest("a@b", [], False)),
-    ("from: <a@b>", ESMTP, MailRequest("a@b", [], False)),
-    ("FROM:<>", ESMTP, MailRequest("<>", [], False)),
-    ("FROM:<a@b>", {"esmtp": False, "in_transaction": False}, MailRequest("a@b", [], False)),
+    ("FROM:<a@b>", ESMTP, ("a@b", [], False)),
+    ("from: <a@b>", ESMTP, ("a@b", [], False)),
+    ("FROM:<>", ESMTP, ("<>", [], False)),
+    ("FROM:<a@b>", {"esmtp": False, "in_transaction": False}, ("a@b", [], False)),
     # syntax
     (None, ESMTP, MAIL_ESMTP_SYNTAX),
     (None, {"esmtp": False, "in_transaction": False}, MAIL_SYNTAX),
@@ -33,13 +33,13 @@ MAIL_CASES: list[tuple[str | None, dict[str, Any], MailRequest | str]] = [
     ("FROM:<a@b> SIZE=10", {"esmtp": False, "in_transaction": False}, MAIL_SYNTAX),
     ("FROM:<a@b@c>", ESMTP, MALFORMED),
     ("FROM:<aaaa@b>", {**ESMTP, "local_part_limit": 3}, MALFORMED),
-    ("FROM:<aaa@b>", {**ESMTP, "local_part_limit": 3}, MailRequest("aaa@b", [], False)),
+    ("FROM:<aaa@b>", {**ESMTP, "local_part_limit": 3}, ("aaa@b", [], False)),
     # nested MAIL: only once the address parsed
     ("FROM:<a@b>", {"esmtp": True, "in_transaction": True}, "503 Error: nested MAIL command"),
     (None, {"esmtp": True, "in_transaction": True}, MAIL_ESMTP_SYNTAX),
     ("FROM:<a@b@c>", {"esmtp": True, "in_transaction": True}, MALFORMED),
     # parameters
-    ("FROM:<a@b> size=10", ESMTP, MailRequest("a@b", ["SIZE=10"], False)),
+    ("FROM:<a@b> size=10", ESMTP, ("a@b", ["SIZE=10"], False)),
     ("FROM:<a@b> SIZE=", ESMTP, MAIL_ESMTP_SYNTAX),
     ("FROM:<a@b> SIZE", ESMTP, MAIL_ESMTP_SYNTAX),
     ("FROM:<a@b> SIZE=1x", ESMTP, MAIL_ESMTP_SYNTAX),
@@ -51,22 +51,22 @@ MAIL_CASES: list[tuple[str | None, dict[str, Any], MailRequest | str]] = [
     (
         "FROM:<a@b> SIZE=100",
         {**ESMTP, "data_size_limit": 100},
-        MailRequest("a@b", ["SIZE=100"], False),
+        ("a@b", ["SIZE=100"], False),
     ),
     (
         "FROM:<a@b> SIZE=101",
         {**ESMTP, "data_size_limit": 0},
-        MailRequest("a@b", ["SIZE=101"], False),
+        ("a@b", ["SIZE=101"], False),
     ),
-    ("FROM:<a@b> BODY=8BITMIME", ESMTP, MailRequest("a@b", ["BODY=8BITMIME"], False)),
-    ("FROM:<a@b> BODY=7bit", ESMTP, MailRequest("a@b", ["BODY=7BIT"], False)),
+    ("FROM:<a@b> BODY=8BITMIME", ESMTP, ("a@b", ["BODY=8BITMIME"], False)),
+    ("FROM:<a@b> BODY=7bit", ESMTP, ("a@b", ["BODY=7BIT"], False)),
     ("FROM:<a@b> BODY=BINARYMIME", ESMTP, "501 Error: BODY can only be one of 7BIT, 8BITMIME"),
     ("FROM:<a@b> BODY", ESMTP, "501 Error: BODY can only be one of 7BIT, 8BITMIME"),
     ("FROM:<a@b> BODY=BINARYMIME", {**ESMTP, "decode_data": True}, MAIL_555),
     (
         "FROM:<a@b> SMTPUTF8",
         {**ESMTP, "smtputf8_enabled": True},
-        MailRequest("a@b", ["SMTPUTF8"], True),
+        ("a@b", ["SMTPUTF8"], True),
     ),
     ("FROM:<a@b> SMTPUTF8", ESMTP, "501 Error: SMTPUTF8 disabled"),
     (
@@ -80,9 +80,9 @@ MAIL_CASES: list[tuple[str | None, dict[str, Any], MailRequest | str]] = [
     (
         "FROM:<a@b> RET=HDRS ENVID=Ab+2B",
         DSN,
-        MailRequest("a@b", ["RET=HDRS", "ENVID=Ab+2B"], False),
+        ("a@b", ["RET=HDRS", "ENVID=Ab+2B"], False),
     ),
-    ("FROM:<a@b> ret=full", DSN, MailRequest("a@b", ["RET=FULL"], False)),
+    ("FROM:<a@b> ret=full", DSN, ("a@b", ["RET=FULL"], False)),
     ("FROM:<a@b> RET=HDRS", ESMTP, MAIL_555),
     ("FROM:<a@b> RET=SOME", DSN, MAIL_ESMTP_SYNTAX),
     ("FROM:<a@b> ENVID=" + "x" * 101, DSN, MAIL_ESMTP_SYNTAX),
@@ -104,9 +104,9 @@ RCPT: dict[str, Any] = {"esmtp": True, "recipients": 0}
 RCPT_DSN: dict[str, Any] = {**RCPT, "dsn": True}
 
 RCPT_CASES: list[tuple[str | None, dict[str, Any], RcptRequest | str]] = [
-    ("TO:<c@d>", RCPT, RcptRequest("c@d", [])),
-    ("to: <c@d>", RCPT, RcptRequest("c@d", [])),
-    ("TO:<c@d>", {"esmtp": False, "recipients": 0}, RcptRequest("c@d", [])),
+    ("TO:<c@d>", RCPT, ("c@d", [])),
+    ("to: <c@d>", RCPT, ("c@d", [])),
+    ("TO:<c@d>", {"esmtp": False, "recipients": 0}, ("c@d", [])),
     (None, RCPT, RCPT_ESMTP_SYNTAX),
     (None, {"esmtp": False, "recipients": 0}, RCPT_SYNTAX),
     ("FROM:<c@d>", RCPT, RCPT_ESMTP_SYNTAX),
@@ -118,9 +118,9 @@ RCPT_CASES: list[tuple[str | None, dict[str, Any], RcptRequest | str]] = [
     (
         "TO:<c@d> NOTIFY=SUCCESS,DELAY ORCPT=rfc822;c@d",
         RCPT_DSN,
-        RcptRequest("c@d", ["NOTIFY=SUCCESS,DELAY", "ORCPT=rfc822;c@d"]),
+        ("c@d", ["NOTIFY=SUCCESS,DELAY", "ORCPT=rfc822;c@d"]),
     ),
-    ("TO:<c@d> notify=never", RCPT_DSN, RcptRequest("c@d", ["NOTIFY=NEVER"])),
+    ("TO:<c@d> notify=never", RCPT_DSN, ("c@d", ["NOTIFY=NEVER"])),
     ("TO:<c@d> NOTIFY=NEVER,SUCCESS", RCPT_DSN, RCPT_ESMTP_SYNTAX),
     ("TO:<c@d> NOTIFY=SUCCESS,SUCCESS", RCPT_DSN, RCPT_ESMTP_SYNTAX),
     ("TO:<c@d> NOTIFY", RCPT_DSN, RCPT_ESMTP_SYNTAX),
@@ -133,8 +133,8 @@ RCPT_CASES: list[tuple[str | None, dict[str, Any], RcptRequest | str]] = [
         {**RCPT, "recipients": 2, "max_recipients": 2},
         "452 4.5.3 Error: too many recipients",
     ),
-    ("TO:<c@d>", {**RCPT, "recipients": 1, "max_recipients": 2}, RcptRequest("c@d", [])),
-    ("TO:<c@d>", {**RCPT, "recipients": 5, "max_recipients": None}, RcptRequest("c@d", [])),
+    ("TO:<c@d>", {**RCPT, "recipients": 1, "max_recipients": 2}, ("c@d", [])),
+    ("TO:<c@d>", {**RCPT, "recipients": 5, "max_recipients": None}, ("c@d", [])),
     ("TO:<c@d> XFOO", {**RCPT, "recipients": 2, "max_recipients": 2}, RCPT_555),
 ]
 
@@ -142,3 +142,12 @@ RCPT_CASES: list[tuple[str | None, dict[str, Any], RcptRequest | str]] = [
 @pytest.mark.parametrize(("arg", "settings", "expected"), RCPT_CASES)
 def test_rcpt(arg: str | None, settings: dict[str, Any], expected: RcptRequest | str) -> None:
     assert parse_rcpt(arg, **settings) == expected
+
+
+def test_each_request_has_its_own_parameter_list() -> None:
+    """The handler's hooks get the list and may change it; the next command must not see it."""
+    first, second = parse_mail("FROM:<a@b>", **ESMTP), parse_mail("FROM:<a@b>", **ESMTP)
+    rcpt_first, rcpt_second = parse_rcpt("TO:<c@d>", **RCPT), parse_rcpt("TO:<c@d>", **RCPT)
+    assert not isinstance(first, str) and not isinstance(second, str)
+    assert not isinstance(rcpt_first, str) and not isinstance(rcpt_second, str)
+    assert first[1] is not second[1] and rcpt_first[1] is not rcpt_second[1]

@@ -21,12 +21,12 @@ from farm.smtp.state import (
     ordering_refusal,
 )
 
-#: A session's place in a transaction, as (HELO name, sender, recipient) on record.
-PHASES = {
-    "before HELO": (False, False, False),
-    "after HELO": (True, False, False),
-    "after MAIL": (True, True, False),
-    "after RCPT": (True, True, True),
+#: A session's place in a transaction, as (HELO name, sender, recipients) on record.
+PHASES: dict[str, tuple[str | None, str | None, list[str]]] = {
+    "before HELO": (None, None, []),
+    "after HELO": ("client.test", None, []),
+    "after MAIL": ("client.test", "a@b", []),
+    "after RCPT": ("client.test", "a@b", ["c@d"]),
 }
 VERBS = ("MAIL", "RCPT", "DATA", "BDAT", "HELO", "EHLO", "RSET", "NOOP", "QUIT", "VRFY", "HELP")
 
@@ -54,18 +54,22 @@ def test_the_replies_are_aiosmtpds() -> None:
 @pytest.mark.parametrize("verb", ["MAIL", "RCPT", "DATA", "BDAT"])
 def test_lmtp_asks_for_its_own_greeting(verb: str) -> None:
     lhlo = "503 Error: send LHLO first"
-    assert ordering_refusal(verb, False, False, False, lhlo) == lhlo
+    assert ordering_refusal(verb, None, None, [], lhlo) == lhlo
 
 
 def test_helo_is_checked_before_the_transaction() -> None:
     # A sender without a HELO name (a handler set it): still "send HELO first".
-    assert ordering_refusal("RCPT", False, True, False) == HELO_FIRST
-    assert ordering_refusal("DATA", False, True, True) == HELO_FIRST
+    assert ordering_refusal("RCPT", "", "a@b", []) == HELO_FIRST
+    assert ordering_refusal("DATA", None, "a@b", ["c@d"]) == HELO_FIRST
 
 
 def test_recipients_alone_let_data_through() -> None:
     # aiosmtpd checks DATA against the recipients only (a handler may have set them).
-    assert ordering_refusal("DATA", True, False, True) is None
+    assert ordering_refusal("DATA", "client.test", None, ["c@d"]) is None
+
+
+def test_the_null_sender_is_a_sender() -> None:
+    assert ordering_refusal("RCPT", "client.test", "<>", []) is None
 
 
 def test_connection_state_is_one_small_slotted_object() -> None:
