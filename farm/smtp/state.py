@@ -53,11 +53,13 @@ class Phase(enum.IntEnum):
 
 @dataclass(slots=True)
 class ConnectionState:
-    """Everything the protocol rules track for one connection, in one slotted object.
+    """A connection's phase, counters and clocks, in one slotted object (one per session).
 
     The HELO name and the transaction are not copied here: they live in aiosmtpd's
     ``session.host_name`` and ``envelope`` (``mail_from``, ``rcpt_tos``), which handlers read
     and write, so the rules read them from there. Times are the event loop's clock, passed in.
+    The transport's own flags (closing, draining, reading paused) stay on the protocol, and
+    so, for now, do the AUTH, STARTTLS and BDAT fields of its mixins.
     """
 
     phase: Phase = Phase.CONNECTED
