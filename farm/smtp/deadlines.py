@@ -19,7 +19,7 @@ from __future__ import annotations
 import enum
 from typing import NamedTuple
 
-from farm.smtp.state import ConnectionState
+from farm.smtp.state import ConnectionState, Phase
 
 
 class Expired(enum.IntEnum):
@@ -93,3 +93,18 @@ def next_deadline(
     if state.write_paused:
         deadline = min(deadline, state.write_paused_at + stall)
     return Deadline(Expired.NOTHING, deadline)
+
+
+def timer_on_write_pause(
+    state: ConnectionState, timer_at: float | None, timeout: float | None, write_stall_limit: float
+) -> float | None:
+    """Writes just paused (``state.write_paused_at``): when the session's timer must fire
+    now, or None to leave it as it is (``timer_at``: when it fires; None: no timer).
+
+    The stall deadline replaces a later timer; without an idle ``timeout`` a greeted session
+    has no timer, so it gets one (before the greeting, the greeting arms the timer).
+    """
+    stall_at = state.write_paused_at + write_stall(write_stall_limit, timeout)
+    if timer_at is None:
+        return stall_at if not timeout and state.phase is Phase.GREETED else None
+    return stall_at if timer_at > stall_at else None

@@ -35,7 +35,12 @@ from farm.smtp.body import (
     MemoryBudget,
 )
 from farm.smtp.chunking import ChunkingMixin
-from farm.smtp.deadlines import Expired, extended_data_deadline, next_deadline, write_stall
+from farm.smtp.deadlines import (
+    Expired,
+    extended_data_deadline,
+    next_deadline,
+    timer_on_write_pause,
+)
 from farm.smtp.error_limits import JUNK_COMMANDS, ErrorLimitMixin
 from farm.smtp.framing import BodyPart, Chunk, Command, DataError, Framer, Message
 from farm.smtp.help import offered, syntax, syntax_text
@@ -719,13 +724,14 @@ class SMTP(
         if self._task is None and not self._read_paused:
             self._read_paused = True
             self.transport.pause_reading()
-        stall_deadline = state.write_paused_at + write_stall(self.write_stall_limit, self._timeout)
         timer = self._timer
-        if timer is None and not self._timeout and state.phase is Phase.GREETED:  # no idle timer
-            self._timer = self.loop.call_at(stall_deadline, self._on_timer)
-        elif timer is not None and timer.when() > stall_deadline:
-            timer.cancel()
-            self._timer = self.loop.call_at(stall_deadline, self._on_timer)
+        at = timer_on_write_pause(
+            state, None if timer is None else timer.when(), self._timeout, self.write_stall_limit
+        )
+        if at is not None:
+            if timer is not None:
+                timer.cancel()
+            self._timer = self.loop.call_at(at, self._on_timer)
 
     def resume_writing(self) -> None:
         self._state.write_paused = False

@@ -15,9 +15,10 @@ from farm.smtp.deadlines import (
     Expired,
     extended_data_deadline,
     next_deadline,
+    timer_on_write_pause,
     write_stall,
 )
-from farm.smtp.state import ConnectionState
+from farm.smtp.state import ConnectionState, Phase
 
 NOTHING, STALL, HOOK, IDLE = Expired.NOTHING, Expired.WRITE_STALL, Expired.HOOK, Expired.IDLE
 
@@ -204,3 +205,25 @@ def test_without_a_timeout_only_the_stall_is_timed() -> None:
 def test_resumed_writes_end_the_stall_clock() -> None:
     state = ConnectionState(last_line=100.0, write_paused=False, write_paused_at=0.0)
     assert decide(state, 105.0) == Deadline(NOTHING, 110.0)
+
+
+#: (greeted, timer fires at, timeout) -> when the timer must fire now (None: leave it);
+#: writes paused at 100, stall limit 60.
+ON_PAUSE = [
+    (True, 400.0, 300.0, 160.0),  # the idle timer fires later: the stall comes first
+    (True, 130.0, 300.0, None),  # it fires sooner (an older line): it looks again then
+    (True, 400.0, 10.0, 110.0),  # the stall is the timeout when shorter
+    (True, None, None, 160.0),  # no idle timeout, no timer: one for the stall
+    (True, None, 0.0, 160.0),
+    (False, None, None, None),  # before the greeting: the greeting arms the timer
+    (True, None, 300.0, None),  # a timeout but no timer: closing, nothing to time
+]
+
+
+@pytest.mark.parametrize(("greeted", "timer_at", "timeout", "expected"), ON_PAUSE)
+def test_the_timer_when_writes_pause(
+    greeted: bool, timer_at: float | None, timeout: float | None, expected: float | None
+) -> None:
+    phase = Phase.GREETED if greeted else Phase.CONNECTED
+    state = ConnectionState(phase=phase, write_paused=True, write_paused_at=100.0)
+    assert timer_on_write_pause(state, timer_at, timeout, 60.0) == expected
