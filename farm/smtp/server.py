@@ -25,7 +25,7 @@ import weakref
 from collections.abc import Callable, Coroutine, Iterable
 from typing import TYPE_CHECKING, Any
 
-from farm.smtp.arguments import CONTROL_CHARACTERS, parse_params, parse_path, strip_keyword
+from farm.smtp.arguments import CONTROL_CHARACTERS, parse_path
 from farm.smtp.auth import AuthResult, LoginPassword
 from farm.smtp.body import (
     CHUNK_SIZE,
@@ -41,7 +41,12 @@ from farm.smtp.chunking import (
     chunk_size_to_skip,
     parse_bdat,
 )
-from farm.smtp.dsn import dsn_mail_options_valid, dsn_rcpt_options_valid, split_options
+from farm.smtp.deadlines import (
+    Expired,
+    extended_data_deadline,
+    next_deadline,
+    timer_on_write_pause,
+)
 from farm.smtp.error_limits import JUNK_COMMANDS, ErrorLimits, any_limit
 from farm.smtp.framing import BodyPart, Chunk, Command, DataError, Framer, Message
 from farm.smtp.help import offered, syntax, syntax_text
@@ -50,6 +55,7 @@ from farm.smtp.hooks import HookTable, hook_table
 from farm.smtp.limiter import too_many_auth_failures, too_many_connections, too_much_mail
 from farm.smtp.logline import MessageLine, SessionLine, log_info
 from farm.smtp.logline import peer_text as _peer_text
+from farm.smtp.mail_rcpt import parse_mail, parse_rcpt
 from farm.smtp.proxy import parse_networks, peer_trusted
 from farm.smtp.proxy_header import ProxyData, ProxyParser
 from farm.smtp.replies import format_multiline, with_enhanced_code
@@ -74,9 +80,14 @@ from farm.smtp.session import Envelope, Session
 from farm.smtp.settings import DEFAULTS
 from farm.smtp.stages import Stage, Stages
 from farm.smtp.state import (
+    DATA_AFTER_BDAT,
+    HELO_FIRST,
     SHUTTING_DOWN,
+    ConnectionState,
     GateState,
+    Phase,
     call_limit_exceeded,
+    ordering_refusal,
     refusal_before_verb,
     refusal_for_auth,
     too_many_calls,
@@ -194,20 +205,10 @@ class SMTP(asyncio.BufferedProtocol):
     _close_after_flush = False
     _eof = False
     _draining = False
-    _write_paused = False
-    _write_paused_at = 0.0
     _read_paused = False
-    _bogus_budget = BOGUS_LIMIT
-    _call_counts: dict[str, int] | None = None
     _size_limits: dict[str, int] | None = None
     _timer: asyncio.TimerHandle | None = None
-    _last_line = 0.0
-    _data_deadline = 0.0
-    _data_started = 0.0
-    _task_started = 0.0
     _closed_waiter: asyncio.Future[None] | None = None
-    _started = 0.0
-    _n_commands = 0
     _checks = False
     #: Set while a ``greeting_delay`` runs: any byte from the client then is an early talk.
     _early_talker_watch = False
@@ -349,8 +350,10 @@ class SMTP(asyncio.BufferedProtocol):
         self._limiter = limiter
         if stages:
             self._stages = stages if isinstance(stages, Stages) else Stages(stages)
+        #: The protocol state of this connection (phase, counters, clocks): farm.smtp.state.
+        self._state = state = ConnectionState()
         if unknown_command_limit != BOGUS_LIMIT:
-            self._bogus_budget = unknown_command_limit
+            state.unknown_left = unknown_command_limit
         #: Bodies past this many octets go to a spool file (None: all kept in memory).
         self.spool_threshold = spool_threshold
         self.spool_directory = spool_directory
@@ -404,7 +407,7 @@ class SMTP(asyncio.BufferedProtocol):
     @property
     def counts(self) -> dict[str, int]:
         """This session's commands, accepted and rejected messages, and body octets."""
-        return {"commands": self._n_commands, **self._counts}
+        return {"commands": self._state.commands, **self._counts}
 
     @property
     def tls_protocol(self) -> Any:
@@ -463,7 +466,7 @@ class SMTP(asyncio.BufferedProtocol):
             self._tls_protocol = ssl_object
             session.ssl = tls_session_info(transport)
         self.envelope = self._create_envelope()
-        self._started = self.loop.time()
+        self._state.started = self.loop.time()
         if log.isEnabledFor(logging.DEBUG):
             log.debug("session=%s connect peer=%s", session.id, _peer_text(session.peer))
         if self._proxy_timeout:
@@ -572,9 +575,11 @@ class SMTP(asyncio.BufferedProtocol):
 
     def _send_greeting(self) -> None:
         self._early_talker_watch = False
-        now = self._last_line = self.loop.time()
+        state = self._state
+        state.phase = Phase.GREETED
+        now = state.last_line = self.loop.time()
         if self.stats is not None:
-            self.stats.banner.observe(now - self._started)
+            self.stats.banner.observe(now - state.started)
         self._reply(f"220 {self.hostname} {self.__ident__}", plain=True)
         self._flush()
         self._start_timer()
@@ -610,17 +615,17 @@ class SMTP(asyncio.BufferedProtocol):
             return
         framer = self._framer
         framer.feed(data)
+        state = self._state
         if framer.in_data and self._timeout:
-            now = self.loop.time()
-            self._data_deadline = min(
-                now + self._timeout, self._data_deadline + len(data) / self._min_data_rate
+            state.data_deadline = extended_data_deadline(
+                state.data_deadline, self.loop.time(), self._timeout, len(data), self._min_data_rate
             )
-        if self._task is None and not self._write_paused:
+        if self._task is None and not state.write_paused:
             self._process()
         elif self._line_waiter is not None:
             self._feed_line_waiter()
         elif not self._read_paused and (
-            self._write_paused  # the client does not read our replies: stop reading it
+            state.write_paused  # the client does not read our replies: stop reading it
             or (not framer.in_data and framer.buffered > _MAX_PENDING_INPUT)
         ):
             self._read_paused = True
@@ -639,7 +644,7 @@ class SMTP(asyncio.BufferedProtocol):
             finally:
                 self._line_waiter = None
         if self._timeout:
-            self._last_line = self.loop.time()
+            self._state.last_line = self.loop.time()
         return event.line if type(event) is Command else None
 
     def _feed_line_waiter(self) -> None:
@@ -719,12 +724,12 @@ class SMTP(asyncio.BufferedProtocol):
             log,
             SessionLine(
                 session,
-                self._n_commands,
+                self._state.commands,
                 counts["accepted"],
                 counts["rejected"],
                 counts["bytes"],
                 self._ended_how or "disconnect",
-                (self.loop.time() - self._started) if self.loop else 0.0,
+                (self.loop.time() - self._state.started) if self.loop else 0.0,
                 self._stages.session_log(session) if self._stages else "",
             ),
         )
@@ -732,26 +737,25 @@ class SMTP(asyncio.BufferedProtocol):
     def pause_writing(self) -> None:
         """The client does not read our replies: stop reading it too (bounded memory), and
         drop it if it still has not read them after the write stall limit."""
-        self._write_paused = True
+        state = self._state
+        state.write_paused = True
         if self.loop is None or self.transport is None:
             return
-        self._write_paused_at = self.loop.time()
+        state.write_paused_at = self.loop.time()
         if self._task is None and not self._read_paused:
             self._read_paused = True
             self.transport.pause_reading()
-        stall_deadline = self._write_paused_at + self._write_stall()
         timer = self._timer
-        if timer is None and not self._timeout and self._last_line:  # greeted, no idle timer
-            self._timer = self.loop.call_at(stall_deadline, self._on_timer)
-        elif timer is not None and timer.when() > stall_deadline:
-            timer.cancel()
-            self._timer = self.loop.call_at(stall_deadline, self._on_timer)
-
-    def _write_stall(self) -> float:
-        return min(self.write_stall_limit, self._timeout or self.write_stall_limit)
+        at = timer_on_write_pause(
+            state, None if timer is None else timer.when(), self._timeout, self.write_stall_limit
+        )
+        if at is not None:
+            if timer is not None:
+                timer.cancel()
+            self._timer = self.loop.call_at(at, self._on_timer)
 
     def resume_writing(self) -> None:
-        self._write_paused = False
+        self._state.write_paused = False
         if self._task is None and not self._closed:
             self._process()
 
@@ -823,25 +827,31 @@ class SMTP(asyncio.BufferedProtocol):
                 assert body is not None  # a BodyPart comes only while a body is open
                 body.write(event.data)
             else:
-                self._n_commands += 1
+                self._state.commands += 1
                 self._reply("500 Command line too long")
             if len(self._out) >= _REPLIES_PER_WRITE:
                 self._flush()
-                if self._write_paused:
+                if self._state.write_paused:
                     break  # the client is not reading: the rest waits for resume_writing
         if self._draining and self._task is None:
             self._finish_drain_if_idle()
         self._flush()
-        if self._read_paused and self._task is None and not self._closed and not self._write_paused:
+        if (
+            self._read_paused
+            and self._task is None
+            and not self._closed
+            and not self._state.write_paused
+        ):
             self._read_paused = False
             self.transport.resume_reading()
         if self._eof and self._task is None:
             self._close()
 
     def _on_command(self, line: bytes) -> None:
-        self._n_commands += 1
+        state = self._state
+        state.commands += 1
         if self._timeout:
-            self._last_line = self.loop.time()
+            state.last_line = self.loop.time()
         verb_bytes, space, arg_bytes = line.partition(b" ")
         try:
             verb = verb_bytes.upper().decode("ascii")
@@ -878,12 +888,12 @@ class SMTP(asyncio.BufferedProtocol):
                 self._skip_refused_chunk(arg)
             return
         limits = self._error_limits
-        if limits is not None and verb in JUNK_COMMANDS and limits.count_junk(self._n_commands):
+        if limits is not None and verb in JUNK_COMMANDS and limits.count_junk(self._state.commands):
             self._too_many_errors(limits)
             return  # that junk command was one error too many: 421 and close
         if method is None:
-            self._bogus_budget -= 1
-            if self._bogus_budget < 1:
+            state.unknown_left -= 1
+            if state.unknown_left < 1:
                 self._reply("502 5.5.1 Too many unrecognized commands, goodbye.")
                 self._close_after_flush = True
             else:
@@ -951,11 +961,10 @@ class SMTP(asyncio.BufferedProtocol):
         refusal = refusal_before_verb(verb, state)
         if refusal is None and known:
             if self._call_limits is not None:
-                if self._call_counts is None:
-                    self._call_counts = {}
-                if call_limit_exceeded(
-                    self._call_counts, self._call_limits, self._call_limit_default, verb
-                ):
+                counts = self._state.call_counts
+                if counts is None:
+                    counts = self._state.call_counts = {}
+                if call_limit_exceeded(counts, self._call_limits, self._call_limit_default, verb):
                     log.warning("session=%s %s sent too many times", self.session.id, verb)
                     refusal = too_many_calls(verb)
             if refusal is None:
@@ -970,14 +979,14 @@ class SMTP(asyncio.BufferedProtocol):
     def _run(self, coro: Coroutine[Any, Any, None], delivery: bool = False) -> None:
         """Run a command or delivery coroutine that may suspend, in a task."""
         self._task_is_delivery = delivery
-        self._task_started = self.loop.time()
+        self._state.task_started = self.loop.time()
         self._task = task = self.loop.create_task(coro)
         task.add_done_callback(self._task_done)
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
         self._task = None
         if self._timeout and self.loop is not None:
-            self._last_line = self.loop.time()  # the client's idle time starts now
+            self._state.last_line = self.loop.time()  # the client's idle time starts now
         if task.cancelled() or self._closed:
             return
         error = task.exception()
@@ -1002,7 +1011,7 @@ class SMTP(asyncio.BufferedProtocol):
         if (
             limits is not None
             and not self._close_after_flush
-            and limits.count_reply(text, self._n_commands)
+            and limits.count_reply(text, self._state.commands)
         ):
             self._too_many_errors(limits)
 
@@ -1060,53 +1069,47 @@ class SMTP(asyncio.BufferedProtocol):
             transport.abort()
 
     def _on_timer(self) -> None:
+        """The session's one timer: act on what expired (farm.smtp.deadlines), or re-arm."""
         self._timer = None
         if self._closed or self.transport is None:
             return
         now = self.loop.time()
-        if self._write_paused and now >= self._write_paused_at + self._write_stall():
+        state = self._state
+        expired, at = next_deadline(
+            state,
+            now,
+            self._timeout,
+            self.write_stall_limit,
+            self._task is not None,
+            self._framer.in_data,
+        )
+        if expired is Expired.NOTHING:
+            if at is not None:
+                self._timer = self.loop.call_at(at, self._on_timer)
+            return
+        if expired is Expired.WRITE_STALL:
             log.info(
                 "session=%s replies not read for %ss: closing",
                 self.session.id,
-                round(now - self._write_paused_at, 1),
+                round(now - state.write_paused_at, 1),
             )
             self._ended_how = "timeout"
             self.transport.abort()
             return
-        if not self._timeout:  # only the write stall is timed
-            if self._write_paused:
-                self._timer = self.loop.call_at(
-                    self._write_paused_at + self._write_stall(), self._on_timer
-                )
-            return
-        task = self._task
-        if task is not None:
-            deadline = self._task_started + self._timeout
-            if now >= deadline:
-                # A hung hook: give up on it like a hung client (aiosmtpd closes here too).
-                log.warning(
-                    "session=%s handler hook exceeded the %ss timeout",
-                    self.session.id,
-                    self._timeout,
-                )
-                self._task = None
-                task.cancel()
-                self._reply(LOCAL_ERROR)
-                self._close_after_flush = True
-                self._flush()
-                return
-        elif self._framer.in_data:
-            deadline = self._data_deadline
+        if expired is Expired.HOOK:
+            # A hung hook: give up on it like a hung client (aiosmtpd closes here too).
+            log.warning(
+                "session=%s handler hook exceeded the %ss timeout", self.session.id, self._timeout
+            )
+            task = self._task
+            assert task is not None  # HOOK expires only while a task runs
+            self._task = None
+            task.cancel()
+            self._reply(LOCAL_ERROR)
         else:
-            deadline = self._last_line + self._timeout
-        if now < deadline:
-            if self._write_paused:
-                deadline = min(deadline, self._write_paused_at + self._write_stall())
-            self._timer = self.loop.call_at(deadline, self._on_timer)
-            return
-        log.info("session=%s timeout", self.session.id)
-        self._ended_how = "timeout"
-        self._reply(f"421 4.4.2 {self.hostname} Error: timeout exceeded")
+            log.info("session=%s timeout", self.session.id)
+            self._ended_how = "timeout"
+            self._reply(f"421 4.4.2 {self.hostname} Error: timeout exceeded")
         self._close_after_flush = True
         self._flush()
 
@@ -1196,7 +1199,7 @@ class SMTP(asyncio.BufferedProtocol):
         self._verb = "DATA"
         self._counts["bytes"] += message.size
         if self._timeout:
-            self._last_line = self.loop.time()
+            self._state.last_line = self.loop.time()
         envelope = self.envelope
         if body is None:
             body, self._body = self._body, None
@@ -1296,7 +1299,7 @@ class SMTP(asyncio.BufferedProtocol):
                     len(envelope.rcpt_tos) if envelope else 0,
                     size,
                     status[:3],
-                    self.loop.time() - self._data_started,
+                    self.loop.time() - self._state.data_started,
                     self._message_notes(envelope) if envelope is not None else "",
                 ),
             )
@@ -1429,76 +1432,47 @@ class SMTP(asyncio.BufferedProtocol):
         self._reply("502 EXPN not implemented")
 
     #: The reply to a transaction command sent before HELO/EHLO (LMTP: LHLO).
-    _helo_required = "503 Error: send HELO first"
+    _helo_required = HELO_FIRST
 
-    def _helo_missing(self) -> bool:
-        if not self.session.host_name:
-            self._reply(self._helo_required)
-            return True
-        return False
+    def _ordering_refusal(self, verb: str) -> str | None:
+        """The command-order rule ``verb`` breaks now, if any (farm.smtp.state)."""
+        envelope = self.envelope
+        return ordering_refusal(
+            verb, self.session.host_name, envelope.mail_from, envelope.rcpt_tos, self._helo_required
+        )
+
+    def _out_of_order(self, verb: str) -> bool:
+        """Reply and return True when ``verb`` breaks the command order."""
+        refusal = self._ordering_refusal(verb)
+        if refusal is None:
+            return False
+        self._reply(refusal)
+        return True
 
     @syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")
     async def smtp_MAIL(self, arg: str | None) -> None:
         """MAIL FROM: <address>"""
-        if self._helo_missing():
-            return
-        esmtp = self.session.extended_smtp
-        syntaxerr = "501 Syntax: MAIL FROM: <address>"
-        if esmtp:
-            syntaxerr += " [SP <mail-parameters>]"
-        if arg is None:
-            self._reply(syntaxerr)
-            return
-        arg = strip_keyword("FROM:", arg)
-        if arg is None:
-            self._reply(syntaxerr)
-            return
-        address, params = parse_path(arg, self.local_part_limit)
-        if address is None:
-            self._reply("553 5.1.3 Error: malformed address")
-            return
-        if not address or (not esmtp and params):
-            self._reply(syntaxerr)
+        if self._out_of_order("MAIL"):
             return
         envelope = self.envelope
-        if envelope.mail_from:
-            self._reply("503 Error: nested MAIL command")
+        request = parse_mail(
+            arg,
+            esmtp=self.session.extended_smtp,
+            in_transaction=bool(envelope.mail_from),
+            local_part_limit=self.local_part_limit,
+            dsn=self._dsn,
+            decode_data=self._decode_data,
+            smtputf8_enabled=self.enable_SMTPUTF8,
+            data_size_limit=self.data_size_limit,
+        )
+        if isinstance(request, str):
+            self._reply(request)
             return
-        mail_options = split_options(params, self._dsn)
-        options = parse_params(mail_options)
-        if options is None:
-            self._reply(syntaxerr)
-            return
-        if not self._decode_data:
-            body = options.pop("BODY", "7BIT")
-            if body not in ("7BIT", "8BITMIME"):
-                self._reply("501 Error: BODY can only be one of 7BIT, 8BITMIME")
-                return
-        smtputf8 = options.pop("SMTPUTF8", False)
-        if smtputf8 is not False and smtputf8 is not True:
-            self._reply("501 Error: SMTPUTF8 takes no arguments")
-            return
-        if smtputf8 and not self.enable_SMTPUTF8:
-            self._reply("501 Error: SMTPUTF8 disabled")
-            return
-        size = options.pop("SIZE", None)
-        if size is not None:
-            if not isinstance(size, str) or not (size.isascii() and size.isdigit()):
-                self._reply(syntaxerr)
-                return
-            if self.data_size_limit and int(size) > self.data_size_limit:
-                self._reply("552 Error: message size exceeds fixed maximum message size")
-                return
-        if self._dsn and not dsn_mail_options_valid(options):
-            self._reply(syntaxerr)
-            return
-        if options:
-            self._reply("555 MAIL FROM parameters not recognized or not implemented")
-            return
+        address, mail_options, smtputf8 = request
         if self._limit_key is not None and not await self._mail_allowed():
             return
-        envelope.smtp_utf8 = bool(smtputf8)
-        self._data_started = self.loop.time()
+        envelope.smtp_utf8 = smtputf8
+        self._state.data_started = self.loop.time()
         if self._stages is not None and self._stages.on_mail:
             refusal = await self._stages.mail(self.session, envelope, address)
             if refusal is not None:
@@ -1518,44 +1492,21 @@ class SMTP(asyncio.BufferedProtocol):
     @syntax("RCPT TO: <address>", extended=" [SP <mail-parameters>]")
     async def smtp_RCPT(self, arg: str | None) -> None:
         """RCPT TO: <address>"""
-        if self._helo_missing():
+        if self._out_of_order("RCPT"):
             return
         envelope = self.envelope
-        if not envelope.mail_from:
-            self._reply("503 Error: need MAIL command")
+        request = parse_rcpt(
+            arg,
+            esmtp=self.session.extended_smtp,
+            recipients=len(envelope.rcpt_tos),
+            local_part_limit=self.local_part_limit,
+            dsn=self._dsn,
+            max_recipients=self._max_recipients,
+        )
+        if isinstance(request, str):
+            self._reply(request)
             return
-        esmtp = self.session.extended_smtp
-        syntaxerr = "501 Syntax: RCPT TO: <address>"
-        if esmtp:
-            syntaxerr += " [SP <mail-parameters>]"
-        if arg is None:
-            self._reply(syntaxerr)
-            return
-        arg = strip_keyword("TO:", arg)
-        if arg is None:
-            self._reply(syntaxerr)
-            return
-        address, params = parse_path(arg, self.local_part_limit)
-        if address is None:
-            self._reply("553 5.1.3 Error: malformed address")
-            return
-        if not address or (not esmtp and params):
-            self._reply(syntaxerr)
-            return
-        rcpt_options = split_options(params, self._dsn)
-        options = parse_params(rcpt_options)
-        if options is None:
-            self._reply(syntaxerr)
-            return
-        if self._dsn and not dsn_rcpt_options_valid(options):
-            self._reply(syntaxerr)
-            return
-        if options:
-            self._reply("555 RCPT TO parameters not recognized or not implemented")
-            return
-        if self._max_recipients and len(envelope.rcpt_tos) >= self._max_recipients:
-            self._reply("452 4.5.3 Error: too many recipients")
-            return
+        address, rcpt_options = request
         if self._stages is not None and self._stages.on_rcpt:
             refusal = await self._stages.rcpt(self.session, envelope, address)
             if refusal is not None:
@@ -1575,16 +1526,13 @@ class SMTP(asyncio.BufferedProtocol):
     @syntax("DATA")
     async def smtp_DATA(self, arg: str | None) -> None:
         """DATA"""
-        if self._helo_missing():
-            return
-        if not self.envelope.rcpt_tos:
-            self._reply("503 Error: need RCPT command")
+        if self._out_of_order("DATA"):
             return
         if arg:
             self._reply("501 Syntax: DATA")
             return
         if self._bdat_content is not None:
-            self._reply("503 5.5.1 Error: DATA cannot follow BDAT in one transaction")
+            self._reply(DATA_AFTER_BDAT)
             return
         if self._no_room_for_a_body():
             self._reply(INSUFFICIENT_STORAGE)
@@ -1593,7 +1541,7 @@ class SMTP(asyncio.BufferedProtocol):
         self._body = self._new_body()
         self._framer.start_data(self.data_size_limit, self._spill)
         if self._timeout:
-            self._data_deadline = self.loop.time() + self._timeout
+            self._state.data_deadline = self.loop.time() + self._timeout
 
     # -- BDAT (RFC 3030; the rules are farm.smtp.chunking's) ---------------------------------
 
@@ -1626,7 +1574,7 @@ class SMTP(asyncio.BufferedProtocol):
                 self._bdat_content = self._new_body()
         self._bdat_last, self._bdat_refusal = bdat.last, refusal
         if self._timeout:
-            self._data_deadline = self.loop.time() + self._timeout
+            self._state.data_deadline = self.loop.time() + self._timeout
 
     def _skip_refused_chunk(self, arg: str | None) -> None:
         """A ``BDAT`` refused before :meth:`smtp_BDAT` ran (a policy check answered it): its
