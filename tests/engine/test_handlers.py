@@ -21,11 +21,10 @@ import pytest
 from farm.handlers import AsyncMessage, Debugging, Mailbox, Message, Proxy, Sink
 from farm.smtp import SMTP
 from tests.support.relay import FakeNextHop, LoopThread, smtp_dialogue
-from tests.support.wait import wait_for
+from tests.support.wait import WAIT, wait_for
 
 HOST = "127.0.0.1"
 #: Upper bound for anything a test waits for; a healthy run needs milliseconds.
-WAIT = 30.0
 
 MESSAGE = (
     b"From: Anne Person <anne@example.com>\r\n"

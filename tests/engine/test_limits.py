@@ -21,9 +21,7 @@ from farm.config import ConfigError, load_config
 from farm.limits import Anvil, ClientLimits, LocalLimiter, client_address
 from tests.support.client import SMTPClient
 from tests.support.farms import toml_config
-from tests.support.wait import wait_for
-
-WAIT = 30.0
+from tests.support.wait import WAIT, wait_for
 
 
 class Clock:
