@@ -45,7 +45,7 @@ from tests.support.farms import (
     stop_process,
     toml_config,
 )
-from tests.support.net import free_port
+from tests.support.net import free_port, taken_port
 from tests.support.wait import wait_for
 
 needs_smtp_source = pytest.mark.skipif(
@@ -789,10 +789,7 @@ def farm_check(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_check_prints_the_effective_config_and_touches_nothing(tmp_path: Path) -> None:
-    with socket.socket() as busy:  # a port in use: check must not try to bind it
-        busy.bind(("127.0.0.1", 0))
-        busy.listen()
-        port = busy.getsockname()[1]
+    with taken_port() as port:  # a port in use: check must not try to bind it
         config = toml_config(
             tmp_path / "good.toml",
             {"bind": [f"127.0.0.1:{port}"], "workers": 3, "handler": COUNTING},
