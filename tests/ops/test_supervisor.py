@@ -18,10 +18,8 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import tomllib
@@ -46,6 +44,7 @@ from tests.support.farms import (
     toml_config,
 )
 from tests.support.net import free_port, taken_port
+from tests.support.notify import NotifySocket
 from tests.support.wait import wait_for
 
 needs_smtp_source = pytest.mark.skipif(
@@ -570,38 +569,6 @@ def test_ttin_ttou_change_the_worker_count(farms: FarmRunner) -> None:
 # -- 8. systemd: socket activation and sd_notify ---------------------------------------------
 
 
-class NotifySocket:
-    """A fake systemd NOTIFY_SOCKET: an AF_UNIX datagram socket in a short temporary dir."""
-
-    def __init__(self) -> None:
-        self.dir = tempfile.mkdtemp(prefix="farm-notify-")
-        self.path = os.path.join(self.dir, "notify")
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(self.path)
-        self.received: list[dict[str, str]] = []
-
-    def close(self) -> None:
-        self.sock.close()
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-    def next_with(self, key: str, timeout: float = 30) -> dict[str, str]:
-        """The next datagram that has ``key`` (others are kept in ``received``)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise AssertionError(f"no {key} within {timeout}s; got {self.received}")
-            self.sock.settimeout(left)
-            try:
-                data = self.sock.recv(65536)
-            except TimeoutError:
-                continue
-            fields = dict(line.partition("=")[::2] for line in data.decode().splitlines())
-            self.received.append(fields)
-            if key in fields:
-                return fields
-
-
 def test_socket_activation_and_notify_sequence(farms: FarmRunner) -> None:
     activate = shutil.which("systemd-socket-activate")
     if activate is None:
@@ -620,7 +587,7 @@ def test_socket_activation_and_notify_sequence(farms: FarmRunner) -> None:
                 "-l",
                 f"127.0.0.1:{port}",
                 "-E",
-                f"NOTIFY_SOCKET={notify.path}",
+                f"NOTIFY_SOCKET={notify.address}",
                 "-E",
                 f"PYTHONPATH={REPO}",
             ],
@@ -670,7 +637,7 @@ def test_watchdog_pings_while_healthy(farms: FarmRunner) -> None:
             "--handler",
             "farm.handlers:Sink",
             workers=1,
-            env={"NOTIFY_SOCKET": notify.path, "WATCHDOG_USEC": "400000"},
+            env={"NOTIFY_SOCKET": notify.address, "WATCHDOG_USEC": "400000"},
         )
         assert notify.next_with("READY")["READY"] == "1"
         # WatchdogSec=0.4 s: pinged every 0.2 s while the farm is serving.
