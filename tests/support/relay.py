@@ -12,7 +12,6 @@ import asyncio
 import os
 import shutil
 import smtplib
-import socket
 import subprocess
 import tempfile
 import threading
@@ -28,7 +27,7 @@ import pytest
 
 from farm.controller import Controller
 from farm.relay import Relay
-from tests.support.net import free_port
+from tests.support.net import free_port, listening
 from tests.support.wait import wait_for
 
 SMTP_SINK = "/usr/sbin/smtp-sink"
@@ -57,16 +56,12 @@ class Sink:
         self._wait_listening()
 
     def _wait_listening(self) -> None:
-        def listening() -> bool:
+        def up() -> bool:
             if self.process.poll() is not None:
                 raise RuntimeError(f"smtp-sink exited: {self.process.stderr.read()!r}")  # type: ignore[union-attr]
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-            except OSError:
-                return False
-            return True
+            return listening(self.port)
 
-        wait_for(listening, "smtp-sink listening")
+        wait_for(up, "smtp-sink listening")
 
     @property
     def next_hop(self) -> str:

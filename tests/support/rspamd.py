@@ -20,7 +20,6 @@ import os
 import pwd
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -28,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.net import free_port
+from tests.support.net import free_port, listening
 from tests.support.wait import WAIT, wait_for
 
 RSPAMD = shutil.which("rspamd", path=f"{os.environ.get('PATH', '')}:/usr/bin:/usr/sbin")
@@ -106,12 +105,6 @@ worker "rspamd_proxy" {{
 """
 
 
-def _listening(port: int) -> bool:
-    with socket.socket() as sock:
-        sock.settimeout(1)
-        return sock.connect_ex(("127.0.0.1", port)) == 0
-
-
 def _hand_over(directory: Path, user: str) -> None:
     """Give ``directory`` (and what is in it) to ``user`` when we are root."""
     if os.geteuid() != 0:
@@ -149,7 +142,7 @@ class Rspamd:
             wait_for(
                 lambda: (
                     self._check_alive()
-                    or (_listening(self.http_port) and _listening(self.milter_port))
+                    or (listening(self.http_port) and listening(self.milter_port))
                 ),
                 timeout=WAIT,
                 what="rspamd listening",
@@ -188,7 +181,7 @@ class Rspamd:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(WAIT)
-        wait_for(lambda: not _listening(self.http_port), timeout=WAIT, what="rspamd's port closed")
+        wait_for(lambda: not listening(self.http_port), timeout=WAIT, what="rspamd's port closed")
         self.output.close()
 
     def cleanup(self) -> None:
@@ -257,7 +250,7 @@ Nameservers 127.0.0.1
         )
         try:
             wait_for(
-                lambda: self._check_alive() or _listening(self.port), timeout=WAIT, what="opendkim"
+                lambda: self._check_alive() or listening(self.port), timeout=WAIT, what="opendkim"
             )
         except BaseException:
             self.stop()
