@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from tests.support.client import Reply, SMTPClient
+from tests.support.client import Reply, SMTPClient, codes
 
 MESSAGE_SIZE = 30 * 1024 * 1024
 
@@ -24,10 +24,9 @@ def build_body(size: int) -> bytes:
 def send_raw_message(controller: Any, body: bytes) -> Reply:
     """``body`` (already stuffed) in one DATA transaction; the reply to the final dot."""
     with SMTPClient.of(controller, timeout=60, greeting=True) as client:
-        client.command("EHLO me")
+        assert client.command("EHLO me").code == 250
         client.send(b"MAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\nDATA\r\n")
-        for _ in range(3):
-            client.reply()
+        assert codes([client.reply() for _ in range(3)]) == [250, 250, 354]
         client.send(body)  # not body + b".\r\n": no copy of it on the traced heap
         client.send(b".\r\n")
         reply = client.reply()
@@ -85,8 +84,7 @@ def test_other_sessions_are_served_during_a_large_upload(
     body = build_body(MESSAGE_SIZE)
     with SMTPClient.of(controller, timeout=60, greeting=True) as big:
         big.send(b"HELO me\r\nMAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\nDATA\r\n")
-        for _ in range(4):
-            big.reply()
+        assert codes([big.reply() for _ in range(4)]) == [250, 250, 250, 354]
         big.send(body[: len(body) // 2])
         # Mid-upload, another client completes a whole transaction.
         with smtplib.SMTP(controller.hostname, controller.port, timeout=30) as other:
