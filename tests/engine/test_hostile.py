@@ -609,7 +609,7 @@ def test_flood_until_backpressure(make_controller: Any, handler: Any) -> None:
         _fresh_session_works(controller, handler)
         offset = sent % len(FLOOD_CHUNK)
         tail = FLOOD_CHUNK[offset:] if offset else b""
-        _drain(client, (sent + len(tail)) // 6, lambda: client.sock.sendall(tail))
+        _drain(client, (sent + len(tail)) // 6, lambda: client.send(tail))
 
 
 def test_non_reading_client_dropped_at_timeout(
