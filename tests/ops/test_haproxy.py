@@ -28,7 +28,6 @@ from tests.support.farms import (
     FarmRunner,
     delivered,
     start_smtp_source,
-    stop_process,
     toml_config,
 )
 from tests.support.haproxy import (
@@ -40,6 +39,7 @@ from tests.support.haproxy import (
     needs_smtp_sink,
 )
 from tests.support.net import refused
+from tests.support.processes import stop_process
 from tests.support.relay import Sink
 from tests.support.wait import WAIT, wait_for
 

@@ -40,11 +40,11 @@ from tests.support.farms import (
     living,
     run_smtp_source,
     start_smtp_source,
-    stop_process,
     toml_config,
 )
 from tests.support.net import free_port, taken_port
 from tests.support.notify import NotifySocket
+from tests.support.processes import stop_process
 from tests.support.wait import wait_for
 
 needs_smtp_source = pytest.mark.skipif(

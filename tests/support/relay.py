@@ -28,6 +28,7 @@ import pytest
 from farm.controller import Controller
 from farm.relay import Relay
 from tests.support.net import free_port, listening
+from tests.support.processes import stop_process
 from tests.support.wait import wait_for
 
 SMTP_SINK = "/usr/sbin/smtp-sink"
@@ -81,13 +82,7 @@ class Sink:
             raise AssertionError(f"{marker!r} x{count} never reached the next hop") from None
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
+        stop_process(self.process, grace=5)
         if self.process.stderr is not None:
             self.process.stderr.close()
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import os
 import pwd
 import shutil
-import signal
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -28,6 +27,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.net import free_port, listening
+from tests.support.processes import stop_process
 from tests.support.wait import WAIT, wait_for
 
 RSPAMD = shutil.which("rspamd", path=f"{os.environ.get('PATH', '')}:/usr/bin:/usr/sbin")
@@ -174,13 +174,7 @@ class Rspamd:
 
     def stop(self) -> None:
         """Stop rspamd by its pid (TERM, then KILL); its workers follow their main process."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(WAIT)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(WAIT)
+        stop_process(self.process, grace=WAIT)
         wait_for(lambda: not listening(self.http_port), timeout=WAIT, what="rspamd's port closed")
         self.output.close()
 
@@ -267,13 +261,7 @@ Nameservers 127.0.0.1
         return False
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(WAIT)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(WAIT)
+        stop_process(self.process, grace=WAIT)
         self.output.close()
         shutil.rmtree(self.dir, ignore_errors=True)
 
