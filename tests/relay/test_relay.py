@@ -32,7 +32,6 @@ from tests.support.relay import (
     HAVE_SINK,
     SMTP_SOURCE,
     SWAKS,
-    WAIT,
     FakeNextHop,
     LoopThread,
     attempt,
@@ -42,6 +41,7 @@ from tests.support.relay import (
     smtp_dialogue,
 )
 from tests.support.relay import make_relay as relay
+from tests.support.wait import WAIT
 
 pytestmark = pytest.mark.skipif(not HAVE_SINK, reason="smtp-sink not installed")
 

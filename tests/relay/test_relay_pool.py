@@ -13,7 +13,6 @@ from tests.support.client import SMTPClient
 from tests.support.relay import (
     DOMAIN,
     HAVE_SINK,
-    WAIT,
     CountingProxy,
     FakeNextHop,
     LoopThread,
@@ -25,7 +24,7 @@ from tests.support.relay import (
     smtp_dialogue,
 )
 from tests.support.relay import make_relay as relay
-from tests.support.wait import wait_for
+from tests.support.wait import WAIT, wait_for
 
 pytestmark = pytest.mark.skipif(not HAVE_SINK, reason="smtp-sink not installed")
 

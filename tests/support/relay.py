@@ -29,7 +29,7 @@ from farm.controller import Controller
 from farm.relay import Relay
 from tests.support.net import free_port, listening
 from tests.support.processes import stop_process
-from tests.support.wait import wait_for
+from tests.support.wait import WAIT, wait_for
 
 SMTP_SINK = "/usr/sbin/smtp-sink"
 SMTP_SOURCE = "/usr/sbin/smtp-source"
@@ -37,7 +37,6 @@ SWAKS = shutil.which("swaks")
 HAVE_SINK = os.path.exists(SMTP_SINK)
 
 DOMAIN = "farm.test"
-WAIT = 10.0
 
 
 class Sink:
