@@ -16,7 +16,7 @@ def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port that is free on ``host`` (an IPv4 or IPv6 address) right now."""
     with socket.socket(_family(host), socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
-        return sock.getsockname()[1]
+        return int(sock.getsockname()[1])
 
 
 def free_udp_tcp_port(host: str = "127.0.0.1") -> int:
@@ -24,7 +24,7 @@ def free_udp_tcp_port(host: str = "127.0.0.1") -> int:
     for _ in range(50):
         with socket.socket(_family(host), socket.SOCK_DGRAM) as udp:
             udp.bind((host, 0))
-            port = udp.getsockname()[1]
+            port: int = udp.getsockname()[1]
             with socket.socket(_family(host), socket.SOCK_STREAM) as tcp:
                 try:
                     tcp.bind((host, port))
