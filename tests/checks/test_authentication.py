@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import re
 import smtplib
-import socket
 import threading
 from pathlib import Path
 from typing import Any
@@ -23,9 +22,10 @@ from farm.metrics import WorkerStats
 from farm.resolver import Resolver
 from farm.smtp import AuthResult
 from tests.support import mail_auth_zones as zones
+from tests.support.client import SMTPClient
 from tests.support.loops import both_loops  # noqa: F401 (every engine test on asyncio and uvloop)
+from tests.support.wait import WAIT
 
-WAIT = 30.0
 ID = "mx.test"
 
 
@@ -60,23 +60,12 @@ def send(
 
 def send_bdat(port: int, source: str, sender: str, content: bytes) -> str:
     """The reply to BDAT LAST (the whole message in one chunk)."""
-    with socket.create_connection(("127.0.0.1", port), WAIT, source_address=(source, 0)) as sock:
-        file = sock.makefile("rb")
-
-        def reply() -> str:
-            lines = []
-            while True:
-                line = file.readline().decode()
-                lines.append(line)
-                if line[3:4] != "-":
-                    return "".join(lines)
-
-        reply()
+    with SMTPClient(port, source=source) as client:
+        client.reply()
         for command in ("EHLO client.test", f"MAIL FROM:<{sender}>", "RCPT TO:<bob@mx.test>"):
-            sock.sendall(command.encode() + b"\r\n")
-            assert reply().startswith("250")
-        sock.sendall(f"BDAT {len(content)} LAST\r\n".encode() + content)
-        return reply()
+            assert client.command(command).startswith("250")
+        client.send(f"BDAT {len(content)} LAST\r\n".encode() + content)
+        return client.reply()
 
 
 def results(content: bytes) -> list[str]:

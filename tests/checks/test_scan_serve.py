@@ -116,7 +116,7 @@ def test_bdat_last_is_scanned(farms: FarmRunner, tmp_path: Path, rspamd: Rspamd)
         assert "CHUNKING" in client.command("EHLO client.example.net")
         assert client.command(f"MAIL FROM:<{SENDER}>").startswith("250")
         assert client.command("RCPT TO:<rcpt@example.org>").startswith("250")
-        client.sock.sendall(f"BDAT {len(data)} LAST\r\n".encode() + data)
+        client.send(f"BDAT {len(data)} LAST\r\n".encode() + data)
         assert client.reply() == "554 5.7.1 Gtube pattern\r\n"
     finally:
         client.close()

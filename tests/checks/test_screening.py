@@ -25,9 +25,7 @@ from tests.support import mail_auth_zones as zones
 from tests.support.client import SMTPClient
 from tests.support.farms import toml_config
 from tests.support.loops import both_loops  # noqa: F401 (every engine test on asyncio and uvloop)
-from tests.support.wait import wait_for
-
-WAIT = 30.0
+from tests.support.wait import WAIT, wait_for
 
 
 def stage(

@@ -10,7 +10,6 @@ from __future__ import annotations
 import itertools
 import os
 import smtplib
-import socket
 import threading
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from farm.relay import clean_content, dot_stuff
 from farm.relay.content import content_chunks, content_size
 from farm.smtp.body import INSUFFICIENT_STORAGE, Body, MemoryBudget, envelope_body
 from farm.smtp.framing import BodyPart, Command, Framer, Message
+from tests.support.client import SMTPClient
 from tests.support.farms import FarmRunner, toml_config
 from tests.support.wait import wait_for
 
@@ -43,33 +43,26 @@ def stuffed(body: bytes) -> bytes:
 
 def send_raw(port: int, body: bytes, *, bdat: int | None = None) -> str:
     """One message over a raw socket (DATA, or BDAT chunks of ``bdat`` octets); the final reply."""
-    with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
-        reader = sock.makefile("rb")
-        reader.readline()
-        sock.sendall(b"EHLO client.test\r\n")
-        while not reader.readline().startswith(b"250 "):
-            pass
-        sock.sendall(b"MAIL FROM:<a@client.test>\r\n")
-        reader.readline()
-        sock.sendall(b"RCPT TO:<b@farm.test>\r\n")
-        reader.readline()
+    with SMTPClient(port, timeout=60, greeting=True) as client:
+        client.command("EHLO client.test")
+        client.command("MAIL FROM:<a@client.test>")
+        client.command("RCPT TO:<b@farm.test>")
         if bdat is None:
-            sock.sendall(b"DATA\r\n")
-            reply = reader.readline()
-            if not reply.startswith(b"354"):
-                return reply.decode().strip()
-            sock.sendall(stuffed(body) + b".\r\n")
-            reply = reader.readline()
+            reply = client.command("DATA")
+            if reply.code != 354:
+                return reply.text
+            client.send(stuffed(body) + b".\r\n")
+            reply = client.reply()
         else:
             pieces = [body[i : i + bdat] for i in range(0, len(body), bdat)] or [b""]
             for number, piece in enumerate(pieces, 1):
                 last = b" LAST" if number == len(pieces) else b""
-                sock.sendall(b"BDAT %d%s\r\n" % (len(piece), last) + piece)
-                reply = reader.readline()
-                if not last and not reply.startswith(b"250"):
-                    return reply.decode().strip()
-        sock.sendall(b"QUIT\r\n")
-        return reply.decode().strip()
+                client.send(b"BDAT %d%s\r\n" % (len(piece), last) + piece)
+                reply = client.reply()
+                if not last and reply.code != 250:
+                    return reply.text
+        client.send("QUIT\r\n")
+        return reply.text
 
 
 class Keeper:

@@ -6,7 +6,6 @@ import asyncio
 import doctest
 import fcntl
 import smtplib
-import socket
 import threading
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,8 @@ from farm.controller import (
     get_localhost,
 )
 from farm.smtp import SMTP
+from tests.support.client import SMTPClient, codes
+from tests.support.net import refused, taken_port
 
 SPEC = Path(__file__).resolve().parents[3] / "shared" / "spec" / "controller.rst"
 README = Path(__file__).resolve().parents[2] / "README.md"
@@ -69,8 +70,7 @@ def test_start_stop_and_refused_after_stop(handler: Any) -> None:
     with smtplib.SMTP(controller.hostname, controller.port, timeout=10) as client:
         assert client.noop() == (250, b"OK")
     controller.stop()
-    with pytest.raises(ConnectionRefusedError):
-        socket.create_connection((controller.hostname, controller.port), timeout=10)
+    assert refused(controller.port, controller.hostname)
     # A controller can be started again.
     controller.start()
     with smtplib.SMTP(controller.hostname, controller.port, timeout=10) as client:
@@ -119,10 +119,7 @@ def test_factory_error_surfaces_in_start(handler: Any) -> None:
 
 
 def test_bind_error_surfaces_in_start(handler: Any) -> None:
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
+    with taken_port() as port:
         controller = Controller(handler, hostname="127.0.0.1", port=port, ready_timeout=10)
         with pytest.raises(OSError):
             controller.start()
@@ -167,30 +164,27 @@ def test_stop_drains_in_flight_and_says_421_to_idle() -> None:
     gated = GatedHandler()
     controller = Controller(gated, hostname="127.0.0.1", port=0, ready_timeout=10)
     controller.start()
-    idle = socket.create_connection((controller.hostname, controller.port), timeout=10)
-    busy = socket.create_connection((controller.hostname, controller.port), timeout=10)
-    idle_reader, busy_reader = idle.makefile("rb"), busy.makefile("rb")
-    assert idle_reader.readline().startswith(b"220 ")
-    assert busy_reader.readline().startswith(b"220 ")
-    busy.sendall(b"HELO me\r\nMAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\nDATA\r\n")
-    for _ in range(4):
-        busy_reader.readline()
-    busy.sendall(b"in flight\r\n.\r\n")
+    idle, busy = SMTPClient.of(controller, timeout=10), SMTPClient.of(controller, timeout=10)
+    assert idle.reply().startswith("220 ")
+    assert busy.reply().startswith("220 ")
+    busy.send(b"HELO me\r\nMAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\nDATA\r\n")
+    assert codes([busy.reply() for _ in range(4)]) == [250, 250, 250, 354]
+    busy.send(b"in flight\r\n.\r\n")
     assert gated.entered.wait(10)
 
     stopper = threading.Thread(target=controller.stop)
     stopper.start()
     # The idle session is told at once; the busy one still waits for its handler.
-    assert idle_reader.readline() == b"421 4.3.2 Service shutting down\r\n"
-    assert idle_reader.readline() == b""
+    assert idle.reply() == "421 4.3.2 Service shutting down\r\n"
+    assert idle.reply() == ""  # closed
     gated.gate.set()
-    assert busy_reader.readline() == b"250 delivered\r\n"
-    assert busy_reader.readline() == b"421 4.3.2 Service shutting down\r\n"
+    assert busy.reply() == "250 delivered\r\n"
+    assert busy.reply() == "421 4.3.2 Service shutting down\r\n"
     stopper.join(30)
     assert not stopper.is_alive()
     assert gated.delivered == [b"in flight\r\n"]
-    for sock in (idle, busy):
-        sock.close()
+    for client in (idle, busy):
+        client.close()
 
 
 def test_stop_aborts_stragglers_after_drain_timeout() -> None:
@@ -199,20 +193,12 @@ def test_stop_aborts_stragglers_after_drain_timeout() -> None:
         gated, hostname="127.0.0.1", port=0, ready_timeout=10, drain_timeout=0.5
     )
     controller.start()
-    with socket.create_connection((controller.hostname, controller.port), timeout=10) as busy:
-        reader = busy.makefile("rb")
-        reader.readline()
-        busy.sendall(b"HELO me\r\nMAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\nDATA\r\nx\r\n.\r\n")
+    with SMTPClient.of(controller, timeout=10, greeting=True) as busy:
+        busy.send(b"HELO me\r\nMAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\nDATA\r\nx\r\n.\r\n")
         assert gated.entered.wait(10)
         controller.stop()
         # Aborted: the client never sees a 250 for a message the handler has not finished.
-        rest = b""
-        try:
-            while chunk := busy.recv(4096):
-                rest += chunk
-        except ConnectionResetError:
-            pass
-        assert b"250 delivered" not in rest
+        assert b"250 delivered" not in busy.read_to_close()
     gated.gate.set()
 
 
@@ -221,16 +207,13 @@ def test_unix_socket_controller(tmp_path: Path, handler: Any) -> None:
     controller = UnixSocketController(handler, unix_socket=path, ready_timeout=10)
     controller.start()
     try:
-        with socket.socket(socket.AF_UNIX) as sock:
-            sock.settimeout(10)
-            sock.connect(str(path))
-            reader = sock.makefile("rb")
-            assert reader.readline().startswith(b"220 ")
-            sock.sendall(b"HELO me\r\nMAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\nDATA\r\n")
-            assert [reader.readline()[:3] for _ in range(4)] == [b"250", b"250", b"250", b"354"]
-            sock.sendall(b"over unix\r\n.\r\nQUIT\r\n")
-            assert reader.readline() == b"250 OK\r\n"
-            assert reader.readline() == b"221 Bye\r\n"
+        with SMTPClient.unix(path, timeout=10) as client:
+            assert client.reply().startswith("220 ")
+            client.send(b"HELO me\r\nMAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\nDATA\r\n")
+            assert codes([client.reply() for _ in range(4)]) == [250, 250, 250, 354]
+            client.send(b"over unix\r\n.\r\nQUIT\r\n")
+            assert client.reply() == "250 OK\r\n"
+            assert client.reply() == "221 Bye\r\n"
     finally:
         controller.stop()
     assert handler.envelopes[0].content == b"over unix\r\n"

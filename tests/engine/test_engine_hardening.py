@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import smtplib
-import socket
 import threading
 import time
 from typing import Any
@@ -97,13 +96,13 @@ def _flooded(make_controller: Any, handler: Any, **kwargs: Any) -> tuple[SMTPCli
     client = SMTPClient.of(controller, timeout=TIMEOUT, small_buffers=True)
     assert client.reply().code == 220
     protocol = _shrink_server_buffers(controller)
-    threading.Thread(target=_send_quietly, args=(client.sock, EHLO_FLOOD), daemon=True).start()
+    threading.Thread(target=_send_quietly, args=(client, EHLO_FLOOD), daemon=True).start()
     return client, protocol
 
 
-def _send_quietly(sock: socket.socket, data: bytes) -> None:
+def _send_quietly(client: SMTPClient, data: bytes) -> None:
     with contextlib.suppress(OSError):  # the server may drop us meanwhile
-        sock.sendall(data)
+        client.send(data)
 
 
 def test_pipelined_flood_of_a_non_reader_holds_bounded_replies(

@@ -13,19 +13,17 @@ import smtplib
 import socket
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 
+from farm.controller import Controller
 from farm.handlers import AsyncMessage, Debugging, Mailbox, Message, Proxy, Sink
-from farm.smtp import SMTP
 from tests.support.relay import FakeNextHop, LoopThread, smtp_dialogue
-from tests.support.wait import wait_for
+from tests.support.wait import WAIT, wait_for
 
 HOST = "127.0.0.1"
-#: Upper bound for anything a test waits for; a healthy run needs milliseconds.
-WAIT = 30.0
 
 MESSAGE = (
     b"From: Anne Person <anne@example.com>\r\n"
@@ -37,86 +35,19 @@ MESSAGE = (
 )
 
 
-class ServerThread:
-    """One engine listening on a free port, served by an event loop in a background thread."""
-
-    def __init__(self, handler: Any, **smtp_kwargs: Any) -> None:
-        self.handler = handler
-        self.smtp_kwargs = smtp_kwargs
-        self.loop = asyncio.new_event_loop()
-        self.port = 0
-        self._protocols: list[SMTP] = []
-        self._server: asyncio.Server | None = None
-        self._thread = threading.Thread(target=self._run, name="smtp-server", daemon=True)
-        self._ready = threading.Event()
-        self._error: BaseException | None = None
-
-    def _factory(self) -> SMTP:
-        protocol = SMTP(self.handler, hostname="farm.test", **self.smtp_kwargs)
-        self._protocols.append(protocol)
-        return protocol
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self.loop)
-        try:
-            self._server = self.loop.run_until_complete(
-                self.loop.create_server(self._factory, HOST, 0)
-            )
-            self.port = self._server.sockets[0].getsockname()[1]
-        except BaseException as error:
-            self._error = error
-            self._ready.set()
-            self.loop.close()
-            return
-        self._ready.set()
-        try:
-            self.loop.run_forever()
-        finally:
-            self.loop.run_until_complete(self.loop.shutdown_default_executor())
-            self.loop.close()
-
-    def start(self) -> ServerThread:
-        self._thread.start()
-        assert self._ready.wait(WAIT), "server did not start"
-        if self._error is not None:
-            raise self._error
-        return self
-
-    async def _shutdown(self) -> None:
-        assert self._server is not None
-        self._server.close()
-        await self._server.wait_closed()
-        for protocol in self._protocols:
-            if protocol.transport is not None:
-                protocol.transport.close()
-        await asyncio.sleep(0)  # let connection_lost run
-
-    def stop(self) -> None:
-        asyncio.run_coroutine_threadsafe(self._shutdown(), self.loop).result(WAIT)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(WAIT)
-        assert not self._thread.is_alive(), "server thread did not stop"
-
-    def call_soon(self, callback: Callable[[], Any]) -> None:
-        self.loop.call_soon_threadsafe(callback)
-
-
 @pytest.fixture
-def serve() -> Iterator[Callable[..., ServerThread]]:
-    """Start engines with ``serve(handler, **smtp_kwargs)``; all are stopped, newest first."""
-    started: list[ServerThread] = []
+def serve(make_controller: Any) -> Callable[..., Controller]:
+    """``serve(handler, **smtp_kwargs)`` -> a started Controller with the bare engine's
+    defaults (SMTPUTF8 off, unlike the Controller's)."""
 
-    def start(handler: Any, **smtp_kwargs: Any) -> ServerThread:
-        server = ServerThread(handler, **smtp_kwargs)
-        started.append(server)
-        return server.start()
+    def start(handler: Any, **smtp_kwargs: Any) -> Controller:
+        smtp_kwargs.setdefault("enable_SMTPUTF8", False)
+        return make_controller(handler, **smtp_kwargs)
 
-    yield start
-    while started:
-        started.pop().stop()
+    return start
 
 
-def client(server: ServerThread) -> smtplib.SMTP:
+def client(server: Controller) -> smtplib.SMTP:
     return smtplib.SMTP(HOST, server.port, timeout=WAIT)
 
 
@@ -150,7 +81,7 @@ def relay_records(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
 # -- Debugging ---------------------------------------------------------------------------------
 
 
-def test_debugging_prints_bytes_message_with_peer(serve: Callable[..., ServerThread]) -> None:
+def test_debugging_prints_bytes_message_with_peer(serve: Callable[..., Controller]) -> None:
     stream = io.StringIO()
     server = serve(Debugging(stream))
     with client(server) as c:
@@ -171,7 +102,7 @@ def test_debugging_prints_bytes_message_with_peer(serve: Callable[..., ServerThr
     )
 
 
-def test_debugging_prints_str_content(serve: Callable[..., ServerThread]) -> None:
+def test_debugging_prints_str_content(serve: Callable[..., Controller]) -> None:
     stream = io.StringIO()
     server = serve(Debugging(stream), decode_data=True)
     with client(server) as c:
@@ -205,7 +136,7 @@ def test_debugging_stream_and_from_cli() -> None:
 # -- Sink --------------------------------------------------------------------------------------
 
 
-def test_sink_accepts_and_has_no_hooks(serve: Callable[..., ServerThread]) -> None:
+def test_sink_accepts_and_has_no_hooks(serve: Callable[..., Controller]) -> None:
     assert not [name for name in dir(Sink) if name.startswith("handle_")]
     server = serve(Sink())
     with client(server) as c:
@@ -259,7 +190,7 @@ def test_message_and_async_message_are_abstract() -> None:
 
 @pytest.mark.parametrize("decode_data", [False, True])
 def test_message_gets_parsed_message_with_envelope_headers(
-    serve: Callable[..., ServerThread], decode_data: bool
+    serve: Callable[..., Controller], decode_data: bool
 ) -> None:
     handler = Collecting(CustomMessage)
     server = serve(handler, decode_data=decode_data)
@@ -275,7 +206,7 @@ def test_message_gets_parsed_message_with_envelope_headers(
     assert message.get_payload() == "Hi Bart, this is Anne.\r\n"
 
 
-def test_async_message_awaits_handle_message(serve: Callable[..., ServerThread]) -> None:
+def test_async_message_awaits_handle_message(serve: Callable[..., Controller]) -> None:
     handler = AsyncCollecting()
     server = serve(handler)
     with client(server) as c:
@@ -299,7 +230,7 @@ def test_async_message_keeps_given_loop() -> None:
 # -- Mailbox -----------------------------------------------------------------------------------
 
 
-def test_mailbox_stores_messages_in_maildir(serve: Callable[..., ServerThread], tmp_path) -> None:
+def test_mailbox_stores_messages_in_maildir(serve: Callable[..., Controller], tmp_path) -> None:
     path = tmp_path / "Maildir"
     handler = Mailbox(path)
     server = serve(handler)
@@ -330,7 +261,7 @@ def test_mailbox_from_cli(tmp_path) -> None:
 
 
 def test_proxy_relays_with_x_peer(
-    serve: Callable[..., ServerThread], caplog: pytest.LogCaptureFixture
+    serve: Callable[..., Controller], caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="farm.handlers")
     upstream = Recorder()
@@ -351,7 +282,7 @@ def test_proxy_relays_with_x_peer(
 
 
 def test_proxy_normalises_bare_cr_and_lf_as_the_relay_does(
-    serve: Callable[..., ServerThread], loop_thread: LoopThread
+    serve: Callable[..., Controller], loop_thread: LoopThread
 ) -> None:
     """smtplib dot-stuffs only after LF: a bare-CR ``<CR>.<CR>`` must not reach the upstream
     (issue 12 item 14). Stray CR, LF and NUL become spaces, as in ``farm.relay``."""
@@ -371,7 +302,7 @@ def test_proxy_normalises_bare_cr_and_lf_as_the_relay_does(
 
 
 def test_proxy_relays_decoded_content_as_original_bytes(
-    serve: Callable[..., ServerThread],
+    serve: Callable[..., Controller],
 ) -> None:
     upstream = Recorder()
     up = serve(upstream)
@@ -383,7 +314,7 @@ def test_proxy_relays_decoded_content_as_original_bytes(
 
 
 def test_proxy_forwards_8bitmime_when_upstream_offers_it(
-    serve: Callable[..., ServerThread],
+    serve: Callable[..., Controller],
 ) -> None:
     upstream = Recorder()
     up = serve(upstream)
@@ -397,7 +328,7 @@ def test_proxy_forwards_8bitmime_when_upstream_offers_it(
 
 
 def test_proxy_partial_refusal_is_accepted_and_logged(
-    serve: Callable[..., ServerThread], caplog: pytest.LogCaptureFixture
+    serve: Callable[..., Controller], caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="farm.handlers")
     upstream = Recorder(refuse={"nobody@example.com": "550 5.1.1 No such user"})
@@ -414,7 +345,7 @@ def test_proxy_partial_refusal_is_accepted_and_logged(
 
 @pytest.mark.parametrize("refusal", ["550 5.1.1 No such user", "450 4.2.1 Mailbox busy, try later"])
 def test_proxy_passes_through_refusal_of_all_recipients(
-    serve: Callable[..., ServerThread], caplog: pytest.LogCaptureFixture, refusal: str
+    serve: Callable[..., Controller], caplog: pytest.LogCaptureFixture, refusal: str
 ) -> None:
     caplog.set_level(logging.INFO, logger="farm.handlers")
     up = serve(Recorder(refuse={"nobody@example.com": refusal}))
@@ -432,7 +363,7 @@ def test_proxy_passes_through_refusal_of_all_recipients(
     assert f"outcome={refusal[:3]}" in record.getMessage()
 
 
-def test_proxy_temporary_refusal_wins_over_permanent(serve: Callable[..., ServerThread]) -> None:
+def test_proxy_temporary_refusal_wins_over_permanent(serve: Callable[..., Controller]) -> None:
     up = serve(
         Recorder(
             refuse={
@@ -447,7 +378,7 @@ def test_proxy_temporary_refusal_wins_over_permanent(serve: Callable[..., Server
     assert info.value.smtp_code == 452
 
 
-def test_proxy_passes_through_upstream_data_refusal(serve: Callable[..., ServerThread]) -> None:
+def test_proxy_passes_through_upstream_data_refusal(serve: Callable[..., Controller]) -> None:
     up = serve(Recorder(data_reply="554 5.6.0 Message rejected"))
     proxy = serve(Proxy(HOST, up.port))
     with client(proxy) as c, pytest.raises(smtplib.SMTPDataError) as info:
@@ -456,7 +387,7 @@ def test_proxy_passes_through_upstream_data_refusal(serve: Callable[..., ServerT
 
 
 def test_proxy_unreachable_upstream_gives_451(
-    serve: Callable[..., ServerThread], caplog: pytest.LogCaptureFixture
+    serve: Callable[..., Controller], caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="farm.handlers")
     # A bound socket that never listens: connecting to its port is refused, and no other
@@ -494,7 +425,7 @@ class SlowUpstream(Recorder):
         return await super().handle_DATA(server, session, envelope)
 
 
-def test_proxy_does_not_block_the_loop_while_relaying(serve: Callable[..., ServerThread]) -> None:
+def test_proxy_does_not_block_the_loop_while_relaying(serve: Callable[..., Controller]) -> None:
     upstream = SlowUpstream()
     up = serve(upstream)
     proxy = serve(Proxy(HOST, up.port))
@@ -517,14 +448,14 @@ def test_proxy_does_not_block_the_loop_while_relaying(serve: Callable[..., Serve
         assert sender.is_alive()
         assert upstream.received == []
     finally:
-        up.call_soon(upstream.release.set)
+        up.loop.call_soon_threadsafe(upstream.release.set)
         sender.join(WAIT)
     assert not sender.is_alive()
     assert outcome == {"refused": {}}
     assert len(upstream.received) == 1
 
 
-def test_proxy_declares_size_when_offered(serve: Callable[..., ServerThread]) -> None:
+def test_proxy_declares_size_when_offered(serve: Callable[..., Controller]) -> None:
     upstream = Recorder()
     up = serve(upstream)  # the engine offers SIZE
     proxy = serve(Proxy(HOST, up.port, timeout=None))  # None: no bound, as smtplib's
@@ -535,7 +466,7 @@ def test_proxy_declares_size_when_offered(serve: Callable[..., ServerThread]) ->
 
 
 def test_proxy_upstream_lost_mid_transaction_gives_451(
-    serve: Callable[..., ServerThread], loop_thread: LoopThread, caplog: pytest.LogCaptureFixture
+    serve: Callable[..., Controller], loop_thread: LoopThread, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="farm.handlers")
 
@@ -561,7 +492,7 @@ def test_proxy_upstream_lost_mid_transaction_gives_451(
 
 
 def test_proxy_timeout_bounds_a_silent_upstream(
-    serve: Callable[..., ServerThread], loop_thread: LoopThread
+    serve: Callable[..., Controller], loop_thread: LoopThread
 ) -> None:
     def answer(line: bytes, transaction: int) -> bytes | None:
         return b"" if line == b".\r\n" else None  # the message is never answered
@@ -581,7 +512,7 @@ def test_proxy_timeout_bounds_a_silent_upstream(
 
 
 def test_proxy_upstream_closing_at_rcpt_gives_451(
-    serve: Callable[..., ServerThread], loop_thread: LoopThread
+    serve: Callable[..., Controller], loop_thread: LoopThread
 ) -> None:
     def answer(line: bytes, transaction: int) -> bytes | None:
         if line.upper().startswith(b"RCPT TO:<CATE@"):
@@ -601,7 +532,7 @@ def test_proxy_upstream_closing_at_rcpt_gives_451(
 
 
 @pytest.mark.parametrize("upstream_utf8", [True, False])
-def test_proxy_smtputf8(serve: Callable[..., ServerThread], upstream_utf8: bool) -> None:
+def test_proxy_smtputf8(serve: Callable[..., Controller], upstream_utf8: bool) -> None:
     upstream = Recorder()
     up = serve(upstream, enable_SMTPUTF8=upstream_utf8)
     proxy = serve(Proxy(HOST, up.port), enable_SMTPUTF8=True)

@@ -178,7 +178,7 @@ def test_ten_mib_command_line_without_crlf(controller: Any) -> None:
             tracemalloc.reset_peak()
             base = tracemalloc.get_traced_memory()[0]
             for start in range(0, len(payload), 2**20):
-                client.sock.sendall(view[start : start + 2**20])
+                client.send(view[start : start + 2**20])
             client.send(b"\r\nNOOP\r\nQUIT\r\n")
             replies = client.replies_until_close()
             peak = tracemalloc.get_traced_memory()[1] - base
@@ -232,7 +232,7 @@ def test_huge_data_line_memory_bounded(make_controller: Any, handler: Any) -> No
             tracemalloc.reset_peak()
             base = tracemalloc.get_traced_memory()[0]
             for start in range(0, len(line), 2**20):
-                client.sock.sendall(view[start : start + 2**20])
+                client.send(view[start : start + 2**20])
             client.send(b"\r\n.\r\n")
             assert client.reply().text == "500 Line too long (see RFC5321 4.5.3.1.6)"
             peak = tracemalloc.get_traced_memory()[1] - base
@@ -508,7 +508,7 @@ def _drain(client: SMTPClient, noops: int, finish_sending: Any) -> None:
     thread = threading.Thread(target=reader, daemon=True)
     thread.start()
     finish_sending()
-    client.sock.sendall(b"QUIT\r\n")
+    client.send(b"QUIT\r\n")
     thread.join(60)
     assert not thread.is_alive(), "flood replies never drained"
     replies = result[0]
@@ -524,9 +524,7 @@ def test_pipelined_noops_without_reading(make_controller: Any, handler: Any) -> 
     with SMTPClient.of(controller, timeout=TIMEOUT, small_buffers=True) as client:
         assert client.reply().code == 220
         protocol = _shrink_server_buffers(controller)
-        sender = threading.Thread(
-            target=client.sock.sendall, args=(b"NOOP\r\n" * noops,), daemon=True
-        )
+        sender = threading.Thread(target=client.send, args=(b"NOOP\r\n" * noops,), daemon=True)
         sender.start()
         # The server answers until its replies back up, then holds the rest unread.
         wait_for(
@@ -582,14 +580,14 @@ def test_flood_until_backpressure(make_controller: Any, handler: Any) -> None:
         _fresh_session_works(controller, handler)
         offset = sent % len(FLOOD_CHUNK)
         tail = FLOOD_CHUNK[offset:] if offset else b""
-        _drain(client, (sent + len(tail)) // 6, lambda: client.sock.sendall(tail))
+        _drain(client, (sent + len(tail)) // 6, lambda: client.send(tail))
 
 
 def test_half_close_inside_data_delivers_nothing(make_controller: Any, handler: Any) -> None:
     with SMTPClient.of(make_controller(handler), timeout=TIMEOUT) as client:
         client.send(EHLO + ENVELOPE + b"DATA\r\nSubject: cut\r\n\r\npartial body\r\n")
         assert codes([client.reply() for _ in range(5)]) == [220, 250, 250, 250, 354]
-        client.sock.shutdown(socket.SHUT_WR)
+        client.half_close()
         assert client.replies_until_close() == []
     assert handler.envelopes == []
 
@@ -653,7 +651,7 @@ def test_eof_during_an_auth_exchange_closes_at_once(make_controller: Any, handle
         replies = [client.reply() for _ in range(2)]
         assert replies[-1].text == "334 VXNlciBOYW1lAA=="  # "User Name\0", as aiosmtpd asks
         started = time.monotonic()
-        client.sock.shutdown(socket.SHUT_WR)
+        client.half_close()
         assert client.replies_until_close() == []  # no 451 blaming a handler
         assert time.monotonic() - started < 10
 

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import smtplib
-import socket
 import threading
 import tracemalloc
 from typing import Any
 
 import pytest
+
+from tests.support.client import Reply, SMTPClient, codes
 
 MESSAGE_SIZE = 30 * 1024 * 1024
 
@@ -20,22 +21,16 @@ def build_body(size: int) -> bytes:
     return b"..starts with a stuffed dot\r\n" + body
 
 
-def send_raw_message(host: str, port: int, body: bytes) -> bytes:
-    with socket.create_connection((host, port), timeout=60) as sock:
-        reader = sock.makefile("rb")
-        reader.readline()
-        sock.sendall(b"EHLO me\r\n")
-        while not reader.readline().startswith(b"250 "):
-            pass
-        sock.sendall(b"MAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\nDATA\r\n")
-        for _ in range(3):
-            reader.readline()
-        view = memoryview(body)
-        for start in range(0, len(body), 1 << 20):
-            sock.sendall(view[start : start + (1 << 20)])
-        sock.sendall(b".\r\n")
-        reply = reader.readline()
-        sock.sendall(b"QUIT\r\n")
+def send_raw_message(controller: Any, body: bytes) -> Reply:
+    """``body`` (already stuffed) in one DATA transaction; the reply to the final dot."""
+    with SMTPClient.of(controller, timeout=60, greeting=True) as client:
+        assert client.command("EHLO me").code == 250
+        client.send(b"MAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\nDATA\r\n")
+        assert codes([client.reply() for _ in range(3)]) == [250, 250, 354]
+        client.send(body)  # not body + b".\r\n": no copy of it on the traced heap
+        client.send(b".\r\n")
+        reply = client.reply()
+        client.send(b"QUIT\r\n")
         return reply
 
 
@@ -65,13 +60,13 @@ def test_30mb_message_memory_and_loop_lag(make_controller: Any, handler: Any) ->
     assert probe.running.wait(10)
     tracemalloc.start()
     try:
-        reply = send_raw_message(controller.hostname, controller.port, body)
+        reply = send_raw_message(controller, body)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
         probe.stop.set()
         probe.future.result(10)
-    assert reply == b"250 OK\r\n"
+    assert reply == "250 OK\r\n"
     content = handler.envelopes[0].content
     assert content.startswith(b".starts with a stuffed dot\r\nxxx")
     assert len(content) == len(body) - 1
@@ -87,17 +82,14 @@ def test_other_sessions_are_served_during_a_large_upload(
 ) -> None:
     controller = make_controller(handler, data_size_limit=64 * 1024 * 1024)
     body = build_body(MESSAGE_SIZE)
-    with socket.create_connection((controller.hostname, controller.port), timeout=60) as big:
-        reader = big.makefile("rb")
-        reader.readline()
-        big.sendall(b"HELO me\r\nMAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\nDATA\r\n")
-        for _ in range(4):
-            reader.readline()
-        big.sendall(body[: len(body) // 2])
+    with SMTPClient.of(controller, timeout=60, greeting=True) as big:
+        big.send(b"HELO me\r\nMAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\nDATA\r\n")
+        assert codes([big.reply() for _ in range(4)]) == [250, 250, 250, 354]
+        big.send(body[: len(body) // 2])
         # Mid-upload, another client completes a whole transaction.
         with smtplib.SMTP(controller.hostname, controller.port, timeout=30) as other:
             other.sendmail("x@y", ["z@w"], b"small\r\n")
         assert handler.received.is_set()
-        big.sendall(body[len(body) // 2 :] + b".\r\n")
-        assert reader.readline() == b"250 OK\r\n"
+        big.send(body[len(body) // 2 :] + b".\r\n")
+        assert big.reply() == "250 OK\r\n"
     assert [len(e.content) for e in handler.envelopes] == [len(b"small\r\n"), len(body) - 1]

@@ -20,19 +20,9 @@ import pytest
 from farm.config import ConfigError, load_config
 from farm.limits import Anvil, ClientLimits, LocalLimiter, client_address
 from tests.support.client import SMTPClient
+from tests.support.clock import FakeClock
 from tests.support.farms import toml_config
-from tests.support.wait import wait_for
-
-WAIT = 30.0
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
+from tests.support.wait import WAIT, wait_for, wait_for_async
 
 # -- the Anvil ------------------------------------------------------------------------------------
 
@@ -51,7 +41,7 @@ def test_sessions_are_counted_and_given_back() -> None:
 
 
 def test_message_rate_is_a_token_bucket() -> None:
-    clock = Clock()
+    clock = FakeClock()
     anvil = Anvil(ClientLimits(messages_per_ip=3, interval=60.0), clock)
     assert [anvil.count_message("a") for _ in range(4)] == [True, True, True, False]
     clock.now += 19.0  # one message comes back every 20 s
@@ -66,7 +56,7 @@ def test_message_rate_is_a_token_bucket() -> None:
 
 
 def test_auth_attempts_are_taken_and_successes_given_back() -> None:
-    clock = Clock()
+    clock = FakeClock()
     anvil = Anvil(ClientLimits(auth_failures_per_ip=2, interval=60.0), clock)
     assert anvil.take_auth("a")
     anvil.give_back_auth("a")  # a success does not count
@@ -438,10 +428,8 @@ def test_a_client_gone_at_once_gives_its_session_back() -> None:
             _, writer = await asyncio.open_connection("127.0.0.1", port)
             writer.transport.abort()  # an RST at once
             await asyncio.wait_for(closed.wait(), WAIT)
-        deadline = loop.time() + WAIT  # closes reach the table within CLOSE_DELAY
-        while table.sessions("127.0.0.1") and loop.time() < deadline:
-            await asyncio.sleep(0.01)
-        assert table.sessions("127.0.0.1") == 0
+        # closes reach the table within CLOSE_DELAY
+        await wait_for_async(lambda: table.sessions("127.0.0.1") == 0, "the closes in the table")
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         greeting = await asyncio.wait_for(reader.readline(), WAIT)
         assert table.sessions("127.0.0.1") == 1

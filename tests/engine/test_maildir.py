@@ -28,9 +28,8 @@ from tests.conftest import new_loop
 from tests.support.client import SMTPClient
 from tests.support.farms import SMTP_SOURCE, FarmRunner, run_smtp_source, toml_config
 from tests.support.loops import both_loops  # noqa: F401  (loop_kind: asyncio and uvloop)
-from tests.support.wait import wait_for
+from tests.support.wait import WAIT, wait_for
 
-WAIT = 30.0
 SENDER = "sender@client.test"
 MESSAGE = (
     b"From: Anne <anne@example.com>\r\n"

@@ -12,6 +12,7 @@ import pytest
 
 from farm import smtp as farm_smtp
 from farm.smtp import SMTP, syntax
+from tests.support.client import SMTPClient
 from tests.support.loops import both_loops  # noqa: F401  (loop_kind: asyncio and uvloop)
 
 
@@ -146,17 +147,11 @@ def test_reply_texts(controller: Any, commands: list[str], expected: tuple[int, 
 
 
 def test_empty_line_and_non_ascii(controller: Any) -> None:
-    with socket.create_connection((controller.hostname, controller.port), timeout=10) as sock:
-        reader = sock.makefile("rb")
-        reader.readline()
-        sock.sendall(b"\r\n")
-        assert reader.readline() == b"500 Error: bad syntax\r\n"
-        sock.sendall("NÖÖP\r\n".encode())
-        assert reader.readline() == b"500 Error: bad syntax\r\n"
-        sock.sendall("HELO hé\r\n".encode())
-        assert reader.readline() == b"500 Error: strict ASCII mode\r\n"
-        sock.sendall(b"NOOP\r\n")
-        assert reader.readline() == b"250 OK\r\n"
+    with SMTPClient.of(controller, timeout=10, greeting=True) as client:
+        assert client.command("") == "500 Error: bad syntax\r\n"
+        assert client.command("NÖÖP") == "500 Error: bad syntax\r\n"
+        assert client.command("HELO hé") == "500 Error: strict ASCII mode\r\n"
+        assert client.command("NOOP") == "250 OK\r\n"
 
 
 def test_null_sender_and_smtputf8(make_controller: Any, handler: Any) -> None:
@@ -348,15 +343,11 @@ def test_multiline_handler_reply_is_well_formed(make_controller: Any) -> None:
             return "250 first line\nsecond line\r\nthird line"
 
     controller = make_controller(Chatty())
-    with socket.create_connection((controller.hostname, controller.port), timeout=10) as sock:
-        reader = sock.makefile("rb")
-        reader.readline()
-        sock.sendall(b"NOOP\r\nQUIT\r\n")
-        assert [reader.readline() for _ in range(4)] == [
-            b"250-first line\r\n",
-            b"250-second line\r\n",
-            b"250 third line\r\n",
-            b"221 Bye\r\n",
+    with SMTPClient.of(controller, timeout=10, greeting=True) as client:
+        client.send(b"NOOP\r\nQUIT\r\n")
+        assert [client.reply(), client.reply()] == [
+            "250-first line\r\n250-second line\r\n250 third line\r\n",
+            "221 Bye\r\n",
         ]
 
 

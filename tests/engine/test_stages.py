@@ -5,16 +5,14 @@ stage's own failure, and the header editing helpers. Real SMTP clients, a real C
 from __future__ import annotations
 
 import smtplib
-import socket
 from typing import Any
 
 import pytest
 
 from farm.smtp.stages import EndOfData, Stage, edit_header, header_end, header_fields
+from tests.support.client import smtp_greeting
 from tests.support.loops import both_loops  # noqa: F401 (every engine test on asyncio and uvloop)
-from tests.support.wait import wait_for
-
-WAIT = 30.0
+from tests.support.wait import WAIT, wait_for
 
 
 class Recorder(Stage):
@@ -105,8 +103,7 @@ def test_a_failing_stage_never_gives_a_250_and_never_strands_the_client(
     make_controller: Any, handler: Any
 ) -> None:
     controller = make_controller(handler, stages=[Broken()])
-    with socket.create_connection(("127.0.0.1", controller.port), WAIT) as sock:
-        assert sock.recv(1024).startswith(b"220 ")  # greeted all the same
+    assert smtp_greeting(controller.port).startswith("220 ")  # greeted all the same
     with smtplib.SMTP("127.0.0.1", controller.port, timeout=WAIT) as client:
         client.ehlo("client.test")
         client.mail("a@example.test")

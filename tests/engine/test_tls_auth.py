@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import logging
 import shutil
 import smtplib
@@ -17,6 +16,7 @@ from typing import Any
 import pytest
 
 from farm.smtp import AuthResult, LoginPassword, TLSSetupException
+from tests.support.client import SMTPClient
 from tests.support.loops import both_loops  # noqa: F401  (loop_kind: asyncio and uvloop)
 
 
@@ -145,29 +145,19 @@ def test_starttls_injection_is_discarded(
     make_controller: Any, handler: Any, server_context: Any, client_context: Any
 ) -> None:
     controller = make_controller(handler, tls_context=server_context)
-    raw = socket.create_connection((controller.hostname, controller.port), timeout=10)
-    reader = raw.makefile("rb")
-    reader.readline()
-    raw.sendall(b"EHLO me\r\n")
-    while reader.readline()[3:4] == b"-":
-        pass
-    # One write: STARTTLS plus commands that must never run.
-    raw.sendall(b"STARTTLS\r\nMAIL FROM:<injected@evil>\r\nEHLO injected\r\n")
-    assert reader.readline() == b"220 Ready to start TLS\r\n"
-    tls = client_context.wrap_socket(raw, server_hostname="farm.test")
-    tls.settimeout(1.0)
-    with pytest.raises((TimeoutError, socket.timeout)):
-        tls.recv(1024)  # silence: nothing was executed from the plaintext
-    tls.settimeout(10)
-    tls_reader = tls.makefile("rb")
-    tls.sendall(b"MAIL FROM:<a@b>\r\n")
-    assert tls_reader.readline() == b"503 Error: send HELO first\r\n"
-    tls.sendall(b"EHLO me\r\nMAIL FROM:<a@b>\r\n")
-    lines = []
-    while not (line := tls_reader.readline()).startswith(b"250 HELP"):
-        lines.append(line)
-    assert tls_reader.readline() == b"250 OK\r\n"
-    tls.close()
+    with SMTPClient.of(controller, timeout=10, greeting=True) as client:
+        assert client.command("EHLO me").code == 250
+        # One write: STARTTLS plus commands that must never run.
+        client.send(b"STARTTLS\r\nMAIL FROM:<injected@evil>\r\nEHLO injected\r\n")
+        assert client.reply() == "220 Ready to start TLS\r\n"
+        client.starttls(client_context, server_hostname="farm.test")
+        # Nothing was executed from the plaintext: had it been, its replies would come first
+        # (the server answers in order).
+        assert client.command("NOOP") == "250 OK\r\n"
+        assert client.command("MAIL FROM:<a@b>") == "503 Error: send HELO first\r\n"
+        client.send(b"EHLO me\r\nMAIL FROM:<a@b>\r\n")
+        assert client.reply().text == "250 HELP"
+        assert client.reply() == "250 OK\r\n"
 
 
 def test_starttls_errors(make_controller: Any, handler: Any, server_context: Any) -> None:
@@ -269,17 +259,12 @@ def test_failed_starttls_handshake_ends_the_session(
 ) -> None:
     catcher = TLSFailureCatcher()
     controller = make_controller(catcher, tls_context=server_context)
-    with socket.create_connection((controller.hostname, controller.port), timeout=10) as sock:
-        reader = sock.makefile("rb")
-        assert reader.readline().startswith(b"220 ")
-        sock.sendall(b"EHLO me\r\n")
-        while reader.readline()[:4] != b"250 ":
-            pass
-        sock.sendall(b"STARTTLS\r\n")
-        assert reader.readline() == b"220 Ready to start TLS\r\n"
-        sock.sendall(b"EHLO this is no TLS ClientHello\r\n")
-        with contextlib.suppress(ConnectionResetError):  # an abort is as good as a close
-            assert reader.read() == b""
+    with SMTPClient.of(controller, timeout=10) as client:
+        assert client.reply().startswith("220 ")
+        assert client.command("EHLO me").code == 250
+        assert client.command("STARTTLS") == "220 Ready to start TLS\r\n"
+        client.send(b"EHLO this is no TLS ClientHello\r\n")
+        assert client.read_to_close() == b""  # closed or aborted, with nothing said
     # handle_exception hears of it, as in aiosmtpd...
     assert catcher.reported.wait(10)
     assert isinstance(catcher.errors[0], TLSSetupException)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import re
 import signal
 import smtplib
-import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -29,7 +28,6 @@ from tests.support.farms import (
     FarmRunner,
     delivered,
     start_smtp_source,
-    stop_process,
     toml_config,
 )
 from tests.support.haproxy import (
@@ -40,6 +38,8 @@ from tests.support.haproxy import (
     needs_haproxy,
     needs_smtp_sink,
 )
+from tests.support.net import refused
+from tests.support.processes import stop_process
 from tests.support.relay import Sink
 from tests.support.wait import WAIT, wait_for
 
@@ -55,15 +55,6 @@ needs_smtp_source = pytest.mark.skipif(
 def ready(farm: Farm) -> tuple[int, str]:
     assert farm.metrics_addr
     return http_get(farm.metrics_addr, "/ready")
-
-
-def refused(port: int) -> bool:
-    """Whether a connection to ``port`` is refused right now."""
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=WAIT).close()
-    except ConnectionRefusedError:
-        return True
-    return False
 
 
 # -- /ready and stop_delay --------------------------------------------------------------------

@@ -28,7 +28,7 @@ from farm.supervisor.listeners import (
 )
 from farm.supervisor.privileges import PrivilegeError, drop_privileges
 from tests.support.fork import in_child
-from tests.support.net import free_port
+from tests.support.net import free_port, taken_port
 from tests.support.wait import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -136,12 +136,8 @@ def test_bind_accepts_parsed_address_objects(bound: list[Listener]) -> None:
 
 
 def test_bind_error_is_one_clear_line(bound: list[Listener]) -> None:
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
-        with pytest.raises(ListenerError) as info:
-            bind_listeners([f"127.0.0.1:{port}"])
+    with taken_port() as port, pytest.raises(ListenerError) as info:
+        bind_listeners([f"127.0.0.1:{port}"])
     assert str(info.value) == f"cannot bind 127.0.0.1:{port}: [Errno 98] Address already in use"
 
 
@@ -153,12 +149,8 @@ def test_bad_address_text_is_a_listener_error() -> None:
 def test_all_or_nothing(tmp_path: Path) -> None:
     """When one address fails, the ones bound before it are closed (and their files removed)."""
     path = tmp_path / "first.sock"
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
-        with pytest.raises(ListenerError, match="Address already in use"):
-            bind_listeners([f"unix:{path}", f"127.0.0.1:{port}"])
+    with taken_port() as port, pytest.raises(ListenerError, match="Address already in use"):
+        bind_listeners([f"unix:{path}", f"127.0.0.1:{port}"])
     assert not path.exists()
 
 

@@ -39,6 +39,7 @@ from tests.ops.test_grafana import (
 )
 from tests.support.farms import Farm, FarmRunner, toml_config
 from tests.support.net import free_port
+from tests.support.processes import stop_process
 from tests.support.rspamd import RSPAMD
 from tests.support.wait import WAIT, wait_for
 
@@ -98,13 +99,7 @@ class Prometheus:
             )
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(WAIT)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(WAIT)
+        stop_process(self.proc, grace=WAIT)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import pytest
 
 from tests.ops.test_supervisor import counting_config
-from tests.support.client import send_message
+from tests.support.client import SMTPClient, send_message
 from tests.support.farms import FarmRunner, delivered
 
 
@@ -41,19 +40,19 @@ def test_max_sessions_pauses_accepting_until_a_session_ends(
     config = counting_config(tmp_path / "farm.toml", out, max_sessions=2)
     farm = farms.start(config=config, workers=1)
     farm.wait_ready(1)
-    held = [socket.create_connection(("127.0.0.1", farm.port), timeout=10) for _ in range(2)]
+    held = [SMTPClient(farm.port, timeout=10) for _ in range(2)]
     try:
-        for sock in held:
-            assert sock.recv(1024).startswith(b"220 ")
+        for client in held:
+            assert client.reply().startswith("220 ")
         farm.wait_log(r"worker 0: 2 sessions, at the cap: not accepting")
-        with socket.create_connection(("127.0.0.1", farm.port), timeout=10) as waiting:
-            # Queued by the kernel, not served: the only worker is at its cap.
-            waiting.settimeout(1.0)
+        with SMTPClient(farm.port, timeout=1.0) as waiting:
+            # Queued by the kernel, not served: the only worker is at its cap (1 s of silence
+            # is the evidence; a greeting would come within milliseconds).
             with pytest.raises(TimeoutError):
-                waiting.recv(1024)
+                waiting.reply()
             held.pop().close()
-            waiting.settimeout(10)
-            assert waiting.recv(1024).startswith(b"220 ")
+            waiting.sock.settimeout(10)
+            assert waiting.reply().startswith("220 ")
     finally:
-        for sock in held:
-            sock.close()
+        for client in held:
+            client.close()

@@ -8,24 +8,14 @@ accepting connections that nobody ever greeted.
 from __future__ import annotations
 
 import signal
-import socket
 from pathlib import Path
 
 import psutil
 
 from tests.support.client import smtp_greeting
 from tests.support.farms import FarmRunner, toml_config
-from tests.support.net import free_port
+from tests.support.net import free_port, refused
 from tests.support.wait import wait_for
-
-
-def _refused(port: int) -> bool:
-    """True once a connection to ``port`` is refused (nothing listens there any more)."""
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=5):
-            return False
-    except ConnectionRefusedError:
-        return True
 
 
 def _listening_pids(port: int, pids: list[int]) -> list[int]:
@@ -69,7 +59,7 @@ def test_a_listener_removed_by_a_reload_is_closed_in_every_process(
     new = farm.wait_workers(2, generation=2)
 
     # Once the old generation is gone, nobody may hold the removed listener any more.
-    wait_for(lambda: _refused(removed), what=f"port {removed} to refuse connections")
+    wait_for(lambda: refused(removed), what=f"port {removed} to refuse connections")
     everyone = [farm.pid, *new.values()]
     assert _listening_pids(removed, everyone) == []
     assert _listening_pids(kept, everyone) != []

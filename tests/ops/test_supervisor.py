@@ -18,10 +18,8 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import tomllib
@@ -42,10 +40,11 @@ from tests.support.farms import (
     living,
     run_smtp_source,
     start_smtp_source,
-    stop_process,
     toml_config,
 )
-from tests.support.net import free_port
+from tests.support.net import free_port, taken_port
+from tests.support.notify import NotifySocket
+from tests.support.processes import stop_process
 from tests.support.wait import wait_for
 
 needs_smtp_source = pytest.mark.skipif(
@@ -570,38 +569,6 @@ def test_ttin_ttou_change_the_worker_count(farms: FarmRunner) -> None:
 # -- 8. systemd: socket activation and sd_notify ---------------------------------------------
 
 
-class NotifySocket:
-    """A fake systemd NOTIFY_SOCKET: an AF_UNIX datagram socket in a short temporary dir."""
-
-    def __init__(self) -> None:
-        self.dir = tempfile.mkdtemp(prefix="farm-notify-")
-        self.path = os.path.join(self.dir, "notify")
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(self.path)
-        self.received: list[dict[str, str]] = []
-
-    def close(self) -> None:
-        self.sock.close()
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-    def next_with(self, key: str, timeout: float = 30) -> dict[str, str]:
-        """The next datagram that has ``key`` (others are kept in ``received``)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise AssertionError(f"no {key} within {timeout}s; got {self.received}")
-            self.sock.settimeout(left)
-            try:
-                data = self.sock.recv(65536)
-            except TimeoutError:
-                continue
-            fields = dict(line.partition("=")[::2] for line in data.decode().splitlines())
-            self.received.append(fields)
-            if key in fields:
-                return fields
-
-
 def test_socket_activation_and_notify_sequence(farms: FarmRunner) -> None:
     activate = shutil.which("systemd-socket-activate")
     if activate is None:
@@ -620,7 +587,7 @@ def test_socket_activation_and_notify_sequence(farms: FarmRunner) -> None:
                 "-l",
                 f"127.0.0.1:{port}",
                 "-E",
-                f"NOTIFY_SOCKET={notify.path}",
+                f"NOTIFY_SOCKET={notify.address}",
                 "-E",
                 f"PYTHONPATH={REPO}",
             ],
@@ -670,7 +637,7 @@ def test_watchdog_pings_while_healthy(farms: FarmRunner) -> None:
             "--handler",
             "farm.handlers:Sink",
             workers=1,
-            env={"NOTIFY_SOCKET": notify.path, "WATCHDOG_USEC": "400000"},
+            env={"NOTIFY_SOCKET": notify.address, "WATCHDOG_USEC": "400000"},
         )
         assert notify.next_with("READY")["READY"] == "1"
         # WatchdogSec=0.4 s: pinged every 0.2 s while the farm is serving.
@@ -789,10 +756,7 @@ def farm_check(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_check_prints_the_effective_config_and_touches_nothing(tmp_path: Path) -> None:
-    with socket.socket() as busy:  # a port in use: check must not try to bind it
-        busy.bind(("127.0.0.1", 0))
-        busy.listen()
-        port = busy.getsockname()[1]
+    with taken_port() as port:  # a port in use: check must not try to bind it
         config = toml_config(
             tmp_path / "good.toml",
             {"bind": [f"127.0.0.1:{port}"], "workers": 3, "handler": COUNTING},

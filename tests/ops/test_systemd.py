@@ -6,16 +6,15 @@ import logging
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from farm.supervisor.systemd import Notifier, monotonic_usec
+from tests.support.notify import NotifySocket
 
 ROOT = Path(__file__).resolve().parents[2]
 UNITS = ROOT / "systemd"
@@ -23,45 +22,24 @@ SECURITY_LIMIT = 2.0
 """Highest acceptable ``systemd-analyze security`` exposure (1.1 with systemd 252)."""
 
 
-def _receiver(address: str) -> socket.socket:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sock.bind(address)
-    sock.settimeout(5)
-    return sock
+@pytest.fixture
+def notify_path() -> Iterator[NotifySocket]:
+    """A fake systemd notify socket in the file system."""
+    with NotifySocket() as notify:
+        yield notify
 
 
 @pytest.fixture
-def notify_path(tmp_path: Path) -> Iterator[tuple[str, socket.socket]]:
-    """A fake systemd notify socket in the file system: (NOTIFY_SOCKET value, receiver)."""
-    path = str(tmp_path / "notify")
-    with _receiver(path) as sock:
-        yield path, sock
-
-
-@pytest.fixture
-def notify_abstract() -> Iterator[tuple[str, socket.socket]]:
+def notify_abstract() -> Iterator[NotifySocket]:
     """A fake notify socket in the abstract namespace (``@name``)."""
-    name = f"farm-test-notify-{uuid.uuid4().hex}"
-    with _receiver("\0" + name) as sock:
-        yield "@" + name, sock
-
-
-def _drain(sock: socket.socket) -> list[bytes]:
-    messages = []
-    sock.setblocking(False)
-    try:
-        while True:
-            messages.append(sock.recv(4096))
-    except BlockingIOError:
-        return messages
-    finally:
-        sock.settimeout(5)
+    with NotifySocket(abstract=True) as notify:
+        yield notify
 
 
 @pytest.mark.parametrize("which", ["notify_path", "notify_abstract"])
 def test_notifications_arrive_in_order(which: str, request: pytest.FixtureRequest) -> None:
-    address, receiver = request.getfixturevalue(which)
-    notifier = Notifier({"NOTIFY_SOCKET": address})
+    notify = request.getfixturevalue(which)
+    notifier = Notifier({"NOTIFY_SOCKET": notify.address})
     assert notifier.enabled
     assert notifier.ready("2 workers ready")
     assert notifier.status("serving 3 sessions")
@@ -73,7 +51,7 @@ def test_notifications_arrive_in_order(which: str, request: pytest.FixtureReques
     assert notifier.extend_timeout(12.5)
     assert notifier.stopping("draining")
 
-    messages = [receiver.recv(4096) for _ in range(7)]
+    messages = [notify.recv() for _ in range(7)]
     assert messages[0] == b"READY=1\nSTATUS=2 workers ready"
     assert messages[1] == b"STATUS=serving 3 sessions"
     reload = re.fullmatch(
@@ -87,13 +65,12 @@ def test_notifications_arrive_in_order(which: str, request: pytest.FixtureReques
         b"EXTEND_TIMEOUT_USEC=12500000",
         b"STOPPING=1\nSTATUS=draining",
     ]
-    assert _drain(receiver) == []
+    assert notify.pending() == []
 
 
-def test_status_is_one_line(notify_path: tuple[str, socket.socket]) -> None:
-    address, receiver = notify_path
-    Notifier({"NOTIFY_SOCKET": address}).status("one\ntwo\r\nthree")
-    assert receiver.recv(4096) == b"STATUS=one two three"
+def test_status_is_one_line(notify_path: NotifySocket) -> None:
+    Notifier({"NOTIFY_SOCKET": notify_path.address}).status("one\ntwo\r\nthree")
+    assert notify_path.recv() == b"STATUS=one two three"
 
 
 def test_monotonic_usec_is_clock_monotonic() -> None:
@@ -105,12 +82,11 @@ def test_monotonic_usec_is_clock_monotonic() -> None:
 
 
 def test_reads_os_environ_by_default(
-    notify_path: tuple[str, socket.socket], monkeypatch: pytest.MonkeyPatch
+    notify_path: NotifySocket, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    address, receiver = notify_path
-    monkeypatch.setenv("NOTIFY_SOCKET", address)
+    monkeypatch.setenv("NOTIFY_SOCKET", notify_path.address)
     assert Notifier().ready()
-    assert receiver.recv(4096) == b"READY=1"
+    assert notify_path.recv() == b"READY=1"
 
 
 def test_no_notify_socket_is_a_no_op(monkeypatch: pytest.MonkeyPatch) -> None:

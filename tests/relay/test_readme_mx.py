@@ -26,10 +26,10 @@ import trustme
 from tests.support import mail_auth_zones as zones
 from tests.support.farms import farm_env
 from tests.support.relay import SMTP_SINK, Sink, sinks
+from tests.support.wait import WAIT
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 MARKER = "<!-- inbound-mx-example -->"
-WAIT = 30.0
 
 pytestmark = pytest.mark.skipif(not Path(SMTP_SINK).exists(), reason="smtp-sink not installed")
 

@@ -12,7 +12,6 @@ import email.policy
 import ipaddress
 import logging
 import smtplib
-import socket
 import subprocess
 import time
 import uuid
@@ -26,13 +25,13 @@ from farm.controller import Controller
 from farm.lmtp import LMTP
 from farm.relay import RELAY_DENIED, clean_content, dot_stuff
 from farm.smtp import SMTP
-from tests.support.net import free_port
+from tests.support.client import SMTPClient
+from tests.support.net import free_port, taken_port
 from tests.support.relay import (
     DOMAIN,
     HAVE_SINK,
     SMTP_SOURCE,
     SWAKS,
-    WAIT,
     FakeNextHop,
     LoopThread,
     attempt,
@@ -42,6 +41,7 @@ from tests.support.relay import (
     smtp_dialogue,
 )
 from tests.support.relay import make_relay as relay
+from tests.support.wait import WAIT
 
 pytestmark = pytest.mark.skipif(not HAVE_SINK, reason="smtp-sink not installed")
 
@@ -139,24 +139,17 @@ def test_lmtp_front_end_gets_one_reply_per_recipient(sink: Any) -> None:
     controller.start()
     try:
         # smtplib.LMTP reads only one reply after the data, so the dialogue is done by hand.
-        with socket.create_connection(("127.0.0.1", controller.port), timeout=WAIT) as raw:
-            stream = raw.makefile("rb")
-            assert stream.readline().startswith(b"220")
-            raw.sendall(b"LHLO client.test\r\n")
-            while not stream.readline().startswith(b"250 "):
-                pass
-            raw.sendall(b"MAIL FROM:<a@ext.test>\r\n")
-            assert stream.readline().startswith(b"250")
+        with SMTPClient(controller.port) as raw:
+            assert raw.reply().startswith("220")
+            assert raw.command("LHLO client.test").code == 250
+            assert raw.command("MAIL FROM:<a@ext.test>").startswith("250")
             for rcpt in (f"r@{DOMAIN}", "r@ext.test", f"s@{DOMAIN}"):
-                raw.sendall(f"RCPT TO:<{rcpt}>\r\n".encode())
-                assert stream.readline()[:3] == (b"550" if "ext" in rcpt else b"250")
-            raw.sendall(b"DATA\r\n")
-            assert stream.readline().startswith(b"354")
-            raw.sendall(message("x") + b".\r\n")
-            replies = [stream.readline(), stream.readline()]
-            raw.sendall(b"QUIT\r\n")
-            assert stream.readline().startswith(b"221")
-        assert all(reply.startswith(b"250 ") for reply in replies), replies
+                assert raw.command(f"RCPT TO:<{rcpt}>").code == (550 if "ext" in rcpt else 250)
+            assert raw.command("DATA").startswith("354")
+            raw.send(message("x") + b".\r\n")
+            replies = [raw.reply(), raw.reply()]
+            assert raw.command("QUIT").startswith("221")
+        assert all(reply.startswith("250 ") for reply in replies), replies
     finally:
         close_relay(handler, controller)
         controller.stop()
@@ -412,10 +405,7 @@ def test_next_hop_hangs_at_data(serve: Any, sink: Any) -> None:
 
 
 def test_next_hop_never_greets(serve: Any) -> None:
-    with socket.socket() as listener:  # accepts in the kernel backlog, never says a word
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(4)
-        port = listener.getsockname()[1]
+    with taken_port() as port:  # accepts in the kernel backlog, never says a word
         controller = serve(relay(f"127.0.0.1:{port}", timeout=1.0))
         started = time.monotonic()
         result = attempt(controller.port, [f"r@{DOMAIN}"], message("mute"))
@@ -484,22 +474,15 @@ def test_stray_line_ends_never_reach_next_hop(serve: Any, sink: Any) -> None:
         "..leading dot\r\n"  # the client's dot-stuffing of ".leading dot"
         f"end-{marker}\r\n"
     ).encode()
-    with socket.create_connection(("127.0.0.1", controller.port), timeout=WAIT) as raw:
-        stream = raw.makefile("rb")
-        assert stream.readline().startswith(b"220")
-        raw.sendall(b"HELO raw.test\r\n")
-        assert stream.readline().startswith(b"250")
-        raw.sendall(b"MAIL FROM:<a@ext.test>\r\n")
-        assert stream.readline().startswith(b"250")
-        raw.sendall(f"RCPT TO:<r@{DOMAIN}>\r\n".encode())
-        assert stream.readline().startswith(b"250")
-        raw.sendall(b"DATA\r\n")
-        assert stream.readline().startswith(b"354")
-        raw.sendall(body + b".\r\n")
-        reply = stream.readline()
-        raw.sendall(b"QUIT\r\n")
-    if not reply.startswith(b"250"):  # the engine may refuse such content outright: also fine
-        assert reply[:1] in (b"4", b"5")
+    with SMTPClient(controller.port, greeting=True) as raw:
+        for command in ("HELO raw.test", "MAIL FROM:<a@ext.test>", f"RCPT TO:<r@{DOMAIN}>"):
+            assert raw.command(command).startswith("250")
+        assert raw.command("DATA").startswith("354")
+        raw.send(body + b".\r\n")
+        reply = raw.reply()
+        raw.send(b"QUIT\r\n")
+    if not reply.startswith("250"):  # the engine may refuse such content outright: also fine
+        assert reply[:1] in ("4", "5")
         assert marker.encode() not in next_hop.text()
         return
     dump = next_hop.wait_for(f"end-{marker}".encode())

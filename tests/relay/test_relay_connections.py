@@ -20,12 +20,12 @@ from farm.relay import Relay
 from tests.support.relay import (
     DOMAIN,
     HAVE_SINK,
-    WAIT,
     CountingProxy,
     LoopThread,
     make_relay,
     message,
 )
+from tests.support.wait import WAIT
 
 pytestmark = pytest.mark.skipif(not HAVE_SINK, reason="Postfix smtp-sink not installed")
 

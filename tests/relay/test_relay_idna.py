@@ -15,7 +15,8 @@ from typing import Any
 import pytest
 
 from farm.relay.routes import RouteTable, judged_address, normalise_domain, parse_route
-from tests.support.relay import WAIT, FakeNextHop, LoopThread, make_relay, smtp_dialogue
+from tests.support.relay import FakeNextHop, LoopThread, make_relay, smtp_dialogue
+from tests.support.wait import WAIT
 
 UTF8_EHLO = b"250-fake\r\n250-8BITMIME\r\n250 SMTPUTF8\r\n"
 

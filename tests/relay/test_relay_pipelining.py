@@ -24,7 +24,6 @@ from farm.smtp import SMTP
 from tests.support.relay import (
     DOMAIN,
     HAVE_SINK,
-    WAIT,
     CountingProxy,
     FakeNextHop,
     LoopThread,
@@ -33,6 +32,7 @@ from tests.support.relay import (
     smtp_dialogue,
 )
 from tests.support.relay import make_relay as relay
+from tests.support.wait import WAIT
 
 CRLF = b"\r\n"
 

@@ -4,16 +4,15 @@
 from __future__ import annotations
 
 import smtplib
-import socket
 import uuid
 from typing import Any
 
 import pytest
 
+from tests.support.client import SMTPClient
 from tests.support.relay import (
     DOMAIN,
     HAVE_SINK,
-    WAIT,
     CountingProxy,
     FakeNextHop,
     LoopThread,
@@ -25,7 +24,7 @@ from tests.support.relay import (
     smtp_dialogue,
 )
 from tests.support.relay import make_relay as relay
-from tests.support.wait import wait_for
+from tests.support.wait import WAIT, wait_for
 
 pytestmark = pytest.mark.skipif(not HAVE_SINK, reason="smtp-sink not installed")
 
@@ -68,13 +67,10 @@ def test_reuse_across_sessions_and_after_rset(
         assert client.rcpt(f"r@{DOMAIN}")[0] == 250
     # QUIT in mid-transaction (smtplib's context exit)
     wait_for(lambda: pool_idle(handler) == 1, "the connection back in the pool")
-    with socket.create_connection(("127.0.0.1", controller.port), timeout=WAIT) as raw:
-        stream = raw.makefile("rb")
-        assert stream.readline().startswith(b"220")
-        for command in (b"HELO raw.test", b"MAIL FROM:<a@ext.test>", b"RCPT TO:<r@farm.test>"):
-            raw.sendall(command + b"\r\n")
-            assert stream.readline().startswith(b"250")
-        stream.close()  # (the socket's fd stays open while its file object does)
+    with SMTPClient(controller.port) as raw:
+        assert raw.reply().startswith("220")
+        for command in ("HELO raw.test", "MAIL FROM:<a@ext.test>", "RCPT TO:<r@farm.test>"):
+            assert raw.command(command).startswith("250")
     # disconnect in mid-transaction: handle_CLOSE gives the connection back
     wait_for(lambda: pool_idle(handler) == 1, "the connection back in the pool")
     assert attempt(controller.port, [f"r@{DOMAIN}"], message(marker)).accepted

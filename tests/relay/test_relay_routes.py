@@ -17,7 +17,8 @@ from farm.handler_loading import load_handler
 from farm.relay import Relay
 from farm.relay.routes import Route, RouteTable, parse_route
 from tests.support.net import free_port
-from tests.support.relay import HAVE_SINK, SWAKS, WAIT, attempt, message
+from tests.support.relay import HAVE_SINK, SWAKS, attempt, message
+from tests.support.wait import WAIT
 
 DOMAINS = ["a.test", ".b.test", "c.test"]
 

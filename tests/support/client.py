@@ -5,12 +5,16 @@ A test sees exactly what went over the wire: :meth:`SMTPClient.send` writes any 
 stream at once, or one byte per write), :meth:`SMTPClient.reply` reads one (possibly multi-line)
 reply and checks its form (every line ``NNN`` and CRLF-terminated, no partial line or half a
 multi-line reply before a close), :meth:`SMTPClient.read_to_close` reads raw bytes up to the
-server's close. smtplib is the client for everything that needs no raw access.
+server's close. It speaks over TCP or a Unix socket (:meth:`SMTPClient.unix`), can switch to TLS
+after STARTTLS (:meth:`SMTPClient.starttls`) and half-close (:meth:`SMTPClient.half_close`).
+smtplib is the client for everything that needs no raw access.
 """
 
 from __future__ import annotations
 
 import socket
+import ssl
+from pathlib import Path
 from typing import Any
 
 from tests.support.wait import WAIT
@@ -42,7 +46,8 @@ def codes(replies: list[Reply]) -> list[int]:
 
 
 class SMTPClient:
-    """A raw, blocking SMTP client on ``host:port``.
+    """A raw, blocking SMTP client on ``host:port`` (a ``host`` starting with ``/`` is the path of
+    a Unix socket, see :meth:`unix`).
 
     ``source``: the local address to connect from (a loopback alias such as ``127.0.0.2``).
     ``small_buffers``: small kernel socket buffers, so that a flood is not absorbed by them.
@@ -59,17 +64,19 @@ class SMTPClient:
         small_buffers: bool = False,
         greeting: bool = False,
     ) -> None:
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        unix = host.startswith("/")
+        family = socket.AF_UNIX if unix else socket.AF_INET6 if ":" in host else socket.AF_INET
         self.sock = socket.socket(family, socket.SOCK_STREAM)
         try:
             if small_buffers:
                 self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
                 self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
-            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if not unix:
+                self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self.sock.settimeout(timeout)
             if source is not None:
                 self.sock.bind((source, 0))
-            self.sock.connect((host, port))
+            self.sock.connect(host if unix else (host, port))
         except BaseException:
             self.sock.close()
             raise
@@ -83,6 +90,11 @@ class SMTPClient:
         """A client of a Controller (anything with ``hostname`` and ``port``)."""
         return cls(server.port, server.hostname, **kwargs)
 
+    @classmethod
+    def unix(cls, path: str | Path, **kwargs: Any) -> SMTPClient:
+        """A client of the Unix stream socket at ``path``."""
+        return cls(0, str(Path(path).absolute()), **kwargs)
+
     def __enter__(self) -> SMTPClient:
         return self
 
@@ -92,9 +104,18 @@ class SMTPClient:
     def close(self) -> None:
         self.sock.close()
 
+    def starttls(self, context: ssl.SSLContext, server_hostname: str) -> None:
+        """TLS from here on (after the server's 220 to STARTTLS); nothing may be unread."""
+        assert self._pos == len(self._buf), f"unread before TLS: {self._buf[self._pos :]!r}"
+        self.sock = context.wrap_socket(self.sock, server_hostname=server_hostname)
+
+    def half_close(self) -> None:
+        """Shut down the sending side (the server reads an end of stream); reading goes on."""
+        self.sock.shutdown(socket.SHUT_WR)
+
     # -- writing ------------------------------------------------------------------------------
 
-    def send(self, data: bytes | str, bytewise: bool = False) -> None:
+    def send(self, data: bytes | memoryview | str, bytewise: bool = False) -> None:
         """Write ``data`` in one ``sendall``, or one byte per write."""
         raw = data.encode() if isinstance(data, str) else data
         if not bytewise:

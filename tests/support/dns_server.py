@@ -19,24 +19,10 @@ import dns.query
 import dns.rcode
 import pytest
 
+from tests.support.net import free_udp_tcp_port
 from tests.support.wait import WAIT, wait_for
 
 UNBOUND = "/usr/sbin/unbound"
-
-
-def free_udp_tcp_port(host: str = "127.0.0.1") -> int:
-    """A port free for both UDP and TCP on ``host`` right now."""
-    for _ in range(50):
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-            udp.bind((host, 0))
-            port = udp.getsockname()[1]
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
-                try:
-                    tcp.bind((host, port))
-                except OSError:
-                    continue
-                return port
-    raise RuntimeError("no free port")
 
 
 def txt(text: str) -> str:

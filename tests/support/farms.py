@@ -381,10 +381,3 @@ def start_smtp_source(
         stdin=subprocess.DEVNULL,
         text=True,
     )
-
-
-def stop_process(proc: subprocess.Popen[Any]) -> None:
-    """Teardown for a helper process a test started (by pid)."""
-    if proc.poll() is None:
-        proc.kill()
-    proc.wait(10)

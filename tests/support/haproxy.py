@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.net import free_port
+from tests.support.processes import stop_process
 from tests.support.wait import WAIT, wait_for
 
 HAPROXY = shutil.which("haproxy", path=f"{os.environ.get('PATH', '')}:/usr/sbin")
@@ -145,13 +146,7 @@ class HAProxy:
         wait_for(reached, timeout=timeout, what=f"haproxy servers {dict(wanted)}")
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
+        stop_process(self.process, grace=10)
 
 
 def http_get(address: str, path: str) -> tuple[int, str]:

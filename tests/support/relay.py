@@ -12,7 +12,6 @@ import asyncio
 import os
 import shutil
 import smtplib
-import socket
 import subprocess
 import tempfile
 import threading
@@ -28,8 +27,9 @@ import pytest
 
 from farm.controller import Controller
 from farm.relay import Relay
-from tests.support.net import free_port
-from tests.support.wait import wait_for
+from tests.support.net import free_port, listening
+from tests.support.processes import stop_process
+from tests.support.wait import WAIT, wait_for
 
 SMTP_SINK = "/usr/sbin/smtp-sink"
 SMTP_SOURCE = "/usr/sbin/smtp-source"
@@ -37,7 +37,6 @@ SWAKS = shutil.which("swaks")
 HAVE_SINK = os.path.exists(SMTP_SINK)
 
 DOMAIN = "farm.test"
-WAIT = 10.0
 
 
 class Sink:
@@ -57,16 +56,12 @@ class Sink:
         self._wait_listening()
 
     def _wait_listening(self) -> None:
-        def listening() -> bool:
+        def up() -> bool:
             if self.process.poll() is not None:
                 raise RuntimeError(f"smtp-sink exited: {self.process.stderr.read()!r}")  # type: ignore[union-attr]
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-            except OSError:
-                return False
-            return True
+            return listening(self.port)
 
-        wait_for(listening, "smtp-sink listening")
+        wait_for(up, "smtp-sink listening")
 
     @property
     def next_hop(self) -> str:
@@ -86,13 +81,7 @@ class Sink:
             raise AssertionError(f"{marker!r} x{count} never reached the next hop") from None
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
+        stop_process(self.process, grace=5)
         if self.process.stderr is not None:
             self.process.stderr.close()
 

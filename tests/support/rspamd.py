@@ -19,8 +19,6 @@ from __future__ import annotations
 import os
 import pwd
 import shutil
-import signal
-import socket
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -28,7 +26,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.net import free_port
+from tests.support.net import free_port, listening
+from tests.support.processes import stop_process
 from tests.support.wait import WAIT, wait_for
 
 RSPAMD = shutil.which("rspamd", path=f"{os.environ.get('PATH', '')}:/usr/bin:/usr/sbin")
@@ -106,12 +105,6 @@ worker "rspamd_proxy" {{
 """
 
 
-def _listening(port: int) -> bool:
-    with socket.socket() as sock:
-        sock.settimeout(1)
-        return sock.connect_ex(("127.0.0.1", port)) == 0
-
-
 def _hand_over(directory: Path, user: str) -> None:
     """Give ``directory`` (and what is in it) to ``user`` when we are root."""
     if os.geteuid() != 0:
@@ -149,7 +142,7 @@ class Rspamd:
             wait_for(
                 lambda: (
                     self._check_alive()
-                    or (_listening(self.http_port) and _listening(self.milter_port))
+                    or (listening(self.http_port) and listening(self.milter_port))
                 ),
                 timeout=WAIT,
                 what="rspamd listening",
@@ -181,14 +174,8 @@ class Rspamd:
 
     def stop(self) -> None:
         """Stop rspamd by its pid (TERM, then KILL); its workers follow their main process."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(WAIT)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(WAIT)
-        wait_for(lambda: not _listening(self.http_port), timeout=WAIT, what="rspamd's port closed")
+        stop_process(self.process, grace=WAIT)
+        wait_for(lambda: not listening(self.http_port), timeout=WAIT, what="rspamd's port closed")
         self.output.close()
 
     def cleanup(self) -> None:
@@ -257,7 +244,7 @@ Nameservers 127.0.0.1
         )
         try:
             wait_for(
-                lambda: self._check_alive() or _listening(self.port), timeout=WAIT, what="opendkim"
+                lambda: self._check_alive() or listening(self.port), timeout=WAIT, what="opendkim"
             )
         except BaseException:
             self.stop()
@@ -274,13 +261,7 @@ Nameservers 127.0.0.1
         return False
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(WAIT)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(WAIT)
+        stop_process(self.process, grace=WAIT)
         self.output.close()
         shutil.rmtree(self.dir, ignore_errors=True)
 

@@ -12,14 +12,7 @@ import pytest
 
 from farm.limits import ClientLimits
 from farm.supervisor.anvil import PROBES, AnvilTable, SharedLimiter, table_key
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.support.clock import FakeClock
 
 
 def limiter(table: AnvilTable, **limits: object) -> SharedLimiter:
@@ -47,7 +40,7 @@ def test_sessions_are_counted_and_given_back() -> None:
 
 
 def test_message_and_auth_buckets() -> None:
-    clock = Clock()
+    clock = FakeClock()
     table = AnvilTable(clock=clock)
     one = limiter(table, messages_per_ip=3, auth_failures_per_ip=2, interval=60.0)
     assert [ask(one.count_message("192.0.2.1")) for _ in range(4)] == [True] * 3 + [False]
@@ -59,7 +52,7 @@ def test_message_and_auth_buckets() -> None:
 
 
 def test_an_idle_client_frees_its_slot_for_another() -> None:
-    clock = Clock()
+    clock = FakeClock()
     table = AnvilTable(slots=PROBES, clock=clock)  # as small as it gets: every key collides
     one = limiter(table, sessions_per_ip=5, messages_per_ip=1, interval=10.0)
     keys = [f"192.0.2.{n}" for n in range(PROBES)]
@@ -127,7 +120,7 @@ def test_keys() -> None:
 
 
 def test_a_message_leased_with_a_session_comes_back_unused() -> None:
-    table = AnvilTable(clock=Clock())
+    table = AnvilTable(clock=FakeClock())
     first, second = (limiter(table, messages_per_ip=2, interval=60.0) for _ in range(2))
     assert ask(first.open_session("192.0.2.1"))  # leases one of the 2 messages
     assert ask(second.open_session("192.0.2.1"))  # (another worker) leases the other
