@@ -107,6 +107,7 @@ class Body:
     _whole: bytes | None = None
     _counted = 0
     _closed = False
+    _budget: MemoryBudget | None = None
     #: The I/O error that made the spool file unusable, if any.
     error: OSError | None = None
 
@@ -325,6 +326,8 @@ class Body:
                 file.close()
 
     def __del__(self) -> None:
+        if self._file is None and (self._budget is None or not self._counted):
+            return  # nothing to give back: no spool file, no memory counted in a budget
         with contextlib.suppress(Exception):
             self._release()
 

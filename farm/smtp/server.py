@@ -188,6 +188,11 @@ class SMTP(asyncio.BufferedProtocol):
         envelope = None
         transport = None
         loop = None
+    if TYPE_CHECKING:
+        #: This thread's read buffer (see :meth:`get_buffer`), once a read asked for it.
+        _read_view: memoryview
+    else:
+        _read_view = None
     #: Called with this protocol once its connection is lost (the farm's worker uses it).
     on_close: Callable[[SMTP], None] | None = None
     #: The LOGIN mechanism's prompts (aiosmtpd's texts; a subclass may change them).
@@ -596,14 +601,18 @@ class SMTP(asyncio.BufferedProtocol):
         (Plain asyncio would allocate 256 KiB per read for ``data_received``; with glibc that
         can cost an mmap/munmap pair per read.)
         """
-        try:
-            view: memoryview = _read_buffers.view
-        except AttributeError:
-            view = _read_buffers.view = memoryview(bytearray(_READ_BUFFER_SIZE))
+        view = self._read_view
+        if view is None:
+            # Looked up once per connection: a thread-local read costs more than this lookup.
+            try:
+                view = _read_buffers.view
+            except AttributeError:
+                view = _read_buffers.view = memoryview(bytearray(_READ_BUFFER_SIZE))
+            self._read_view = view
         return view
 
     def buffer_updated(self, nbytes: int) -> None:
-        self.data_received(_read_buffers.view[:nbytes])
+        self.data_received(self._read_view[:nbytes])
 
     def data_received(self, data: bytes | memoryview) -> None:
         if self._proxy_parser is not None:
