@@ -165,13 +165,16 @@ def protocol_factory(engine: str) -> tuple[Callable[[], asyncio.Protocol], str]:
 
         stats = WorkerStats()
 
+        build = FarmSMTP.protocol_factory(handler, hostname=HOSTNAME)
+
         def counting() -> FarmSMTP:
-            protocol = FarmSMTP(handler, hostname=HOSTNAME)
+            protocol = build()
             protocol.stats = stats
             return protocol
 
         return counting, name + " + WorkerStats"
-    return (lambda: FarmSMTP(handler, hostname=HOSTNAME)), name
+    # As a farm worker builds its sessions' protocols.
+    return FarmSMTP.protocol_factory(handler, hostname=HOSTNAME), name
 
 
 async def serve(engine: str, portfile: Path) -> None:

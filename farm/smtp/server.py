@@ -23,7 +23,7 @@ import typing
 import warnings
 import weakref
 from collections.abc import Callable, Coroutine, Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from farm.smtp.arguments import CONTROL_CHARACTERS, parse_path
 from farm.smtp.auth import AuthResult, LoginPassword
@@ -126,6 +126,8 @@ _CLOSE_GRACE = 3.0
 _READ_BUFFER_SIZE = 64 * 1024
 _has_control_characters = CONTROL_CHARACTERS.search
 _read_buffers = threading.local()
+
+_P = TypeVar("_P", bound="SMTP")
 
 _session_ids = itertools.count(1)
 _session_prefix = f"{os.getpid():x}"
@@ -355,10 +357,7 @@ class SMTP(asyncio.BufferedProtocol):
         self._limiter = limiter
         if stages:
             self._stages = stages if isinstance(stages, Stages) else Stages(stages)
-        #: The protocol state of this connection (phase, counters, clocks): farm.smtp.state.
-        self._state = state = ConnectionState()
-        if unknown_command_limit != BOGUS_LIMIT:
-            state.unknown_left = unknown_command_limit
+        self._unknown_command_limit = unknown_command_limit
         #: Bodies past this many octets go to a spool file (None: all kept in memory).
         self.spool_threshold = spool_threshold
         self.spool_directory = spool_directory
@@ -367,16 +366,52 @@ class SMTP(asyncio.BufferedProtocol):
         # The framer hands the body over in parts of this size (the Body spools or keeps them).
         self._spill = None if spool_threshold is None else CHUNK_SIZE
         self._announce_auth_mechanisms()
-        if any_limit(soft_error_limit, hard_error_limit, junk_command_limit):
-            self._error_limits = ErrorLimits(
-                soft_error_limit, hard_error_limit, junk_command_limit, error_sleep_time
-            )
-        self._framer = Framer(
-            max(self._max_command_size(), SASL_LINE_LIMIT), self.line_length_limit
+        self._error_limit_args = (
+            (soft_error_limit, hard_error_limit, junk_command_limit, error_sleep_time)
+            if any_limit(soft_error_limit, hard_error_limit, junk_command_limit)
+            else None
         )
+        self._framer_limits = (
+            max(self._max_command_size(), SASL_LINE_LIMIT),
+            self.line_length_limit,
+        )
+        self._update_checks()
+        self._start_connection_state()
+
+    def _start_connection_state(self) -> None:
+        """What each connection has of its own (the rest is configuration, see
+        :meth:`protocol_factory`): set here only, so no session can share another's."""
+        #: The protocol state of this connection (phase, counters, clocks): farm.smtp.state.
+        self._state = state = ConnectionState()
+        if self._unknown_command_limit != BOGUS_LIMIT:
+            state.unknown_left = self._unknown_command_limit
+        if self._error_limit_args is not None:
+            self._error_limits = ErrorLimits(*self._error_limit_args)
+        self._framer = Framer(*self._framer_limits)
         self._out: list[str] = []
         self._counts = {"accepted": 0, "rejected": 0, "bytes": 0}
-        self._update_checks()
+
+    @classmethod
+    def protocol_factory(cls: type[_P], handler: Any, **kwargs: Any) -> Callable[[], _P]:
+        """A protocol factory for a server: ``cls(handler, **kwargs)`` once per connection,
+        but the configuration is worked out once, here (the constructor's checks and warnings
+        happen now), and each protocol copies it and starts its own connection state.
+
+        A subclass with its own ``__init__`` is constructed in full for every connection.
+        """
+        prototype = cls(handler, **kwargs)
+        if cls.__init__ is not SMTP.__init__:
+            return lambda: cls(handler, **kwargs)
+        configuration = dict(prototype.__dict__)
+        new = cls.__new__
+
+        def build() -> _P:
+            protocol = new(cls)
+            protocol.__dict__.update(configuration)
+            protocol._start_connection_state()
+            return protocol
+
+        return build
 
     # -- configuration derived once --------------------------------------------------------
 

@@ -347,6 +347,8 @@ class WorkerServer:
         if stages:
             self._smtp_kwargs["stages"] = Stages(stages)
         self._flushing = False
+        #: Builds the sessions' protocols (SMTP.protocol_factory), made on first use.
+        self._build_protocol: Callable[[], SMTP] | None = None
         context = self._smtp_kwargs.get("tls_context")
         implicit = {a.text for a in self.config.tls_bind}
         tls = {
@@ -372,7 +374,12 @@ class WorkerServer:
     # -- sessions --------------------------------------------------------------------------
 
     def _new_session(self) -> SMTP:
-        protocol = SMTP(self.handler, loop=self.loop, **self._smtp_kwargs)
+        build = self._build_protocol
+        if build is None:  # on the first connection, where SMTP(...) would have run
+            build = self._build_protocol = SMTP.protocol_factory(
+                self.handler, loop=self.loop, **self._smtp_kwargs
+            )
+        protocol = build()
         protocol.on_close = self._session_closed
         protocol.stats = stats = self.stats
         self.sessions.add(protocol)
