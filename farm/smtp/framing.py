@@ -212,6 +212,8 @@ class Framer:
 
     def _next_command(self) -> Command | CommandTooLong | None:
         buf = self._buf
+        if not buf:
+            return None  # everything was handed out (the usual state between reads)
         while True:
             end = buf.find(b"\n", self._scan)
             if end < 0:

@@ -41,11 +41,13 @@ _BY_CODE = {
 _SUCCESS_BY_VERB = {"MAIL": "2.1.0", "RCPT": "2.1.5", "DATA": "2.6.0", "BDAT": "2.6.0"}
 
 
+@functools.lru_cache(maxsize=256)
 def format_multiline(text: str) -> str:
     """Make a reply with embedded line breaks a well-formed multi-line reply.
 
     ``"250 a\\nb"`` and ``"250-a\\r\\n250-b"`` both become ``"250-a\\r\\n250 b"``: every line
-    carries the code, ``-`` after it on all lines but the last.
+    carries the code, ``-`` after it on all lines but the last. Cached: the EHLO reply is
+    the same for every session.
     """
     lines = [line.rstrip("\r") for line in text.split("\n")]
     lines = [line for line in lines if line]

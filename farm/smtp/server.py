@@ -1178,6 +1178,8 @@ class SMTP(asyncio.BufferedProtocol):
 
     def _drop_bodies(self) -> None:
         """Free a body still being received (RSET, a refused message, a lost connection)."""
+        if self._body is None and self._bdat_content is None:
+            return
         for body in (self._body, self._bdat_content):
             if body is not None:
                 body.close()
@@ -1321,7 +1323,12 @@ class SMTP(asyncio.BufferedProtocol):
 
     def _end_message(self, status: Any, size: int, envelope: Envelope | None = None) -> None:
         replies = self._data_replies(status, envelope)
-        accepted = any(reply.startswith("2") for reply in replies)
+        if len(replies) == 1:
+            status = replies[0]
+            accepted = status[:1] == "2"
+        else:
+            accepted = any(reply.startswith("2") for reply in replies)
+            status = replies[0] if len(set(r[:3] for r in replies)) == 1 else "mixed"
         self._counts["accepted" if accepted else "rejected"] += 1
         if accepted and self._error_limits is not None:
             self._error_limits.forgive()
@@ -1332,7 +1339,6 @@ class SMTP(asyncio.BufferedProtocol):
             stats.sizes.observe(size)
         for reply in replies:
             self._reply(reply)
-        status = replies[0] if len(set(r[:3] for r in replies)) == 1 else "mixed"
         if log.isEnabledFor(logging.INFO):
             log_info(
                 log,
