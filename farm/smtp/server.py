@@ -375,7 +375,6 @@ class SMTP(asyncio.BufferedProtocol):
             max(self._max_command_size(), SASL_LINE_LIMIT),
             self.line_length_limit,
         )
-        self._update_checks()
         self._start_connection_state()
 
     def _start_connection_state(self) -> None:
@@ -390,6 +389,7 @@ class SMTP(asyncio.BufferedProtocol):
         self._framer = Framer(*self._framer_limits)
         self._out: list[str] = []
         self._counts = {"accepted": 0, "rejected": 0, "bytes": 0}
+        self._update_checks()
 
     @classmethod
     def protocol_factory(cls: type[_P], handler: Any, **kwargs: Any) -> Callable[[], _P]:
