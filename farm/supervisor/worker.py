@@ -550,7 +550,7 @@ class WorkerServer:
 
     def exposition(self) -> str:
         """This worker's metrics in the Prometheus text format."""
-        self.stats.draining = sum(1 for p in self.sessions.active if p._draining)
+        self.stats.draining = sum(1 for p in self.sessions.active if p._state.draining)
         return generate_latest(self._registry).decode()
 
     def send_final_metrics(self) -> None:
