@@ -2,9 +2,10 @@
 
 The asyncio protocol (:class:`farm.smtp.server.SMTP`) holds one :class:`ConnectionState` per
 connection: the phase, the counters and clocks, the AUTH, STARTTLS and BDAT flags and how the
-session ends. The protocol keeps what is I/O: the transport and its flow control, tasks,
-timers, waiters, the limiter's key, and the message bodies being received (memory counted in
-a budget, maybe a spool file, to close when the transaction ends).
+session ends. The protocol keeps what is I/O: the transport (and whether its reads are
+paused), tasks, timers, waiters, the limiter's key, and the message bodies being received
+(memory counted in a budget, maybe a spool file: resources to close when the transaction
+ends).
 
 The HELO name and the transaction are not copied here, on purpose: they live in aiosmtpd's
 ``session.host_name`` and ``envelope`` (``mail_from``, ``rcpt_tos``), which handlers read and
