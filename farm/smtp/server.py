@@ -69,7 +69,7 @@ from farm.smtp.sasl import (
     AuthOutcome,
     auth_outcome,
     check_credentials,
-    failure_closes,
+    count_failure,
     login_exchange,
     parse_auth,
     plain_exchange,
@@ -1737,7 +1737,7 @@ class SMTP(asyncio.BufferedProtocol):
             self._reply(outcome.message or AUTH_OK)
             log.info("session=%s authenticated with %s", session.id, mechanism)
             return
-        self._state.auth_failures += 1
+        closes = count_failure(self._state, self._auth_failure_limit)
         log.info(
             "session=%s AUTH %s failed (%d of %d)",
             session.id,
@@ -1747,7 +1747,7 @@ class SMTP(asyncio.BufferedProtocol):
         )
         if not outcome.handled:
             self._reply(outcome.message or AUTH_FAILED)
-        if failure_closes(self._state.auth_failures, self._auth_failure_limit):
+        if closes:
             self._reply(TOO_MANY_FAILURES)
             self._state.close_after_flush = True
 
