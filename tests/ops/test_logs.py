@@ -21,8 +21,8 @@ from typing import Any
 
 import pytest
 
-from farm.logs import JSONFormatter, TextFormatter, configure_logging, reopen_log_file
-from farm.smtp.logline import MessageLine, quote
+from farm.logs import JSONFormatter, LogWriter, TextFormatter, configure_logging, reopen_log_file
+from farm.smtp.logline import MessageLine, SessionLine, quote
 from farm.supervisor.privileges import drop_privileges, resolve_user
 from tests.support.client import SMTPClient, send_message
 from tests.support.farms import run_smtp_source, serve_expecting_exit
@@ -98,6 +98,38 @@ def test_json_formatter_writes_the_fields() -> None:
     assert {"time", "level", "pid", "logger", "session", "msg", "peer", "size"} <= set(data)
     assert (data["spf"], data["dkim"]) == ("pass", "none")  # the stages' results, by name
     assert str(message).endswith("outcome=250 duration=0.250s spf=pass dkim=none")
+
+
+def test_batched_lines_stay_on_their_line_whatever_a_field_holds() -> None:
+    """The writer formats a batch of direct lines itself (skipping the whole-line check for
+    message and session lines): every field that could hold a control character is escaped."""
+    proxy = SimpleNamespace(valid=True, src_addr="10.0.0.1\nx")
+    session = SimpleNamespace(
+        id="1f.7", peer=("127.0.0.1\r", 5), proxy_data=proxy, host_name="h\x00elo"
+    )
+    read_fd, write_fd = os.pipe()
+    writer = LogWriter(write_fd)
+    writer.setFormatter(TextFormatter())
+    writer.start_batching()
+    try:
+        writer.emit_direct(
+            "farm.smtp", MessageLine(session, 1, "a\n@x", 2, 25, "2\n5", 0.25, " x=\u2028"), 1.5
+        )
+        writer.emit_direct(
+            "farm.smtp", SessionLine(session, 3, 1, 0, 25, "qu it\r", 0.5, " y=\x85"), 1.5
+        )
+    finally:
+        writer.stop_batching()
+        os.close(write_fd)
+    with os.fdopen(read_fd, "rb") as pipe:
+        lines = pipe.read().decode().split("\n")
+    assert lines[2:] == [""] and all(line.isprintable() for line in lines[:2])
+    assert [line.split(": ", 1)[1] for line in lines[:2]] == [
+        'session=1f.7 msg=1f.7.1 peer="(\'127.0.0.1\\\\r\', 5)" client="10.0.0.1\\x0ax" '
+        'from="<a\\x0a@x>" rcpts=2 size=25 outcome="2\\x0a5" duration=0.250s x=\\u2028',
+        'session=1f.7 peer="(\'127.0.0.1\\\\r\', 5)" client="10.0.0.1\\x0ax" helo="h\\x00elo" '
+        'commands=3 accepted=1 rejected=0 bytes=25 end="qu it\\x0d" duration=0.500s y=\\x85',
+    ]
 
 
 # -- a real farm ----------------------------------------------------------------------------------
