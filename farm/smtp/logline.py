@@ -147,14 +147,20 @@ class MessageLine(_StageFields):
         )
 
     def __str__(self) -> str:
+        # One f-string, the usual case of each field checked inline (twice per message).
         session, n, sender, rcpts, size, outcome, duration, checks = self.values
         sid = session.id
         via = "" if getattr(session, "proxy_data", None) is None else _via(session)
         sender = f"<{sender or ''}>"
+        if not _BARE(sender):
+            sender = quote(sender)
+        if type(outcome) is not str or not outcome.isalnum():
+            outcome = _token(outcome)
+        if checks and not checks.isprintable():
+            checks = printable(checks)
         return (
-            f"session={sid} msg={sid}.{n} peer={peer_text(session.peer)}{via} "
-            f"from={sender if _BARE(sender) else quote(sender)} rcpts={rcpts} size={size} "
-            f"outcome={_token(outcome)} duration={duration:.3f}s{_notes(checks)}"
+            f"session={sid} msg={sid}.{n} peer={peer_text(session.peer)}{via} from={sender} "
+            f"rcpts={rcpts} size={size} outcome={outcome} duration={duration:.3f}s{checks}"
         )
 
 
@@ -189,14 +195,20 @@ class SessionLine(_StageFields):
         )
 
     def __str__(self) -> str:
+        # As MessageLine's (once per session).
         session, commands, accepted, rejected, size, end, duration, checks = self.values
         via = "" if getattr(session, "proxy_data", None) is None else _via(session)
         helo = session.host_name or ""
+        if not _BARE(helo):
+            helo = quote(helo)
+        if type(end) is not str or not end.isalnum():
+            end = _token(end)
+        if checks and not checks.isprintable():
+            checks = printable(checks)
         return (
-            f"session={session.id} peer={peer_text(session.peer)}{via} "
-            f"helo={helo if _BARE(helo) else quote(helo)} commands={commands} "
-            f"accepted={accepted} rejected={rejected} bytes={size} end={_token(end)} "
-            f"duration={duration:.3f}s{_notes(checks)}"
+            f"session={session.id} peer={peer_text(session.peer)}{via} helo={helo} "
+            f"commands={commands} accepted={accepted} rejected={rejected} bytes={size} "
+            f"end={end} duration={duration:.3f}s{checks}"
         )
 
 
@@ -204,7 +216,7 @@ def peer_text(peer: Any) -> str:
     """A socket peer as ``host:port`` (``[v6]:port``), or its text (quoted if need be)."""
     if type(peer) is tuple and len(peer) >= 2:
         host = peer[0]
-        if type(host) is str and host.isprintable() and " " not in host:
+        if type(host) is str and _BARE(host):
             return f"[{host}]:{peer[1]}" if ":" in host else f"{host}:{peer[1]}"
     return quote(str(peer or "-"))
 
@@ -219,11 +231,6 @@ def _token(value: Any) -> str:
     """A value the engine chose (a reply code, how a session ended), as one token."""
     text = str(value)
     return text if text.isalnum() else quote(text)
-
-
-def _notes(text: str) -> str:
-    """The stages' ``" key=value ..."`` text, escaped if it holds an unprintable character."""
-    return text if not text or text.isprintable() else printable(text)
 
 
 def proxy_client(session: Any) -> str | None:
