@@ -376,13 +376,14 @@ class LogWriter(logging.Handler):
 
 
 def _is_file(fd: int) -> bool:
-    """Whether ``fd`` is a regular file or a character device (``/dev/null``): a write goes to
-    the page cache (or nowhere) and cannot stall on a reader, so the event loop may do it."""
+    """Whether ``fd`` is a regular file or a character device other than a terminal
+    (``/dev/null``): a write goes to the page cache (or nowhere) and cannot stall on a reader,
+    so the event loop may do it."""
     try:
         mode = os.fstat(fd).st_mode
+        return stat.S_ISREG(mode) or (stat.S_ISCHR(mode) and not os.isatty(fd))
     except OSError:
         return False
-    return stat.S_ISREG(mode) or stat.S_ISCHR(mode)
 
 
 def _writer() -> LogWriter | None:
