@@ -22,7 +22,7 @@ import threading
 import typing
 import warnings
 import weakref
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from typing import TYPE_CHECKING, Any
 
 from farm.smtp.arguments import CONTROL_CHARACTERS, parse_path
@@ -52,7 +52,12 @@ from farm.smtp.framing import BodyPart, Chunk, Command, DataError, Framer, Messa
 from farm.smtp.help import offered, syntax, syntax_text
 from farm.smtp.hooks import MISSING as MISSING  # re-exported by farm.smtp
 from farm.smtp.hooks import HookTable, hook_table
-from farm.smtp.limiter import too_many_auth_failures, too_many_connections, too_much_mail
+from farm.smtp.limiter import (
+    ClientLimiter,
+    too_many_auth_failures,
+    too_many_connections,
+    too_much_mail,
+)
 from farm.smtp.logline import MessageLine, SessionLine, log_info
 from farm.smtp.logline import peer_text as _peer_text
 from farm.smtp.mail_rcpt import parse_mail, parse_rcpt
@@ -466,23 +471,47 @@ class SMTP(asyncio.BufferedProtocol):
         self._state.early_talker_watch = bool(self._greeting_delay)
         if self._limiter is None:
             self._greet_after_delay()
-        else:
-            self._run_inline(self._admit_and_greet())
+            return
+        admitted = self._admission()
+        if admitted is True:
+            self._greet_after_delay()
+        elif admitted is not False:  # the limiter's answer has to be waited for
+            self._run_inline(self._admit_and_greet(admitted))
 
-    async def _admit_and_greet(self) -> None:
-        if await self._admitted():
+    async def _admit_and_greet(self, admitted: Awaitable[bool]) -> None:
+        if await admitted:
             self._greet_after_delay()
 
     async def _admitted(self) -> bool:
         """Ask the ``limiter`` whether this client may have another session (farm.limits)."""
-        limiter = self._limiter
+        admitted = self._admission()
+        if isinstance(admitted, bool):
+            return admitted
+        return await admitted
+
+    def _admission(self) -> bool | Awaitable[bool]:
+        """The ``limiter``'s admission of this client: now when it answers at once (no
+        coroutine per connection), else an awaitable of it."""
+        limiter: ClientLimiter | None = self._limiter
         if limiter is None:
             return True
         session = self.session
         key = limiter.session_key(session.peer, session.proxy_data)
         if key is None:
             return True
-        if not await limiter.open_session(key):
+        answer = limiter.open_session(key)
+        if isinstance(answer, bool):
+            return self._admission_answered(key, answer)
+        return self._admission_awaited(key, answer)
+
+    async def _admission_awaited(self, key: str, answer: Awaitable[bool]) -> bool:
+        return self._admission_answered(key, await answer)
+
+    def _admission_answered(self, key: str, admitted: bool) -> bool:
+        """Act on the ``limiter``'s answer for ``key``: refuse (421), or note the key."""
+        limiter: ClientLimiter = self._limiter
+        session = self.session
+        if not admitted:
             log.info("session=%s refused: too many connections from %s", session.id, key)
             if self.stats is not None:
                 self.stats.limited["sessions"] += 1
@@ -500,9 +529,11 @@ class SMTP(asyncio.BufferedProtocol):
     async def _mail_allowed(self) -> bool:
         """The client's message rate (``limiter``): False after replying 450."""
         key = self._limit_key
-        if key is None or not self._limiter.counts_messages:
+        limiter: ClientLimiter = self._limiter
+        if key is None or not limiter.counts_messages:
             return True
-        if await self._limiter.count_message(key):
+        allowed = limiter.count_message(key)
+        if allowed is True or (allowed is not False and await allowed):
             return True
         log.info("session=%s MAIL refused: too much mail from %s", self.session.id, key)
         if self.stats is not None:
@@ -1704,8 +1735,11 @@ class SMTP(asyncio.BufferedProtocol):
 
     async def _auth_rate_allowed(self, key: str) -> bool:
         """The client's AUTH-failure allowance (``limiter``): False after replying 454."""
-        limiter = self._limiter
-        if not limiter.counts_auth or await limiter.auth_allowed(key):
+        limiter: ClientLimiter = self._limiter
+        if not limiter.counts_auth:
+            return True
+        allowed = limiter.auth_allowed(key)
+        if allowed is True or (allowed is not False and await allowed):
             return True
         log.info("session=%s AUTH refused: too many AUTH failures from %s", self.session.id, key)
         if self.stats is not None:
