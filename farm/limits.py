@@ -282,6 +282,8 @@ class Limiter:
     def __init__(self, limits: ClientLimits) -> None:
         self.limits = limits
         self._keys: dict[IPAddress, str | None] = {}
+        #: A socket peer's host text -> its key: one dict lookup per session.
+        self._host_keys: dict[str, str | None] = {}
 
     def key(self, address: IPAddress | None) -> str | None:
         """The counter key of a client (its address, or its IPv6 network of ``ipv6_prefix``
@@ -306,7 +308,23 @@ class Limiter:
         return key
 
     def session_key(self, peer: Any, proxy_data: Any = None) -> str | None:
-        """The key of a session (farm.smtp.limiter.ClientLimiter): see :func:`session_key`."""
+        """The key of a session (farm.smtp.limiter.ClientLimiter): see :func:`session_key`.
+
+        Without a PROXY header the key depends on the peer's host text alone: it is looked up
+        by that text (parsed once per address, not per session)."""
+        if proxy_data is None and type(peer) is tuple and peer:
+            host = peer[0]
+            if type(host) is str:
+                host_keys = self._host_keys
+                try:
+                    return host_keys[host]
+                except KeyError:
+                    pass
+                key = session_key(self, peer)
+                if len(host_keys) >= KEY_CACHE:
+                    host_keys.clear()
+                host_keys[host] = key
+                return key
         return session_key(self, peer, proxy_data)
 
     @property

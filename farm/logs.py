@@ -13,16 +13,22 @@ workers, ``faulthandler``'s stack dumps and anything a handler prints land in th
 SIGUSR1 points it at the file again (:func:`reopen_log_file`, after logrotate moved it).
 
 Batches: the supervisor writes each line at once (it logs little, and must lose nothing). A
-worker buffers lines and a flusher thread writes them out at most :data:`FLUSH_INTERVAL`
-seconds after the first one was logged; :func:`stop_batching` writes what is left when the
-worker exits, crashes or is stopped. Only a SIGKILL (or a crash of the interpreter itself) can
-lose the last fraction of a second of lines. A log that cannot be written (disk full, a pipe
-nobody reads) never blocks the event loop: past :data:`MAX_BUFFERED` octets new lines are
-dropped and counted, and the count is logged once writing works again.
+worker queues lines and writes them out at most :data:`FLUSH_INTERVAL` seconds after the first
+one was logged, formatting the batch in one go; :func:`stop_batching` writes what is left when
+the worker exits, crashes or is stopped. Only a SIGKILL (or a crash of the interpreter itself)
+can lose the last fraction of a second of lines. Who writes: with a log file (fd 2 a regular
+file, or ``/dev/null``), a timer of the worker's event loop, since such a write only copies to
+the page cache (measured: the INFO log costs a third of what it cost with a flusher thread,
+whose wake-ups and GIL hand-offs slowed the event loop); to a pipe or a socket (journald), a
+flusher thread, so that a reader that stalls never blocks the event loop: past
+:data:`MAX_BUFFERED_LINES` new lines are dropped and counted, and the count is logged once
+writing works again.
 """
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import functools
 import json
 import logging
@@ -53,10 +59,8 @@ __all__ = [
 FORMATS = ("text", "json")
 #: A buffered line is written at most this many seconds after it was logged.
 FLUSH_INTERVAL = 0.1
-#: Octets a worker may hold unwritten; lines beyond are dropped (and counted).
-MAX_BUFFERED = 8 * 1024 * 1024
-#: What a line not formatted yet counts for, against MAX_BUFFERED.
-_LINE_SIZE = 200
+#: Lines a worker may hold unwritten (about 8 MiB); lines beyond are dropped (and counted).
+MAX_BUFFERED_LINES = 40_000
 
 log = logging.getLogger("farm.logs")
 
@@ -86,6 +90,10 @@ def _second(second: int) -> tuple[str, str, str]:
     text = time.strftime("%Y-%m-%d %H:%M:%S", local)
     offset = time.strftime("%z", local)  # +0100
     return text, text.replace(" ", "T"), f"{offset[:3]}:{offset[3:]}" if len(offset) == 5 else "Z"
+
+
+#: ``",000"`` to ``",999"``: the milliseconds of a text timestamp, formatted once.
+_MILLIS = tuple(f",{ms:03d}" for ms in range(1000))
 
 
 class TextFormatter(logging.Formatter):
@@ -156,7 +164,7 @@ def _exception_text(formatter: logging.Formatter, record: logging.LogRecord) -> 
 
 
 class _Line:
-    """What the formatters read of an INFO record, for :meth:`LogWriter.emit_direct`."""
+    """What the formatters read of an INFO line queued by :meth:`LogWriter.emit_direct`."""
 
     __slots__ = ("created", "msg", "name")
     levelname = "INFO"
@@ -175,21 +183,31 @@ class _Line:
 
 class LogWriter(logging.Handler):
     """Writes formatted records to a file descriptor: at once, or in batches once
-    :meth:`start_batching` started its flusher thread (see the module docstring)."""
+    :meth:`start_batching` started its flusher thread (see the module docstring).
+
+    While batching, a line is queued on a ``deque`` (whose ``append`` is thread-safe without a
+    lock): a formatted record (``str``), or a direct line (``(time, logger name, message)``,
+    formatted by the flusher). ``_scheduled`` is set by whoever queues the first line of a
+    batch, which wakes the flusher; the flusher clears it *before* taking the lines, so a line
+    queued meanwhile either goes with this batch or schedules the next one.
+    """
 
     def __init__(self, fd: int = 2) -> None:
         super().__init__()
         self.fd = fd
-        self._lines: list[Any] = []  # formatted lines, or _Line to format
-        self._size = 0
+        self._queue: collections.deque[Any] = collections.deque()
+        self._scheduled = False
         self._dropped = 0
         self._thread: threading.Thread | None = None
+        #: Loop mode: the event loop whose timer flushes, and its thread's id.
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread = 0
+        self._batching = False
         self._wake = threading.Event()
         self._stopping = False
-        #: Held while writing, so that lines go out in order whoever flushes; then
-        #: ``_buffer_lock`` (never the handler's own lock, which a caller may hold).
+        #: Held while taking and writing lines, so that they go out in order whoever
+        #: flushes (never the handler's own lock, which a caller may hold).
         self._write_lock = threading.Lock()
-        self._buffer_lock = threading.Lock()
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -197,7 +215,10 @@ class LogWriter(logging.Handler):
         except Exception:
             self.handleError(record)
             return
-        self._queue(line)
+        if not self._batching:
+            self._write([line])  # under the handler's lock, like every emit()
+        else:
+            self._enqueue(line)
 
     def emit_direct(self, name: str, message: Any, created: float) -> None:
         """An INFO line of logger ``name`` that would reach this handler alone (see
@@ -206,49 +227,92 @@ class LogWriter(logging.Handler):
         Queued as it is and formatted by the flusher, a batch at a time: formatting a
         thousand lines in a row costs a fraction of formatting each one between two SMTP
         replies (everything it touches stays in the CPU's caches)."""
-        line = _Line(name, message, created)
-        if self._thread is None:
+        if not self._batching:
             with self.lock:  # type: ignore[union-attr]
-                self._write([self.format(line)])  # type: ignore[arg-type]
+                self._write([self._text((created, name, message))])
             return
-        self._queue(line)
+        queue = self._queue
+        if len(queue) >= MAX_BUFFERED_LINES:
+            self._dropped += 1  # (not exact under a race between threads: a count to report)
+            return
+        queue.append((created, name, message))
+        if not self._scheduled:
+            self._scheduled = True
+            self._schedule()
 
-    def _queue(self, line: Any) -> None:
-        if self._thread is None:
-            self._write([line])  # under the handler's lock, like every emit()
+    def _enqueue(self, line: str) -> None:
+        queue = self._queue
+        if len(queue) >= MAX_BUFFERED_LINES:
+            self._dropped += 1
             return
-        with self._buffer_lock:
-            if self._size > MAX_BUFFERED:
-                self._dropped += 1
-                return
-            lines = self._lines
-            lines.append(line)
-            self._size += len(line) if type(line) is str else _LINE_SIZE
-        if len(lines) == 1:
+        queue.append(line)
+        if not self._scheduled:
+            self._scheduled = True
+            self._schedule()
+
+    def _schedule(self) -> None:
+        """Have the batch just begun written within FLUSH_INTERVAL."""
+        loop = self._loop
+        if loop is None:
             self._wake.set()
+            return
+        try:
+            if threading.get_ident() == self._loop_thread:
+                loop.call_later(FLUSH_INTERVAL, self.flush)
+            else:
+                loop.call_soon_threadsafe(loop.call_later, FLUSH_INTERVAL, self.flush)
+        except RuntimeError:  # the loop is closed: write now
+            self.flush()
 
     def flush(self) -> None:
-        """Write every buffered line now."""
+        """Write every queued line now."""
         with self._write_lock:
-            with self._buffer_lock:
-                lines, self._lines = self._lines, []
-                self._size = 0
-                dropped, self._dropped = self._dropped, 0
+            self._scheduled = False  # before taking the lines: see the class docstring
+            queue = self._queue
+            lines = [queue.popleft() for _ in range(len(queue))]
+            dropped, self._dropped = self._dropped, 0
             if dropped:
                 lines.append(
                     f"{time.strftime('%Y-%m-%d %H:%M:%S')},000 WARNING [{_pid}] farm.logs: "
                     f"{dropped} log line(s) dropped: the log could not be written fast enough"
                 )
             if lines:
-                self._write([self._text(line) for line in lines])
+                self._write(self._texts(lines))
 
-    def _text(self, line: Any) -> str:
-        if type(line) is str:
-            return line
+    def _texts(self, lines: list[Any]) -> list[str]:
+        """The lines as text: direct lines formatted here, in one loop for the text format."""
+        if type(self.formatter) is not TextFormatter:
+            return [line if type(line) is str else self._text(line) for line in lines]
+        texts = []
+        append = texts.append
+        stamp_second = -1
+        stamp = ""
+        head = f" INFO [{_pid}] "
+        millis = _MILLIS
+        for line in lines:
+            if type(line) is str:
+                append(line)
+                continue
+            created, name, message = line
+            try:
+                text = str(message)
+                if not getattr(message, "always_printable", False) and not text.isprintable():
+                    text = printable(text)
+            except Exception:  # a message that cannot render: say so, lose nothing else
+                append(f"(a log line of {name} could not be formatted)")
+                continue
+            second = int(created)
+            if second != stamp_second:
+                stamp_second, stamp = second, _second(second)[0]
+            append(f"{stamp}{millis[int((created - second) * 1000)]}{head}{name}: {text}")
+        return texts
+
+    def _text(self, line: tuple[float, str, Any]) -> str:
+        created, name, message = line
         try:
-            return self.format(line)
+            return self.format(_Line(name, message, created))  # type: ignore[arg-type]
         except Exception:  # a message that cannot render: say so, lose nothing else
-            return f"(a log line of {line.name} could not be formatted)"
+            return f"(a log line of {name} could not be formatted)"
 
     def _write(self, lines: list[str]) -> None:
         data = ("\n".join(lines) + "\n").encode("utf-8", "backslashreplace")
@@ -257,34 +321,43 @@ class LogWriter(logging.Handler):
                 written = os.write(self.fd, data)
                 data = data[written:]
         except OSError:
-            with self._buffer_lock:  # reported with the next lines that can be written
-                self._dropped += len(lines)
+            self._dropped += len(lines)  # reported with the next lines that can be written
 
-    def start_batching(self) -> None:
-        """Buffer lines from now on; a daemon thread writes them every FLUSH_INTERVAL."""
-        if self._thread is not None:
+    def start_batching(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        """Queue lines from now on, written every FLUSH_INTERVAL: by a timer of ``loop`` (to
+        be called from the thread that runs it) when the log is a file, else (or without a
+        loop) by a daemon thread."""
+        if self._batching:
+            return
+        if loop is not None and _is_file(self.fd):
+            self._loop, self._loop_thread = loop, threading.get_ident()
+            self._batching = True
             return
         self._stopping = False
         thread = threading.Thread(target=self._run, name="farm-log-flusher", daemon=True)
+        self._thread = thread
+        self._batching = True  # before it runs: lines logged from now on are queued
         try:
             thread.start()
         except RuntimeError as error:  # no thread to spare (RLIMIT_NPROC, memory): unbatched
+            self._thread = None
+            self._batching = False
             logging.getLogger("farm.logs").warning(
                 "log lines written one by one: cannot start the flusher thread (%s)", error
             )
-            return
-        self._thread = thread
 
     def stop_batching(self, timeout: float = 1.0) -> None:
-        """Write what is buffered and go back to writing each line at once."""
+        """Write what is queued and go back to writing each line at once."""
         thread = self._thread
         if thread is not None:
             self._stopping = True
             self._wake.set()
             if thread is not threading.current_thread():
                 thread.join(timeout)
-        self.flush()
+        self._batching = False
         self._thread = None
+        self._loop = None
+        self.flush()
 
     def _run(self) -> None:
         wake = self._wake
@@ -302,6 +375,17 @@ class LogWriter(logging.Handler):
         super().close()
 
 
+def _is_file(fd: int) -> bool:
+    """Whether ``fd`` is a regular file or a character device other than a terminal
+    (``/dev/null``): a write goes to the page cache (or nowhere) and cannot stall on a reader,
+    so the event loop may do it."""
+    try:
+        mode = os.fstat(fd).st_mode
+        return stat.S_ISREG(mode) or (stat.S_ISCHR(mode) and not os.isatty(fd))
+    except OSError:
+        return False
+
+
 def _writer() -> LogWriter | None:
     for handler in logging.getLogger().handlers:
         if isinstance(handler, LogWriter):
@@ -309,11 +393,12 @@ def _writer() -> LogWriter | None:
     return None
 
 
-def start_batching() -> None:
-    """In a freshly forked worker: buffer log lines (no-op unless configure_logging ran)."""
+def start_batching(loop: asyncio.AbstractEventLoop | None = None) -> None:
+    """In a worker, from the thread that runs ``loop``: queue log lines, written in batches
+    (see :meth:`LogWriter.start_batching`; no-op unless configure_logging ran)."""
     writer = _writer()
     if writer is not None:
-        writer.start_batching()
+        writer.start_batching(loop)
 
 
 def stop_batching() -> None:

@@ -3,13 +3,21 @@
 The engine asks at four points: a new session (``open_session``, released by
 ``close_session``), each MAIL (``count_message``, when ``counts_messages``), each AUTH attempt
 (``auth_allowed``, given back by ``auth_succeeded``, when ``counts_auth``). ``farm.limits``
-implements it (one process's counters, or the supervisor's over a channel); the engine knows
-only this interface.
+implements it (one process's counters) and ``farm.supervisor.anvil`` (a table in shared
+memory); the engine knows only this interface.
+
+The three questions answer a bool at once, or an awaitable of one when the answer has to be
+waited for (an ``async def`` method is fine): a limiter that knows at once costs the engine no
+coroutine and no task per connection.
 """
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from collections.abc import Awaitable
+from typing import Any, Protocol, TypeAlias
+
+#: A limiter's answer: now, or once awaited.
+Answer: TypeAlias = bool | Awaitable[bool]
 
 
 class ClientLimiter(Protocol):
@@ -25,13 +33,13 @@ class ClientLimiter(Protocol):
         """The key the session's client is counted under; None: the client is not limited."""
         ...
 
-    async def open_session(self, key: str) -> bool: ...
+    def open_session(self, key: str) -> Answer: ...
 
     def close_session(self, key: str) -> None: ...
 
-    async def count_message(self, key: str) -> bool: ...
+    def count_message(self, key: str) -> Answer: ...
 
-    async def auth_allowed(self, key: str) -> bool: ...
+    def auth_allowed(self, key: str) -> Answer: ...
 
     def auth_succeeded(self, key: str) -> None: ...
 

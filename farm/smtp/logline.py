@@ -84,6 +84,9 @@ class Fields:
     __slots__ = ("values",)
     event = "fields"
     names: tuple[str, ...] = ()
+    #: True when ``str()`` never holds an unprintable character (so a formatter need not
+    #: look for one): every value that could hold one is quoted or escaped by ``__str__``.
+    always_printable = False
 
     def __init__(self, *values: Any) -> None:
         self.values = values
@@ -125,6 +128,7 @@ class MessageLine(_StageFields):
 
     __slots__ = ()
     event = "message"
+    always_printable = True
     names = ("session", "msg", "peer", "client", "from", "rcpts", "size", "outcome", "duration")
 
     def fields(self) -> tuple[Any, ...]:
@@ -143,11 +147,20 @@ class MessageLine(_StageFields):
         )
 
     def __str__(self) -> str:
-        sid, msg, peer, client, sender, rcpts, size, outcome, duration = self.fields()
-        via = f" client={client}" if client is not None else ""
+        # One f-string, the usual case of each field checked inline (twice per message).
+        session, n, sender, rcpts, size, outcome, duration, checks = self.values
+        sid = session.id
+        via = "" if getattr(session, "proxy_data", None) is None else _via(session)
+        sender = f"<{sender or ''}>"
+        if not _BARE(sender):
+            sender = quote(sender)
+        if type(outcome) is not str or not outcome.isalnum():
+            outcome = _token(outcome)
+        if checks and not checks.isprintable():
+            checks = printable(checks)
         return (
-            f"session={sid} msg={msg} peer={peer}{via} from={quote(sender)} rcpts={rcpts} "
-            f"size={size} outcome={outcome} duration={duration:.3f}s{self.values[-1]}"
+            f"session={sid} msg={sid}.{n} peer={peer_text(session.peer)}{via} from={sender} "
+            f"rcpts={rcpts} size={size} outcome={outcome} duration={duration:.3f}s{checks}"
         )
 
 
@@ -157,6 +170,7 @@ class SessionLine(_StageFields):
 
     __slots__ = ()
     event = "session"
+    always_printable = True
     names = (
         "session",
         "peer",
@@ -181,21 +195,42 @@ class SessionLine(_StageFields):
         )
 
     def __str__(self) -> str:
-        sid, peer, client, helo, commands, accepted, rejected, size, end, duration = self.fields()
-        via = f" client={client}" if client is not None else ""
+        # As MessageLine's (once per session).
+        session, commands, accepted, rejected, size, end, duration, checks = self.values
+        via = "" if getattr(session, "proxy_data", None) is None else _via(session)
+        helo = session.host_name or ""
+        if not _BARE(helo):
+            helo = quote(helo)
+        if type(end) is not str or not end.isalnum():
+            end = _token(end)
+        if checks and not checks.isprintable():
+            checks = printable(checks)
         return (
-            f"session={sid} peer={peer}{via} helo={quote(helo)} commands={commands} "
-            f"accepted={accepted} rejected={rejected} bytes={size} end={end} "
-            f"duration={duration:.3f}s{self.values[-1]}"
+            f"session={session.id} peer={peer_text(session.peer)}{via} helo={helo} "
+            f"commands={commands} accepted={accepted} rejected={rejected} bytes={size} "
+            f"end={end} duration={duration:.3f}s{checks}"
         )
 
 
 def peer_text(peer: Any) -> str:
-    """A socket peer as ``host:port`` (``[v6]:port``), or its text."""
-    if isinstance(peer, tuple) and len(peer) >= 2:
+    """A socket peer as ``host:port`` (``[v6]:port``), or its text (quoted if need be)."""
+    if type(peer) is tuple and len(peer) >= 2:
         host = peer[0]
-        return f"[{host}]:{peer[1]}" if ":" in str(host) else f"{host}:{peer[1]}"
+        if type(host) is str and _BARE(host):
+            return f"[{host}]:{peer[1]}" if ":" in host else f"{host}:{peer[1]}"
     return quote(str(peer or "-"))
+
+
+def _via(session: Any) -> str:
+    """`` client=ADDRESS`` after a valid PROXY header, else nothing."""
+    client = proxy_client(session)
+    return "" if client is None else f" client={quote(client)}"
+
+
+def _token(value: Any) -> str:
+    """A value the engine chose (a reply code, how a session ended), as one token."""
+    text = str(value)
+    return text if text.isalnum() else quote(text)
 
 
 def proxy_client(session: Any) -> str | None:
@@ -216,6 +251,7 @@ def _text(value: Any) -> str:
 
 
 _LogRecord = logging.LogRecord
+_now = time.time
 _new_record = _LogRecord.__new__
 #: The attributes every record of :func:`log_info` shares (what ``LogRecord()`` computes).
 _RECORD_DEFAULTS = dict(_LogRecord("", logging.INFO, "(unknown file)", 0, "", (), None).__dict__)
@@ -247,9 +283,27 @@ def log_info(logger: logging.Logger, message: Any) -> None:
     if not logger.isEnabledFor(logging.INFO):
         return
     direct = _direct
-    if direct is not None and _only_handler(logger, direct[0]):
-        direct[1](logger.name, message, time.time())
-        return
+    if direct is not None:
+        # Would the record reach the direct route's handler and nothing else: no filter or
+        # disabled logger on the way, that handler alone on the root, below INFO? (Inline:
+        # this runs twice per message.)
+        node: Any = logger
+        while not (node.filters or node.disabled):
+            handlers = node.handlers
+            if handlers:
+                if (
+                    handlers[0] is direct[0]
+                    and node.parent is None  # the root
+                    and len(handlers) == 1
+                    and not handlers[0].filters
+                    and handlers[0].level <= logging.INFO
+                ):
+                    direct[1](logger.name, message, _now())
+                    return
+                break
+            if not node.propagate or node.parent is None:
+                break
+            node = node.parent
     if logging.getLogRecordFactory() is not _LogRecord or logging._srcfile:
         logger.info(message)
         return
@@ -263,24 +317,3 @@ def log_info(logger: logging.Logger, message: Any) -> None:
     attributes["msecs"] = (now - int(now)) * 1000
     attributes["relativeCreated"] = (now - _LOGGING_STARTED) * 1000
     logger.handle(record)
-
-
-def _only_handler(logger: logging.Logger, handler: logging.Handler) -> bool:
-    """Whether an INFO record of ``logger`` would reach ``handler`` and nothing else."""
-    node: Any = logger
-    while node is not None:
-        if node.filters or node.disabled:
-            return False
-        handlers = node.handlers
-        if handlers:
-            return (
-                node.parent is None  # the root
-                and len(handlers) == 1
-                and handlers[0] is handler
-                and not handler.filters
-                and handler.level <= logging.INFO
-            )
-        if not node.propagate:
-            return False
-        node = node.parent
-    return False

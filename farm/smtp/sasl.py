@@ -24,6 +24,7 @@ from farm.smtp.auth import AuthResult, LoginPassword
 from farm.smtp.hooks import MISSING
 from farm.smtp.session import Envelope, Session
 from farm.smtp.settings import DEFAULTS
+from farm.smtp.state import ConnectionState
 
 log = logging.getLogger("farm.smtp")
 
@@ -129,9 +130,11 @@ def auth_outcome(result: Any) -> AuthOutcome:
     return AuthOutcome(success, False, None, result, result)
 
 
-def failure_closes(failures: int, limit: int) -> bool:
-    """Whether the session's ``failures``-th failed AUTH ends it (``421``)."""
-    return failures >= limit
+def count_failure(state: ConnectionState, limit: int) -> bool:
+    """Count a failed AUTH exchange in the session's ``state``; True when that failure is
+    the ``limit``-th, which ends the session (``421``)."""
+    state.auth_failures += 1
+    return state.auth_failures >= limit
 
 
 # -- the exchange ----------------------------------------------------------------------------

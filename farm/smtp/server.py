@@ -22,7 +22,7 @@ import threading
 import typing
 import warnings
 import weakref
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from farm.smtp.arguments import CONTROL_CHARACTERS, parse_path
@@ -52,7 +52,12 @@ from farm.smtp.framing import BodyPart, Chunk, Command, DataError, Framer, Messa
 from farm.smtp.help import offered, syntax, syntax_text
 from farm.smtp.hooks import MISSING as MISSING  # re-exported by farm.smtp
 from farm.smtp.hooks import HookTable, hook_table
-from farm.smtp.limiter import too_many_auth_failures, too_many_connections, too_much_mail
+from farm.smtp.limiter import (
+    ClientLimiter,
+    too_many_auth_failures,
+    too_many_connections,
+    too_much_mail,
+)
 from farm.smtp.logline import MessageLine, SessionLine, log_info
 from farm.smtp.logline import peer_text as _peer_text
 from farm.smtp.mail_rcpt import parse_mail, parse_rcpt
@@ -69,7 +74,7 @@ from farm.smtp.sasl import (
     AuthOutcome,
     auth_outcome,
     check_credentials,
-    failure_closes,
+    count_failure,
     login_exchange,
     parse_auth,
     plain_exchange,
@@ -84,9 +89,9 @@ from farm.smtp.state import (
     HELO_FIRST,
     SHUTTING_DOWN,
     ConnectionState,
-    GateState,
     Phase,
     call_limit_exceeded,
+    gate_needed,
     ordering_refusal,
     refusal_before_verb,
     refusal_for_auth,
@@ -200,42 +205,31 @@ class SMTP(asyncio.BufferedProtocol):
     #: The LOGIN mechanism's prompts (aiosmtpd's texts; a subclass may change them).
     AuthLoginUsernameChallenge = "User Name\x00"
     AuthLoginPasswordChallenge = "Password\x00"
+    # The protocol state (phase, counters, clocks, AUTH/STARTTLS/BDAT flags, how the session
+    # ends) is ``self._state``, a farm.smtp.state.ConnectionState; here are the I/O handles
+    # and the settings derived from the configuration.
     _tls_protocol: Any = None
-    _tls_handshake_okay = True
-    #: True while a STARTTLS handshake runs (a draining server aborts it: no mail in flight).
-    _in_tls_handshake = False
-    _auth_failures = 0
     _line_waiter: asyncio.Future[Any] | None = None
     _task: asyncio.Task[None] | None = None
     _task_is_delivery = False
-    _closed = False
-    _close_after_flush = False
-    _eof = False
-    _draining = False
     _read_paused = False
     _size_limits: dict[str, int] | None = None
     _timer: asyncio.TimerHandle | None = None
     _closed_waiter: asyncio.Future[None] | None = None
+    #: Whether commands pass the policy gate (farm.smtp.state.gate_needed), kept up to date.
     _checks = False
-    #: Set while a ``greeting_delay`` runs: any byte from the client then is an early talk.
-    _early_talker_watch = False
     _greet_handle: asyncio.TimerHandle | None = None
     #: A :class:`farm.metrics.WorkerStats` the session counts into (the farm's workers set it).
     stats: Any = None
-    #: How the session ended, for the stats: quit, timeout, shutdown (else disconnect/error).
-    _ended_how: str | None = None
-    #: The verb being answered (for enhanced status codes).
-    _verb: str | None = None
-    #: The client's key in the ``limiter`` once it was admitted (None: not limited).
+    #: The client's key in the ``limiter`` once it was admitted (None: not limited); the
+    #: limiter's session is released with it when the connection is lost.
     _limit_key: str | None = None
+    # The bodies being received are resources (memory counted in ``body_budget``, maybe a
+    # spool file), closed when the transaction or the connection ends: they stay here.
     #: The DATA body being received (BDAT's is ``_bdat_content``).
     _body: Body | None = None
     #: Content received by earlier BDAT chunks of this transaction (None: no BDAT yet).
     _bdat_content: Body | None = None
-    #: For the chunk being read: is it the last, and the reply refusing it ("": refused
-    #: before :meth:`smtp_BDAT` ran, already answered; None: accepted).
-    _bdat_last = False
-    _bdat_refusal: str | None = None
     #: The checks around the hooks (farm.smtp.stages); None: there are none.
     _stages: Stages | None = None
     #: The PROXY header being read (None: none expected, or read) and its deadline.
@@ -514,35 +508,59 @@ class SMTP(asyncio.BufferedProtocol):
             return
         # With a greeting delay, a client may not speak before the 220, even while we ask
         # the limiter.
-        self._early_talker_watch = bool(self._greeting_delay)
+        self._state.early_talker_watch = bool(self._greeting_delay)
         if self._limiter is None:
             self._greet_after_delay()
-        else:
-            self._run_inline(self._admit_and_greet())
+            return
+        admitted = self._admission()
+        if admitted is True:
+            self._greet_after_delay()
+        elif admitted is not False:  # the limiter's answer has to be waited for
+            self._run_inline(self._admit_and_greet(admitted))
 
-    async def _admit_and_greet(self) -> None:
-        if await self._admitted():
+    async def _admit_and_greet(self, admitted: Awaitable[bool]) -> None:
+        if await admitted:
             self._greet_after_delay()
 
     async def _admitted(self) -> bool:
         """Ask the ``limiter`` whether this client may have another session (farm.limits)."""
-        limiter = self._limiter
+        admitted = self._admission()
+        if isinstance(admitted, bool):
+            return admitted
+        return await admitted
+
+    def _admission(self) -> bool | Awaitable[bool]:
+        """The ``limiter``'s admission of this client: now when it answers at once (no
+        coroutine per connection), else an awaitable of it."""
+        limiter: ClientLimiter | None = self._limiter
         if limiter is None:
             return True
         session = self.session
         key = limiter.session_key(session.peer, session.proxy_data)
         if key is None:
             return True
-        if not await limiter.open_session(key):
+        answer = limiter.open_session(key)
+        if isinstance(answer, bool):
+            return self._admission_answered(key, answer)
+        return self._admission_awaited(key, answer)
+
+    async def _admission_awaited(self, key: str, answer: Awaitable[bool]) -> bool:
+        return self._admission_answered(key, await answer)
+
+    def _admission_answered(self, key: str, admitted: bool) -> bool:
+        """Act on the ``limiter``'s answer for ``key``: refuse (421), or note the key."""
+        limiter: ClientLimiter = self._limiter
+        session = self.session
+        if not admitted:
             log.info("session=%s refused: too many connections from %s", session.id, key)
             if self.stats is not None:
                 self.stats.limited["sessions"] += 1
-            self._ended_how = "error"
+            self._state.ended_how = "error"
             self._reply(too_many_connections(self.hostname, key), plain=True)
-            self._close_after_flush = True
+            self._state.close_after_flush = True
             self._flush()
             return False
-        if self._closed:
+        if self._state.closed:
             limiter.close_session(key)
             return False
         self._limit_key = key
@@ -551,9 +569,11 @@ class SMTP(asyncio.BufferedProtocol):
     async def _mail_allowed(self) -> bool:
         """The client's message rate (``limiter``): False after replying 450."""
         key = self._limit_key
-        if key is None or not self._limiter.counts_messages:
+        limiter: ClientLimiter = self._limiter
+        if key is None or not limiter.counts_messages:
             return True
-        if await self._limiter.count_message(key):
+        allowed = limiter.count_message(key)
+        if allowed is True or (allowed is not False and await allowed):
             return True
         log.info("session=%s MAIL refused: too much mail from %s", self.session.id, key)
         if self.stats is not None:
@@ -563,14 +583,14 @@ class SMTP(asyncio.BufferedProtocol):
 
     def _greet_after_delay(self) -> None:
         """Greet now, or after ``greeting_delay`` seconds during which the client must be silent."""
-        if self._close_after_flush or self._closed:
+        if self._state.close_after_flush or self._state.closed:
             return  # refused meanwhile (an early talker)
         if self._stages is not None:
             self._stages.connect(self.session)
         if not self._greeting_delay:
             self._greet()
             return
-        self._early_talker_watch = True
+        self._state.early_talker_watch = True
         self._greet_handle = self.loop.call_later(self._greeting_delay, self._greet)
 
     def _early_talker(self) -> None:
@@ -578,9 +598,9 @@ class SMTP(asyncio.BufferedProtocol):
         log.info("session=%s spoke before the greeting: refused", self.session.id)
         if self._greet_handle is not None:
             self._greet_handle.cancel()
-        self._ended_how = "error"
+        self._state.ended_how = "error"
         self._reply("554 5.5.0 Error: SMTP protocol synchronization", plain=True)
-        self._close_after_flush = True
+        self._state.close_after_flush = True
         self._flush()
 
     def _greet(self) -> None:
@@ -589,7 +609,7 @@ class SMTP(asyncio.BufferedProtocol):
         if self._stages is not None and self._stages.on_greet:
             # A stage may decide the greeting (screening's drop); a client that talks while
             # it decides is an early talker too.
-            self._early_talker_watch = True
+            self._state.early_talker_watch = True
             self._run_inline(self._greet_after_stages())
             return
         self._send_greeting()
@@ -602,19 +622,19 @@ class SMTP(asyncio.BufferedProtocol):
         except Exception:  # a stage's bug: greet (fail open) rather than leave the client
             log.exception("session=%s greeting stage failed", self.session.id)
             refusal = None
-        if self._close_after_flush or self._closed:
+        if self._state.close_after_flush or self._state.closed:
             return
         if refusal is None:
             self._send_greeting()
             return
-        self._early_talker_watch = False
-        self._ended_how = "error"
+        self._state.early_talker_watch = False
+        self._state.ended_how = "error"
         self._reply(refusal, plain=True)
-        self._close_after_flush = True
+        self._state.close_after_flush = True
         self._flush()
 
     def _send_greeting(self) -> None:
-        self._early_talker_watch = False
+        self._state.early_talker_watch = False
         state = self._state
         state.phase = Phase.GREETED
         now = state.last_line = self.loop.time()
@@ -653,8 +673,8 @@ class SMTP(asyncio.BufferedProtocol):
         if self._proxy_parser is not None:
             self._feed_proxy_header(data)
             return
-        if self._early_talker_watch:
-            if not self._close_after_flush:
+        if self._state.early_talker_watch:
+            if not self._state.close_after_flush:
                 self._early_talker()
             return
         framer = self._framer
@@ -699,7 +719,7 @@ class SMTP(asyncio.BufferedProtocol):
                 waiter.set_result(event)
 
     def eof_received(self) -> bool:
-        self._eof = True
+        self._state.eof = True
         waiter = self._line_waiter
         if waiter is not None and not waiter.done():
             waiter.set_exception(ConnectionAbortedError("the client closed its side"))
@@ -709,9 +729,9 @@ class SMTP(asyncio.BufferedProtocol):
         return self._tls_protocol is None
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self._closed:
+        if self._state.closed:
             return  # (a failed STARTTLS handshake reports it itself; see smtp_STARTTLS)
-        self._closed = True
+        self._state.closed = True
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -731,7 +751,7 @@ class SMTP(asyncio.BufferedProtocol):
         if self._stages is not None:
             self._stages.close(self.session)
         if self.stats is not None:
-            how = self._ended_how or ("error" if exc is not None else "disconnect")
+            how = self._state.ended_how or ("error" if exc is not None else "disconnect")
             self.stats.ended[how] += 1
         if log.isEnabledFor(logging.INFO):
             self._log_disconnect()
@@ -772,7 +792,7 @@ class SMTP(asyncio.BufferedProtocol):
                 counts["accepted"],
                 counts["rejected"],
                 counts["bytes"],
-                self._ended_how or "disconnect",
+                self._state.ended_how or "disconnect",
                 (self.loop.time() - self._state.started) if self.loop else 0.0,
                 self._stages.session_log(session) if self._stages else "",
             ),
@@ -800,17 +820,17 @@ class SMTP(asyncio.BufferedProtocol):
 
     def resume_writing(self) -> None:
         self._state.write_paused = False
-        if self._task is None and not self._closed:
+        if self._task is None and not self._state.closed:
             self._process()
 
     # -- graceful shutdown -----------------------------------------------------------------
 
     def begin_shutdown(self) -> None:
         """Finish the transaction in flight (if any), then answer 421 and close."""
-        self._draining = True
+        self._state.draining = True
         self._checks = True
         transport = self.transport
-        if self._in_tls_handshake or (
+        if self._state.in_tls_handshake or (
             # closing already, every reply handed over: only a TLS close_notify may be awaited
             transport is not None
             and transport.is_closing()
@@ -818,13 +838,13 @@ class SMTP(asyncio.BufferedProtocol):
         ):
             self.abort()  # no transaction can be in flight: nothing to finish
             return
-        if self._task is None and not self._closed:
+        if self._task is None and not self._state.closed:
             self._finish_drain_if_idle()
             self._flush()
 
     async def wait_closed(self) -> None:
         """Wait until the connection is closed."""
-        if self._closed or self.transport is None:
+        if self._state.closed or self.transport is None:
             return
         if self._closed_waiter is None:
             self._closed_waiter = self.loop.create_future()
@@ -836,22 +856,22 @@ class SMTP(asyncio.BufferedProtocol):
 
     def _finish_drain_if_idle(self) -> None:
         if (
-            self._draining
-            and not self._close_after_flush
+            self._state.draining
+            and not self._state.close_after_flush
             and not self._framer.in_data
             and self.envelope is not None
             and self.envelope.mail_from is None
         ):
             self._reply(SHUTTING_DOWN)
-            self._close_after_flush = True
-            self._ended_how = "shutdown"
+            self._state.close_after_flush = True
+            self._state.ended_how = "shutdown"
 
     # -- the input loop --------------------------------------------------------------------
 
     def _process(self) -> None:
         framer = self._framer
         limits = self._error_limits
-        while self._task is None and not self._close_after_flush and not self._closed:
+        while self._task is None and not self._state.close_after_flush and not self._state.closed:
             if limits is not None and limits.delay:  # past the soft limit: the replies wait
                 self._pause_for_errors(limits)
                 break
@@ -877,18 +897,18 @@ class SMTP(asyncio.BufferedProtocol):
                 self._flush()
                 if self._state.write_paused:
                     break  # the client is not reading: the rest waits for resume_writing
-        if self._draining and self._task is None:
+        if self._state.draining and self._task is None:
             self._finish_drain_if_idle()
         self._flush()
         if (
             self._read_paused
             and self._task is None
-            and not self._closed
+            and not self._state.closed
             and not self._state.write_paused
         ):
             self._read_paused = False
             self.transport.resume_reading()
-        if self._eof and self._task is None:
+        if self._state.eof and self._task is None:
             self._close()
 
     def _on_command(self, line: bytes) -> None:
@@ -923,7 +943,7 @@ class SMTP(asyncio.BufferedProtocol):
         if _has_control_characters(line) is not None:
             self._reply("501 5.5.2 Syntax error: invalid character in command")
             return
-        self._verb = verb
+        self._state.verb = verb
         method = self._verbs.get(verb)
         if self.stats is not None:
             self.stats.command(verb if method is not None else "unknown")
@@ -939,7 +959,7 @@ class SMTP(asyncio.BufferedProtocol):
             state.unknown_left -= 1
             if state.unknown_left < 1:
                 self._reply("502 5.5.1 Too many unrecognized commands, goodbye.")
-                self._close_after_flush = True
+                self._state.close_after_flush = True
             else:
                 self._reply(f'500 Error: command "{verb}" not recognized')
             return
@@ -969,7 +989,7 @@ class SMTP(asyncio.BufferedProtocol):
         session_id = self.session.id
         if isinstance(error, ConnectionResetError):
             log.info("session=%s connection reset during a command: closing", session_id)
-            self._close_after_flush = True
+            self._state.close_after_flush = True
             return
         if self._hooks.handle_exception is None:
             log.error("session=%s internal error", session_id, exc_info=error)
@@ -983,41 +1003,40 @@ class SMTP(asyncio.BufferedProtocol):
 
     def _update_checks(self) -> None:
         """Whether commands must pass the policy checks of :meth:`_refused` (rarely)."""
-        self._checks = bool(
-            not self._tls_handshake_okay
-            or (self._require_starttls and self._tls_protocol is None)
-            or self._draining
-            or self._call_limits is not None
-            or self._auth_required
+        self._checks = gate_needed(
+            self._state,
+            self._require_starttls and self._tls_protocol is None,
+            self._call_limits is not None,
+            self._auth_required,
         )
 
     def _refused(self, verb: str, known: bool) -> bool:
         """Apply TLS, drain, call-limit and AUTH policies (farm.smtp.state); True when a reply
         was given."""
-        state = GateState(
-            self._tls_handshake_okay,
+        state = self._state
+        refusal = refusal_before_verb(
+            verb,
+            state,
             self._require_starttls and self._tls_protocol is None,
-            self._draining,
             self.envelope.mail_from is not None,
-            self._auth_required,
-            bool(self.session.authenticated),
         )
-        refusal = refusal_before_verb(verb, state)
         if refusal is None and known:
             if self._call_limits is not None:
-                counts = self._state.call_counts
+                counts = state.call_counts
                 if counts is None:
-                    counts = self._state.call_counts = {}
+                    counts = state.call_counts = {}
                 if call_limit_exceeded(counts, self._call_limits, self._call_limit_default, verb):
                     log.warning("session=%s %s sent too many times", self.session.id, verb)
                     refusal = too_many_calls(verb)
             if refusal is None:
-                refusal = refusal_for_auth(verb, state)
+                refusal = refusal_for_auth(
+                    verb, self._auth_required, bool(self.session.authenticated)
+                )
         if refusal is None:
             return False
         self._reply(refusal.reply)
         if refusal.close:
-            self._close_after_flush = True
+            self._state.close_after_flush = True
         return True
 
     def _run(self, coro: Coroutine[Any, Any, None], delivery: bool = False) -> None:
@@ -1031,7 +1050,7 @@ class SMTP(asyncio.BufferedProtocol):
         self._task = None
         if self._timeout and self.loop is not None:
             self._state.last_line = self.loop.time()  # the client's idle time starts now
-        if task.cancelled() or self._closed:
+        if task.cancelled() or self._state.closed:
             return
         error = task.exception()
         if error is not None:
@@ -1047,14 +1066,14 @@ class SMTP(asyncio.BufferedProtocol):
         if "\n" in text:
             text = format_multiline(text)
         if self._enhanced and not plain:
-            text = with_enhanced_code(text, self._verb)
+            text = with_enhanced_code(text, self._state.verb)
         if self.stats is not None:
             self.stats.reply(text[:1] + "xx")
         self._out.append(text)
         limits = self._error_limits
         if (
             limits is not None
-            and not self._close_after_flush
+            and not self._state.close_after_flush
             and limits.count_reply(text, self._state.commands)
         ):
             self._too_many_errors(limits)
@@ -1062,8 +1081,8 @@ class SMTP(asyncio.BufferedProtocol):
     def _too_many_errors(self, limits: ErrorLimits) -> None:
         """The hard error limit is reached: ``421`` and close."""
         log.info("session=%s too many errors (%d): closing", self.session.id, limits.errors)
-        self._ended_how = "error"
-        self._close_after_flush = True
+        self._state.ended_how = "error"
+        self._state.close_after_flush = True
         self._reply(f"421 4.7.0 {self.hostname} Error: too many errors")
 
     def _pause_for_errors(self, limits: ErrorLimits) -> None:
@@ -1085,15 +1104,15 @@ class SMTP(asyncio.BufferedProtocol):
         self._reply(status)
 
     def _flush(self) -> None:
-        if self._held and not self._close_after_flush:
+        if self._held and not self._state.close_after_flush:
             return  # an error delay runs: the replies go when it ends
         out = self._out
         if out:
             text = out[0] + "\r\n" if len(out) == 1 else "\r\n".join(out) + "\r\n"
             out.clear()
-            if self.transport is not None and not self._closed:
+            if self.transport is not None and not self._state.closed:
                 self.transport.write(text.encode("utf-8", "surrogateescape"))
-        if self._close_after_flush:
+        if self._state.close_after_flush:
             self._close()
 
     def _close(self) -> None:
@@ -1115,7 +1134,7 @@ class SMTP(asyncio.BufferedProtocol):
     def _on_timer(self) -> None:
         """The session's one timer: act on what expired (farm.smtp.deadlines), or re-arm."""
         self._timer = None
-        if self._closed or self.transport is None:
+        if self._state.closed or self.transport is None:
             return
         now = self.loop.time()
         state = self._state
@@ -1137,7 +1156,7 @@ class SMTP(asyncio.BufferedProtocol):
                 self.session.id,
                 round(now - state.write_paused_at, 1),
             )
-            self._ended_how = "timeout"
+            self._state.ended_how = "timeout"
             self.transport.abort()
             return
         if expired is Expired.HOOK:
@@ -1152,9 +1171,9 @@ class SMTP(asyncio.BufferedProtocol):
             self._reply(LOCAL_ERROR)
         else:
             log.info("session=%s timeout", self.session.id)
-            self._ended_how = "timeout"
+            self._state.ended_how = "timeout"
             self._reply(f"421 4.4.2 {self.hostname} Error: timeout exceeded")
-        self._close_after_flush = True
+        self._state.close_after_flush = True
         self._flush()
 
     # -- hooks -----------------------------------------------------------------------------
@@ -1194,7 +1213,7 @@ class SMTP(asyncio.BufferedProtocol):
         log.warning(
             "session=%s %s refused: bodies in memory %d >= budget %d octets",
             self.session.id,
-            self._verb,
+            self._state.verb,
             budget.used,
             budget.limit,
         )
@@ -1242,7 +1261,7 @@ class SMTP(asyncio.BufferedProtocol):
     def _on_message(self, message: Message, body: Body | None = None) -> None:
         """The end of a message: ``message.content`` ends ``body`` (default: the DATA body
         received so far in BodyParts, if any)."""
-        self._verb = "DATA"
+        self._state.verb = "DATA"
         self._counts["bytes"] += message.size
         if self._timeout:
             self._state.last_line = self.loop.time()
@@ -1428,8 +1447,8 @@ class SMTP(asyncio.BufferedProtocol):
             return
         status = await self._call_handler_hook("QUIT") if "QUIT" in self._hooks.hooks else MISSING
         self._reply("221 Bye" if status is MISSING else status)
-        self._close_after_flush = True
-        self._ended_how = "quit"
+        self._state.close_after_flush = True
+        self._state.ended_how = "quit"
 
     @syntax("RSET")
     async def smtp_RSET(self, arg: str | None) -> None:
@@ -1605,7 +1624,7 @@ class SMTP(asyncio.BufferedProtocol):
         if bdat is None:
             # Without a size the chunk's end is unknown: the stream cannot be trusted any more.
             self._reply(BDAT_SYNTAX)
-            self._close_after_flush = True
+            self._state.close_after_flush = True
             return
         content = self._bdat_content
         refusal = chunk_refusal(
@@ -1622,7 +1641,7 @@ class SMTP(asyncio.BufferedProtocol):
             self._framer.start_chunk(bdat.size, spill=self._spill)
             if content is None:
                 self._bdat_content = self._new_body()
-        self._bdat_last, self._bdat_refusal = bdat.last, refusal
+        self._state.bdat_last, self._state.bdat_refusal = bdat.last, refusal
         if self._timeout:
             self._state.data_deadline = self.loop.time() + self._timeout
 
@@ -1634,14 +1653,14 @@ class SMTP(asyncio.BufferedProtocol):
             return  # BDAT is then an unknown command, as in aiosmtpd
         size = chunk_size_to_skip(arg)
         if size is None:
-            self._close_after_flush = True
+            self._state.close_after_flush = True
             return
         self._framer.start_chunk(size, keep=False)
-        self._bdat_last, self._bdat_refusal = False, ""
+        self._state.bdat_last, self._state.bdat_refusal = False, ""
 
     def _on_chunk(self, chunk: Chunk) -> None:
-        last, refusal = self._bdat_last, self._bdat_refusal
-        self._bdat_last, self._bdat_refusal = False, None
+        last, refusal = self._state.bdat_last, self._state.bdat_refusal
+        self._state.bdat_last, self._state.bdat_refusal = False, None
         if refusal == "":
             return  # refused before smtp_BDAT: already answered
         if refusal is not None:
@@ -1704,7 +1723,7 @@ class SMTP(asyncio.BufferedProtocol):
         self.session.proxy_data = result
         if self._greeting_delay:
             # The client must wait for the 220: bytes after the header are an early talk.
-            self._early_talker_watch = True
+            self._state.early_talker_watch = True
             if result.trailing:
                 self._early_talker()
                 return
@@ -1722,7 +1741,7 @@ class SMTP(asyncio.BufferedProtocol):
                 log.exception("session=%s handle_PROXY failed", self.session.id)
         if not accepted:
             log.info("session=%s PROXY header not accepted by the handler", self.session.id)
-            self._close_after_flush = True
+            self._state.close_after_flush = True
             return
         if await self._admitted():
             self._greet_after_delay()
@@ -1766,8 +1785,11 @@ class SMTP(asyncio.BufferedProtocol):
 
     async def _auth_rate_allowed(self, key: str) -> bool:
         """The client's AUTH-failure allowance (``limiter``): False after replying 454."""
-        limiter = self._limiter
-        if not limiter.counts_auth or await limiter.auth_allowed(key):
+        limiter: ClientLimiter = self._limiter
+        if not limiter.counts_auth:
+            return True
+        allowed = limiter.auth_allowed(key)
+        if allowed is True or (allowed is not False and await allowed):
             return True
         log.info("session=%s AUTH refused: too many AUTH failures from %s", self.session.id, key)
         if self.stats is not None:
@@ -1799,19 +1821,19 @@ class SMTP(asyncio.BufferedProtocol):
             self._reply(outcome.message or AUTH_OK)
             log.info("session=%s authenticated with %s", session.id, mechanism)
             return
-        self._auth_failures += 1
+        closes = count_failure(self._state, self._auth_failure_limit)
         log.info(
             "session=%s AUTH %s failed (%d of %d)",
             session.id,
             mechanism,
-            self._auth_failures,
+            self._state.auth_failures,
             self._auth_failure_limit,
         )
         if not outcome.handled:
             self._reply(outcome.message or AUTH_FAILED)
-        if failure_closes(self._auth_failures, self._auth_failure_limit):
+        if closes:
             self._reply(TOO_MANY_FAILURES)
-            self._close_after_flush = True
+            self._state.close_after_flush = True
 
     async def challenge_auth(
         self,
@@ -1874,7 +1896,7 @@ class SMTP(asyncio.BufferedProtocol):
                 session.id,
                 len(discarded),
             )
-        self._in_tls_handshake = True
+        self._state.in_tls_handshake = True
         try:
             transport = await self.loop.start_tls(
                 self.transport,
@@ -1894,7 +1916,7 @@ class SMTP(asyncio.BufferedProtocol):
             self.connection_lost(error)
             return
         finally:
-            self._in_tls_handshake = False
+            self._state.in_tls_handshake = False
         if transport is None:  # the connection closed during the handshake
             self.connection_lost(None)
             return
@@ -1908,10 +1930,10 @@ class SMTP(asyncio.BufferedProtocol):
         hook = self._hooks.hooks.get("STARTTLS")
         if hook is not None:
             try:
-                self._tls_handshake_okay = bool(hook(self, session, self.envelope))
+                self._state.tls_handshake_okay = bool(hook(self, session, self.envelope))
             except Exception:
                 log.exception("session=%s handle_STARTTLS failed", session.id)
-                self._tls_handshake_okay = False
+                self._state.tls_handshake_okay = False
         self._update_checks()
         log.info("session=%s TLS established: %s", session.id, session.ssl.get("version"))
 

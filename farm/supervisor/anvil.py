@@ -34,7 +34,6 @@ import ipaddress
 import logging
 import mmap
 import time
-from collections import Counter
 from collections.abc import Callable
 
 from farm.limits import UNKNOWN_CLIENT, ClientLimits, Limiter
@@ -201,12 +200,21 @@ class AnvilTable:
         try:
             if closed:
                 self._closed(closed, held, limits)
-            slot = self._find(key, limits, now)
-            if slot < 0:
-                self._overflow(now)
-                return -2, False
+            # The slot from the key's hash is the usual answer; else look further.
+            start, tag, high, low = key
+            slot = start & self._mask
             base = slot * _WORDS
             words = self._words
+            if not (
+                words[base + _TAG] == tag
+                and words[base + _HIGH] == high
+                and words[base + _LOW] == low
+            ):
+                slot = self._find(key, limits, now)
+                if slot < 0:
+                    self._overflow(now)
+                    return -2, False
+                base = slot * _WORDS
             sessions = words[base + _SESSIONS]
             if limits.sessions_per_ip and sessions >= limits.sessions_per_ip:
                 return -1, False
@@ -214,14 +222,23 @@ class AnvilTable:
                 held[slot] += 1  # first: a death between the two writes over-releases none
             words[base + _SESSIONS] = sessions + 1
             limit = limits.messages_per_ip
-            leased = False
-            if (
-                limit
-                and self._level(base, _MSG_TOKENS, _MSG_STAMP, limit, limits.interval, now) >= 1
-            ):
-                self._floats[base + _MSG_TOKENS] -= 1
-                leased = True
-            return slot, leased
+            if not limit:
+                return slot, False
+            # The message bucket, refilled to now (as _level), less the leased message.
+            floats = self._floats
+            last = floats[base + _MSG_STAMP]
+            if last:
+                level = floats[base + _MSG_TOKENS] + (now - last) * limit / limits.interval
+                if level > limit:
+                    level = float(limit)
+            else:
+                level = float(limit)
+            floats[base + _MSG_STAMP] = now
+            if level >= 1:
+                floats[base + _MSG_TOKENS] = level - 1
+                return slot, True
+            floats[base + _MSG_TOKENS] = level
+            return slot, False
         finally:
             self._release()
 
@@ -238,14 +255,17 @@ class AnvilTable:
     def _closed(
         self, closed: dict[int, list[int]], held: memoryview | None, limits: ClientLimits
     ) -> None:
-        words, floats = self._words, self._floats
+        words = self._words
         limit = float(limits.messages_per_ip)
         for slot, (sessions, unused) in closed.items():
             index = slot * _WORDS + _SESSIONS
-            words[index] = max(0, words[index] - sessions)
+            count = words[index]
+            words[index] = count - sessions if count > sessions else 0
             if held is not None:
-                held[slot] = max(0, held[slot] - sessions)
+                count = held[slot]
+                held[slot] = count - sessions if count > sessions else 0
             if unused and limit:
+                floats = self._floats
                 tokens = slot * _WORDS + _MSG_TOKENS
                 floats[tokens] = min(limit, floats[tokens] + unused)
         closed.clear()
@@ -357,11 +377,9 @@ class SharedLimiter(Limiter):
         self.table = table
         self._held = memoryview(held).cast("I") if held is not None else None
         self._table_keys: dict[str, TableKey] = {}
-        #: This worker's open sessions per key, and the slot that holds them.
-        self._open: Counter[str] = Counter()
-        self._slots: dict[str, int] = {}
-        #: Messages leased with this worker's sessions and not used yet, per key.
-        self._leased: Counter[str] = Counter()
+        #: This worker's sessions per key: [the slot that counts them, open sessions,
+        #: messages leased with them and not used yet].
+        self._mine: dict[str, list[int]] = {}
         #: Sessions closed but not yet taken off the table: {slot: [sessions, unused leases]}.
         self._closed: dict[int, list[int]] = {}
         self._flush_timer: asyncio.TimerHandle | None = None
@@ -374,29 +392,31 @@ class SharedLimiter(Limiter):
             found = self._table_keys[key] = table_key(key)
         return found
 
-    async def open_session(self, key: str) -> bool:
-        slot, leased = self.table.open_session(
-            self._table_key(key), self.limits, self._held, self._closed
-        )
-        if slot == -1:
-            return False
-        if slot >= 0:
-            self._open[key] += 1
-            self._slots[key] = slot
+    # The table answers at once: plain methods, no coroutine (farm.smtp.limiter's Answer).
+
+    def open_session(self, key: str) -> bool:
+        table_key = self._table_keys.get(key) or self._table_key(key)
+        slot, leased = self.table.open_session(table_key, self.limits, self._held, self._closed)
+        if slot < 0:
+            return slot != -1  # -1: refused; -2: let in uncounted
+        mine = self._mine.get(key)
+        if mine is None:
+            self._mine[key] = [slot, 1, 1 if leased else 0]
+        else:
+            mine[0] = slot
+            mine[1] += 1
             if leased:
-                self._leased[key] += 1
+                mine[2] += 1
         return True
 
     def close_session(self, key: str) -> None:
         """Noted here, and applied to the table with the next admission or within
         :data:`CLOSE_DELAY` (one lock for both, instead of one each)."""
-        slot = self._slots.get(key)
-        if slot is None:
+        mine = self._mine.get(key)
+        if mine is None:
             return  # let in uncounted
-        still_open = self._open[key] - 1
-        unused = max(0, self._leased[key] - still_open)  # one lease per open session stays
-        if unused:
-            self._leased[key] -= unused
+        slot, still_open, leased = mine[0], mine[1] - 1, mine[2]
+        unused = leased - still_open if leased > still_open else 0  # one lease per open session
         pending = self._closed.get(slot)
         if pending is None:
             self._closed[slot] = [1, unused]
@@ -404,10 +424,10 @@ class SharedLimiter(Limiter):
             pending[0] += 1
             pending[1] += unused
         if still_open > 0:
-            self._open[key] = still_open
+            mine[1] = still_open
+            mine[2] = leased - unused
         else:
-            del self._open[key], self._slots[key]
-            self._leased.pop(key, None)
+            del self._mine[key]
         if self._flush_timer is None:
             try:
                 loop = asyncio.get_running_loop()
@@ -422,13 +442,14 @@ class SharedLimiter(Limiter):
         if self._closed:
             self.table.close_sessions(self._closed, self._held, self.limits)
 
-    async def count_message(self, key: str) -> bool:
-        if self._leased[key] > 0:
-            self._leased[key] -= 1
+    def count_message(self, key: str) -> bool:
+        mine = self._mine.get(key)
+        if mine is not None and mine[2] > 0:  # a message leased with a session
+            mine[2] -= 1
             return True
         return self.table.take(self._table_key(key), self.limits)
 
-    async def auth_allowed(self, key: str) -> bool:
+    def auth_allowed(self, key: str) -> bool:
         return self.table.take(self._table_key(key), self.limits, auth=True)
 
     def auth_succeeded(self, key: str) -> None:

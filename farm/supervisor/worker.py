@@ -111,7 +111,6 @@ def run_worker(spec: WorkerSpec) -> NoReturn:
 
 
 def _worker_process(spec: WorkerSpec) -> int:
-    start_batching()
     signal.set_wakeup_fd(-1)
     for signum in (*SUPERVISOR_SIGNALS, signal.SIGUSR2):
         signal.signal(signum, signal.SIG_DFL)
@@ -151,6 +150,7 @@ def _worker_process(spec: WorkerSpec) -> int:
         return EXIT_BOOT_ERROR
     loop = _new_loop(config.uvloop)
     asyncio.set_event_loop(loop)
+    start_batching(loop)  # log lines written in batches, from now until the worker ends
     try:
         server = WorkerServer(spec, handler, loop)
         code = loop.run_until_complete(server.run())
@@ -557,7 +557,7 @@ class WorkerServer:
 
     def exposition(self) -> str:
         """This worker's metrics in the Prometheus text format."""
-        self.stats.draining = sum(1 for p in self.sessions.active if p._draining)
+        self.stats.draining = sum(1 for p in self.sessions.active if p._state.draining)
         return generate_latest(self._registry).decode()
 
     def send_final_metrics(self) -> None:

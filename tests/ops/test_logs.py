@@ -6,6 +6,7 @@ Real ``farm serve`` processes, real SMTP sessions over loopback, real signals.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -15,14 +16,15 @@ import signal
 import stat
 import sys
 import tempfile
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
-from farm.logs import JSONFormatter, TextFormatter, configure_logging, reopen_log_file
-from farm.smtp.logline import MessageLine, quote
+from farm.logs import JSONFormatter, LogWriter, TextFormatter, configure_logging, reopen_log_file
+from farm.smtp.logline import MessageLine, SessionLine, quote
 from farm.supervisor.privileges import drop_privileges, resolve_user
 from tests.support.client import SMTPClient, send_message
 from tests.support.farms import run_smtp_source, serve_expecting_exit
@@ -98,6 +100,86 @@ def test_json_formatter_writes_the_fields() -> None:
     assert {"time", "level", "pid", "logger", "session", "msg", "peer", "size"} <= set(data)
     assert (data["spf"], data["dkim"]) == ("pass", "none")  # the stages' results, by name
     assert str(message).endswith("outcome=250 duration=0.250s spf=pass dkim=none")
+
+
+def test_a_log_file_is_flushed_by_the_event_loop_in_batches(tmp_path: Path) -> None:
+    """To a file, a worker's lines are written by a timer of its loop (no thread), a batch
+    within FLUSH_INTERVAL of its first line; a line from another thread is scheduled onto the
+    loop; stop_batching writes what is left."""
+    path = tmp_path / "farm.log"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    writer = LogWriter(fd)
+    writer.setFormatter(TextFormatter())
+    session = SimpleNamespace(id="1f.7", peer=("127.0.0.1", 5), proxy_data=None, host_name="h")
+    loop = asyncio.new_event_loop()
+    threads_before = threading.active_count()
+
+    async def run() -> None:
+        writer.emit_direct("farm.smtp", SessionLine(session, 1, 0, 0, 0, "quit", 0.1, ""), 1.5)
+        other = threading.Thread(
+            target=writer.emit_direct, args=("farm.x", "from a thread", 1.5), daemon=True
+        )
+        other.start()
+        other.join()
+        assert path.read_bytes() == b""  # queued, not written yet
+        assert threading.active_count() == threads_before  # and no flusher thread
+        await wait_for_async(lambda: path.read_bytes().count(b"\n") == 2, timeout=10)
+        writer.emit_direct("farm.smtp", "the last one", 2.5)
+
+    try:
+        writer.start_batching(loop)
+        loop.run_until_complete(run())
+    finally:
+        writer.stop_batching()
+        loop.close()
+        os.close(fd)
+    lines = path.read_text().splitlines()
+    assert [line.split(": ", 1)[1] for line in lines] == [
+        "session=1f.7 peer=127.0.0.1:5 helo=h commands=1 accepted=0 rejected=0 bytes=0 "
+        "end=quit duration=0.100s",
+        "from a thread",
+        "the last one",
+    ]
+
+
+async def wait_for_async(condition: Any, timeout: float) -> None:
+    """Let the loop run until ``condition()`` holds (at most ``timeout`` seconds)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "not written in time"
+        await asyncio.sleep(0.01)
+
+
+def test_batched_lines_stay_on_their_line_whatever_a_field_holds() -> None:
+    """The writer formats a batch of direct lines itself (skipping the whole-line check for
+    message and session lines): every field that could hold a control character is escaped."""
+    proxy = SimpleNamespace(valid=True, src_addr="10.0.0.1\nx")
+    session = SimpleNamespace(
+        id="1f.7", peer=("127.0.0.1\r", 5), proxy_data=proxy, host_name="h\x00elo"
+    )
+    read_fd, write_fd = os.pipe()
+    writer = LogWriter(write_fd)
+    writer.setFormatter(TextFormatter())
+    writer.start_batching()
+    try:
+        writer.emit_direct(
+            "farm.smtp", MessageLine(session, 1, "a\n@x", 2, 25, "2\n5", 0.25, " x=\u2028"), 1.5
+        )
+        writer.emit_direct(
+            "farm.smtp", SessionLine(session, 3, 1, 0, 25, "qu it\r", 0.5, " y=\x85"), 1.5
+        )
+    finally:
+        writer.stop_batching()
+        os.close(write_fd)
+    with os.fdopen(read_fd, "rb") as pipe:
+        lines = pipe.read().decode().split("\n")
+    assert lines[2:] == [""] and all(line.isprintable() for line in lines[:2])
+    assert [line.split(": ", 1)[1] for line in lines[:2]] == [
+        'session=1f.7 msg=1f.7.1 peer="(\'127.0.0.1\\\\r\', 5)" client="10.0.0.1\\x0ax" '
+        'from="<a\\x0a@x>" rcpts=2 size=25 outcome="2\\x0a5" duration=0.250s x=\\u2028',
+        'session=1f.7 peer="(\'127.0.0.1\\\\r\', 5)" client="10.0.0.1\\x0ax" helo="h\\x00elo" '
+        'commands=3 accepted=1 rejected=0 bytes=25 end="qu it\\x0d" duration=0.500s y=\\x85',
+    ]
 
 
 # -- a real farm ----------------------------------------------------------------------------------

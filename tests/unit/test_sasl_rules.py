@@ -23,13 +23,14 @@ from farm.smtp.sasl import (
     AuthRequest,
     auth_outcome,
     challenge,
+    count_failure,
     decode,
-    failure_closes,
     login_exchange,
     parse_auth,
     plain_exchange,
     split_plain,
 )
+from farm.smtp.state import ConnectionState
 
 READY = {
     "helo": True,
@@ -132,11 +133,11 @@ def test_auth_outcome(result: Any, expected: AuthOutcome) -> None:
     assert auth_outcome(result) == expected
 
 
-@pytest.mark.parametrize(
-    ("failures", "limit", "closes"), [(1, 3, False), (2, 3, False), (3, 3, True), (1, 1, True)]
-)
-def test_failure_closes(failures: int, limit: int, closes: bool) -> None:
-    assert failure_closes(failures, limit) is closes
+@pytest.mark.parametrize(("limit", "closing"), [(3, [False, False, True]), (1, [True])])
+def test_count_failure_closes_at_the_limit(limit: int, closing: list[bool]) -> None:
+    state = ConnectionState()
+    assert [count_failure(state, limit) for _ in closing] == closing
+    assert state.auth_failures == len(closing)
 
 
 class Script:

@@ -75,7 +75,8 @@ def test_the_null_sender_is_a_sender() -> None:
 def test_connection_state_is_one_small_slotted_object() -> None:
     state = ConnectionState()
     assert not hasattr(state, "__dict__")
-    assert sys.getsizeof(state) < 200
+    # One pointer per field: the per-connection flags cost no more here than on the protocol.
+    assert sys.getsizeof(state) <= 32 + 8 * len(ConnectionState.__slots__) <= 256
     assert state.phase is Phase.CONNECTED
     assert (state.commands, state.call_counts, state.write_paused) == (0, None, False)
     with pytest.raises(AttributeError):
