@@ -35,6 +35,24 @@ MailRequest: TypeAlias = tuple[str, list[str], bool]
 RcptRequest: TypeAlias = tuple[str, list[str]]
 
 
+def _path(
+    arg: str | None, keyword: str, syntax_error: str, esmtp: bool, local_part_limit: int
+) -> tuple[str, str | None] | str:
+    """``FROM:<address> params`` (``keyword`` ``FROM:`` or ``TO:``) -> (address, params), or
+    the refusal: a syntax error, or 553 for a malformed address."""
+    if arg is None:
+        return syntax_error
+    rest = strip_keyword(keyword, arg)
+    if rest is None:
+        return syntax_error
+    address, params = parse_path(rest, local_part_limit)
+    if address is None:
+        return MALFORMED_ADDRESS
+    if not address or (not esmtp and params):
+        return syntax_error
+    return address, params
+
+
 def parse_mail(
     arg: str | None,
     *,
@@ -49,16 +67,10 @@ def parse_mail(
     """``MAIL`` with argument ``arg`` (after ``EHLO`` when ``esmtp``): the request, or the
     refusal. ``in_transaction``: a sender is already on record (503 nested MAIL)."""
     syntax_error = MAIL_SYNTAX + ESMTP_SYNTAX if esmtp else MAIL_SYNTAX
-    if arg is None:
-        return syntax_error
-    arg = strip_keyword("FROM:", arg)
-    if arg is None:
-        return syntax_error
-    address, params = parse_path(arg, local_part_limit)
-    if address is None:
-        return MALFORMED_ADDRESS
-    if not address or (not esmtp and params):
-        return syntax_error
+    path = _path(arg, "FROM:", syntax_error, esmtp, local_part_limit)
+    if isinstance(path, str):
+        return path
+    address, params = path
     if in_transaction:
         return NESTED_MAIL
     if not params:  # the common case; what the checks below would find for no parameters
@@ -99,16 +111,10 @@ def parse_rcpt(
     """``RCPT`` with argument ``arg``: the request, or the refusal. ``recipients``: how many
     the transaction has already (``max_recipients`` of them: 452)."""
     syntax_error = RCPT_SYNTAX + ESMTP_SYNTAX if esmtp else RCPT_SYNTAX
-    if arg is None:
-        return syntax_error
-    arg = strip_keyword("TO:", arg)
-    if arg is None:
-        return syntax_error
-    address, params = parse_path(arg, local_part_limit)
-    if address is None:
-        return MALFORMED_ADDRESS
-    if not address or (not esmtp and params):
-        return syntax_error
+    path = _path(arg, "TO:", syntax_error, esmtp, local_part_limit)
+    if isinstance(path, str):
+        return path
+    address, params = path
     if not params:  # the common case: only the recipient limit applies
         if max_recipients and recipients >= max_recipients:
             return TOO_MANY_RECIPIENTS

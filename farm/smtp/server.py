@@ -171,6 +171,13 @@ def _hook_verbs(cls: type) -> dict[str, Callable[..., Coroutine[Any, Any, None]]
     return table
 
 
+#: What the log says and the reply, when the limiter refuses a MAIL or an AUTH.
+_RATE_REFUSALS: dict[str, tuple[str, Callable[[str], str]]] = {
+    "messages": ("MAIL refused: too much mail", too_much_mail),
+    "auth": ("AUTH refused: too many AUTH failures", too_many_auth_failures),
+}
+
+
 class SMTP(asyncio.BufferedProtocol):
     """One SMTP session per instance; construct one per connection (a protocol factory)."""
 
@@ -575,10 +582,16 @@ class SMTP(asyncio.BufferedProtocol):
         allowed = limiter.count_message(key)
         if allowed is True or (allowed is not False and await allowed):
             return True
-        log.info("session=%s MAIL refused: too much mail from %s", self.session.id, key)
+        return self._rate_refused("messages", key)
+
+    def _rate_refused(self, kind: str, key: str) -> bool:
+        """The limiter refused a MAIL (``kind`` "messages") or AUTH ("auth"): log, count and
+        reply; always False."""
+        what, reply = _RATE_REFUSALS[kind]
+        log.info("session=%s %s from %s", self.session.id, what, key)
         if self.stats is not None:
-            self.stats.limited["messages"] += 1
-        self._reply(too_much_mail(key))
+            self.stats.limited[kind] += 1
+        self._reply(reply(key))
         return False
 
     def _greet_after_delay(self) -> None:
@@ -1791,11 +1804,7 @@ class SMTP(asyncio.BufferedProtocol):
         allowed = limiter.auth_allowed(key)
         if allowed is True or (allowed is not False and await allowed):
             return True
-        log.info("session=%s AUTH refused: too many AUTH failures from %s", self.session.id, key)
-        if self.stats is not None:
-            self.stats.limited["auth"] += 1
-        self._reply(too_many_auth_failures(key))
-        return False
+        return self._rate_refused("auth", key)
 
     def _auth_method(self, name: str) -> Any:
         """The mechanism's method: the handler's ``auth_<NAME>``, else this class's."""
