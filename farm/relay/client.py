@@ -57,7 +57,6 @@ _HIGH_WATER = 64 * 1024
 
 _REPLY_LINE = re.compile(rb"([2-5][0-9][0-9])([ -])?(.*)\Z", re.DOTALL)
 _UNPRINTABLE = re.compile(r"[^\x20-\x7e]")
-_FORBIDDEN = re.compile(r"[\r\n\x00]")
 
 
 class NextHopError(Exception):
@@ -80,7 +79,7 @@ class Reply:
     def __init__(self, code: int, lines: list[str]) -> None:
         self.code = code
         self.lines = lines
-        self.text = " ".join(line for line in lines if line)
+        self.text = lines[0] if len(lines) == 1 else " ".join(filter(None, lines))
 
     @property
     def ok(self) -> bool:
@@ -292,14 +291,16 @@ class Connection:
             match = _REPLY_LINE.match(raw.rstrip(b"\r\n"))
             if match is None:
                 raise ProtocolError(f"malformed reply {raw[:40]!r}")
-            if code and int(match.group(1)) != code:
+            digits, separator, rest = match.groups()
+            number = int(digits)
+            if code and number != code:
                 raise ProtocolError("reply code changed within a multi-line reply")
-            code = int(match.group(1))
-            text = match.group(3).decode("utf-8", "replace")
+            code = number
+            text = rest.decode("utf-8", "replace")
             if not (text.isascii() and text.isprintable()):
                 text = _UNPRINTABLE.sub("?", text)
             lines.append(text.strip())
-            if match.group(2) != b"-":
+            if separator != b"-":
                 break
             if len(lines) >= MAX_REPLY_LINES:
                 raise ProtocolError("reply too long")
@@ -446,7 +447,7 @@ class Connection:
 
 def _encode(line: str, utf8: bool) -> bytes:
     """One command line, CRLF-terminated; CR, LF and NUL in it are refused."""
-    if _FORBIDDEN.search(line):
+    if "\r" in line or "\n" in line or "\x00" in line:
         raise ProtocolError("refusing to send a command with CR, LF or NUL")
     return line.encode("utf-8" if utf8 else "ascii", "surrogateescape") + b"\r\n"
 
