@@ -81,7 +81,7 @@ MODULES = [
     (re.compile(r"farm/(limits|supervisor/anvil|supervisor/shared_lock)\.py"), "python: limits"),
     (re.compile(r"farm/metrics\.py"), "python: metrics"),
     (re.compile(r"farm/smtp/framing\.py"), "python: framer"),
-    (re.compile(r"farm/relay\w*\.py"), "python: relay handler"),
+    (re.compile(r"farm/relay(\w*\.py|/)"), "python: relay handler"),
     (re.compile(r"farm/smtp/"), "python: engine (farm/smtp)"),
     (re.compile(r"(WorkerServer|AcceptGate)\.\w+ \(farm/supervisor/worker\.py"), "python: worker"),
     (re.compile(r"logging/__init__\.py"), "python: log lines"),

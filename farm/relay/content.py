@@ -75,5 +75,12 @@ def content_chunks(
 
 
 def _clean(data: bytes, stuff: bool) -> bytes:
-    data = _STRAY.sub(b" ", data)
-    return _LEADING_DOT.sub(b"\r\n..", data) if stuff else data
+    # The regular expressions scan slowly (look-arounds); counting is fast and, for the usual
+    # clean CRLF text, tells that there is nothing to replace: every CR is in a CRLF pair and
+    # every LF too exactly when the three counts agree.
+    pairs = data.count(b"\r\n")
+    if b"\x00" in data or data.count(b"\r") != pairs or data.count(b"\n") != pairs:
+        data = _STRAY.sub(b" ", data)
+    if stuff and b"\r\n." in data:
+        data = _LEADING_DOT.sub(b"\r\n..", data)
+    return data

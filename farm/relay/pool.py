@@ -82,7 +82,7 @@ class Pool:
                 connection = self._idle.pop()
                 self._cancel_timer(connection)
                 self._close_soon(connection)
-        deadline = asyncio.get_running_loop().time() + self.wait
+        deadline: float | None = None  # set when a wait begins (most acquires never wait)
         while True:
             while self._idle:
                 connection = self._idle.pop()  # the most recently used: least likely timed out
@@ -93,6 +93,8 @@ class Pool:
                 self._close_soon(connection)
             if not self.max_connections or self.open < self.max_connections:
                 break
+            if deadline is None:
+                deadline = asyncio.get_running_loop().time() + self.wait
             await self._wait_for_room(deadline)
         self._connecting += 1
         try:

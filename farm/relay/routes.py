@@ -101,6 +101,9 @@ def judged_address(address: str) -> str:
 
 def split_address(address: str) -> tuple[str, str | None]:
     """``(local part, domain)``; the domain is None when there is no ``@`` outside quotes."""
+    if '"' not in address and "\\" not in address:  # the usual case: the last ``@``
+        local, sign, domain = address.rpartition("@")
+        return (local, domain) if sign else (address, None)
     in_quotes = escaped = False
     at = -1
     for i, char in enumerate(address):
