@@ -312,20 +312,17 @@ class Limiter:
 
         Without a PROXY header the key depends on the peer's host text alone: it is looked up
         by that text (parsed once per address, not per session)."""
-        if proxy_data is None and type(peer) is tuple and peer:
-            host = peer[0]
-            if type(host) is str:
-                host_keys = self._host_keys
-                try:
-                    return host_keys[host]
-                except KeyError:
-                    pass
-                key = session_key(self, peer)
-                if len(host_keys) >= KEY_CACHE:
-                    host_keys.clear()
-                host_keys[host] = key
-                return key
-        return session_key(self, peer, proxy_data)
+        host = peer[0] if proxy_data is None and type(peer) is tuple and peer else None
+        if type(host) is not str:
+            return session_key(self, peer, proxy_data)
+        host_keys = self._host_keys
+        if host in host_keys:
+            return host_keys[host]
+        key = session_key(self, peer)
+        if len(host_keys) >= KEY_CACHE:
+            host_keys.clear()
+        host_keys[host] = key
+        return key
 
     @property
     def counts_messages(self) -> bool:

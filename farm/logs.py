@@ -231,19 +231,13 @@ class LogWriter(logging.Handler):
             with self.lock:  # type: ignore[union-attr]
                 self._write([self._text((created, name, message))])
             return
+        self._enqueue((created, name, message))
+
+    def _enqueue(self, line: str | tuple[float, str, Any]) -> None:
+        """Queue a formatted line, or a direct one; the first of a batch schedules its write."""
         queue = self._queue
         if len(queue) >= MAX_BUFFERED_LINES:
             self._dropped += 1  # (not exact under a race between threads: a count to report)
-            return
-        queue.append((created, name, message))
-        if not self._scheduled:
-            self._scheduled = True
-            self._schedule()
-
-    def _enqueue(self, line: str) -> None:
-        queue = self._queue
-        if len(queue) >= MAX_BUFFERED_LINES:
-            self._dropped += 1
             return
         queue.append(line)
         if not self._scheduled:

@@ -85,6 +85,7 @@ from datetime import UTC, datetime
 from email.utils import format_datetime
 from typing import Any
 
+from farm.lmtp import LMTP
 from farm.relay.client import (
     NEXT_HOP_LOST,
     ClientSettings,
@@ -721,16 +722,8 @@ def _collapse(replies: list[str]) -> str:
     return replies[0] if replies else NEXT_HOP_LOST
 
 
-_lmtp_class: type | None = None
-
-
 def _is_lmtp_server(server: Any) -> bool:
-    global _lmtp_class
-    if _lmtp_class is None:
-        from farm.lmtp import LMTP  # (imported late: farm.lmtp imports the engine)
-
-        _lmtp_class = LMTP
-    return isinstance(server, _lmtp_class)
+    return isinstance(server, LMTP)
 
 
 def _session_id(session: Any) -> str:

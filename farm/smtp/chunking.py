@@ -13,7 +13,6 @@ from typing import NamedTuple
 from farm.smtp.body import INSUFFICIENT_STORAGE
 
 BDAT_SYNTAX = "501 Syntax: BDAT <size> [LAST]"
-NEED_RCPT = "503 Error: need RCPT command"
 TOO_MUCH_DATA = "552 Error: Too much mail data"
 
 
@@ -54,8 +53,7 @@ def chunk_size_to_skip(arg: str | None) -> int | None:
 
 
 def chunk_refusal(
-    helo_refusal: str | None,
-    has_recipients: bool,
+    order_refusal: str | None,
     received: int | None,
     size: int,
     limit: int | None,
@@ -63,14 +61,13 @@ def chunk_refusal(
 ) -> str | None:
     """The reply refusing a chunk of ``size`` octets, or None to accept it.
 
-    ``helo_refusal``: the reply when HELO/EHLO is missing (None: it was sent); ``received``:
-    the octets of earlier chunks (None: this is the transaction's first); ``out_of_room``:
-    asked for a first chunk only, whether the memory budget for bodies is used up.
+    ``order_refusal``: the command-order rule BDAT breaks, if any (HELO and RCPT first:
+    :func:`farm.smtp.state.ordering_refusal`); ``received``: the octets of earlier chunks
+    (None: this is the transaction's first); ``out_of_room``: asked for a first chunk only,
+    whether the memory budget for bodies is used up.
     """
-    if helo_refusal is not None:
-        return helo_refusal
-    if not has_recipients:
-        return NEED_RCPT
+    if order_refusal is not None:
+        return order_refusal
     if received is None and out_of_room():
         return INSUFFICIENT_STORAGE
     if limit and (received or 0) + size > limit:

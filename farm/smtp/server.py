@@ -529,13 +529,6 @@ class SMTP(asyncio.BufferedProtocol):
         if await admitted:
             self._greet_after_delay()
 
-    async def _admitted(self) -> bool:
-        """Ask the ``limiter`` whether this client may have another session (farm.limits)."""
-        admitted = self._admission()
-        if isinstance(admitted, bool):
-            return admitted
-        return await admitted
-
     def _admission(self) -> bool | Awaitable[bool]:
         """The ``limiter``'s admission of this client: now when it answers at once (no
         coroutine per connection), else an awaitable of it."""
@@ -1641,8 +1634,7 @@ class SMTP(asyncio.BufferedProtocol):
             return
         content = self._bdat_content
         refusal = chunk_refusal(
-            None if self.session.host_name else self._helo_required,
-            bool(self.envelope.rcpt_tos),
+            self._ordering_refusal("BDAT"),
             None if content is None else content.size,
             bdat.size,
             self.data_size_limit,
@@ -1701,17 +1693,16 @@ class SMTP(asyncio.BufferedProtocol):
 
     # -- the PROXY header (farm.smtp.proxy_header parses it) ---------------------------------
 
-    def _expect_proxy_header(self, timeout: float) -> bool:
-        """At connection: wait ``timeout`` seconds for the header. False if the peer was
-        refused."""
+    def _expect_proxy_header(self, timeout: float) -> None:
+        """At connection: wait ``timeout`` seconds for the header (an untrusted peer is
+        dropped at once)."""
         session = self.session
         if not peer_trusted(session.peer, self._proxy_networks):
             log.warning("session=%s PROXY header from an untrusted peer refused", session.id)
             self.transport.abort()
-            return False
+            return
         self._proxy_parser = ProxyParser()
         self._proxy_timer = self.loop.call_later(timeout, self._proxy_header_late)
-        return True
 
     def _proxy_header_late(self) -> None:
         if self._proxy_parser is not None and self.transport is not None:
@@ -1756,7 +1747,8 @@ class SMTP(asyncio.BufferedProtocol):
             log.info("session=%s PROXY header not accepted by the handler", self.session.id)
             self._state.close_after_flush = True
             return
-        if await self._admitted():
+        admitted = self._admission()
+        if admitted is True or (admitted is not False and await admitted):
             self._greet_after_delay()
 
     # -- AUTH (RFC 4954; the rules and the exchange are farm.smtp.sasl's) --------------------

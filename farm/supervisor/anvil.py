@@ -200,21 +200,12 @@ class AnvilTable:
         try:
             if closed:
                 self._closed(closed, held, limits)
-            # The slot from the key's hash is the usual answer; else look further.
-            start, tag, high, low = key
-            slot = start & self._mask
+            slot = self._find(key, limits, now)
+            if slot < 0:
+                self._overflow(now)
+                return -2, False
             base = slot * _WORDS
             words = self._words
-            if not (
-                words[base + _TAG] == tag
-                and words[base + _HIGH] == high
-                and words[base + _LOW] == low
-            ):
-                slot = self._find(key, limits, now)
-                if slot < 0:
-                    self._overflow(now)
-                    return -2, False
-                base = slot * _WORDS
             sessions = words[base + _SESSIONS]
             if limits.sessions_per_ip and sessions >= limits.sessions_per_ip:
                 return -1, False
@@ -222,22 +213,12 @@ class AnvilTable:
                 held[slot] += 1  # first: a death between the two writes over-releases none
             words[base + _SESSIONS] = sessions + 1
             limit = limits.messages_per_ip
-            if not limit:
-                return slot, False
-            # The message bucket, refilled to now (as _level), less the leased message.
-            floats = self._floats
-            last = floats[base + _MSG_STAMP]
-            if last:
-                level = floats[base + _MSG_TOKENS] + (now - last) * limit / limits.interval
-                if level > limit:
-                    level = float(limit)
-            else:
-                level = float(limit)
-            floats[base + _MSG_STAMP] = now
-            if level >= 1:
-                floats[base + _MSG_TOKENS] = level - 1
+            if (
+                limit
+                and self._level(base, _MSG_TOKENS, _MSG_STAMP, limit, limits.interval, now) >= 1
+            ):
+                self._floats[base + _MSG_TOKENS] -= 1  # a message leased with the session
                 return slot, True
-            floats[base + _MSG_TOKENS] = level
             return slot, False
         finally:
             self._release()
@@ -395,8 +376,9 @@ class SharedLimiter(Limiter):
     # The table answers at once: plain methods, no coroutine (farm.smtp.limiter's Answer).
 
     def open_session(self, key: str) -> bool:
-        table_key = self._table_keys.get(key) or self._table_key(key)
-        slot, leased = self.table.open_session(table_key, self.limits, self._held, self._closed)
+        slot, leased = self.table.open_session(
+            self._table_key(key), self.limits, self._held, self._closed
+        )
         if slot < 0:
             return slot != -1  # -1: refused; -2: let in uncounted
         mine = self._mine.get(key)

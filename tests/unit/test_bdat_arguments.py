@@ -8,7 +8,6 @@ import pytest
 
 from farm.smtp.body import INSUFFICIENT_STORAGE
 from farm.smtp.chunking import (
-    NEED_RCPT,
     TOO_MUCH_DATA,
     BdatArguments,
     chunk_accepted,
@@ -16,8 +15,7 @@ from farm.smtp.chunking import (
     chunk_size_to_skip,
     parse_bdat,
 )
-
-HELO_FIRST = "503 Error: send HELO first"
+from farm.smtp.state import HELO_FIRST, NEED_RCPT
 
 
 @pytest.mark.parametrize(
@@ -86,32 +84,31 @@ def _must_not_be_asked() -> bool:
 
 
 @pytest.mark.parametrize(
-    ("helo", "rcpt", "received", "size", "limit", "room", "reply"),
+    ("order", "received", "size", "limit", "room", "reply"),
     [
-        (None, True, None, 100, 1000, _no, None),
-        (None, True, 900, 100, 1000, _must_not_be_asked, None),  # exactly at the limit
-        (None, True, 901, 100, 1000, _must_not_be_asked, TOO_MUCH_DATA),
-        (None, True, None, 1001, 1000, _no, TOO_MUCH_DATA),
-        (None, True, None, 10**12, None, _no, None),  # no limit
-        (None, True, None, 10**12, 0, _no, None),  # 0: no limit
-        (None, True, None, 0, 1000, _no, None),
-        # the order of the rules: HELO, RCPT, the body budget, the size
-        (HELO_FIRST, False, None, 10**9, 10, _must_not_be_asked, HELO_FIRST),
-        (None, False, None, 10**9, 10, _must_not_be_asked, NEED_RCPT),
-        (None, True, None, 10**9, 10, _full, INSUFFICIENT_STORAGE),
-        (None, True, 0, 10, 1000, _must_not_be_asked, None),  # budget asked for a first chunk only
+        (None, None, 100, 1000, _no, None),
+        (None, 900, 100, 1000, _must_not_be_asked, None),  # exactly at the limit
+        (None, 901, 100, 1000, _must_not_be_asked, TOO_MUCH_DATA),
+        (None, None, 1001, 1000, _no, TOO_MUCH_DATA),
+        (None, None, 10**12, None, _no, None),  # no limit
+        (None, None, 10**12, 0, _no, None),  # 0: no limit
+        (None, None, 0, 1000, _no, None),
+        # the order of the rules: the command order (HELO, RCPT), the body budget, the size
+        (HELO_FIRST, None, 10**9, 10, _must_not_be_asked, HELO_FIRST),
+        (NEED_RCPT, None, 10**9, 10, _must_not_be_asked, NEED_RCPT),
+        (None, None, 10**9, 10, _full, INSUFFICIENT_STORAGE),
+        (None, 0, 10, 1000, _must_not_be_asked, None),  # budget asked for a first chunk only
     ],
 )
 def test_chunk_refusal(
-    helo: str | None,
-    rcpt: bool,
+    order: str | None,
     received: int | None,
     size: int,
     limit: int | None,
     room: Callable[[], bool],
     reply: str | None,
 ) -> None:
-    assert chunk_refusal(helo, rcpt, received, size, limit, room) == reply
+    assert chunk_refusal(order, received, size, limit, room) == reply
 
 
 def test_chunk_accepted() -> None:
