@@ -130,6 +130,19 @@ class Framer:
         """Append bytes received from the client."""
         self._buf += data
 
+    def take_line(self, data: bytes | bytearray | memoryview) -> bytes | None:
+        """``data`` as one command line, when it is exactly that and nothing is buffered (the
+        usual read of a client that waits for each reply); None otherwise, and then ``data``
+        must be :meth:`feed` as usual. The line is what :meth:`next_event` would give."""
+        if self._buf or self._skipping or self._in_data or self._chunk_left is not None:
+            return None
+        line = bytes(data)
+        end = line.find(b"\n")
+        if end < 0 or end != len(line) - 1 or end > self.max_command_line + 1:
+            return None  # several lines, a partial one, or one for the long-line rules
+        line = line[:end].rstrip(b"\r")
+        return line if len(line) <= self.max_command_line else None
+
     @property
     def buffered(self) -> int:
         """Octets received but not yet handed out as events."""
@@ -247,6 +260,8 @@ class Framer:
     def _next_message(self) -> Message | BodyPart | None:
         buf = self._buf
         pos = self._pos
+        if pos >= len(buf):
+            return None  # nothing new (say, right after the 354): no event can be due
         at_start = self._data_error is None and not self._streamed
         if at_start and buf.startswith(EMPTY_BODY, pos):
             return self._finish_message(pos, pos, b"")

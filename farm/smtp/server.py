@@ -19,7 +19,6 @@ import os
 import socket
 import ssl
 import threading
-import typing
 import warnings
 import weakref
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
@@ -498,7 +497,7 @@ class SMTP(asyncio.BufferedProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if self.loop is None:
             self.loop = asyncio.get_running_loop()
-        self.transport = typing.cast(asyncio.Transport, transport)
+        self.transport = transport  # type: ignore[assignment]  # a Transport, for the API
         session = self.session = self._create_session()
         session.peer = transport.get_extra_info("peername")
         session.id = f"{_session_prefix}.{next(_session_ids)}"
@@ -684,8 +683,19 @@ class SMTP(asyncio.BufferedProtocol):
                 self._early_talker()
             return
         framer = self._framer
-        framer.feed(data)
         state = self._state
+        if (
+            self._task is None
+            and not state.write_paused
+            and not state.close_after_flush
+            and not state.closed
+            and (self._error_limits is None or not self._error_limits.delay)
+        ):
+            line = framer.take_line(data)
+            if line is not None:  # a lone command line, nothing buffered: no framing to do
+                self._process(line)
+                return
+        framer.feed(data)
         if framer.in_data and self._timeout:
             state.data_deadline = extended_data_deadline(
                 state.data_deadline, self.loop.time(), self._timeout, len(data), self._min_data_rate
@@ -874,10 +884,14 @@ class SMTP(asyncio.BufferedProtocol):
 
     # -- the input loop --------------------------------------------------------------------
 
-    def _process(self) -> None:
+    def _process(self, line: bytes | None = None) -> None:
+        """Handle the input framed so far (``line``: a command line taken before it)."""
         framer = self._framer
         limits = self._error_limits
-        while self._task is None and not self._state.close_after_flush and not self._state.closed:
+        state = self._state
+        if line is not None:
+            self._on_command(line)
+        while self._task is None and not state.close_after_flush and not state.closed:
             if limits is not None and limits.delay:  # past the soft limit: the replies wait
                 self._pause_for_errors(limits)
                 break
@@ -897,24 +911,19 @@ class SMTP(asyncio.BufferedProtocol):
                 assert body is not None  # a BodyPart comes only while a body is open
                 body.write(event.data)
             else:
-                self._state.commands += 1
+                state.commands += 1
                 self._reply("500 Command line too long")
             if len(self._out) >= _REPLIES_PER_WRITE:
                 self._flush()
-                if self._state.write_paused:
+                if state.write_paused:
                     break  # the client is not reading: the rest waits for resume_writing
-        if self._state.draining and self._task is None:
+        if state.draining and self._task is None:
             self._finish_drain_if_idle()
         self._flush()
-        if (
-            self._read_paused
-            and self._task is None
-            and not self._state.closed
-            and not self._state.write_paused
-        ):
+        if self._read_paused and self._task is None and not state.closed and not state.write_paused:
             self._read_paused = False
             self.transport.resume_reading()
-        if self._state.eof and self._task is None:
+        if state.eof and self._task is None:
             self._close()
 
     def _on_command(self, line: bytes) -> None:
@@ -949,7 +958,7 @@ class SMTP(asyncio.BufferedProtocol):
         if _has_control_characters(line) is not None:
             self._reply("501 5.5.2 Syntax error: invalid character in command")
             return
-        self._state.verb = verb
+        state.verb = verb
         method = self._verbs.get(verb)
         if self.stats is not None:
             self.stats.command(verb if method is not None else "unknown")
@@ -973,7 +982,14 @@ class SMTP(asyncio.BufferedProtocol):
         if verb in self._task_verbs:
             self._run(coro)
             return
-        self._run_inline(coro)
+        try:  # as _run_inline does (written out: every command comes this way)
+            waiting_for = coro.send(None)
+        except StopIteration:
+            return
+        except Exception as error:
+            self._command_failed(error)
+            return
+        self._run(_resume(coro, waiting_for))
 
     def _run_inline(self, coro: Coroutine[Any, Any, None]) -> None:
         """Run ``coro`` right here; if it has to wait after all (say, for the ``limiter``), it
@@ -1079,6 +1095,8 @@ class SMTP(asyncio.BufferedProtocol):
         limits = self._error_limits
         if (
             limits is not None
+            # (a success reply with no errors so far leaves the limits as they are)
+            and (limits.errors or text[:1] not in ("2", "3"))
             and not self._state.close_after_flush
             and limits.count_reply(text, self._state.commands)
         ):

@@ -43,6 +43,14 @@ def run(
     framer = Framer(max_command, LINE_LIMIT)
     events: list[Event] = []
     for chunk in chunks:
+        line = framer.take_line(chunk)  # the server's short cut for a lone command line
+        if line is not None:
+            events.append(Command(line))
+            if line.upper() == b"DATA":
+                framer.start_data(data_limit)
+            if max_buffered is not None:
+                max_buffered.append(framer.buffered)
+            continue
         framer.feed(chunk)
         while (event := framer.next_event()) is not None:
             events.append(event)
@@ -506,3 +514,40 @@ def test_error_kind_does_not_depend_on_split() -> None:
     whole = run([stream], 1500)
     split_after_long_line = run([stream[:1100], stream[1100:]], 1500)
     assert whole == split_after_long_line
+
+
+# -- the lone-line short cut ------------------------------------------------------------------
+
+
+@FAST
+@given(
+    before=st.sampled_from([b"", b"NOOP\r\n", b"x" * 600, b"DATA\r\n"]),
+    data=st.one_of(
+        st.binary(max_size=40),
+        st.builds(
+            lambda verb, arg, end: verb + arg + end,
+            st.sampled_from([b"MAIL", b"rcpt", b"QUIT", b"", b"x" * 520]),
+            st.binary(max_size=10),
+            st.sampled_from([b"\r\n", b"\n", b"\r\r\n", b"\r", b""]),
+        ),
+    ),
+)
+def test_take_line_is_what_next_event_gives(before: bytes, data: bytes) -> None:
+    """``take_line`` answers only for a lone whole line with nothing pending (in command mode,
+    not skipping an over-long line), and then exactly as feeding it would."""
+    taker, feeder = Framer(MAX_COMMAND, LINE_LIMIT), Framer(MAX_COMMAND, LINE_LIMIT)
+    for framer in (taker, feeder):
+        framer.feed(before)
+        while (event := framer.next_event()) is not None:
+            if isinstance(event, Command) and event.line == b"DATA":
+                framer.start_data(None)
+    line = taker.take_line(data)
+    feeder.feed(data)
+    fed = []
+    while (event := feeder.next_event()) is not None:
+        fed.append(event)
+    if line is None:
+        return
+    assert not before or before == b"NOOP\r\n"  # nothing pending, command mode
+    assert fed == [Command(line)]
+    assert taker.buffered == feeder.buffered == 0
