@@ -69,6 +69,16 @@ class ErrorLimits:
         #: Seconds the next replies wait before they are sent (set past the soft limit).
         self.delay = 0.0
 
+    def fresh(self) -> ErrorLimits:
+        """A new session's limits: these settings (checked once, here), no counts."""
+        limits = ErrorLimits.__new__(ErrorLimits)
+        limits.soft, limits.hard, limits.junk_limit = self.soft, self.hard, self.junk_limit
+        limits.sleep_time = self.sleep_time
+        limits.errors = limits.junk = 0
+        limits.error_at = -1
+        limits.delay = 0.0
+        return limits
+
     def count_reply(self, text: str, command: int) -> bool:
         """A reply to ``command`` is being sent: True when it makes one error too many (the
         session must end with ``421``)."""

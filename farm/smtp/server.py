@@ -366,8 +366,9 @@ class SMTP(asyncio.BufferedProtocol):
         # The framer hands the body over in parts of this size (the Body spools or keeps them).
         self._spill = None if spool_threshold is None else CHUNK_SIZE
         self._announce_auth_mechanisms()
-        self._error_limit_args = (
-            (soft_error_limit, hard_error_limit, junk_command_limit, error_sleep_time)
+        #: Each session's error limits start as a fresh copy of this (None: all off).
+        self._error_limits_template = (
+            ErrorLimits(soft_error_limit, hard_error_limit, junk_command_limit, error_sleep_time)
             if any_limit(soft_error_limit, hard_error_limit, junk_command_limit)
             else None
         )
@@ -384,8 +385,8 @@ class SMTP(asyncio.BufferedProtocol):
         self._state = state = ConnectionState()
         if self._unknown_command_limit != BOGUS_LIMIT:
             state.unknown_left = self._unknown_command_limit
-        if self._error_limit_args is not None:
-            self._error_limits = ErrorLimits(*self._error_limit_args)
+        if self._error_limits_template is not None:
+            self._error_limits = self._error_limits_template.fresh()
         self._framer = Framer(*self._framer_limits)
         self._out: list[str] = []
         self._counts = {"accepted": 0, "rejected": 0, "bytes": 0}

@@ -138,3 +138,15 @@ def test_no_sleep_time_is_no_delay() -> None:
     limits = ErrorLimits(soft=1, hard=0, junk=0, sleep_time=None)
     _replies(limits, ["500", "500"])
     assert limits.delay == 0.0
+
+
+def test_fresh_limits_keep_the_settings_and_drop_the_counts() -> None:
+    used = ErrorLimits(soft=1, hard=3, junk=2, sleep_time=0.5)
+    for command in range(2):
+        used.count_reply("500 no", command)
+    assert used.errors == 2 and used.delay == 0.5
+    fresh = used.fresh()
+    assert (fresh.soft, fresh.hard, fresh.junk_limit, fresh.sleep_time) == (1, 3, 2, 0.5)
+    assert (fresh.errors, fresh.junk, fresh.error_at, fresh.delay) == (0, 0, -1, 0.0)
+    assert [fresh.count_reply("500 no", c) for c in range(3)] == [False, False, True]
+    assert used.errors == 2  # the copy counts on its own
