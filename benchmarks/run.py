@@ -62,7 +62,7 @@ SERVERS = [
 #: The engine alone, one process, no supervisor (``--engine``): what earlier runs compared.
 ENGINE_SET = ["aiosmtpd-asyncio", "aiosmtpd-uvloop", "farm-asyncio", "farm-uvloop"]
 #: Servers only run when asked for: the engine counting into metrics (prices the metrics).
-EXTRA_SERVERS = ["aiosmtpd-uvloop", "farm-asyncio", "farm-uvloop-stats"]
+EXTRA_SERVERS = ["aiosmtpd-uvloop", "farm-asyncio", "farm-uvloop-stats", "floor-uvloop"]
 ALL_SERVERS = SERVERS + EXTRA_SERVERS + [k for k in FARM_SERVERS if k not in SERVERS]
 #: What ``--farm`` selects: the baseline, the reference and farm serve as in production.
 FARM_SET = [BASELINE, SINK, "farm-1w", "farm-2w"]
@@ -79,6 +79,7 @@ LABELS = {
     "farm-uvloop": "engine only, 1 process, logging off",
     "farm-asyncio": "engine only, 1 process, logging off",
     "farm-uvloop-stats": "engine only + metrics",
+    "floor-uvloop": "not a server: canned replies, the floor of Python on uvloop",
     "farm-1w-nolog": "logging off",
     "farm-1w-nolimits": "limits not applying",
     "farm-1w-bare": "logging off, limits not applying",

@@ -61,6 +61,8 @@ KINDS: dict[str, tuple[str, str]] = {
     "farm-uvloop": ("farm", "uvloop"),
     # The engine counting into a worker's metrics (WorkerStats), to price the metrics.
     "farm-uvloop-stats": ("farm-stats", "uvloop"),
+    # Not a server: the least Python that answers smtp-source (benchmarks/floor.py).
+    "floor-uvloop": ("floor", "uvloop"),
 }
 
 #: KIND -> (workers, event loop, profile) for the real ``farm serve`` (supervisor + workers).
@@ -138,8 +140,14 @@ def farm_serve(kind: str, portfile: Path) -> int:
     return farm_main(farm_argv(kind, portfile.parent))
 
 
-def protocol_factory(engine: str) -> tuple[Callable[[], asyncio.Protocol], str]:
+def protocol_factory(
+    engine: str, loop: asyncio.AbstractEventLoop
+) -> tuple[Callable[[], asyncio.BaseProtocol], str]:
     """A factory of SMTP protocol instances with a do-nothing handler, and its description."""
+    if engine == "floor":
+        from floor import FloorProtocol
+
+        return FloorProtocol, "no handler (canned replies)"
     if engine == "aiosmtpd":
         from aiosmtpd.handlers import Sink
         from aiosmtpd.smtp import SMTP
@@ -165,7 +173,7 @@ def protocol_factory(engine: str) -> tuple[Callable[[], asyncio.Protocol], str]:
 
         stats = WorkerStats()
 
-        build = FarmSMTP.protocol_factory(handler, hostname=HOSTNAME)
+        build = FarmSMTP.protocol_factory(handler, hostname=HOSTNAME, loop=loop)
 
         def counting() -> FarmSMTP:
             protocol = build()
@@ -173,13 +181,13 @@ def protocol_factory(engine: str) -> tuple[Callable[[], asyncio.Protocol], str]:
             return protocol
 
         return counting, name + " + WorkerStats"
-    # As a farm worker builds its sessions' protocols.
-    return FarmSMTP.protocol_factory(handler, hostname=HOSTNAME), name
+    # As a farm worker builds its sessions' protocols (with its loop).
+    return FarmSMTP.protocol_factory(handler, hostname=HOSTNAME, loop=loop), name
 
 
 async def serve(engine: str, portfile: Path) -> None:
-    factory, handler_name = protocol_factory(engine)
     loop = asyncio.get_running_loop()
+    factory, handler_name = protocol_factory(engine, loop)
     server = await loop.create_server(factory, host="127.0.0.1", port=0, backlog=1024)
     port = server.sockets[0].getsockname()[1]
     stop = asyncio.Event()
