@@ -105,6 +105,7 @@ from farm.smtp.tls import (
     tls_session_info,
 )
 from farm.smtp.version import __version__
+from farm.smtp.write_batch import WriteBatch
 
 log = logging.getLogger("farm.smtp")
 
@@ -245,6 +246,10 @@ class SMTP(asyncio.BufferedProtocol):
     _error_limits: ErrorLimits | None = None
     #: Replies are held while an error delay runs.
     _held = False
+    #: Replies held for the end of the event loop's pass, and the batch that writes them
+    #: (one per server built by :meth:`protocol_factory`; None: every reply written at once).
+    _deferred: bytes | None = None
+    _write_batch: WriteBatch | None = None
 
     #: Verbs that always run in a task (they await the client or a TLS handshake).
     _always_task = frozenset({"STARTTLS", "AUTH"})
@@ -407,6 +412,7 @@ class SMTP(asyncio.BufferedProtocol):
         # own dict, they cost a third of what a miss there and a look at the class does.
         configuration = {name: getattr(prototype, name) for name in _CONNECTION_DEFAULTS}
         configuration.update(prototype.__dict__)
+        configuration["_write_batch"] = WriteBatch()  # one per server: its sessions' replies
         new = cls.__new__
 
         def build() -> _P:
@@ -1131,21 +1137,50 @@ class SMTP(asyncio.BufferedProtocol):
         """Queue a reply line (aiosmtpd API); it is written with the command's other replies."""
         self._reply(status)
 
-    def _flush(self) -> None:
-        if self._held and not self._state.close_after_flush:
+    def _flush(self, now: bool = False) -> None:
+        """Send the queued replies: at the end of the loop's pass (:class:`WriteBatch`), or
+        ``now`` (then with any held before them)."""
+        state = self._state
+        if self._held and not state.close_after_flush:
             return  # an error delay runs: the replies go when it ends
         out = self._out
         if out:
             text = out[0] + "\r\n" if len(out) == 1 else "\r\n".join(out) + "\r\n"
             out.clear()
-            if self.transport is not None and not self._state.closed:
-                self.transport.write(text.encode("utf-8", "surrogateescape"))
-        if self._state.close_after_flush:
+            if self.transport is not None and not state.closed:
+                data = text.encode("utf-8", "surrogateescape")
+                deferred = self._deferred
+                if deferred is not None:  # replies already held: all go now, in order
+                    self._deferred = None
+                    self.transport.write(deferred + data)
+                elif (
+                    now
+                    or self._write_batch is None
+                    or state.close_after_flush
+                    or len(data) > WriteBatch.HOLD_LIMIT
+                ):
+                    self.transport.write(data)
+                else:
+                    self._deferred = data
+                    self._write_batch.hold(self)
+        elif now and self._deferred is not None:
+            self._write_deferred()
+        if state.close_after_flush:
             self._close()
+
+    def _write_deferred(self) -> None:
+        """Write the replies held for the end of the loop's pass (WriteBatch)."""
+        data, self._deferred = self._deferred, None
+        transport = self.transport
+        # (A transport a handler closed meanwhile drops them, as an abort would.)
+        if data is not None and transport is not None and not transport.is_closing():
+            transport.write(data)
 
     def _close(self) -> None:
         transport = self.transport
         if transport is not None and not transport.is_closing():
+            if self._deferred is not None:
+                self._write_deferred()
             transport.close()
             # A client that does not read would hold the connection open forever; over TLS,
             # one that never answers our close_notify would, for the 30 s of asyncio's wait.
@@ -1910,7 +1945,7 @@ class SMTP(asyncio.BufferedProtocol):
             self._reply(refusal)
             return
         self._reply("220 Ready to start TLS")
-        self._flush()
+        self._flush(now=True)  # in the clear, before the handshake takes the transport
         discarded = self._framer.take_buffered()
         session = self.session
         if discarded:
@@ -2015,6 +2050,7 @@ _CONNECTION_DEFAULTS = (
     "_proxy_timer",
     "_error_limits",
     "_held",
+    "_deferred",
 )
 
 

@@ -295,7 +295,8 @@ def run_engine(case: EngineCase) -> list[str]:
 async def _session(case: EngineCase, loop: asyncio.AbstractEventLoop) -> list[str]:
     handler: Any = case.handler or (HookedHandler() if case.hooked else PlainHandler())
     cls = LMTP if case.lmtp else SMTP
-    protocol = cls(handler, loop=loop, authenticator=authenticate, **case.kwargs)
+    # Built as a farm worker builds its sessions (replies held for the end of a loop pass).
+    protocol = cls.protocol_factory(handler, loop=loop, authenticator=authenticate, **case.kwargs)()
     transport = FakeTransport(protocol, loop)
     protocol.connection_made(transport)
     pending = bytearray()  # sent by the client, not yet taken by a paused reader
