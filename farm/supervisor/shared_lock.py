@@ -18,6 +18,7 @@ import ctypes
 import ctypes.util
 import errno
 import fcntl
+import functools
 import logging
 import mmap
 import os
@@ -49,38 +50,39 @@ class SharedLock:
         path = ctypes.util.find_library("c")
         if not path:
             raise OSError("no C library found")
-        libc = ctypes.CDLL(path, use_errno=True)
+        libc = ctypes.CDLL(path)  # (no use_errno: the pthread calls return their error)
         self._memory = mmap.mmap(-1, 2 * _MUTEX_SIZE)  # MAP_SHARED | MAP_ANONYMOUS
-        self._buffer = (ctypes.c_char * (2 * _MUTEX_SIZE)).from_buffer(self._memory)
-        self._address = ctypes.addressof(self._buffer)
-        attributes = ctypes.c_void_p(self._address + _MUTEX_SIZE)
+        # The mutex and its attributes as ctypes arrays: each is passed as a pointer to its
+        # memory as it is, the cheapest argument ctypes knows (no conversion per call).
+        self._mutex = (ctypes.c_char * _MUTEX_SIZE).from_buffer(self._memory)
+        attributes = (ctypes.c_char * _MUTEX_SIZE).from_buffer(self._memory, _MUTEX_SIZE)
         for call, arguments in (
             (libc.pthread_mutexattr_init, (attributes,)),
             (libc.pthread_mutexattr_setpshared, (attributes, _PTHREAD_PROCESS_SHARED)),
             (libc.pthread_mutexattr_setrobust, (attributes, _PTHREAD_MUTEX_ROBUST)),
-            (libc.pthread_mutex_init, (ctypes.c_void_p(self._address), attributes)),
+            (libc.pthread_mutex_init, (self._mutex, attributes)),
         ):
             code = call(*arguments)
             if code:
                 raise OSError(code, os.strerror(code))
         self._lock = libc.pthread_mutex_lock
-        self._unlock = libc.pthread_mutex_unlock
         self._consistent = libc.pthread_mutex_consistent
-        for function in (self._lock, self._unlock, self._consistent):
-            function.argtypes = [ctypes.c_void_p]
+        for function in (self._lock, self._consistent, libc.pthread_mutex_unlock):
             function.restype = ctypes.c_int
         self.acquire = self._acquire_mutex  # type: ignore[method-assign]
-        self.release = self._release_mutex  # type: ignore[method-assign]
+        # Releasing cannot fail for the holder: the C function itself, no Python frame.
+        self.release = functools.partial(libc.pthread_mutex_unlock, self._mutex)  # type: ignore[method-assign]
 
     def _acquire_mutex(self) -> None:
-        code = self._lock(self._address)
-        if code == errno.EOWNERDEAD:  # its holder died: what it guarded may be half-done
-            self._consistent(self._address)
-        elif code:
-            raise OSError(code, os.strerror(code))
+        code = self._lock(self._mutex)
+        if code:
+            self._locked_with(code)
 
-    def _release_mutex(self) -> None:
-        self._unlock(self._address)
+    def _locked_with(self, code: int) -> None:
+        if code == errno.EOWNERDEAD:  # its holder died: what it guarded may be half-done
+            self._consistent(self._mutex)
+        else:
+            raise OSError(code, os.strerror(code))
 
     # -- the fallback: fcntl on a memfd ---------------------------------------------------------
 
