@@ -36,7 +36,7 @@ import mmap
 import time
 from collections.abc import Callable
 
-from farm.limits import UNKNOWN_CLIENT, ClientLimits, Limiter
+from farm.limits import KEY_CACHE, UNKNOWN_CLIENT, ClientLimits, Limiter
 from farm.supervisor.shared_lock import SharedLock
 
 __all__ = ["PROBES", "TABLE_SLOTS", "AnvilTable", "SharedLimiter", "TableKey"]
@@ -114,6 +114,10 @@ class AnvilTable:
         words = self._words
         start, tag, high, low = key
         mask = self._mask
+        home = start & mask
+        base = home * _WORDS
+        if words[base + _LOW] == low and words[base + _TAG] == tag and words[base + _HIGH] == high:
+            return home  # the usual answer: the key's own slot, no probe loop
         free = -1
         for probe in range(PROBES):
             slot = (start + probe) & mask
@@ -159,10 +163,11 @@ class AnvilTable:
         """Refill a bucket to ``now``; its tokens."""
         floats = self._floats
         last = floats[base + stamp]
-        if not last:
-            level = float(limit)
-        else:
-            level = min(float(limit), floats[base + tokens] + (now - last) * limit / interval)
+        level: float = limit
+        if last:
+            refilled = floats[base + tokens] + (now - last) * limit / interval
+            if refilled < limit:
+                level = refilled
         floats[base + stamp] = now
         floats[base + tokens] = level
         return level
@@ -345,6 +350,16 @@ class AnvilTable:
         return -1
 
 
+class _TableKeys(dict[str, TableKey]):
+    """The table keys of limiter keys, worked out at the first lookup of each."""
+
+    def __missing__(self, key: str) -> TableKey:
+        if len(self) >= KEY_CACHE:
+            self.clear()
+        found = self[key] = table_key(key)
+        return found
+
+
 class SharedLimiter(Limiter):
     """A worker's ``limiter``: the engine's questions, answered from the shared table.
 
@@ -357,7 +372,8 @@ class SharedLimiter(Limiter):
         super().__init__(limits)
         self.table = table
         self._held = memoryview(held).cast("I") if held is not None else None
-        self._table_keys: dict[str, TableKey] = {}
+        #: Limiter key -> table key (a plain dict lookup once known: no Python call).
+        self._table_keys = _TableKeys()
         #: This worker's sessions per key: [the slot that counts them, open sessions,
         #: messages leased with them and not used yet].
         self._mine: dict[str, list[int]] = {}
@@ -365,19 +381,11 @@ class SharedLimiter(Limiter):
         self._closed: dict[int, list[int]] = {}
         self._flush_timer: asyncio.TimerHandle | None = None
 
-    def _table_key(self, key: str) -> TableKey:
-        found = self._table_keys.get(key)
-        if found is None:
-            if len(self._table_keys) > 4096:
-                self._table_keys.clear()
-            found = self._table_keys[key] = table_key(key)
-        return found
-
     # The table answers at once: plain methods, no coroutine (farm.smtp.limiter's Answer).
 
     def open_session(self, key: str) -> bool:
         slot, leased = self.table.open_session(
-            self._table_key(key), self.limits, self._held, self._closed
+            self._table_keys[key], self.limits, self._held, self._closed
         )
         if slot < 0:
             return slot != -1  # -1: refused; -2: let in uncounted
@@ -429,10 +437,10 @@ class SharedLimiter(Limiter):
         if mine is not None and mine[2] > 0:  # a message leased with a session
             mine[2] -= 1
             return True
-        return self.table.take(self._table_key(key), self.limits)
+        return self.table.take(self._table_keys[key], self.limits)
 
     def auth_allowed(self, key: str) -> bool:
-        return self.table.take(self._table_key(key), self.limits, auth=True)
+        return self.table.take(self._table_keys[key], self.limits, auth=True)
 
     def auth_succeeded(self, key: str) -> None:
-        self.table.give_back_auth(self._table_key(key), self.limits)
+        self.table.give_back_auth(self._table_keys[key], self.limits)
