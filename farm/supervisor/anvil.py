@@ -90,6 +90,7 @@ class AnvilTable:
         self._map = mmap.mmap(-1, slots * _WORDS * 8)  # MAP_SHARED | MAP_ANONYMOUS
         self.lock = SharedLock()
         self._acquire, self._release = self.lock.acquire, self.lock.release
+        self._take = self.lock.take  # (per admission: the C function, see open_session)
         self._words = memoryview(self._map).cast("Q")
         self._floats = memoryview(self._map).cast("d")
         self._regions: dict[int, mmap.mmap] = {}
@@ -201,7 +202,9 @@ class AnvilTable:
         ``closed``: sessions that ended meanwhile, applied first (see :meth:`close_sessions`).
         """
         now = self._clock()
-        self._acquire()
+        code = self._take()  # self._acquire(), without its Python frame
+        if code:
+            self.lock.settle(code)
         try:
             if closed:
                 self._closed(closed, held, limits)
