@@ -388,7 +388,7 @@ class SharedLimiter(Limiter):
 
     def open_session(self, key: str) -> bool:
         slot, leased = self.table.open_session(
-            self._table_keys[key], self.limits, self._held, self._closed
+            self._table_keys[key], self._limits, self._held, self._closed
         )
         if slot < 0:
             return slot != -1  # -1: refused; -2: let in uncounted
@@ -440,7 +440,7 @@ class SharedLimiter(Limiter):
         if mine is not None and mine[2] > 0:  # a message leased with a session
             mine[2] -= 1
             return True
-        return self.table.take(self._table_keys[key], self.limits)
+        return self.table.take(self._table_keys[key], self._limits)
 
     def auth_allowed(self, key: str) -> bool:
         return self.table.take(self._table_keys[key], self.limits, auth=True)
