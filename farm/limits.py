@@ -279,6 +279,11 @@ class Anvil:
 class Limiter:
     """What every engine ``limiter`` shares: which clients are limited, and by what."""
 
+    #: Whether MAIL and AUTH are counted (``farm.smtp.limiter.ClientLimiter``): plain attributes,
+    #: read by the engine per command, kept in step with :attr:`limits`.
+    counts_messages: bool
+    counts_auth: bool
+
     def __init__(self, limits: ClientLimits) -> None:
         self.limits = limits
         self._keys: dict[IPAddress, str | None] = {}
@@ -325,12 +330,14 @@ class Limiter:
         return key
 
     @property
-    def counts_messages(self) -> bool:
-        return bool(self.limits.messages_per_ip)
+    def limits(self) -> ClientLimits:
+        return self._limits
 
-    @property
-    def counts_auth(self) -> bool:
-        return bool(self.limits.auth_failures_per_ip)
+    @limits.setter
+    def limits(self, limits: ClientLimits) -> None:
+        self._limits = limits
+        self.counts_messages = bool(limits.messages_per_ip)
+        self.counts_auth = bool(limits.auth_failures_per_ip)
 
 
 class LocalLimiter(Limiter):

@@ -74,11 +74,14 @@ AUTHENTICATION_ACTION_NAMES = (
     "dmarc_sampled_out",
 )
 
+#: The classes of replies counted (``farm_replies_total``).
+REPLY_CLASSES = ("2xx", "3xx", "4xx", "5xx")
+
 #: How sessions end.
 ENDED_HOW = ("quit", "disconnect", "timeout", "shutdown", "error")
 
 
-@dataclass
+@dataclass(slots=True)
 class Histogram:
     """Bucket counts and a sum, cumulative only when exported."""
 
@@ -117,7 +120,10 @@ class WorkerStats:
         self.loop_lag = 0.0
         self.ended = dict.fromkeys(ENDED_HOW, 0)
         self.commands: dict[str, int] = {}
-        self.replies = {"2xx": 0, "3xx": 0, "4xx": 0, "5xx": 0}
+        #: Replies sent (see :attr:`replies`): by class (:meth:`reply`), by first digit
+        #: (:meth:`reply_text`).
+        self._replies = dict.fromkeys(REPLY_CLASSES, 0)
+        self._reply_digits = dict.fromkeys("2345", 0)
         self.messages = {"accepted": 0, "rejected": 0}
         self.received_bytes = 0
         self.sizes = Histogram(SIZE_BUCKETS)
@@ -139,14 +145,30 @@ class WorkerStats:
 
     def command(self, verb: str) -> None:
         commands = self.commands
-        if verb in commands:
+        try:
             commands[verb] += 1
-        elif len(commands) < 64:  # unknown verbs are counted as one label, not one each
-            commands[verb] = 1
+        except KeyError:
+            if len(commands) < 64:  # unknown verbs are counted as one label, not one each
+                commands[verb] = 1
 
     def reply(self, code_class: str) -> None:
-        if code_class in self.replies:
-            self.replies[code_class] += 1
+        """Count a reply of class ``code_class`` (``2xx`` to ``5xx``; anything else is not)."""
+        replies = self._replies
+        if code_class in replies:
+            replies[code_class] += 1
+
+    def reply_text(self, text: str) -> None:
+        """Count a reply by its text (the engine's call, per reply: no class string made)."""
+        try:  # noqa: SIM105 (per reply: no context manager)
+            self._reply_digits[text[:1]] += 1
+        except KeyError:
+            pass  # not a reply (a handler's malformed one): not counted
+
+    @property
+    def replies(self) -> dict[str, int]:
+        """Replies sent, by class: ``{"2xx": n, "3xx": n, "4xx": n, "5xx": n}``."""
+        digits = self._reply_digits
+        return {cls: n + digits[cls[0]] for cls, n in self._replies.items()}
 
     def handler_time(self, hook: str, seconds: float) -> None:
         histogram = self.handlers.get(hook)

@@ -36,7 +36,7 @@ import mmap
 import time
 from collections.abc import Callable
 
-from farm.limits import UNKNOWN_CLIENT, ClientLimits, Limiter
+from farm.limits import KEY_CACHE, UNKNOWN_CLIENT, ClientLimits, Limiter
 from farm.supervisor.shared_lock import SharedLock
 
 __all__ = ["PROBES", "TABLE_SLOTS", "AnvilTable", "SharedLimiter", "TableKey"]
@@ -90,6 +90,7 @@ class AnvilTable:
         self._map = mmap.mmap(-1, slots * _WORDS * 8)  # MAP_SHARED | MAP_ANONYMOUS
         self.lock = SharedLock()
         self._acquire, self._release = self.lock.acquire, self.lock.release
+        self._take = self.lock.take  # (per admission: the C function, see open_session)
         self._words = memoryview(self._map).cast("Q")
         self._floats = memoryview(self._map).cast("d")
         self._regions: dict[int, mmap.mmap] = {}
@@ -114,6 +115,10 @@ class AnvilTable:
         words = self._words
         start, tag, high, low = key
         mask = self._mask
+        home = start & mask
+        base = home * _WORDS
+        if words[base + _LOW] == low and words[base + _TAG] == tag and words[base + _HIGH] == high:
+            return home  # the usual answer: the key's own slot, no probe loop
         free = -1
         for probe in range(PROBES):
             slot = (start + probe) & mask
@@ -159,10 +164,11 @@ class AnvilTable:
         """Refill a bucket to ``now``; its tokens."""
         floats = self._floats
         last = floats[base + stamp]
-        if not last:
-            level = float(limit)
-        else:
-            level = min(float(limit), floats[base + tokens] + (now - last) * limit / interval)
+        level: float = limit
+        if last:
+            refilled = floats[base + tokens] + (now - last) * limit / interval
+            if refilled < limit:
+                level = refilled
         floats[base + stamp] = now
         floats[base + tokens] = level
         return level
@@ -184,7 +190,8 @@ class AnvilTable:
         key: TableKey,
         limits: ClientLimits,
         held: memoryview | None,
-        closed: dict[int, list[int]] | None = None,
+        closed: dict[int, int] | None = None,
+        unused: dict[int, int] | None = None,
     ) -> tuple[int, bool]:
         """Count a new session of ``key``: (its slot, whether a message was leased with it).
 
@@ -193,13 +200,16 @@ class AnvilTable:
         (when there is one left), so that a session sending one message needs no second
         look at the table; :meth:`close_sessions` gives it back if it was not used.
         ``held``: the calling worker's region, where the session is recorded too.
-        ``closed``: sessions that ended meanwhile, applied first (see :meth:`close_sessions`).
+        ``closed``, ``unused``: sessions that ended meanwhile, applied first (see
+        :meth:`close_sessions`).
         """
         now = self._clock()
-        self._acquire()
+        code = self._take()  # self._acquire(), without its Python frame
+        if code:
+            self.lock.settle(code)
         try:
             if closed:
-                self._closed(closed, held, limits)
+                self._closed(closed, held, limits, unused)
             slot = self._find(key, limits, now)
             if slot < 0:
                 self._overflow(now)
@@ -224,32 +234,44 @@ class AnvilTable:
             self._release()
 
     def close_sessions(
-        self, closed: dict[int, list[int]], held: memoryview | None, limits: ClientLimits
+        self,
+        closed: dict[int, int],
+        held: memoryview | None,
+        limits: ClientLimits,
+        unused: dict[int, int] | None = None,
     ) -> None:
-        """Sessions ended: ``{slot: [sessions, leased messages unused]}`` (emptied)."""
+        """Sessions ended: ``closed`` ``{slot: sessions}``, and ``unused`` ``{slot: messages
+        leased with them and not used}`` (both emptied)."""
         self._acquire()
         try:
-            self._closed(closed, held, limits)
+            self._closed(closed, held, limits, unused)
         finally:
             self._release()
 
     def _closed(
-        self, closed: dict[int, list[int]], held: memoryview | None, limits: ClientLimits
+        self,
+        closed: dict[int, int],
+        held: memoryview | None,
+        limits: ClientLimits,
+        unused: dict[int, int] | None,
     ) -> None:
         words = self._words
-        limit = float(limits.messages_per_ip)
-        for slot, (sessions, unused) in closed.items():
+        for slot, sessions in closed.items():
             index = slot * _WORDS + _SESSIONS
             count = words[index]
             words[index] = count - sessions if count > sessions else 0
             if held is not None:
                 count = held[slot]
                 held[slot] = count - sessions if count > sessions else 0
-            if unused and limit:
-                floats = self._floats
-                tokens = slot * _WORDS + _MSG_TOKENS
-                floats[tokens] = min(limit, floats[tokens] + unused)
         closed.clear()
+        if unused:
+            limit = float(limits.messages_per_ip)
+            if limit:
+                floats = self._floats
+                for slot, messages in unused.items():
+                    tokens = slot * _WORDS + _MSG_TOKENS
+                    floats[tokens] = min(limit, floats[tokens] + messages)
+            unused.clear()
 
     def take(self, key: TableKey, limits: ClientLimits, auth: bool = False) -> bool:
         """Take one message (or, with ``auth``, one AUTH attempt) from the client's bucket."""
@@ -345,6 +367,16 @@ class AnvilTable:
         return -1
 
 
+class _TableKeys(dict[str, TableKey]):
+    """The table keys of limiter keys, worked out at the first lookup of each."""
+
+    def __missing__(self, key: str) -> TableKey:
+        if len(self) >= KEY_CACHE:
+            self.clear()
+        found = self[key] = table_key(key)
+        return found
+
+
 class SharedLimiter(Limiter):
     """A worker's ``limiter``: the engine's questions, answered from the shared table.
 
@@ -357,27 +389,22 @@ class SharedLimiter(Limiter):
         super().__init__(limits)
         self.table = table
         self._held = memoryview(held).cast("I") if held is not None else None
-        self._table_keys: dict[str, TableKey] = {}
+        #: Limiter key -> table key (a plain dict lookup once known: no Python call).
+        self._table_keys = _TableKeys()
         #: This worker's sessions per key: [the slot that counts them, open sessions,
         #: messages leased with them and not used yet].
         self._mine: dict[str, list[int]] = {}
-        #: Sessions closed but not yet taken off the table: {slot: [sessions, unused leases]}.
-        self._closed: dict[int, list[int]] = {}
+        #: Sessions closed but not yet taken off the table: {slot: sessions}, and the messages
+        #: leased with them and not used: {slot: messages} (see AnvilTable.open_session).
+        self._closed: dict[int, int] = {}
+        self._unused: dict[int, int] = {}
         self._flush_timer: asyncio.TimerHandle | None = None
-
-    def _table_key(self, key: str) -> TableKey:
-        found = self._table_keys.get(key)
-        if found is None:
-            if len(self._table_keys) > 4096:
-                self._table_keys.clear()
-            found = self._table_keys[key] = table_key(key)
-        return found
 
     # The table answers at once: plain methods, no coroutine (farm.smtp.limiter's Answer).
 
     def open_session(self, key: str) -> bool:
         slot, leased = self.table.open_session(
-            self._table_key(key), self.limits, self._held, self._closed
+            self._table_keys[key], self._limits, self._held, self._closed, self._unused
         )
         if slot < 0:
             return slot != -1  # -1: refused; -2: let in uncounted
@@ -397,17 +424,17 @@ class SharedLimiter(Limiter):
         mine = self._mine.get(key)
         if mine is None:
             return  # let in uncounted
-        slot, still_open, leased = mine[0], mine[1] - 1, mine[2]
-        unused = leased - still_open if leased > still_open else 0  # one lease per open session
-        pending = self._closed.get(slot)
-        if pending is None:
-            self._closed[slot] = [1, unused]
-        else:
-            pending[0] += 1
-            pending[1] += unused
+        slot, still_open, leased = mine
+        still_open -= 1
+        closed = self._closed
+        closed[slot] = closed.get(slot, 0) + 1
+        if leased > still_open:  # at most one lease per open session: the rest goes back
+            unused = self._unused
+            unused[slot] = unused.get(slot, 0) + leased - still_open
+            leased = still_open
         if still_open > 0:
             mine[1] = still_open
-            mine[2] = leased - unused
+            mine[2] = leased
         else:
             del self._mine[key]
         if self._flush_timer is None:
@@ -422,17 +449,17 @@ class SharedLimiter(Limiter):
         """Apply the sessions closed since the last admission to the table now."""
         self._flush_timer = None
         if self._closed:
-            self.table.close_sessions(self._closed, self._held, self.limits)
+            self.table.close_sessions(self._closed, self._held, self._limits, self._unused)
 
     def count_message(self, key: str) -> bool:
         mine = self._mine.get(key)
         if mine is not None and mine[2] > 0:  # a message leased with a session
             mine[2] -= 1
             return True
-        return self.table.take(self._table_key(key), self.limits)
+        return self.table.take(self._table_keys[key], self._limits)
 
     def auth_allowed(self, key: str) -> bool:
-        return self.table.take(self._table_key(key), self.limits, auth=True)
+        return self.table.take(self._table_keys[key], self.limits, auth=True)
 
     def auth_succeeded(self, key: str) -> None:
-        self.table.give_back_auth(self._table_key(key), self.limits)
+        self.table.give_back_auth(self._table_keys[key], self.limits)

@@ -18,9 +18,11 @@ import ctypes
 import ctypes.util
 import errno
 import fcntl
+import functools
 import logging
 import mmap
 import os
+from collections.abc import Callable
 
 __all__ = ["SharedLock"]
 
@@ -33,7 +35,8 @@ _PTHREAD_MUTEX_ROBUST = 1
 
 
 class SharedLock:
-    """``acquire()`` / ``release()``; ``kind`` says which mechanism it uses."""
+    """``acquire()`` / ``release()`` (or ``take()`` and :meth:`settle`); ``kind`` says which
+    mechanism it uses."""
 
     def __init__(self) -> None:
         self.kind = "mutex"
@@ -49,38 +52,30 @@ class SharedLock:
         path = ctypes.util.find_library("c")
         if not path:
             raise OSError("no C library found")
-        libc = ctypes.CDLL(path, use_errno=True)
+        # No use_errno: the pthread calls return their error. (Not PyDLL, which would keep the
+        # GIL while waiting: a thread of this process holding the lock could never finish.)
+        libc = ctypes.CDLL(path)
         self._memory = mmap.mmap(-1, 2 * _MUTEX_SIZE)  # MAP_SHARED | MAP_ANONYMOUS
-        self._buffer = (ctypes.c_char * (2 * _MUTEX_SIZE)).from_buffer(self._memory)
-        self._address = ctypes.addressof(self._buffer)
-        attributes = ctypes.c_void_p(self._address + _MUTEX_SIZE)
+        # The mutex and its attributes as ctypes arrays: each is passed as a pointer to its
+        # memory as it is, the cheapest argument ctypes knows (no conversion per call).
+        self._mutex = (ctypes.c_char * _MUTEX_SIZE).from_buffer(self._memory)
+        attributes = (ctypes.c_char * _MUTEX_SIZE).from_buffer(self._memory, _MUTEX_SIZE)
         for call, arguments in (
             (libc.pthread_mutexattr_init, (attributes,)),
             (libc.pthread_mutexattr_setpshared, (attributes, _PTHREAD_PROCESS_SHARED)),
             (libc.pthread_mutexattr_setrobust, (attributes, _PTHREAD_MUTEX_ROBUST)),
-            (libc.pthread_mutex_init, (ctypes.c_void_p(self._address), attributes)),
+            (libc.pthread_mutex_init, (self._mutex, attributes)),
         ):
             code = call(*arguments)
             if code:
                 raise OSError(code, os.strerror(code))
         self._lock = libc.pthread_mutex_lock
-        self._unlock = libc.pthread_mutex_unlock
         self._consistent = libc.pthread_mutex_consistent
-        for function in (self._lock, self._unlock, self._consistent):
-            function.argtypes = [ctypes.c_void_p]
+        for function in (self._lock, self._consistent, libc.pthread_mutex_unlock):
             function.restype = ctypes.c_int
-        self.acquire = self._acquire_mutex  # type: ignore[method-assign]
-        self.release = self._release_mutex  # type: ignore[method-assign]
-
-    def _acquire_mutex(self) -> None:
-        code = self._lock(self._address)
-        if code == errno.EOWNERDEAD:  # its holder died: what it guarded may be half-done
-            self._consistent(self._address)
-        elif code:
-            raise OSError(code, os.strerror(code))
-
-    def _release_mutex(self) -> None:
-        self._unlock(self._address)
+        # The C functions themselves, no Python frame in between.
+        self.take = functools.partial(self._lock, self._mutex)
+        self.release = functools.partial(libc.pthread_mutex_unlock, self._mutex)  # type: ignore[method-assign]
 
     # -- the fallback: fcntl on a memfd ---------------------------------------------------------
 
@@ -88,17 +83,27 @@ class SharedLock:
         self.kind = "fcntl"
         self._fd = os.memfd_create("farm-lock", os.MFD_CLOEXEC)
         os.ftruncate(self._fd, 1)
-        self.acquire = self._acquire_fcntl  # type: ignore[method-assign]
-        self.release = self._release_fcntl  # type: ignore[method-assign]
+        self.take = functools.partial(fcntl.lockf, self._fd, fcntl.LOCK_EX)
+        self.release = functools.partial(fcntl.lockf, self._fd, fcntl.LOCK_UN)  # type: ignore[method-assign]
 
-    def _acquire_fcntl(self) -> None:
-        fcntl.lockf(self._fd, fcntl.LOCK_EX)
+    # -- the interface ----------------------------------------------------------------------------
 
-    def _release_fcntl(self) -> None:
-        fcntl.lockf(self._fd, fcntl.LOCK_UN)
+    #: Takes the lock, and returns what :meth:`settle` must be given when it is neither 0 nor
+    #: None (for a caller on a hot path: no Python frame); set in ``__init__``.
+    take: Callable[[], int | None]
 
-    def acquire(self) -> None:  # replaced in __init__
-        raise NotImplementedError
+    def settle(self, code: int) -> None:
+        """``take`` returned ``code`` (the mutex's only): its holder died, what the lock guarded
+        may be half-done, and it is ours now; any other code is an error."""
+        if code == errno.EOWNERDEAD:
+            self._consistent(self._mutex)
+        else:
+            raise OSError(code, os.strerror(code))
+
+    def acquire(self) -> None:
+        code = self.take()
+        if code:
+            self.settle(code)
 
     def release(self) -> None:  # replaced in __init__
         raise NotImplementedError
