@@ -147,19 +147,23 @@ class MessageLine(_StageFields):
         )
 
     def __str__(self) -> str:
-        # One f-string, the usual case of each field checked inline (twice per message).
+        # One f-string, the usual case of each field checked inline, the client's values
+        # looked up in the caches of recent ones (twice per message).
         session, n, sender, rcpts, size, outcome, duration, checks = self.values
         sid = session.id
         via = "" if getattr(session, "proxy_data", None) is None else _via(session)
-        sender = f"<{sender or ''}>"
-        if not _BARE(sender):
-            sender = quote(sender)
+        peer = session.peer
+        head = _hosts.get(peer[0]) if type(peer) is tuple and len(peer) >= 2 else None
+        peer = peer_text(peer) if head is None else f"{head}{peer[1]}"
+        token = _senders.get(sender) if type(sender) is str else None
+        if token is None:
+            token = _sender_token(sender)
         if type(outcome) is not str or not outcome.isalnum():
             outcome = _token(outcome)
         if checks and not checks.isprintable():
             checks = printable(checks)
         return (
-            f"session={sid} msg={sid}.{n} peer={peer_text(session.peer)}{via} from={sender} "
+            f"session={sid} msg={sid}.{n} peer={peer}{via} from={token} "
             f"rcpts={rcpts} size={size} outcome={outcome} duration={duration:.3f}s{checks}"
         )
 
@@ -198,18 +202,55 @@ class SessionLine(_StageFields):
         # As MessageLine's (once per session).
         session, commands, accepted, rejected, size, end, duration, checks = self.values
         via = "" if getattr(session, "proxy_data", None) is None else _via(session)
-        helo = session.host_name or ""
-        if not _BARE(helo):
-            helo = quote(helo)
+        peer = session.peer
+        head = _hosts.get(peer[0]) if type(peer) is tuple and len(peer) >= 2 else None
+        peer = peer_text(peer) if head is None else f"{head}{peer[1]}"
+        helo = session.host_name
+        token = _helos.get(helo) if type(helo) is str else None
+        if token is None:
+            token = _helo_token(helo)
         if type(end) is not str or not end.isalnum():
             end = _token(end)
         if checks and not checks.isprintable():
             checks = printable(checks)
         return (
-            f"session={session.id} peer={peer_text(session.peer)}{via} helo={helo} "
+            f"session={session.id} peer={peer}{via} helo={token} "
             f"commands={commands} accepted={accepted} rejected={rejected} bytes={size} "
             f"end={end} duration={duration:.3f}s{checks}"
         )
+
+
+#: Recent values from clients and their log tokens (peer host -> ``"host:"``, MAIL FROM
+#: address -> ``"<address>"``, HELO name -> token): the same few recur from line to line, so
+#: a line looks them up instead of checking and quoting them again. Each is emptied when it
+#: reaches :data:`_CACHE_SIZE` entries (bounded memory whatever the clients send).
+_hosts: dict[Any, str] = {}
+_senders: dict[Any, str] = {}
+_helos: dict[Any, str] = {}
+_CACHE_SIZE = 2048
+
+
+def _remember(cache: dict[Any, str], key: Any, token: str) -> str:
+    if len(cache) >= _CACHE_SIZE:
+        cache.clear()
+    cache[key] = token
+    return token
+
+
+def _sender_token(sender: Any) -> str:
+    """The ``from=`` token of a MAIL FROM address (None: the null sender ``<>``)."""
+    token = f"<{sender or ''}>"
+    if not _BARE(token):
+        token = quote(token)
+    return _remember(_senders, sender, token) if type(sender) is str else token
+
+
+def _helo_token(helo: Any) -> str:
+    """The ``helo=`` token of a HELO/EHLO name (None: none given)."""
+    token = helo or ""
+    if not _BARE(token):
+        token = quote(token)
+    return _remember(_helos, helo, token) if type(helo) is str else token
 
 
 def peer_text(peer: Any) -> str:
@@ -217,7 +258,8 @@ def peer_text(peer: Any) -> str:
     if type(peer) is tuple and len(peer) >= 2:
         host = peer[0]
         if type(host) is str and _BARE(host):
-            return f"[{host}]:{peer[1]}" if ":" in host else f"{host}:{peer[1]}"
+            head = _remember(_hosts, host, f"[{host}]:" if ":" in host else f"{host}:")
+            return f"{head}{peer[1]}"
     return quote(str(peer or "-"))
 
 
