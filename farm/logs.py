@@ -231,7 +231,15 @@ class LogWriter(logging.Handler):
             with self.lock:  # type: ignore[union-attr]
                 self._write([self._text((created, name, message))])
             return
-        self._enqueue((created, name, message))
+        # _enqueue, inline (twice per message).
+        queue = self._queue
+        if len(queue) >= MAX_BUFFERED_LINES:
+            self._dropped += 1
+            return
+        queue.append((created, name, message))
+        if not self._scheduled:
+            self._scheduled = True
+            self._schedule()
 
     def _enqueue(self, line: str | tuple[float, str, Any]) -> None:
         """Queue a formatted line, or a direct one; the first of a batch schedules its write."""
@@ -279,10 +287,9 @@ class LogWriter(logging.Handler):
             return [line if type(line) is str else self._text(line) for line in lines]
         texts = []
         append = texts.append
-        stamp_second = -1
+        stamp_ms = -1
         stamp = ""
-        head = f" INFO [{_pid}] "
-        millis = _MILLIS
+        tails: dict[str, str] = {}  # logger name -> " INFO [pid] name: "
         for line in lines:
             if type(line) is str:
                 append(line)
@@ -295,10 +302,15 @@ class LogWriter(logging.Handler):
             except Exception:  # a message that cannot render: say so, lose nothing else
                 append(f"(a log line of {name} could not be formatted)")
                 continue
-            second = int(created)
-            if second != stamp_second:
-                stamp_second, stamp = second, _second(second)[0]
-            append(f"{stamp}{millis[int((created - second) * 1000)]}{head}{name}: {text}")
+            ms = int(created * 1000)
+            if ms != stamp_ms:  # the timestamp's text, once per millisecond
+                stamp_ms = ms
+                second, milli = divmod(ms, 1000)
+                stamp = _second(second)[0] + _MILLIS[milli]
+            tail = tails.get(name)
+            if tail is None:
+                tail = tails[name] = f" INFO [{_pid}] {name}: "
+            append(f"{stamp}{tail}{text}")
         return texts
 
     def _text(self, line: tuple[float, str, Any]) -> str:

@@ -299,15 +299,20 @@ _new_record = _LogRecord.__new__
 _RECORD_DEFAULTS = dict(_LogRecord("", logging.INFO, "(unknown file)", 0, "", (), None).__dict__)
 
 
-#: ``(handler, emit)``: a handler that may take these lines straight (see :func:`log_info`).
-_direct: tuple[logging.Handler, Callable[[str, Any, float], None]] | None = None
+_INFO = logging.INFO
+#: A handler that may take these lines straight, and how (see :func:`log_info`).
+_direct_handler: logging.Handler | None = None
+_direct_emit: Callable[[str, Any, float], None] = print
 
 
 def set_direct_route(handler: logging.Handler | None, emit: Any = None) -> None:
     """Let :func:`log_info` hand lines to ``emit(logger name, message, time)`` whenever
     ``handler`` is the only thing standard logging would give them to (None: never)."""
-    global _direct
-    _direct = (handler, emit) if handler is not None else None
+    global _direct_handler, _direct_emit
+    _direct_handler, _direct_emit = None, print  # (never one without the other)
+    if handler is not None:
+        _direct_emit = emit
+        _direct_handler = handler
 
 
 def log_info(logger: logging.Logger, message: Any) -> None:
@@ -322,10 +327,9 @@ def log_info(logger: logging.Logger, message: Any) -> None:
     custom record factory (``logging.setLogRecordFactory``) is honoured: then this is plain
     ``logger.info``.
     """
-    if not logger.isEnabledFor(logging.INFO):
+    if not logger.isEnabledFor(_INFO):
         return
-    direct = _direct
-    if direct is not None:
+    if _direct_handler is not None:
         # Would the record reach the direct route's handler and nothing else: no filter or
         # disabled logger on the way, that handler alone on the root, below INFO? (Inline:
         # this runs twice per message.)
@@ -334,13 +338,13 @@ def log_info(logger: logging.Logger, message: Any) -> None:
             handlers = node.handlers
             if handlers:
                 if (
-                    handlers[0] is direct[0]
+                    handlers[0] is _direct_handler
                     and node.parent is None  # the root
                     and len(handlers) == 1
-                    and not handlers[0].filters
-                    and handlers[0].level <= logging.INFO
+                    and not _direct_handler.filters
+                    and _direct_handler.level <= _INFO
                 ):
-                    direct[1](logger.name, message, _now())
+                    _direct_emit(logger.name, message, _now())
                     return
                 break
             if not node.propagate or node.parent is None:
