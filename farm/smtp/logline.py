@@ -223,17 +223,20 @@ class SessionLine(_StageFields):
 #: Recent values from clients and their log tokens (peer host -> ``"host:"``, MAIL FROM
 #: address -> ``"<address>"``, HELO name -> token): the same few recur from line to line, so
 #: a line looks them up instead of checking and quoting them again. Each is emptied when it
-#: reaches :data:`_CACHE_SIZE` entries (bounded memory whatever the clients send).
+#: reaches :data:`_CACHE_SIZE` entries, and keeps no value longer than :data:`_CACHE_LONGEST`
+#: (bounded memory whatever the clients send).
 _hosts: dict[Any, str] = {}
 _senders: dict[Any, str] = {}
 _helos: dict[Any, str] = {}
 _CACHE_SIZE = 2048
+_CACHE_LONGEST = 256
 
 
-def _remember(cache: dict[Any, str], key: Any, token: str) -> str:
-    if len(cache) >= _CACHE_SIZE:
-        cache.clear()
-    cache[key] = token
+def _remember(cache: dict[Any, str], key: str, token: str) -> str:
+    if len(key) <= _CACHE_LONGEST:
+        if len(cache) >= _CACHE_SIZE:
+            cache.clear()
+        cache[key] = token
     return token
 
 

@@ -211,6 +211,11 @@ def test_recent_client_values_are_logged_alike_and_remembered_within_bounds() ->
         assert f" helo=h{n} " in str(SessionLine(session, 1, 1, 0, 5, "quit", 0.001, ""))
     caches = (logline._hosts, logline._senders, logline._helos)
     assert all(0 < len(cache) <= logline._CACHE_SIZE for cache in caches)
+    long_helo = "h" * (logline._CACHE_LONGEST + 1)
+    session.host_name = long_helo
+    for _ in range(2):
+        assert f" helo={long_helo} " in str(SessionLine(session, 1, 1, 0, 5, "quit", 0.001, ""))
+    assert long_helo not in logline._helos
 
 
 # -- a real farm ----------------------------------------------------------------------------------
