@@ -332,27 +332,33 @@ def log_info(logger: logging.Logger, message: Any) -> None:
     """
     if not logger.isEnabledFor(_INFO):
         return
-    if _direct_handler is not None:
-        # Would the record reach the direct route's handler and nothing else: no filter or
-        # disabled logger on the way, that handler alone on the root, below INFO? (Inline:
-        # this runs twice per message.)
-        node: Any = logger
-        while not (node.filters or node.disabled):
-            handlers = node.handlers
-            if handlers:
-                if (
-                    handlers[0] is _direct_handler
-                    and node.parent is None  # the root
-                    and len(handlers) == 1
-                    and not _direct_handler.filters
-                    and _direct_handler.level <= _INFO
-                ):
-                    _direct_emit(logger.name, message, _now())
-                    return
-                break
-            if not node.propagate or node.parent is None:
+    handler = _direct_handler
+    if (
+        handler is not None
+        and not (logger.filters or logger.disabled or logger.handlers)
+        and logger.propagate
+    ):
+        # Would the record reach that handler and nothing else: no filter, handler or
+        # disabled logger on the way, the handler alone on the root, below INFO? (Inline,
+        # with one place per kind of logger that reads their attributes, the logger itself,
+        # the ones in between, the root, so that each place stays specialised for its
+        # kind: this runs twice per message.)
+        node: Any = logger.parent
+        while node is not None and node.parent is not None:
+            if node.filters or node.disabled or node.handlers or not node.propagate:
+                node = None
                 break
             node = node.parent
+        if node is not None:
+            handlers = node.handlers
+            if (
+                len(handlers) == 1
+                and handlers[0] is handler
+                and not (node.filters or node.disabled or handler.filters)
+                and handler.level <= _INFO
+            ):
+                _direct_emit(logger.name, message, _now())
+                return
     if logging.getLogRecordFactory() is not _LogRecord or logging._srcfile:
         logger.info(message)
         return
