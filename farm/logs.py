@@ -39,7 +39,7 @@ import threading
 import time
 from typing import Any
 
-from farm.smtp.logline import Fields, printable, set_direct_route
+from farm.smtp.logline import Fields, MessageLine, SessionLine, printable, set_direct_route
 
 __all__ = [
     "FLUSH_INTERVAL",
@@ -91,6 +91,9 @@ def _second(second: int) -> tuple[str, str, str]:
     offset = time.strftime("%z", local)  # +0100
     return text, text.replace(" ", "T"), f"{offset[:3]}:{offset[3:]}" if len(offset) == 5 else "Z"
 
+
+#: The lines that format themselves after a head (``line.after(head)``), never unprintable.
+_HEADED = frozenset({MessageLine, SessionLine})
 
 #: ``",000"`` to ``",999"``: the milliseconds of a text timestamp, formatted once.
 _MILLIS = tuple(f",{ms:03d}" for ms in range(1000))
@@ -289,28 +292,32 @@ class LogWriter(logging.Handler):
         append = texts.append
         stamp_ms = -1
         stamp = ""
-        tails: dict[str, str] = {}  # logger name -> " INFO [pid] name: "
+        head_name = ""
+        head = ""  # stamp + " INFO [pid] name: "
         for line in lines:
             if type(line) is str:
                 append(line)
                 continue
             created, name, message = line
+            ms = int(created * 1000)
+            if ms != stamp_ms or name != head_name:  # the head's text, once per millisecond
+                if ms != stamp_ms:
+                    stamp_ms = ms
+                    second, milli = divmod(ms, 1000)
+                    stamp = _second(second)[0] + _MILLIS[milli]
+                head_name = name
+                head = f"{stamp} INFO [{_pid}] {name}: "
             try:
+                if type(message) in _HEADED:  # (always printable)
+                    append(message.after(head))
+                    continue
                 text = str(message)
                 if not getattr(message, "always_printable", False) and not text.isprintable():
                     text = printable(text)
             except Exception:  # a message that cannot render: say so, lose nothing else
                 append(f"(a log line of {name} could not be formatted)")
                 continue
-            ms = int(created * 1000)
-            if ms != stamp_ms:  # the timestamp's text, once per millisecond
-                stamp_ms = ms
-                second, milli = divmod(ms, 1000)
-                stamp = _second(second)[0] + _MILLIS[milli]
-            tail = tails.get(name)
-            if tail is None:
-                tail = tails[name] = f" INFO [{_pid}] {name}: "
-            append(f"{stamp}{tail}{text}")
+            append(head + text)
         return texts
 
     def _text(self, line: tuple[float, str, Any]) -> str:

@@ -147,6 +147,10 @@ class MessageLine(_StageFields):
         )
 
     def __str__(self) -> str:
+        return self.after("")
+
+    def after(self, prefix: str) -> str:
+        """``prefix`` followed by the line's text (one string built, not two)."""
         # One f-string, the usual case of each field checked inline, the client's values
         # looked up in the caches of recent ones (twice per message).
         session, n, sender, rcpts, size, outcome, duration, checks = self.values
@@ -163,7 +167,7 @@ class MessageLine(_StageFields):
         if checks and not checks.isprintable():
             checks = printable(checks)
         return (
-            f"session={sid} msg={sid}.{n} peer={peer}{via} from={token} "
+            f"{prefix}session={sid} msg={sid}.{n} peer={peer}{via} from={token} "
             f"rcpts={rcpts} size={size} outcome={outcome} duration={duration:.3f}s{checks}"
         )
 
@@ -199,6 +203,10 @@ class SessionLine(_StageFields):
         )
 
     def __str__(self) -> str:
+        return self.after("")
+
+    def after(self, prefix: str) -> str:
+        """``prefix`` followed by the line's text (one string built, not two)."""
         # As MessageLine's (once per session).
         session, commands, accepted, rejected, size, end, duration, checks = self.values
         via = "" if getattr(session, "proxy_data", None) is None else _via(session)
@@ -214,7 +222,7 @@ class SessionLine(_StageFields):
         if checks and not checks.isprintable():
             checks = printable(checks)
         return (
-            f"session={session.id} peer={peer}{via} helo={token} "
+            f"{prefix}session={session.id} peer={peer}{via} helo={token} "
             f"commands={commands} accepted={accepted} rejected={rejected} bytes={size} "
             f"end={end} duration={duration:.3f}s{checks}"
         )
