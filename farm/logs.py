@@ -39,7 +39,7 @@ import threading
 import time
 from typing import Any
 
-from farm.smtp.logline import Fields, printable, set_direct_route
+from farm.smtp.logline import Fields, MessageLine, SessionLine, printable, set_direct_route
 
 __all__ = [
     "FLUSH_INTERVAL",
@@ -91,6 +91,9 @@ def _second(second: int) -> tuple[str, str, str]:
     offset = time.strftime("%z", local)  # +0100
     return text, text.replace(" ", "T"), f"{offset[:3]}:{offset[3:]}" if len(offset) == 5 else "Z"
 
+
+#: The lines that format themselves after a head (``line.after(head)``), never unprintable.
+_HEADED = frozenset({MessageLine, SessionLine})
 
 #: ``",000"`` to ``",999"``: the milliseconds of a text timestamp, formatted once.
 _MILLIS = tuple(f",{ms:03d}" for ms in range(1000))
@@ -231,7 +234,15 @@ class LogWriter(logging.Handler):
             with self.lock:  # type: ignore[union-attr]
                 self._write([self._text((created, name, message))])
             return
-        self._enqueue((created, name, message))
+        # _enqueue, inline (twice per message).
+        queue = self._queue
+        if len(queue) >= MAX_BUFFERED_LINES:
+            self._dropped += 1
+            return
+        queue.append((created, name, message))
+        if not self._scheduled:
+            self._scheduled = True
+            self._schedule()
 
     def _enqueue(self, line: str | tuple[float, str, Any]) -> None:
         """Queue a formatted line, or a direct one; the first of a batch schedules its write."""
@@ -279,26 +290,34 @@ class LogWriter(logging.Handler):
             return [line if type(line) is str else self._text(line) for line in lines]
         texts = []
         append = texts.append
-        stamp_second = -1
+        stamp_ms = -1
         stamp = ""
-        head = f" INFO [{_pid}] "
-        millis = _MILLIS
+        head_name = ""
+        head = ""  # stamp + " INFO [pid] name: "
         for line in lines:
             if type(line) is str:
                 append(line)
                 continue
             created, name, message = line
+            ms = int(created * 1000)
+            if ms != stamp_ms or name != head_name:  # the head's text, once per millisecond
+                if ms != stamp_ms:
+                    stamp_ms = ms
+                    second, milli = divmod(ms, 1000)
+                    stamp = _second(second)[0] + _MILLIS[milli]
+                head_name = name
+                head = f"{stamp} INFO [{_pid}] {name}: "
             try:
+                if type(message) in _HEADED:  # (always printable)
+                    append(message.after(head))
+                    continue
                 text = str(message)
                 if not getattr(message, "always_printable", False) and not text.isprintable():
                     text = printable(text)
             except Exception:  # a message that cannot render: say so, lose nothing else
                 append(f"(a log line of {name} could not be formatted)")
                 continue
-            second = int(created)
-            if second != stamp_second:
-                stamp_second, stamp = second, _second(second)[0]
-            append(f"{stamp}{millis[int((created - second) * 1000)]}{head}{name}: {text}")
+            append(head + text)
         return texts
 
     def _text(self, line: tuple[float, str, Any]) -> str:

@@ -147,19 +147,27 @@ class MessageLine(_StageFields):
         )
 
     def __str__(self) -> str:
-        # One f-string, the usual case of each field checked inline (twice per message).
+        return self.after("")
+
+    def after(self, prefix: str) -> str:
+        """``prefix`` followed by the line's text (one string built, not two)."""
+        # One f-string, the usual case of each field checked inline, the client's values
+        # looked up in the caches of recent ones (twice per message).
         session, n, sender, rcpts, size, outcome, duration, checks = self.values
         sid = session.id
         via = "" if getattr(session, "proxy_data", None) is None else _via(session)
-        sender = f"<{sender or ''}>"
-        if not _BARE(sender):
-            sender = quote(sender)
+        peer = session.peer
+        head = _hosts.get(peer[0]) if type(peer) is tuple and len(peer) >= 2 else None
+        peer = peer_text(peer) if head is None else f"{head}{peer[1]}"
+        token = _senders.get(sender) if type(sender) is str else None
+        if token is None:
+            token = _sender_token(sender)
         if type(outcome) is not str or not outcome.isalnum():
             outcome = _token(outcome)
         if checks and not checks.isprintable():
             checks = printable(checks)
         return (
-            f"session={sid} msg={sid}.{n} peer={peer_text(session.peer)}{via} from={sender} "
+            f"{prefix}session={sid} msg={sid}.{n} peer={peer}{via} from={token} "
             f"rcpts={rcpts} size={size} outcome={outcome} duration={duration:.3f}s{checks}"
         )
 
@@ -195,21 +203,65 @@ class SessionLine(_StageFields):
         )
 
     def __str__(self) -> str:
+        return self.after("")
+
+    def after(self, prefix: str) -> str:
+        """``prefix`` followed by the line's text (one string built, not two)."""
         # As MessageLine's (once per session).
         session, commands, accepted, rejected, size, end, duration, checks = self.values
         via = "" if getattr(session, "proxy_data", None) is None else _via(session)
-        helo = session.host_name or ""
-        if not _BARE(helo):
-            helo = quote(helo)
+        peer = session.peer
+        head = _hosts.get(peer[0]) if type(peer) is tuple and len(peer) >= 2 else None
+        peer = peer_text(peer) if head is None else f"{head}{peer[1]}"
+        helo = session.host_name
+        token = _helos.get(helo) if type(helo) is str else None
+        if token is None:
+            token = _helo_token(helo)
         if type(end) is not str or not end.isalnum():
             end = _token(end)
         if checks and not checks.isprintable():
             checks = printable(checks)
         return (
-            f"session={session.id} peer={peer_text(session.peer)}{via} helo={helo} "
+            f"{prefix}session={session.id} peer={peer}{via} helo={token} "
             f"commands={commands} accepted={accepted} rejected={rejected} bytes={size} "
             f"end={end} duration={duration:.3f}s{checks}"
         )
+
+
+#: Recent values from clients and their log tokens (peer host -> ``"host:"``, MAIL FROM
+#: address -> ``"<address>"``, HELO name -> token): the same few recur from line to line, so
+#: a line looks them up instead of checking and quoting them again. Each is emptied when it
+#: reaches :data:`_CACHE_SIZE` entries, and keeps no value longer than :data:`_CACHE_LONGEST`
+#: (bounded memory whatever the clients send).
+_hosts: dict[Any, str] = {}
+_senders: dict[Any, str] = {}
+_helos: dict[Any, str] = {}
+_CACHE_SIZE = 2048
+_CACHE_LONGEST = 256
+
+
+def _remember(cache: dict[Any, str], key: str, token: str) -> str:
+    if len(key) <= _CACHE_LONGEST:
+        if len(cache) >= _CACHE_SIZE:
+            cache.clear()
+        cache[key] = token
+    return token
+
+
+def _sender_token(sender: Any) -> str:
+    """The ``from=`` token of a MAIL FROM address (None: the null sender ``<>``)."""
+    token = f"<{sender or ''}>"
+    if not _BARE(token):
+        token = quote(token)
+    return _remember(_senders, sender, token) if type(sender) is str else token
+
+
+def _helo_token(helo: Any) -> str:
+    """The ``helo=`` token of a HELO/EHLO name (None: none given)."""
+    token = helo or ""
+    if not _BARE(token):
+        token = quote(token)
+    return _remember(_helos, helo, token) if type(helo) is str else token
 
 
 def peer_text(peer: Any) -> str:
@@ -217,7 +269,8 @@ def peer_text(peer: Any) -> str:
     if type(peer) is tuple and len(peer) >= 2:
         host = peer[0]
         if type(host) is str and _BARE(host):
-            return f"[{host}]:{peer[1]}" if ":" in host else f"{host}:{peer[1]}"
+            head = _remember(_hosts, host, f"[{host}]:" if ":" in host else f"{host}:")
+            return f"{head}{peer[1]}"
     return quote(str(peer or "-"))
 
 
@@ -257,15 +310,20 @@ _new_record = _LogRecord.__new__
 _RECORD_DEFAULTS = dict(_LogRecord("", logging.INFO, "(unknown file)", 0, "", (), None).__dict__)
 
 
-#: ``(handler, emit)``: a handler that may take these lines straight (see :func:`log_info`).
-_direct: tuple[logging.Handler, Callable[[str, Any, float], None]] | None = None
+_INFO = logging.INFO
+#: A handler that may take these lines straight, and how (see :func:`log_info`).
+_direct_handler: logging.Handler | None = None
+_direct_emit: Callable[[str, Any, float], None] = print
 
 
 def set_direct_route(handler: logging.Handler | None, emit: Any = None) -> None:
     """Let :func:`log_info` hand lines to ``emit(logger name, message, time)`` whenever
     ``handler`` is the only thing standard logging would give them to (None: never)."""
-    global _direct
-    _direct = (handler, emit) if handler is not None else None
+    global _direct_handler, _direct_emit
+    _direct_handler, _direct_emit = None, print  # (never one without the other)
+    if handler is not None:
+        _direct_emit = emit
+        _direct_handler = handler
 
 
 def log_info(logger: logging.Logger, message: Any) -> None:
@@ -280,30 +338,35 @@ def log_info(logger: logging.Logger, message: Any) -> None:
     custom record factory (``logging.setLogRecordFactory``) is honoured: then this is plain
     ``logger.info``.
     """
-    if not logger.isEnabledFor(logging.INFO):
+    if not logger.isEnabledFor(_INFO):
         return
-    direct = _direct
-    if direct is not None:
-        # Would the record reach the direct route's handler and nothing else: no filter or
-        # disabled logger on the way, that handler alone on the root, below INFO? (Inline:
-        # this runs twice per message.)
-        node: Any = logger
-        while not (node.filters or node.disabled):
-            handlers = node.handlers
-            if handlers:
-                if (
-                    handlers[0] is direct[0]
-                    and node.parent is None  # the root
-                    and len(handlers) == 1
-                    and not handlers[0].filters
-                    and handlers[0].level <= logging.INFO
-                ):
-                    direct[1](logger.name, message, _now())
-                    return
-                break
-            if not node.propagate or node.parent is None:
+    handler = _direct_handler
+    if (
+        handler is not None
+        and not (logger.filters or logger.disabled or logger.handlers)
+        and logger.propagate
+    ):
+        # Would the record reach that handler and nothing else: no filter, handler or
+        # disabled logger on the way, the handler alone on the root, below INFO? (Inline,
+        # with one place per kind of logger that reads their attributes, the logger itself,
+        # the ones in between, the root, so that each place stays specialised for its
+        # kind: this runs twice per message.)
+        node: Any = logger.parent
+        while node is not None and node.parent is not None:
+            if node.filters or node.disabled or node.handlers or not node.propagate:
+                node = None
                 break
             node = node.parent
+        if node is not None:
+            handlers = node.handlers
+            if (
+                len(handlers) == 1
+                and handlers[0] is handler
+                and not (node.filters or node.disabled or handler.filters)
+                and handler.level <= _INFO
+            ):
+                _direct_emit(logger.name, message, _now())
+                return
     if logging.getLogRecordFactory() is not _LogRecord or logging._srcfile:
         logger.info(message)
         return

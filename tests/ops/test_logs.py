@@ -182,6 +182,42 @@ def test_batched_lines_stay_on_their_line_whatever_a_field_holds() -> None:
     ]
 
 
+def test_recent_client_values_are_logged_alike_and_remembered_within_bounds() -> None:
+    """A line's peer, sender and HELO tokens come from caches of recent values after their
+    first use: the same text as the first time (quoted when it must be), in bounded memory."""
+    from farm.smtp import logline
+
+    session = SimpleNamespace(
+        id="2a.1", peer=("::1", 25), proxy_data=None, host_name='he"lo outcome=550'
+    )
+    lines = [
+        str(line)
+        for _ in range(2)
+        for line in (
+            MessageLine(session, 1, 'a"b c@x', 1, 5, "250", 0.001, ""),
+            MessageLine(session, 2, None, 1, 5, "250", 0.001, ""),
+            SessionLine(session, 4, 2, 0, 10, "quit", 0.002, ""),
+        )
+    ]
+    assert lines[:3] == lines[3:]
+    assert lines[0].split(" peer=")[1].split(" rcpts=")[0] == '[::1]:25 from="<a\\"b c@x>"'
+    assert " from=<> " in lines[1]
+    assert ' helo="he\\"lo outcome=550" ' in lines[2]
+    for n in range(3 * logline._CACHE_SIZE):
+        session.peer, session.host_name = (f"10.{n // 256 % 256}.{n % 256}.1", n), f"h{n}"
+        assert f" peer={session.peer[0]}:{n} from=<s{n}@x> " in str(
+            MessageLine(session, 1, f"s{n}@x", 1, 5, "250", 0.001, "")
+        )
+        assert f" helo=h{n} " in str(SessionLine(session, 1, 1, 0, 5, "quit", 0.001, ""))
+    caches = (logline._hosts, logline._senders, logline._helos)
+    assert all(0 < len(cache) <= logline._CACHE_SIZE for cache in caches)
+    long_helo = "h" * (logline._CACHE_LONGEST + 1)
+    session.host_name = long_helo
+    for _ in range(2):
+        assert f" helo={long_helo} " in str(SessionLine(session, 1, 1, 0, 5, "quit", 0.001, ""))
+    assert long_helo not in logline._helos
+
+
 # -- a real farm ----------------------------------------------------------------------------------
 
 
