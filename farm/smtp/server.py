@@ -1100,7 +1100,7 @@ class SMTP(asyncio.BufferedProtocol):
         if self._enhanced and not plain:
             text = with_enhanced_code(text, self._state.verb)
         if self.stats is not None:
-            self.stats.reply(text[:1] + "xx")
+            self.stats.reply_text(text)
         self._out.append(text)
         limits = self._error_limits
         if (
