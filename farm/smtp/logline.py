@@ -155,10 +155,7 @@ class MessageLine(_StageFields):
         # looked up in the caches of recent ones (twice per message).
         session, n, sender, rcpts, size, outcome, duration, checks = self.values
         sid = session.id
-        via = "" if getattr(session, "proxy_data", None) is None else _via(session)
-        peer = session.peer
-        head = _hosts.get(peer[0]) if type(peer) is tuple and len(peer) >= 2 else None
-        peer = peer_text(peer) if head is None else f"{head}{peer[1]}"
+        peer = _peer_and_via(session)
         token = _senders.get(sender) if type(sender) is str else None
         if token is None:
             token = _sender_token(sender)
@@ -167,7 +164,7 @@ class MessageLine(_StageFields):
         if checks and not checks.isprintable():
             checks = printable(checks)
         return (
-            f"{prefix}session={sid} msg={sid}.{n} peer={peer}{via} from={token} "
+            f"{prefix}session={sid} msg={sid}.{n} peer={peer} from={token} "
             f"rcpts={rcpts} size={size} outcome={outcome} duration={duration:.3f}s{checks}"
         )
 
@@ -209,10 +206,7 @@ class SessionLine(_StageFields):
         """``prefix`` followed by the line's text (one string built, not two)."""
         # As MessageLine's (once per session).
         session, commands, accepted, rejected, size, end, duration, checks = self.values
-        via = "" if getattr(session, "proxy_data", None) is None else _via(session)
-        peer = session.peer
-        head = _hosts.get(peer[0]) if type(peer) is tuple and len(peer) >= 2 else None
-        peer = peer_text(peer) if head is None else f"{head}{peer[1]}"
+        peer = _peer_and_via(session)
         helo = session.host_name
         token = _helos.get(helo) if type(helo) is str else None
         if token is None:
@@ -222,7 +216,7 @@ class SessionLine(_StageFields):
         if checks and not checks.isprintable():
             checks = printable(checks)
         return (
-            f"{prefix}session={session.id} peer={peer}{via} helo={token} "
+            f"{prefix}session={session.id} peer={peer} helo={token} "
             f"commands={commands} accepted={accepted} rejected={rejected} bytes={size} "
             f"end={end} duration={duration:.3f}s{checks}"
         )
@@ -272,6 +266,15 @@ def peer_text(peer: Any) -> str:
             head = _remember(_hosts, host, f"[{host}]:" if ":" in host else f"{host}:")
             return f"{head}{peer[1]}"
     return quote(str(peer or "-"))
+
+
+def _peer_and_via(session: Any) -> str:
+    """The session's peer (its host's rendering from the cache of recent ones), then
+    `` client=ADDRESS`` after a valid PROXY header."""
+    peer = session.peer
+    head = _hosts.get(peer[0]) if type(peer) is tuple and len(peer) >= 2 else None
+    text = peer_text(peer) if head is None else f"{head}{peer[1]}"
+    return text if getattr(session, "proxy_data", None) is None else text + _via(session)
 
 
 def _via(session: Any) -> str:

@@ -992,14 +992,7 @@ class SMTP(asyncio.BufferedProtocol):
         if verb in self._task_verbs:
             self._run(coro)
             return
-        try:  # as _run_inline does (written out: every command comes this way)
-            waiting_for = coro.send(None)
-        except StopIteration:
-            return
-        except Exception as error:
-            self._command_failed(error)
-            return
-        self._run(_resume(coro, waiting_for))
+        self._run_inline(coro)
 
     def _run_inline(self, coro: Coroutine[Any, Any, None]) -> None:
         """Run ``coro`` right here; if it has to wait after all (say, for the ``limiter``), it

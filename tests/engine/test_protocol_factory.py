@@ -3,12 +3,11 @@ its own (real sockets, smtplib clients talking to sessions built by one factory)
 
 from __future__ import annotations
 
-import asyncio
 import smtplib
-from collections.abc import Callable
 from typing import Any
 
 from farm.smtp import SMTP
+from tests.support.serving import serve_blocking
 from tests.support.wait import WAIT
 
 
@@ -21,21 +20,6 @@ class Recorder:
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
         self.messages.append((envelope.mail_from, list(envelope.rcpt_tos), envelope.content))
         return "250 OK"
-
-
-def _serve(factory: Callable[[], SMTP], clients: Callable[[int], Any]) -> Any:
-    """Run ``clients(port)`` (blocking smtplib code) in a thread against a server of ``factory``."""
-
-    async def scenario() -> Any:
-        loop = asyncio.get_running_loop()
-        server = await loop.create_server(factory, "127.0.0.1", 0)
-        port = server.sockets[0].getsockname()[1]
-        try:
-            return await asyncio.wait_for(loop.run_in_executor(None, clients, port), WAIT)
-        finally:
-            server.close()
-
-    return asyncio.run(scenario())
 
 
 def test_interleaved_sessions_of_one_factory_keep_their_own_state() -> None:
@@ -68,7 +52,7 @@ def test_interleaved_sessions_of_one_factory_keep_their_own_state() -> None:
         b.quit()
         return replies
 
-    replies = _serve(factory, clients)
+    (replies,) = serve_blocking(factory, clients)
     assert [code for code, _ in replies] == [500, 500, 503, 503, 250, 250], replies
     assert handler.messages == [
         ("b@client.test", ["to-b@farm.test"], b"Subject: b\r\n\r\nfrom b\r\n"),
@@ -95,7 +79,7 @@ def test_a_subclass_with_its_own_init_is_constructed_per_connection() -> None:
                 codes.append(client.noop()[0])
         return codes
 
-    assert _serve(factory, clients) == [250, 250]
+    assert serve_blocking(factory, clients) == [[250, 250]]
     assert [protocol.greeting_name for protocol in built] == ["session-0", "session-1"]
 
 

@@ -11,6 +11,7 @@ from typing import Any
 
 from farm.handlers import Sink
 from farm.smtp import SMTP
+from tests.support.serving import serve_blocking
 from tests.support.wait import WAIT
 
 
@@ -108,17 +109,7 @@ def test_pipelined_sessions_over_real_sockets_get_every_reply_in_order() -> None
                 codes.append(smtp.noop()[0])
         return codes
 
-    async def scenario() -> list[list[int]]:
-        loop = asyncio.get_running_loop()
-        server = await loop.create_server(factory, "127.0.0.1", 0)
-        port = server.sockets[0].getsockname()[1]
-        try:
-            runs = [loop.run_in_executor(None, client, port) for _ in range(6)]
-            return await asyncio.wait_for(asyncio.gather(*runs), WAIT)
-        finally:
-            server.close()
-
-    assert asyncio.run(scenario()) == [[250] * messages] * 6
+    assert serve_blocking(factory, *[client] * 6) == [[250] * messages] * 6
 
 
 def test_starttls_on_a_factory_server(
@@ -135,16 +126,7 @@ def test_starttls_on_a_factory_server(
             refused = smtp.sendmail("a@client.test", ["r@farm.test"], b"Subject: x\r\n\r\nbody\r\n")
             return code, len(refused)
 
-    async def scenario() -> tuple[int, int]:
-        loop = asyncio.get_running_loop()
-        server = await loop.create_server(factory, "127.0.0.1", 0)
-        port = server.sockets[0].getsockname()[1]
-        try:
-            return await asyncio.wait_for(loop.run_in_executor(None, client, port), WAIT)
-        finally:
-            server.close()
-
-    assert asyncio.run(scenario()) == (220, 0)
+    assert serve_blocking(factory, client) == [(220, 0)]
 
 
 def _ident(protocol: SMTP) -> bytes:
