@@ -143,10 +143,13 @@ class Body:
     def _count(self, octets: int, *, must_fit: bool) -> bool:
         budget = self._budget
         if budget is not None:
-            if not must_fit:
-                budget.take(octets)
-            elif not budget.try_take(octets):
+            # MemoryBudget.try_take/take, inline (once per body part).
+            used = budget.used + octets
+            if must_fit and budget.limit and used > budget.limit:
                 return False
+            budget.used = used
+            if used > budget.peak:
+                budget.peak = used
         self._counted += octets
         return True
 
@@ -326,9 +329,17 @@ class Body:
                 file.close()
 
     def __del__(self) -> None:
-        if self._file is None and (self._budget is None or not self._counted):
-            return  # nothing to give back: no spool file, no memory counted in a budget
-        with contextlib.suppress(Exception):
+        if self._file is None:
+            # The usual end of a body kept in memory: give its octets back to the budget
+            # (inline: this runs once per message).
+            counted = self._counted
+            if counted:
+                self._counted = 0
+                budget = self._budget
+                if budget is not None:
+                    budget.used -= counted
+            return
+        with contextlib.suppress(Exception):  # (at collection: nothing to report to)
             self._release()
 
     def _check_readable(self) -> None:
