@@ -96,6 +96,7 @@ from farm.smtp.state import (
     refusal_for_auth,
     too_many_calls,
 )
+from farm.smtp.timer_queue import TimerQueue
 from farm.smtp.tls import (
     HANDSHAKE_ERRORS,
     failure_reason,
@@ -221,7 +222,9 @@ class SMTP(asyncio.BufferedProtocol):
     _task_is_delivery = False
     _read_paused = False
     _size_limits: dict[str, int] | None = None
-    _timer: asyncio.TimerHandle | None = None
+    #: The idle timer: the server's TimerQueue (the first deadline, from the greeting), a
+    #: timer of the session's own (later deadlines), or None.
+    _timer: asyncio.TimerHandle | TimerQueue | None = None
     _closed_waiter: asyncio.Future[None] | None = None
     #: Whether commands pass the policy gate (farm.smtp.state.gate_needed), kept up to date.
     _checks = False
@@ -250,6 +253,8 @@ class SMTP(asyncio.BufferedProtocol):
     #: (one per server built by :meth:`protocol_factory`; None: every reply written at once).
     _deferred: bytes | None = None
     _write_batch: WriteBatch | None = None
+    #: The first idle deadlines of a protocol_factory server's sessions (None: a timer each).
+    _timer_queue: TimerQueue | None = None
 
     #: Verbs that always run in a task (they await the client or a TLS handshake).
     _always_task = frozenset({"STARTTLS", "AUTH"})
@@ -413,6 +418,8 @@ class SMTP(asyncio.BufferedProtocol):
         configuration = {name: getattr(prototype, name) for name in _CONNECTION_DEFAULTS}
         configuration.update(prototype.__dict__)
         configuration["_write_batch"] = WriteBatch()  # one per server: its sessions' replies
+        if prototype._timeout:
+            configuration["_timer_queue"] = TimerQueue(prototype._timeout)
         new = cls.__new__
 
         def build() -> _P:
@@ -662,8 +669,22 @@ class SMTP(asyncio.BufferedProtocol):
     def _start_timer(self) -> None:
         """Arm the idle timer (once): it also gives up on hooks that hang."""
         if self._timeout and self._timer is None:
+            queue = self._timer_queue
+            if queue is not None and queue.timeout == self._timeout:
+                queue.add(self, self.loop)
+                self._timer = queue
+                return
             deadline = self.loop.time() + self._timeout
             self._timer = self.loop.call_at(deadline, self._on_timer)
+
+    def _cancel_timer(self) -> None:
+        timer = self._timer
+        if timer is not None:
+            self._timer = None
+            if isinstance(timer, TimerQueue):
+                timer.discard(self)
+            else:
+                timer.cancel()
 
     def get_buffer(self, sizehint: int) -> memoryview:
         """Reads land in one buffer per thread, copied into the framer at once.
@@ -759,8 +780,7 @@ class SMTP(asyncio.BufferedProtocol):
             return  # (a failed STARTTLS handshake reports it itself; see smtp_STARTTLS)
         self._state.closed = True
         if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+            self._cancel_timer()
         if self._proxy_timer is not None:
             self._proxy_timer.cancel()
             self._proxy_timer = None
@@ -836,12 +856,15 @@ class SMTP(asyncio.BufferedProtocol):
             self._read_paused = True
             self.transport.pause_reading()
         timer = self._timer
-        at = timer_on_write_pause(
-            state, None if timer is None else timer.when(), self._timeout, self.write_stall_limit
-        )
+        if timer is None:
+            armed = None
+        elif isinstance(timer, TimerQueue):
+            armed = timer.when(self)
+        else:
+            armed = timer.when()
+        at = timer_on_write_pause(state, armed, self._timeout, self.write_stall_limit)
         if at is not None:
-            if timer is not None:
-                timer.cancel()
+            self._cancel_timer()
             self._timer = self.loop.call_at(at, self._on_timer)
 
     def resume_writing(self) -> None:
