@@ -124,6 +124,8 @@ class WorkerStats:
         #: (:meth:`reply_text`).
         self._replies = dict.fromkeys(REPLY_CLASSES, 0)
         self._reply_digits = dict.fromkeys("2345", 0)
+        #: The same table, for the engine, which counts into it inline (once per reply).
+        self.reply_digits = self._reply_digits
         self.messages = {"accepted": 0, "rejected": 0}
         self.received_bytes = 0
         self.sizes = Histogram(SIZE_BUCKETS)
