@@ -88,7 +88,6 @@ class Framer:
         "_buf",
         "_chunk",
         "_chunk_keep",
-        "_chunk_left",
         "_chunk_size",
         "_data_error",
         "_data_limit",
@@ -101,6 +100,7 @@ class Framer:
         "_skipping",
         "_spill",
         "_streamed",
+        "chunk_left",
         "max_command_line",
     )
 
@@ -117,7 +117,8 @@ class Framer:
         self._data_error: DataError | None = None
         self._data_received = 0  # octets of the body dropped while discarding
         self._line_checked = 0  # DATA: every line before this offset is within the limit
-        self._chunk_left: int | None = None  # BDAT: octets of the chunk still to come
+        #: BDAT: octets of the chunk still to come (None: not in a chunk).
+        self.chunk_left: int | None = None
         self._chunk_size = 0
         self._chunk_keep = True
         self._chunk = bytearray()
@@ -134,7 +135,7 @@ class Framer:
         """``data`` as one command line, when it is exactly that and nothing is buffered (the
         usual read of a client that waits for each reply); None otherwise, and then ``data``
         must be :meth:`feed` as usual. The line is what :meth:`next_event` would give."""
-        if self._buf or self._skipping or self._in_data or self._chunk_left is not None:
+        if self._buf or self._skipping or self._in_data or self.chunk_left is not None:
             return None
         line = bytes(data)
         end = line.find(b"\n")
@@ -151,7 +152,7 @@ class Framer:
     @property
     def in_data(self) -> bool:
         """Receiving message content (a DATA body or a BDAT chunk), not commands."""
-        return self._in_data or self._chunk_left is not None
+        return self._in_data or self.chunk_left is not None
 
     def take_buffered(self) -> bytes:
         """Remove and return all unconsumed input (e.g. to discard it before a TLS handshake)."""
@@ -185,7 +186,7 @@ class Framer:
         holds the rest.
         """
         self._spill = spill if keep else None
-        self._chunk_left = size
+        self.chunk_left = size
         self._chunk_size = size
         self._chunk_keep = keep
         self._chunk = bytearray()
@@ -196,12 +197,12 @@ class Framer:
         """The next complete event, or None until more bytes are fed."""
         if self._in_data:
             return self._next_message()
-        if self._chunk_left is not None:
+        if self.chunk_left is not None:
             return self._next_chunk()
         return self._next_command()
 
     def _next_chunk(self) -> Chunk | BodyPart | None:
-        left = self._chunk_left
+        left = self.chunk_left
         assert left is not None
         take = min(left, len(self._buf) - self._pos)
         if take:
@@ -211,14 +212,14 @@ class Framer:
             self._scan = self._pos
             self._compact()
             left -= take
-        self._chunk_left = left
+        self.chunk_left = left
         if left:
             if self._spill is not None and len(self._chunk) >= self._spill:
                 data = bytes(self._chunk)
                 self._chunk = bytearray()
                 return BodyPart(data)
             return None
-        self._chunk_left = None
+        self.chunk_left = None
         data = bytes(self._chunk)
         self._chunk = bytearray()
         return Chunk(data, self._chunk_size)

@@ -425,7 +425,9 @@ class SMTP(asyncio.BufferedProtocol):
             return lambda: cls(handler, **kwargs)
         # The per-connection handles' starting values go in too: read from the instance's
         # own dict, they cost a third of what a miss there and a look at the class does.
-        configuration = {name: getattr(prototype, name) for name in _CONNECTION_DEFAULTS}
+        configuration = {
+            name: getattr(prototype, name) for name in (*_CONNECTION_DEFAULTS, *_CLASS_SETTINGS)
+        }
         configuration.update(prototype.__dict__)
         configuration["_write_batch"] = WriteBatch()  # one per server: its sessions' replies
         if prototype._timeout:
@@ -932,9 +934,22 @@ class SMTP(asyncio.BufferedProtocol):
         framer = self._framer
         limits = self._error_limits
         state = self._state
+        # After a lone command line (nothing buffered) only a zero-octet BDAT chunk can be
+        # an event already: otherwise the framer has nothing to look at.
+        pending = True
         if line is not None:
             SMTP._on_command(self, line)
-        while self._task is None and not state.close_after_flush and not state.closed:
+            pending = framer.chunk_left is not None
+            if (
+                not pending
+                and limits is not None
+                and limits.delay  # past the soft limit: the reply waits (as in the loop)
+                and self._task is None
+                and not state.close_after_flush
+                and not state.closed
+            ):
+                self._pause_for_errors(limits)
+        while pending and self._task is None and not state.close_after_flush and not state.closed:
             if limits is not None and limits.delay:  # past the soft limit: the replies wait
                 self._pause_for_errors(limits)
                 break
@@ -1198,7 +1213,10 @@ class SMTP(asyncio.BufferedProtocol):
                     self.transport.write(data)
                 else:
                     self._deferred = data
-                    self._write_batch.hold(self)
+                    batch = self._write_batch
+                    if not batch.waiting:  # WriteBatch.hold, inline (per reply)
+                        self.loop.call_soon(batch.write)
+                    batch.waiting.append(self)
         elif now and self._deferred is not None:
             self._write_deferred()
         if state.close_after_flush:
@@ -1612,7 +1630,10 @@ class SMTP(asyncio.BufferedProtocol):
 
     def _out_of_order(self, verb: str) -> bool:
         """Reply and return True when ``verb`` breaks the command order."""
-        refusal = SMTP._ordering_refusal(self, verb)
+        envelope = self.envelope
+        refusal = ordering_refusal(
+            verb, self.session.host_name, envelope.mail_from, envelope.rcpt_tos, self._helo_required
+        )
         if refusal is None:
             return False
         SMTP._reply(self, refusal)
@@ -2089,6 +2110,11 @@ _CONNECTION_DEFAULTS = (
     "_held",
     "_deferred",
 )
+
+#: Settings read per command that are class attributes (a subclass may change them): a
+#: factory-built protocol has its class's values in its own ``__dict__`` too (CPython 3.11
+#: does not specialise reading a class attribute through such an instance).
+_CLASS_SETTINGS = ("_helo_required", "_size_limits", "command_size_limit", "local_part_limit")
 
 
 @functools.lru_cache(maxsize=256)

@@ -28,22 +28,25 @@ class DeferredWriter(Protocol):
 class WriteBatch:
     """The sessions of one server (one event loop) with replies held for the end of the pass."""
 
-    __slots__ = ("_waiting",)
+    __slots__ = ("waiting",)
 
     #: Replies longer than this are written at once (a batch holds only short ones).
     HOLD_LIMIT = 4096
 
     def __init__(self) -> None:
-        self._waiting: list[DeferredWriter] = []
+        #: The sessions holding replies, in the order they held them (the engine's ``_flush``
+        #: does what :meth:`hold` does, inline).
+        self.waiting: list[DeferredWriter] = []
 
     def hold(self, session: DeferredWriter) -> None:
         """``session`` holds a reply back: write it at the end of this pass of the loop."""
-        if not self._waiting:
-            session.loop.call_soon(self._write)
-        self._waiting.append(session)
+        if not self.waiting:
+            session.loop.call_soon(self.write)
+        self.waiting.append(session)
 
-    def _write(self) -> None:
-        waiting, self._waiting = self._waiting, []
+    def write(self) -> None:
+        """Write every held reply (the end of the loop's pass)."""
+        waiting, self.waiting = self.waiting, []
         for session in waiting:
             try:
                 session._write_deferred()

@@ -53,7 +53,7 @@ def run_framer(ops: Sequence[FramerOp], max_command: int, line_limit: int) -> li
             framer.take_buffered()
             if framer.buffered:
                 problems.append("take_buffered left input behind")
-        in_chunk = framer.in_data and framer._chunk_left is not None
+        in_chunk = framer.in_data and framer.chunk_left is not None
         while (event := framer.next_event()) is not None:
             problems += _event_problems(event, max_command)
             if type(event) is BodyPart:
