@@ -210,12 +210,21 @@ class AnvilTable:
         try:
             if closed:
                 self._closed(closed, held, limits, unused)
-            slot = self._find(key, limits, now)
-            if slot < 0:
-                self._overflow(now)
-                return -2, False
-            base = slot * _WORDS
+            # Per admission, inline: _find's usual answer (the key's own slot), and _level.
             words = self._words
+            start, tag, high, low = key
+            slot = start & self._mask
+            base = slot * _WORDS
+            if not (
+                words[base + _LOW] == low
+                and words[base + _TAG] == tag
+                and words[base + _HIGH] == high
+            ):
+                slot = self._find(key, limits, now)
+                if slot < 0:
+                    self._overflow(now)
+                    return -2, False
+                base = slot * _WORDS
             sessions = words[base + _SESSIONS]
             if limits.sessions_per_ip and sessions >= limits.sessions_per_ip:
                 return -1, False
@@ -223,12 +232,19 @@ class AnvilTable:
                 held[slot] += 1  # first: a death between the two writes over-releases none
             words[base + _SESSIONS] = sessions + 1
             limit = limits.messages_per_ip
-            if (
-                limit
-                and self._level(base, _MSG_TOKENS, _MSG_STAMP, limit, limits.interval, now) >= 1
-            ):
-                self._floats[base + _MSG_TOKENS] -= 1  # a message leased with the session
-                return slot, True
+            if limit:
+                floats = self._floats
+                last = floats[base + _MSG_STAMP]
+                level: float = limit
+                if last:
+                    refilled = floats[base + _MSG_TOKENS] + (now - last) * limit / limits.interval
+                    if refilled < limit:
+                        level = refilled
+                floats[base + _MSG_STAMP] = now
+                if level >= 1:
+                    floats[base + _MSG_TOKENS] = level - 1  # a message leased with the session
+                    return slot, True
+                floats[base + _MSG_TOKENS] = level
             return slot, False
         finally:
             self._release()
