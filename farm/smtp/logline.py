@@ -341,14 +341,16 @@ def log_info(logger: logging.Logger, message: Any) -> None:
     custom record factory (``logging.setLogRecordFactory``) is honoured: then this is plain
     ``logger.info``.
     """
-    if not logger.isEnabledFor(_INFO):
+    if logger.disabled:
+        return
+    try:  # logger.isEnabledFor(INFO), from the logger's cache of its answers when it has one
+        enabled = logger._cache[_INFO]  # type: ignore[attr-defined]
+    except (AttributeError, KeyError):
+        enabled = logger.isEnabledFor(_INFO)
+    if not enabled:
         return
     handler = _direct_handler
-    if (
-        handler is not None
-        and not (logger.filters or logger.disabled or logger.handlers)
-        and logger.propagate
-    ):
+    if handler is not None and not (logger.filters or logger.handlers) and logger.propagate:
         # Would the record reach that handler and nothing else: no filter, handler or
         # disabled logger on the way, the handler alone on the root, below INFO? (Inline,
         # with one place per kind of logger that reads their attributes, the logger itself,

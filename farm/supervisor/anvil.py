@@ -33,6 +33,7 @@ import asyncio
 import ipaddress
 import logging
 import mmap
+import struct
 import time
 from collections.abc import Callable
 
@@ -50,6 +51,11 @@ PROBES = 32
 #: Words (8 octets) per slot: tag, address high, address low, sessions, then the buckets.
 _WORDS = 8
 _TAG, _HIGH, _LOW, _SESSIONS, _MSG_TOKENS, _MSG_STAMP, _AUTH_TOKENS, _AUTH_STAMP = range(8)
+_SLOT_SIZE = _WORDS * 8
+#: A slot's first six words (tag, high, low, sessions, message tokens and stamp), and the
+#: three an admission writes (sessions, message tokens and stamp): one call each.
+_HEAD = struct.Struct("4Q2d")
+_COUNTS = struct.Struct("Q2d")
 #: Seconds a worker may wait to take its closed sessions off the table, when no admission
 #: (which does it at once, under the same lock) comes first. Meanwhile the count is higher
 #: than the truth, never lower: a client is at worst refused a little early, never let past.
@@ -210,26 +216,37 @@ class AnvilTable:
         try:
             if closed:
                 self._closed(closed, held, limits, unused)
-            slot = self._find(key, limits, now)
-            if slot < 0:
-                self._overflow(now)
-                return -2, False
-            base = slot * _WORDS
-            words = self._words
-            sessions = words[base + _SESSIONS]
+            # Per admission, inline: _find's usual answer (the key's own slot), and _level,
+            # the slot's words read in one call and written in one.
+            start, tag, high, low = key
+            slot = start & self._mask
+            found, found_high, found_low, sessions, tokens, last = _HEAD.unpack_from(
+                self._map, slot * _SLOT_SIZE
+            )
+            if not (found_low == low and found == tag and found_high == high):
+                slot = self._find(key, limits, now)
+                if slot < 0:
+                    self._overflow(now)
+                    return -2, False
+                _, _, _, sessions, tokens, last = _HEAD.unpack_from(self._map, slot * _SLOT_SIZE)
             if limits.sessions_per_ip and sessions >= limits.sessions_per_ip:
                 return -1, False
             if held is not None:
                 held[slot] += 1  # first: a death between the two writes over-releases none
-            words[base + _SESSIONS] = sessions + 1
             limit = limits.messages_per_ip
-            if (
-                limit
-                and self._level(base, _MSG_TOKENS, _MSG_STAMP, limit, limits.interval, now) >= 1
-            ):
-                self._floats[base + _MSG_TOKENS] -= 1  # a message leased with the session
-                return slot, True
-            return slot, False
+            if not limit:
+                self._words[slot * _WORDS + _SESSIONS] = sessions + 1
+                return slot, False
+            level: float = limit
+            if last:
+                refilled = tokens + (now - last) * limit / limits.interval
+                if refilled < limit:
+                    level = refilled
+            leased = level >= 1  # a message leased with the session
+            _COUNTS.pack_into(
+                self._map, slot * _SLOT_SIZE + _SESSIONS * 8, sessions + 1, level - leased, now
+            )
+            return slot, leased
         finally:
             self._release()
 

@@ -187,7 +187,8 @@ def _new_loop(use_uvloop: bool) -> asyncio.AbstractEventLoop:
 class AcceptGate:
     """Accepting on every listener, paused and resumed (at the session cap, in a drain).
 
-    ``tls`` maps the listeners that speak TLS from the first byte to their SSL context.
+    ``tls`` maps the listeners that speak TLS from the first byte to their SSL context; their
+    connections are built by ``tls_factory`` (default: ``factory``).
     :meth:`close` stops accepting for good, taking what is queued first.
     """
 
@@ -197,10 +198,12 @@ class AcceptGate:
         listeners: list[Any],
         factory: Callable[[], SMTP],
         tls: dict[str, Any] | None = None,
+        tls_factory: Callable[[], SMTP] | None = None,
     ) -> None:
         self._loop = loop
         self._listeners = listeners
         self._factory = factory
+        self._tls_factory = tls_factory or factory
         self._tls = tls or {}
         self._epoch = 0  # bumped by stop(): a start() in progress then gives up
         self._servers: list[asyncio.AbstractServer] = []
@@ -216,12 +219,11 @@ class AcceptGate:
             # A duplicate, so that pausing closes only this process's copy of the socket.
             sock = listener.socket.dup()
             ssl = self._tls.get(listener.address)
+            factory = self._factory if ssl is None else self._tls_factory
             if sock.family == socket.AF_UNIX:
-                server = await self._loop.create_unix_server(self._factory, sock=sock, ssl=ssl)
+                server = await self._loop.create_unix_server(factory, sock=sock, ssl=ssl)
             else:
-                server = await self._loop.create_server(
-                    self._factory, sock=sock, backlog=1024, ssl=ssl
-                )
+                server = await self._loop.create_server(factory, sock=sock, backlog=1024, ssl=ssl)
             if self._epoch != epoch:  # stopped while this server was being created
                 self._close_servers([server])
                 return
@@ -268,8 +270,13 @@ class AcceptGate:
             listener.close()  # only this process's copy (the socket file is the supervisor's)
         if not taken:
             return 0
+        loop = self._loop
         tasks = [
-            self._loop.create_task(self._loop.connect_accepted_socket(self._factory, conn, ssl=ssl))
+            loop.create_task(
+                loop.connect_accepted_socket(
+                    self._factory if ssl is None else self._tls_factory, conn, ssl=ssl
+                )
+            )
             for conn, ssl in taken
         ]
         _, pending = await asyncio.wait(tasks, timeout=timeout)
@@ -356,7 +363,7 @@ class WorkerServer:
             for listener in spec.listeners
             if listener.address in implicit or listener.name in ("smtps", "submissions")
         }
-        self.gate = AcceptGate(loop, spec.listeners, self._new_session, tls)
+        self.gate = AcceptGate(loop, spec.listeners, self._new_session, tls, self._new_tls_session)
         self._done = loop.create_future()
         self._stopping = False
         self._farm_stops = False
@@ -382,13 +389,22 @@ class WorkerServer:
         protocol = build()
         protocol.on_close = self._session_closed
         protocol.stats = stats = self.stats
-        self.sessions.add(protocol)
+        self.sessions.hold(protocol)  # until _session_closed
         self.active += 1
         stats.connections += 1
         stats.active = self.active
         if self.active >= self.config.max_sessions and self.gate.open and not self._stopping:
             # Not from inside the factory: the connection being set up needs its server open.
             self.loop.call_soon(self._pause_at_cap)
+        return protocol
+
+    def _new_tls_session(self) -> SMTP:
+        """A session on a listener that speaks TLS from the first byte. Tracked weakly: when
+        its handshake fails, the protocol never hears of the connection (neither made nor
+        lost, so no ``on_close``), and must not be held forever."""
+        protocol = self._new_session()
+        self.sessions.release(protocol)
+        self.sessions.add(protocol)
         return protocol
 
     def _pause_at_cap(self) -> None:
@@ -399,6 +415,7 @@ class WorkerServer:
             self.gate.stop()
 
     def _session_closed(self, protocol: SMTP) -> None:
+        self.sessions.release(protocol)
         self.active -= 1
         self.stats.active = self.active
         if not self.active and self._idle is not None and not self._idle.done():

@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 from farm.logs import JSONFormatter, LogWriter, TextFormatter, configure_logging, reopen_log_file
-from farm.smtp.logline import MessageLine, SessionLine, quote
+from farm.smtp.logline import MessageLine, SessionLine, log_info, quote
 from farm.supervisor.privileges import drop_privileges, resolve_user
 from tests.support.client import SMTPClient, send_message
 from tests.support.farms import run_smtp_source, serve_expecting_exit
@@ -216,6 +216,34 @@ def test_recent_client_values_are_logged_alike_and_remembered_within_bounds() ->
     for _ in range(2):
         assert f" helo={long_helo} " in str(SessionLine(session, 1, 1, 0, 5, "quit", 0.001, ""))
     assert long_helo not in logline._helos
+
+
+def test_log_info_follows_the_level_and_disabling_like_logger_info(tmp_path: Path) -> None:
+    """``log_info`` takes the writer's direct route only when ``logger.info`` would log: the
+    logger's level (set after lines were logged, its answers cached), ``disabled``, and
+    ``logging.disable``."""
+    path = tmp_path / "farm.log"
+
+    def body() -> str:
+        configure_logging("INFO", str(path))
+        log = logging.getLogger("farm.smtp")
+        log_info(log, "one")  # (the logger caches its answer for INFO)
+        log.setLevel(logging.WARNING)
+        log_info(log, "not at WARNING")
+        log.setLevel(logging.NOTSET)
+        log_info(log, "two")
+        log.disabled = True
+        log_info(log, "not while disabled")
+        log.disabled = False
+        logging.disable(logging.INFO)
+        log_info(log, "not under logging.disable")
+        logging.disable(logging.NOTSET)
+        log_info(log, "three")
+        return ""
+
+    assert in_child(body) == (0, "")
+    lines = path.read_text().splitlines()
+    assert [line.split(" farm.smtp: ", 1)[1] for line in lines] == ["one", "two", "three"]
 
 
 # -- a real farm ----------------------------------------------------------------------------------
