@@ -218,7 +218,9 @@ class SMTP(asyncio.BufferedProtocol):
         _read_view: memoryview
     else:
         _read_view = None
-    #: Called with this protocol once its connection is lost (the farm's worker uses it).
+    #: Called with this protocol when its connection is made (for TLS from the first byte:
+    #: once the handshake is done), and once it is lost (the farm's worker uses them).
+    on_open: Callable[[SMTP], None] | None = None
     on_close: Callable[[SMTP], None] | None = None
     #: The LOGIN mechanism's prompts (aiosmtpd's texts; a subclass may change them).
     AuthLoginUsernameChallenge = "User Name\x00"
@@ -524,6 +526,8 @@ class SMTP(asyncio.BufferedProtocol):
     # -- asyncio.Protocol ------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self.on_open is not None:
+            self.on_open(self)
         if self.loop is None:
             self.loop = asyncio.get_running_loop()
         self.transport = transport  # type: ignore[assignment]  # a Transport, for the API
@@ -2090,6 +2094,7 @@ _CONNECTION_DEFAULTS = (
     "envelope",
     "transport",
     "_read_view",
+    "on_open",
     "on_close",
     "stats",
     "_tls_protocol",

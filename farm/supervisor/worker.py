@@ -381,6 +381,19 @@ class WorkerServer:
     # -- sessions --------------------------------------------------------------------------
 
     def _new_session(self) -> SMTP:
+        protocol = self._build_session()
+        self._session_opened(protocol)
+        return protocol
+
+    def _new_tls_session(self) -> SMTP:
+        """A session on a listener that speaks TLS from the first byte: counted once its
+        handshake is done (``on_open``). A failed handshake never reaches the protocol
+        (neither made nor lost, so no ``on_close``): it must count for nothing."""
+        protocol = self._build_session()
+        protocol.on_open = self._session_opened
+        return protocol
+
+    def _build_session(self) -> SMTP:
         build = self._build_protocol
         if build is None:  # on the first connection, where SMTP(...) would have run
             build = self._build_protocol = SMTP.protocol_factory(
@@ -388,24 +401,18 @@ class WorkerServer:
             )
         protocol = build()
         protocol.on_close = self._session_closed
-        protocol.stats = stats = self.stats
+        protocol.stats = self.stats
+        return protocol
+
+    def _session_opened(self, protocol: SMTP) -> None:
         self.sessions.hold(protocol)  # until _session_closed
         self.active += 1
+        stats = self.stats
         stats.connections += 1
         stats.active = self.active
         if self.active >= self.config.max_sessions and self.gate.open and not self._stopping:
             # Not from inside the factory: the connection being set up needs its server open.
             self.loop.call_soon(self._pause_at_cap)
-        return protocol
-
-    def _new_tls_session(self) -> SMTP:
-        """A session on a listener that speaks TLS from the first byte. Tracked weakly: when
-        its handshake fails, the protocol never hears of the connection (neither made nor
-        lost, so no ``on_close``), and must not be held forever."""
-        protocol = self._new_session()
-        self.sessions.release(protocol)
-        self.sessions.add(protocol)
-        return protocol
 
     def _pause_at_cap(self) -> None:
         if self.active >= self.config.max_sessions and self.gate.open and not self._stopping:
