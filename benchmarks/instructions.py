@@ -1,0 +1,110 @@
+"""User-space instructions per message of a ``farm serve -w 1`` worker, under callgrind.
+
+Usage: ``.venv/bin/python benchmarks/instructions.py [--profile production|nolog|nolimits|bare]
+[--messages N] [--workload per-conn|long]``; compare two trees by running it with ``PYTHONPATH``
+set to each (the tree's own ``farm`` is the one run).
+
+CPU time on a shared 2-core machine moves by several percent between runs; the instructions a
+worker executes do not, so small changes to the per-message path can be measured here, on the
+real worker with the benchmark's settings (``server.py farm_toml``: by default production, INFO
+log to a file and limits applying to the client). ``farm serve -w 1`` runs under ``valgrind
+--tool=callgrind`` twice, taking N and then 3N messages from ``smtp-source -s 20 -l 1024``
+(one message per connection, or ``-d`` for long sessions) after the same warm-up; the worker's
+total instructions at exit differ by the 2N messages only (start-up and stop cancel). Repeat
+runs agree within about 0.5 %; valgrind slows the worker ~50x, so its timers (the log's 100 ms
+flush, the limiter's batched closes) fire for fewer messages than at full speed. Needs
+``valgrind`` and ``smtp-source`` (Debian: valgrind, postfix); about 30 s per profile.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from server import farm_toml  # noqa: E402  (benchmarks/server.py)
+
+#: Generous: Python starts ~50x slower under valgrind.
+READY_WITHIN = 600.0
+WARMUP = 100
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def wait_greeting(port: int, deadline: float) -> None:
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=120) as sock:
+                if sock.makefile("rb").readline().startswith(b"220"):
+                    sock.sendall(b"QUIT\r\n")
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise SystemExit(f"farm serve did not greet on port {port} within {READY_WITHIN}s")
+        time.sleep(0.5)
+
+
+def worker_instructions(profile: str, messages: int, long: bool) -> int:
+    """The worker's total user-space instructions for a run of ``messages`` (after warm-up)."""
+    with tempfile.TemporaryDirectory(prefix="farm-instructions-") as tmp:
+        workdir = Path(tmp)
+        config = farm_toml(workdir, "farm", profile)
+        port = free_port()
+        command = [
+            *("valgrind", "--tool=callgrind", f"--callgrind-out-file={workdir}/callgrind.%p"),
+            *(sys.executable, "-m", "farm", "serve", "-c", str(config)),
+            *("-b", f"127.0.0.1:{port}", "-w", "1", "--handler", "farm.handlers:Sink"),
+        ]
+        with (workdir / "stderr").open("wb") as err:
+            farm = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=err)
+        try:
+            wait_greeting(port, time.monotonic() + READY_WITHIN)
+            [worker] = psutil.Process(farm.pid).children()
+            source = ["smtp-source", "-s", "20", "-l", "1024"]
+            source += ["-f", "s@bench.test", "-t", "r@bench.test", *(["-d"] if long else [])]
+            subprocess.run([*source, "-m", str(WARMUP), f"127.0.0.1:{port}"], check=True)
+            subprocess.run([*source, "-m", str(messages), f"127.0.0.1:{port}"], check=True)
+        finally:
+            farm.terminate()
+            farm.wait(READY_WITHIN)
+        for line in (workdir / f"callgrind.{worker.pid}").read_text().splitlines():
+            if line.startswith(("summary:", "totals:")):
+                return int(line.split()[1])
+        raise SystemExit("no totals in the worker's callgrind output")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--profile", choices=("production", "nolog", "nolimits", "bare"), default="production"
+    )
+    parser.add_argument("--messages", type=int, default=300, help="N (the runs take N and 3N)")
+    parser.add_argument("--workload", choices=("per-conn", "long"), default="per-conn")
+    args = parser.parse_args()
+    long = args.workload == "long"
+    few = worker_instructions(args.profile, args.messages, long)
+    more = worker_instructions(args.profile, 3 * args.messages, long)
+    per_message = (more - few) / (2 * args.messages)
+    tree = os.environ.get("PYTHONPATH", "(installed farm)")
+    print(f"{args.profile}, {args.workload}, {tree}: {per_message / 1000:.1f}k instructions/msg")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
