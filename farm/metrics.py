@@ -121,11 +121,9 @@ class WorkerStats:
         self.ended = dict.fromkeys(ENDED_HOW, 0)
         self.commands: dict[str, int] = {}
         #: Replies sent (see :attr:`replies`): by class (:meth:`reply`), by first digit
-        #: (:meth:`reply_text`).
+        #: (:meth:`reply_text`; the engine counts into ``reply_digits`` inline, per reply).
         self._replies = dict.fromkeys(REPLY_CLASSES, 0)
-        self._reply_digits = dict.fromkeys("2345", 0)
-        #: The same table, for the engine, which counts into it inline (once per reply).
-        self.reply_digits = self._reply_digits
+        self.reply_digits = dict.fromkeys("2345", 0)
         self.messages = {"accepted": 0, "rejected": 0}
         self.received_bytes = 0
         self.sizes = Histogram(SIZE_BUCKETS)
@@ -162,14 +160,14 @@ class WorkerStats:
     def reply_text(self, text: str) -> None:
         """Count a reply by its text (the engine's call, per reply: no class string made)."""
         try:  # noqa: SIM105 (per reply: no context manager)
-            self._reply_digits[text[:1]] += 1
+            self.reply_digits[text[:1]] += 1
         except KeyError:
             pass  # not a reply (a handler's malformed one): not counted
 
     @property
     def replies(self) -> dict[str, int]:
         """Replies sent, by class: ``{"2xx": n, "3xx": n, "4xx": n, "5xx": n}``."""
-        digits = self._reply_digits
+        digits = self.reply_digits
         return {cls: n + digits[cls[0]] for cls, n in self._replies.items()}
 
     def handler_time(self, hook: str, seconds: float) -> None:

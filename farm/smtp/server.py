@@ -944,18 +944,11 @@ class SMTP(asyncio.BufferedProtocol):
         if line is not None:
             SMTP._on_command(self, line)
             pending = framer.chunk_left is not None
-            if (
-                not pending
-                and limits is not None
-                and limits.delay  # past the soft limit: the reply waits (as in the loop)
-                and self._task is None
-                and not state.close_after_flush
-                and not state.closed
-            ):
-                self._pause_for_errors(limits)
-        while pending and self._task is None and not state.close_after_flush and not state.closed:
+        while self._task is None and not state.close_after_flush and not state.closed:
             if limits is not None and limits.delay:  # past the soft limit: the replies wait
                 self._pause_for_errors(limits)
+                break
+            if not pending:
                 break
             event = framer.next_event()
             if event is None:

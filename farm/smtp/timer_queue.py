@@ -76,10 +76,3 @@ class TimerQueue:
                 log.exception("a session's timer failed")
         if due and self._handle is None:
             self._handle = loop.call_at(next(iter(due.values())), self._expire, loop)
-
-    def close(self) -> None:
-        """Stop the timer (the server is gone); the sessions queued are forgotten."""
-        if self._handle is not None:
-            self._handle.cancel()
-            self._handle = None
-        self._due.clear()

@@ -15,7 +15,9 @@ from tests.support.farms import FarmRunner, toml_config
 from tests.support.wait import WAIT, wait_for
 
 
-def test_starttls_and_implicit_tls_listeners(farms: FarmRunner, tmp_path: Path) -> None:
+def _certificate(tmp_path: Path) -> tuple[Path, Path, ssl.SSLContext]:
+    """A test CA's certificate for the loopback addresses (chain and key files in
+    ``tmp_path``), and a client context that trusts it."""
     ca = trustme.CA()
     cert = ca.issue_cert("127.0.0.1", "127.0.0.2")
     chain, key = tmp_path / "chain.pem", tmp_path / "key.pem"
@@ -23,6 +25,11 @@ def test_starttls_and_implicit_tls_listeners(farms: FarmRunner, tmp_path: Path) 
     cert.private_key_pem.write_to_path(str(key))
     client_context = ssl.create_default_context()
     ca.configure_trust(client_context)
+    return chain, key, client_context
+
+
+def test_starttls_and_implicit_tls_listeners(farms: FarmRunner, tmp_path: Path) -> None:
+    chain, key, client_context = _certificate(tmp_path)
     config = toml_config(
         tmp_path / "farm.toml",
         {"handler": "farm.handlers:Sink", "tls_bind": ["127.0.0.2:0"]},
@@ -68,13 +75,7 @@ def test_failed_implicit_tls_handshakes_count_for_nothing(
     """A client that fails the handshake on a TLS-from-the-first-byte listener never reaches
     the session (neither made nor lost): it must not take one of the worker's max_sessions
     places for ever (more failures than places, then a real session is still served)."""
-    ca = trustme.CA()
-    cert = ca.issue_cert("127.0.0.1", "127.0.0.2")
-    chain, key = tmp_path / "chain.pem", tmp_path / "key.pem"
-    cert.private_key_and_cert_chain_pem.write_to_path(str(chain))
-    cert.private_key_pem.write_to_path(str(key))
-    client_context = ssl.create_default_context()
-    ca.configure_trust(client_context)
+    chain, key, client_context = _certificate(tmp_path)
     config = toml_config(
         tmp_path / "farm.toml",
         {"handler": "farm.handlers:Sink", "tls_bind": ["127.0.0.2:0"], "max_sessions": 2},
