@@ -270,11 +270,21 @@ def peer_text(peer: Any) -> str:
 
 def _peer_and_via(session: Any) -> str:
     """The session's peer (its host's rendering from the cache of recent ones), then
-    `` client=ADDRESS`` after a valid PROXY header."""
+    `` client=ADDRESS`` after a valid PROXY header; kept on the session (``log_peer``) for its
+    next line: both are known before a session's first line, and never change."""
+    text: str | None = getattr(session, "log_peer", None)
+    if text is not None:
+        return text
     peer = session.peer
     head = _hosts.get(peer[0]) if type(peer) is tuple and len(peer) >= 2 else None
     text = peer_text(peer) if head is None else f"{head}{peer[1]}"
-    return text if getattr(session, "proxy_data", None) is None else text + _via(session)
+    if getattr(session, "proxy_data", None) is not None:
+        text += _via(session)
+    try:  # noqa: SIM105 (contextlib.suppress would cost more than the rest of this function)
+        session.log_peer = text
+    except AttributeError:  # (a handler's own session class, with slots)
+        pass
+    return text
 
 
 def _via(session: Any) -> str:

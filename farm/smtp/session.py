@@ -11,6 +11,8 @@ class Session:
 
     #: The screening verdict (``farm.screening.Verdict``) when ``[screening]`` is on.
     screening: Any = None
+    #: The peer as the session's log lines show it, set by the first (``farm.smtp.logline``).
+    log_peer: str | None = None
 
     def __init__(self, loop: asyncio.AbstractEventLoop | None) -> None:
         self.peer: Any = None

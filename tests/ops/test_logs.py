@@ -204,7 +204,8 @@ def test_recent_client_values_are_logged_alike_and_remembered_within_bounds() ->
     assert " from=<> " in lines[1]
     assert ' helo="he\\"lo outcome=550" ' in lines[2]
     for n in range(3 * logline._CACHE_SIZE):
-        session.peer, session.host_name = (f"10.{n // 256 % 256}.{n % 256}.1", n), f"h{n}"
+        peer = (f"10.{n // 256 % 256}.{n % 256}.1", n)  # a new session each time
+        session = SimpleNamespace(id="2a.1", peer=peer, proxy_data=None, host_name=f"h{n}")
         assert f" peer={session.peer[0]}:{n} from=<s{n}@x> " in str(
             MessageLine(session, 1, f"s{n}@x", 1, 5, "250", 0.001, "")
         )
