@@ -52,9 +52,12 @@ class SharedLock:
         path = ctypes.util.find_library("c")
         if not path:
             raise OSError("no C library found")
-        # No use_errno: the pthread calls return their error. (Not PyDLL, which would keep the
-        # GIL while waiting: a thread of this process holding the lock could never finish.)
+        # No use_errno: the pthread calls return their error. Two views of the C library:
+        # the calls that cannot wait (trylock, unlock) keep the GIL (PyDLL: no release and
+        # re-take per call); the one that may wait (lock, when trylock found the mutex busy)
+        # releases it (CDLL), so that a thread of this process holding the lock can finish.
         libc = ctypes.CDLL(path)
+        quick = ctypes.PyDLL(path)
         self._memory = mmap.mmap(-1, 2 * _MUTEX_SIZE)  # MAP_SHARED | MAP_ANONYMOUS
         # The mutex and its attributes as ctypes arrays: each is passed as a pointer to its
         # memory as it is, the cheapest argument ctypes knows (no conversion per call).
@@ -71,11 +74,12 @@ class SharedLock:
                 raise OSError(code, os.strerror(code))
         self._lock = libc.pthread_mutex_lock
         self._consistent = libc.pthread_mutex_consistent
-        for function in (self._lock, self._consistent, libc.pthread_mutex_unlock):
+        try_lock, unlock = quick.pthread_mutex_trylock, quick.pthread_mutex_unlock
+        for function in (self._lock, self._consistent, try_lock, unlock):
             function.restype = ctypes.c_int
         # The C functions themselves, no Python frame in between.
-        self.take = functools.partial(self._lock, self._mutex)
-        self.release = functools.partial(libc.pthread_mutex_unlock, self._mutex)  # type: ignore[method-assign]
+        self.take = functools.partial(try_lock, self._mutex)
+        self.release = functools.partial(unlock, self._mutex)  # type: ignore[method-assign]
 
     # -- the fallback: fcntl on a memfd ---------------------------------------------------------
 
@@ -88,13 +92,18 @@ class SharedLock:
 
     # -- the interface ----------------------------------------------------------------------------
 
-    #: Takes the lock, and returns what :meth:`settle` must be given when it is neither 0 nor
-    #: None (for a caller on a hot path: no Python frame); set in ``__init__``.
+    #: Takes the lock if it is free, and returns what :meth:`settle` must then be given when it
+    #: is neither 0 nor None (settle waits for a busy lock): ``if code := take(): settle(code)``
+    #: holds the lock, for a caller on a hot path with no Python frame; set in ``__init__``.
     take: Callable[[], int | None]
 
     def settle(self, code: int) -> None:
-        """``take`` returned ``code`` (the mutex's only): its holder died, what the lock guarded
-        may be half-done, and it is ours now; any other code is an error."""
+        """``take`` returned ``code``: the mutex is busy (wait for it), or its holder died (what
+        the lock guarded may be half-done, and it is ours now); any other code is an error."""
+        if code == errno.EBUSY:  # (the mutex's only: trylock found it held)
+            code = self._lock(self._mutex)
+            if not code:
+                return
         if code == errno.EOWNERDEAD:
             self._consistent(self._mutex)
         else:

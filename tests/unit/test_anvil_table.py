@@ -157,6 +157,49 @@ def test_the_lock_survives_its_holder_killed(kind: str) -> None:
     os.close(ready_w)
 
 
+@pytest.mark.parametrize("kind", ["mutex", "fcntl"])
+def test_a_busy_lock_is_waited_for_without_holding_the_gil(kind: str) -> None:
+    """Held by another process: a thread asking for it waits (the mutex's quick try fails,
+    then the wait releases the GIL: this test's own thread goes on meanwhile), and has it
+    once the holder lets go."""
+    import threading
+
+    from farm.supervisor.shared_lock import SharedLock
+
+    lock = SharedLock()
+    if kind == "fcntl":
+        lock._init_fcntl()
+    held_r, held_w = os.pipe()
+    go_r, go_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child holds the lock until told to let go
+        lock.acquire()
+        os.write(held_w, b"x")
+        os.read(go_r, 1)
+        lock.release()
+        os._exit(0)
+    try:
+        assert os.read(held_r, 1) == b"x"
+        got = threading.Event()
+
+        def waiter() -> None:
+            lock.acquire()
+            got.set()
+            lock.release()
+
+        thread = threading.Thread(target=waiter)
+        thread.start()
+        assert not got.wait(0.3)  # (this thread runs: the waiter does not hold the GIL)
+        os.write(go_w, b"x")
+        thread.join(60)
+        assert got.is_set()
+    finally:
+        os.write(go_w, b"x")
+        os.waitpid(pid, 0)
+        for fd in (held_r, held_w, go_r, go_w):
+            os.close(fd)
+
+
 def test_closed_sessions_reach_the_table_with_the_next_admission_or_soon() -> None:
     from farm.supervisor.anvil import CLOSE_DELAY
 
