@@ -219,6 +219,26 @@ def test_recent_client_values_are_logged_alike_and_remembered_within_bounds() ->
     assert long_helo not in logline._helos
 
 
+@pytest.mark.parametrize(
+    ("seconds", "shown"),
+    [
+        (0.0, "0.000"),
+        (0.0021, "0.002"),
+        (0.0026, "0.003"),
+        (0.9994, "0.999"),
+        (0.9996, "1.000"),
+        (12.3456, "12.346"),
+        (-0.5, "-0.500"),
+    ],
+)
+def test_durations_are_shown_to_the_millisecond(seconds: float, shown: str) -> None:
+    """Sub-second durations come from a table, the rest from ``.3f``: the same text."""
+    session = SimpleNamespace(id="2a.1", peer=("192.0.2.1", 25), proxy_data=None, host_name="h")
+    message = MessageLine(session, 1, "a@x", 1, 5, "250", seconds, "")
+    assert str(message).endswith(f" duration={shown}s")
+    assert f" duration={shown}s" in str(SessionLine(session, 1, 1, 0, 5, "quit", seconds, ""))
+
+
 def test_log_info_follows_the_level_and_disabling_like_logger_info(tmp_path: Path) -> None:
     """``log_info`` takes the writer's direct route only when ``logger.info`` would log: the
     logger's level (set after lines were logged, its answers cached), ``disabled``, and
