@@ -39,7 +39,15 @@ import threading
 import time
 from typing import Any
 
-from farm.smtp.logline import Fields, MessageLine, SessionLine, printable, set_direct_route
+from farm.smtp.logline import (
+    Fields,
+    MessageLine,
+    SessionLine,
+    handle_info,
+    printable,
+    reaches_only,
+    set_direct_route,
+)
 
 __all__ = [
     "FLUSH_INTERVAL",
@@ -189,7 +197,7 @@ class LogWriter(logging.Handler):
     :meth:`start_batching` started its flusher thread (see the module docstring).
 
     While batching, a line is queued on a ``deque`` (whose ``append`` is thread-safe without a
-    lock): a formatted record (``str``), or a direct line (``(time, logger name, message)``,
+    lock): a formatted record (``str``), or a direct line (``(time, logger, message)``,
     formatted by the flusher). ``_scheduled`` is set by whoever queues the first line of a
     batch, which wakes the flusher; the flusher clears it *before* taking the lines, so a line
     queued meanwhile either goes with this batch or schedules the next one.
@@ -206,6 +214,8 @@ class LogWriter(logging.Handler):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread = 0
         self._batching = False
+        #: Whether ``log_info`` hands this writer its lines directly (:meth:`route_direct`).
+        self._direct = False
         self._wake = threading.Event()
         self._stopping = False
         #: Held while taking and writing lines, so that they go out in order whoever
@@ -223,23 +233,28 @@ class LogWriter(logging.Handler):
         else:
             self._enqueue(line)
 
-    def emit_direct(self, name: str, message: Any, created: float) -> None:
-        """An INFO line of logger ``name`` that would reach this handler alone (see
+    def emit_direct(self, logger: logging.Logger, message: Any, created: float) -> None:
+        """An INFO line of ``logger`` that would reach this handler alone (see
         ``farm.smtp.logline.log_info``), its message made of immutable fields.
 
         Queued as it is and formatted by the flusher, a batch at a time: formatting a
         thousand lines in a row costs a fraction of formatting each one between two SMTP
-        replies (everything it touches stays in the CPU's caches)."""
+        replies (everything it touches stays in the CPU's caches). While batching, whether
+        the line still reaches this handler alone is checked then, once per logger and batch
+        (:meth:`_texts`), not per line."""
         if not self._batching:
+            if not reaches_only(logger, self):  # (batching just stopped: check it here)
+                handle_info(logger, message, created)
+                return
             with self.lock:  # type: ignore[union-attr]
-                self._write([self._text((created, name, message))])
+                self._write([self._text((created, logger, message))])
             return
         # _enqueue, inline (twice per message).
         queue = self._queue
         if len(queue) >= MAX_BUFFERED_LINES:
             self._dropped += 1
             return
-        queue.append((created, name, message))
+        queue.append((created, logger, message))
         if not self._scheduled:
             self._scheduled = True
             self._schedule()
@@ -270,7 +285,10 @@ class LogWriter(logging.Handler):
             self.flush()
 
     def flush(self) -> None:
-        """Write every queued line now."""
+        """Write every queued line now (and hand those that must go through ``logging``
+        after all to it, once the lock is released: this writer may be among their
+        handlers)."""
+        elsewhere: list[tuple[float, logging.Logger, Any]] = []
         with self._write_lock:
             self._scheduled = False  # before taking the lines: see the class docstring
             queue = self._queue
@@ -282,31 +300,53 @@ class LogWriter(logging.Handler):
                     f"{dropped} log line(s) dropped: the log could not be written fast enough"
                 )
             if lines:
-                self._write(self._texts(lines))
+                texts = self._texts(lines, elsewhere)
+                if texts:
+                    self._write(texts)
+        for created, logger, message in elsewhere:
+            try:
+                handle_info(logger, message, created)
+            except Exception:  # (a filter that raises): say so, lose nothing else
+                with self._write_lock:
+                    self._write([f"(a log line of {logger.name} could not be handled)"])
 
-    def _texts(self, lines: list[Any]) -> list[str]:
-        """The lines as text: direct lines formatted here, in one loop for the text format."""
-        if type(self.formatter) is not TextFormatter:
-            return [line if type(line) is str else self._text(line) for line in lines]
-        texts = []
+    def _texts(self, lines: list[Any], elsewhere: list[Any]) -> list[str]:
+        """The lines as text: direct lines formatted here, in one loop for the text format.
+
+        A direct line whose logger no longer reaches this handler alone (a handler or filter
+        added since, on the way or on the root) goes to ``elsewhere`` instead, for
+        ``logging``: whether it does is asked once per logger and batch."""
+        routes: dict[logging.Logger, bool] = {}
+        texts: list[str] = []
         append = texts.append
+        if type(self.formatter) is not TextFormatter:
+            for line in lines:
+                if type(line) is str:
+                    append(line)
+                elif self._alone(routes, line[1]):
+                    append(self._text(line))
+                else:
+                    elsewhere.append(line)
+            return texts
         stamp_ms = -1
-        stamp = ""
-        head_name = ""
+        head_logger: Any = None
         head = ""  # stamp + " INFO [pid] name: "
         for line in lines:
             if type(line) is str:
                 append(line)
                 continue
-            created, name, message = line
+            created, logger, message = line
+            if logger is not head_logger:  # another logger: its route, then its head
+                if not self._alone(routes, logger):
+                    elsewhere.append(line)
+                    continue
+                head_logger = logger
+                stamp_ms = -1
             ms = int(created * 1000)
-            if ms != stamp_ms or name != head_name:  # the head's text, once per millisecond
-                if ms != stamp_ms:
-                    stamp_ms = ms
-                    second, milli = divmod(ms, 1000)
-                    stamp = _second(second)[0] + _MILLIS[milli]
-                head_name = name
-                head = f"{stamp} INFO [{_pid}] {name}: "
+            if ms != stamp_ms:  # the head's text, once per millisecond
+                stamp_ms = ms
+                second, milli = divmod(ms, 1000)
+                head = f"{_second(second)[0]}{_MILLIS[milli]} INFO [{_pid}] {logger.name}: "
             try:
                 if type(message) in _HEADED:  # (always printable)
                     append(message.after(head))
@@ -315,17 +355,24 @@ class LogWriter(logging.Handler):
                 if not getattr(message, "always_printable", False) and not text.isprintable():
                     text = printable(text)
             except Exception:  # a message that cannot render: say so, lose nothing else
-                append(f"(a log line of {name} could not be formatted)")
+                append(f"(a log line of {logger.name} could not be formatted)")
                 continue
             append(head + text)
         return texts
 
-    def _text(self, line: tuple[float, str, Any]) -> str:
-        created, name, message = line
+    def _alone(self, routes: dict[logging.Logger, bool], logger: logging.Logger) -> bool:
+        """Whether ``logger``'s INFO lines reach this handler alone (asked once per batch)."""
+        alone = routes.get(logger)
+        if alone is None:
+            alone = routes[logger] = reaches_only(logger, self)
+        return alone
+
+    def _text(self, line: tuple[float, logging.Logger, Any]) -> str:
+        created, logger, message = line
         try:
-            return self.format(_Line(name, message, created))  # type: ignore[arg-type]
+            return self.format(_Line(logger.name, message, created))  # type: ignore[arg-type]
         except Exception:  # a message that cannot render: say so, lose nothing else
-            return f"(a log line of {name} could not be formatted)"
+            return f"(a log line of {logger.name} could not be formatted)"
 
     def _write(self, lines: list[str]) -> None:
         data = ("\n".join(lines) + "\n").encode("utf-8", "backslashreplace")
@@ -345,6 +392,7 @@ class LogWriter(logging.Handler):
         if loop is not None and _is_file(self.fd):
             self._loop, self._loop_thread = loop, threading.get_ident()
             self._batching = True
+            self._route_direct()
             return
         self._stopping = False
         thread = threading.Thread(target=self._run, name="farm-log-flusher", daemon=True)
@@ -358,6 +406,18 @@ class LogWriter(logging.Handler):
             logging.getLogger("farm.logs").warning(
                 "log lines written one by one: cannot start the flusher thread (%s)", error
             )
+        self._route_direct()
+
+    def route_direct(self) -> None:
+        """Take ``log_info``'s direct lines from now on (``configure_logging``'s writer)."""
+        self._direct = True
+        self._route_direct()
+
+    def _route_direct(self) -> None:
+        """Tell ``log_info`` who checks the direct route: this writer per batch while it
+        batches, ``log_info`` per line otherwise."""
+        if self._direct:
+            set_direct_route(self, self.emit_direct, checked_later=self._batching)
 
     def stop_batching(self, timeout: float = 1.0) -> None:
         """Write what is queued and go back to writing each line at once."""
@@ -368,6 +428,7 @@ class LogWriter(logging.Handler):
             if thread is not threading.current_thread():
                 thread.join(timeout)
         self._batching = False
+        self._route_direct()
         self._thread = None
         self._loop = None
         self.flush()
@@ -384,6 +445,7 @@ class LogWriter(logging.Handler):
                 return
 
     def close(self) -> None:
+        self._direct = False  # (a writer replaced by configure_logging keeps off the route)
         self.stop_batching()
         super().close()
 
@@ -457,7 +519,7 @@ def configure_logging(
         handler.close()
     root.addHandler(writer)
     root.setLevel(level.upper())
-    set_direct_route(writer, writer.emit_direct)
+    writer.route_direct()
 
 
 def open_log_file(path: str, owner: tuple[int, int | None] | None = None) -> int:

@@ -25,7 +25,18 @@ from typing import Any
 #: When logging was imported (its private ``_startTime``, which typeshed does not declare).
 _LOGGING_STARTED: float = vars(logging)["_startTime"]
 
-__all__ = ["Fields", "MessageLine", "SessionLine", "escape", "log_info", "printable", "quote"]
+__all__ = [
+    "Fields",
+    "MessageLine",
+    "SessionLine",
+    "escape",
+    "handle_info",
+    "log_info",
+    "printable",
+    "quote",
+    "reaches_only",
+    "set_direct_route",
+]
 
 #: Printable ASCII except space, ``"`` and ``\``: safe to log bare.
 _BARE = re.compile(r"[!#-\[\]-~]+").fullmatch
@@ -338,16 +349,24 @@ _RECORD_DEFAULTS = dict(_LogRecord("", logging.INFO, "(unknown file)", 0, "", ()
 _INFO = logging.INFO
 #: A handler that may take these lines straight, and how (see :func:`log_info`).
 _direct_handler: logging.Handler | None = None
-_direct_emit: Callable[[str, Any, float], None] = print
+_direct_emit: Callable[[logging.Logger, Any, float], None] = print
+#: Whether that handler checks the route itself, once per batch (see :func:`log_info`).
+_route_checked_later = False
 
 
-def set_direct_route(handler: logging.Handler | None, emit: Any = None) -> None:
-    """Let :func:`log_info` hand lines to ``emit(logger name, message, time)`` whenever
-    ``handler`` is the only thing standard logging would give them to (None: never)."""
-    global _direct_handler, _direct_emit
-    _direct_handler, _direct_emit = None, print  # (never one without the other)
+def set_direct_route(
+    handler: logging.Handler | None, emit: Any = None, checked_later: bool = False
+) -> None:
+    """Let :func:`log_info` hand lines to ``emit(logger, message, time)`` whenever ``handler``
+    is the only thing standard logging would give them to (None: never). ``checked_later``:
+    the handler queues the lines and checks that route itself when it writes them (once per
+    batch, with :func:`reaches_only`), handing those that would reach more (or another) to
+    :func:`handle_info`; then :func:`log_info` does not check it per line."""
+    global _direct_handler, _direct_emit, _route_checked_later
+    _direct_handler, _direct_emit, _route_checked_later = None, print, False
     if handler is not None:
         _direct_emit = emit
+        _route_checked_later = checked_later
         _direct_handler = handler
 
 
@@ -357,11 +376,13 @@ def log_info(logger: logging.Logger, message: Any) -> None:
     Same outcome as ``logger.info``, with less work per line: when the only handler the
     record would reach is the farm's own log writer (no filter on the way, nothing else
     attached; ``farm.logs`` registers it with :func:`set_direct_route`), the line goes
-    straight to it. Otherwise the record goes through ``logger.handle()`` like any other, but
-    it is a copy of a prepared one with the time set, instead of one built by
-    ``LogRecord.__init__`` (which also looks up the source file and thread each time). A
-    custom record factory (``logging.setLogRecordFactory``) is honoured: then this is plain
-    ``logger.info``.
+    straight to it; while the writer batches, it checks that when it writes the batch, not
+    here (a line logged just before a handler is added elsewhere still reaches that handler,
+    through :func:`handle_info`, a batch later). Otherwise the record goes through
+    ``logger.handle()`` like any other, but it is a copy of a prepared one with the time set,
+    instead of one built by ``LogRecord.__init__`` (which also looks up the source file and
+    thread each time). A custom record factory (``logging.setLogRecordFactory``) is honoured:
+    then this is plain ``logger.info``.
     """
     if logger.disabled:
         return
@@ -372,38 +393,52 @@ def log_info(logger: logging.Logger, message: Any) -> None:
     if not enabled:
         return
     handler = _direct_handler
-    if handler is not None and not (logger.filters or logger.handlers) and logger.propagate:
-        # Would the record reach that handler and nothing else: no filter, handler or
-        # disabled logger on the way, the handler alone on the root, below INFO? (Inline,
-        # with one place per kind of logger that reads their attributes, the logger itself,
-        # the ones in between, the root, so that each place stays specialised for its
-        # kind: this runs twice per message.)
-        node: Any = logger.parent
-        while node is not None and node.parent is not None:
-            if node.filters or node.disabled or node.handlers or not node.propagate:
-                node = None
-                break
-            node = node.parent
-        if node is not None:
-            handlers = node.handlers
-            if (
-                len(handlers) == 1
-                and handlers[0] is handler
-                and not (node.filters or node.disabled or handler.filters)
-                and handler.level <= _INFO
-            ):
-                _direct_emit(logger.name, message, _now())
-                return
-    if logging.getLogRecordFactory() is not _LogRecord or logging._srcfile:
-        logger.info(message)
+    if handler is not None and (_route_checked_later or reaches_only(logger, handler)):
+        _direct_emit(logger, message, _now())
         return
-    record = _new_record(_LogRecord)
-    attributes = record.__dict__
-    attributes.update(_RECORD_DEFAULTS)
-    now = time.time()
+    if logging.getLogRecordFactory() is not _LogRecord or logging._srcfile:
+        logger.info(message)  # (the caller's file and line looked up, as asked)
+        return
+    handle_info(logger, message, _now())
+
+
+def reaches_only(logger: logging.Logger, handler: logging.Handler) -> bool:
+    """Whether an INFO record of ``logger`` would reach ``handler`` and nothing else: no
+    filter, handler or disabled logger on the way, the handler alone on the root, below INFO.
+    """
+    if logger.filters or logger.handlers or not logger.propagate:
+        return False
+    # (One place per kind of logger that reads their attributes, the logger itself, the ones
+    # in between, the root, so that each place stays specialised for its kind.)
+    node: Any = logger.parent
+    while node is not None and node.parent is not None:
+        if node.filters or node.disabled or node.handlers or not node.propagate:
+            return False
+        node = node.parent
+    if node is None:
+        return False
+    handlers = node.handlers
+    return (
+        len(handlers) == 1
+        and handlers[0] is handler
+        and not (node.filters or node.disabled or handler.filters)
+        and handler.level <= _INFO
+    )
+
+
+def handle_info(logger: logging.Logger, message: Any, created: float) -> None:
+    """An INFO record of ``message`` logged at ``created``, through ``logger.handle()`` (its
+    filters and every handler it reaches), built as :func:`log_info` says."""
+    if logging.getLogRecordFactory() is not _LogRecord:  # (a custom factory makes it)
+        record = logger.makeRecord(logger.name, _INFO, "(unknown file)", 0, message, (), None)
+        attributes = record.__dict__
+    else:
+        record = _new_record(_LogRecord)
+        attributes = record.__dict__
+        attributes.update(_RECORD_DEFAULTS)
     attributes["name"] = logger.name
     attributes["msg"] = message
-    attributes["created"] = now
-    attributes["msecs"] = (now - int(now)) * 1000
-    attributes["relativeCreated"] = (now - _LOGGING_STARTED) * 1000
+    attributes["created"] = created
+    attributes["msecs"] = (created - int(created)) * 1000
+    attributes["relativeCreated"] = (created - _LOGGING_STARTED) * 1000
     logger.handle(record)

@@ -17,6 +17,7 @@ import stat
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -102,43 +103,103 @@ def test_json_formatter_writes_the_fields() -> None:
     assert str(message).endswith("outcome=250 duration=0.250s spf=pass dkim=none")
 
 
+def only_handler(writer: logging.Handler) -> None:
+    """Make ``writer`` the root logger's only handler, as ``configure_logging`` does (in a
+    forked child: the test process keeps its own)."""
+    root = logging.getLogger()
+    for handler in root.handlers[:]:
+        root.removeHandler(handler)
+    root.addHandler(writer)
+    root.setLevel(logging.INFO)
+
+
 def test_a_log_file_is_flushed_by_the_event_loop_in_batches(tmp_path: Path) -> None:
     """To a file, a worker's lines are written by a timer of its loop (no thread), a batch
     within FLUSH_INTERVAL of its first line; a line from another thread is scheduled onto the
     loop; stop_batching writes what is left."""
     path = tmp_path / "farm.log"
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    writer = LogWriter(fd)
-    writer.setFormatter(TextFormatter())
-    session = SimpleNamespace(id="1f.7", peer=("127.0.0.1", 5), proxy_data=None, host_name="h")
-    loop = asyncio.new_event_loop()
-    threads_before = threading.active_count()
 
-    async def run() -> None:
-        writer.emit_direct("farm.smtp", SessionLine(session, 1, 0, 0, 0, "quit", 0.1, ""), 1.5)
-        other = threading.Thread(
-            target=writer.emit_direct, args=("farm.x", "from a thread", 1.5), daemon=True
-        )
-        other.start()
-        other.join()
-        assert path.read_bytes() == b""  # queued, not written yet
-        assert threading.active_count() == threads_before  # and no flusher thread
-        await wait_for_async(lambda: path.read_bytes().count(b"\n") == 2, timeout=10)
-        writer.emit_direct("farm.smtp", "the last one", 2.5)
+    def body() -> str:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        writer = LogWriter(fd)
+        writer.setFormatter(TextFormatter())
+        only_handler(writer)
+        session = SimpleNamespace(id="1f.7", peer=("127.0.0.1", 5), proxy_data=None, host_name="h")
+        loop = asyncio.new_event_loop()
+        threads_before = threading.active_count()
+        smtp, other_logger = logging.getLogger("farm.smtp"), logging.getLogger("farm.x")
 
-    try:
-        writer.start_batching(loop)
-        loop.run_until_complete(run())
-    finally:
-        writer.stop_batching()
-        loop.close()
-        os.close(fd)
+        async def run() -> None:
+            writer.emit_direct(smtp, SessionLine(session, 1, 0, 0, 0, "quit", 0.1, ""), 1.5)
+            other = threading.Thread(
+                target=writer.emit_direct, args=(other_logger, "from a thread", 1.5), daemon=True
+            )
+            other.start()
+            other.join()
+            assert path.read_bytes() == b""  # queued, not written yet
+            assert threading.active_count() == threads_before  # and no flusher thread
+            await wait_for_async(lambda: path.read_bytes().count(b"\n") == 2, timeout=10)
+            writer.emit_direct(smtp, "the last one", 2.5)
+
+        try:
+            writer.start_batching(loop)
+            loop.run_until_complete(run())
+        finally:
+            writer.stop_batching()
+            loop.close()
+            os.close(fd)
+        return ""
+
+    assert in_child(body) == (0, "")
     lines = path.read_text().splitlines()
     assert [line.split(": ", 1)[1] for line in lines] == [
         "session=1f.7 peer=127.0.0.1:5 helo=h commands=1 accepted=0 rejected=0 bytes=0 "
         "end=quit duration=0.100s",
         "from a thread",
         "the last one",
+    ]
+
+
+def test_a_batch_takes_the_route_logging_would_when_it_is_written(tmp_path: Path) -> None:
+    """While the writer batches, ``log_info`` queues its lines without asking whether the
+    writer alone would get them; the writer asks when it writes the batch. A line whose logger
+    got a handler or a filter meanwhile goes through ``logging`` then: that handler gets it
+    (with the time it was logged), a filter can drop it, and the writer writes it once."""
+    path = tmp_path / "farm.log"
+
+    def body() -> str:
+        configure_logging("INFO", str(path))
+        writer = next(h for h in logging.getLogger().handlers if isinstance(h, LogWriter))
+        loop = asyncio.new_event_loop()
+        writer.start_batching(loop)
+        smtp, dropped = logging.getLogger("farm.smtp"), logging.getLogger("farm.dropped")
+        seen: list[logging.LogRecord] = []
+
+        class Keep(logging.Handler):
+            def emit(self, record: logging.LogRecord) -> None:
+                seen.append(record)
+
+        try:
+            log_info(smtp, "before the handler")  # queued: the route is checked when written
+            log_info(dropped, "filtered out")
+            smtp.addHandler(Keep())
+            dropped.addFilter(lambda record: False)
+            writer.flush()  # the route now reaches Keep too, and farm.dropped filters
+            log_info(smtp, "after the handler")
+            writer.stop_batching()
+        finally:
+            loop.close()
+        assert [(r.getMessage(), r.created < time.time()) for r in seen] == [
+            ("before the handler", True),
+            ("after the handler", True),
+        ]
+        return ""
+
+    assert in_child(body) == (0, "")
+    lines = path.read_text().splitlines()
+    assert [line.split(" farm.smtp: ", 1)[1] for line in lines] == [
+        "before the handler",
+        "after the handler",
     ]
 
 
@@ -158,19 +219,24 @@ def test_batched_lines_stay_on_their_line_whatever_a_field_holds() -> None:
         id="1f.7", peer=("127.0.0.1\r", 5), proxy_data=proxy, host_name="h\x00elo"
     )
     read_fd, write_fd = os.pipe()
-    writer = LogWriter(write_fd)
-    writer.setFormatter(TextFormatter())
-    writer.start_batching()
-    try:
-        writer.emit_direct(
-            "farm.smtp", MessageLine(session, 1, "a\n@x", 2, 25, "2\n5", 0.25, " x=\u2028"), 1.5
-        )
-        writer.emit_direct(
-            "farm.smtp", SessionLine(session, 3, 1, 0, 25, "qu it\r", 0.5, " y=\x85"), 1.5
-        )
-    finally:
-        writer.stop_batching()
-        os.close(write_fd)
+
+    def body() -> str:
+        writer = LogWriter(write_fd)
+        writer.setFormatter(TextFormatter())
+        only_handler(writer)
+        smtp = logging.getLogger("farm.smtp")
+        writer.start_batching()
+        try:
+            message = MessageLine(session, 1, "a\n@x", 2, 25, "2\n5", 0.25, " x=\u2028")
+            writer.emit_direct(smtp, message, 1.5)
+            ended = SessionLine(session, 3, 1, 0, 25, "qu it\r", 0.5, " y=\x85")
+            writer.emit_direct(smtp, ended, 1.5)
+        finally:
+            writer.stop_batching()
+        return ""
+
+    assert in_child(body) == (0, "")
+    os.close(write_fd)
     with os.fdopen(read_fd, "rb") as pipe:
         lines = pipe.read().decode().split("\n")
     assert lines[2:] == [""] and all(line.isprintable() for line in lines[:2])
