@@ -16,7 +16,6 @@ counted: it runs no bytecode. Needs ``smtp-source`` (Debian: postfix).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -28,10 +27,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from instructions import free_port, wait_greeting  # noqa: E402  (benchmarks/instructions.py)
+from instructions import free_port, run_options, send_messages, wait_greeting  # noqa: E402  (benchmarks/instructions.py)
 from server import farm_toml  # noqa: E402  (benchmarks/server.py)
 
-WARMUP = 100
 READY_WITHIN = 120.0
 
 #: Loaded by the farm's processes (``sitecustomize`` on PYTHONPATH): the worker counts the
@@ -88,10 +86,7 @@ def worker_bytecodes(profile: str, messages: int, long: bool) -> dict[str, int]:
             farm = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=err)
         try:
             wait_greeting(port, time.monotonic() + READY_WITHIN)
-            source = ["smtp-source", "-s", "20", "-l", "1024"]
-            source += ["-f", "s@bench.test", "-t", "r@bench.test", *(["-d"] if long else [])]
-            subprocess.run([*source, "-m", str(WARMUP), f"127.0.0.1:{port}"], check=True)
-            subprocess.run([*source, "-m", str(messages), f"127.0.0.1:{port}"], check=True)
+            send_messages(port, messages, long)
         finally:
             farm.terminate()
             farm.wait(READY_WITHIN)
@@ -102,12 +97,7 @@ def worker_bytecodes(profile: str, messages: int, long: bool) -> dict[str, int]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--profile", choices=("production", "nolog", "nolimits", "bare"), default="production"
-    )
-    parser.add_argument("--messages", type=int, default=300, help="N (the runs take N and 3N)")
-    parser.add_argument("--workload", choices=("per-conn", "long"), default="per-conn")
+    parser = run_options(__doc__.splitlines()[0])
     parser.add_argument("--top", type=int, default=40, help="functions listed")
     args = parser.parse_args()
     long = args.workload == "long"

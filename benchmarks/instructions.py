@@ -60,6 +60,14 @@ def wait_greeting(port: int, deadline: float) -> None:
         time.sleep(0.5)
 
 
+def send_messages(port: int, messages: int, long: bool) -> None:
+    """smtp-source's warm-up, then ``messages`` (``-d``: long sessions), to 127.0.0.1:port."""
+    source = ["smtp-source", "-s", "20", "-l", "1024"]
+    source += ["-f", "s@bench.test", "-t", "r@bench.test", *(["-d"] if long else [])]
+    subprocess.run([*source, "-m", str(WARMUP), f"127.0.0.1:{port}"], check=True)
+    subprocess.run([*source, "-m", str(messages), f"127.0.0.1:{port}"], check=True)
+
+
 def worker_instructions(profile: str, messages: int, long: bool) -> int:
     """The worker's total user-space instructions for a run of ``messages`` (after warm-up)."""
     with tempfile.TemporaryDirectory(prefix="farm-instructions-") as tmp:
@@ -76,10 +84,7 @@ def worker_instructions(profile: str, messages: int, long: bool) -> int:
         try:
             wait_greeting(port, time.monotonic() + READY_WITHIN)
             [worker] = psutil.Process(farm.pid).children()
-            source = ["smtp-source", "-s", "20", "-l", "1024"]
-            source += ["-f", "s@bench.test", "-t", "r@bench.test", *(["-d"] if long else [])]
-            subprocess.run([*source, "-m", str(WARMUP), f"127.0.0.1:{port}"], check=True)
-            subprocess.run([*source, "-m", str(messages), f"127.0.0.1:{port}"], check=True)
+            send_messages(port, messages, long)
         finally:
             farm.terminate()
             farm.wait(READY_WITHIN)
@@ -89,14 +94,19 @@ def worker_instructions(profile: str, messages: int, long: bool) -> int:
         raise SystemExit("no totals in the worker's callgrind output")
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def run_options(description: str) -> argparse.ArgumentParser:
+    """The options of a two-run measure of the worker: --profile, --messages, --workload."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument(
         "--profile", choices=("production", "nolog", "nolimits", "bare"), default="production"
     )
     parser.add_argument("--messages", type=int, default=300, help="N (the runs take N and 3N)")
     parser.add_argument("--workload", choices=("per-conn", "long"), default="per-conn")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> int:
+    args = run_options(__doc__.splitlines()[0]).parse_args()
     long = args.workload == "long"
     few = worker_instructions(args.profile, args.messages, long)
     more = worker_instructions(args.profile, 3 * args.messages, long)
