@@ -329,7 +329,7 @@ class LogWriter(logging.Handler):
                     elsewhere.append(line)
             return texts
         stamp_ms = -1
-        head_logger: Any = None
+        head_logger: logging.Logger | None = None
         head = ""  # stamp + " INFO [pid] name: "
         for line in lines:
             if type(line) is str:

@@ -436,8 +436,8 @@ def handle_info(logger: logging.Logger, message: Any, created: float) -> None:
         record = _new_record(_LogRecord)
         attributes = record.__dict__
         attributes.update(_RECORD_DEFAULTS)
-    attributes["name"] = logger.name
-    attributes["msg"] = message
+        attributes["name"] = logger.name
+        attributes["msg"] = message
     attributes["created"] = created
     attributes["msecs"] = (created - int(created)) * 1000
     attributes["relativeCreated"] = (created - _LOGGING_STARTED) * 1000
