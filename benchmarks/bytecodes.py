@@ -83,7 +83,10 @@ def worker_bytecodes(profile: str, messages: int, long: bool) -> dict[str, int]:
         command = [sys.executable, "-m", "farm", "serve", "-c", str(config)]
         command += ["-b", f"127.0.0.1:{port}", "-w", "1", "--handler", "farm.handlers:Sink"]
         with (workdir / "stderr").open("wb") as err:
-            farm = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=err)
+            # (cwd: not the checkout, whose farm ``-m farm`` would import before PYTHONPATH's)
+            farm = subprocess.Popen(
+                command, cwd=workdir, env=env, stdout=subprocess.DEVNULL, stderr=err
+            )
         try:
             wait_greeting(port, time.monotonic() + READY_WITHIN)
             send_messages(port, messages, long)

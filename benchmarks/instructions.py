@@ -80,7 +80,8 @@ def worker_instructions(profile: str, messages: int, long: bool) -> int:
             *("-b", f"127.0.0.1:{port}", "-w", "1", "--handler", "farm.handlers:Sink"),
         ]
         with (workdir / "stderr").open("wb") as err:
-            farm = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=err)
+            # (cwd: not the checkout, whose farm ``-m farm`` would import before PYTHONPATH's)
+            farm = subprocess.Popen(command, cwd=workdir, stdout=subprocess.DEVNULL, stderr=err)
         try:
             wait_greeting(port, time.monotonic() + READY_WITHIN)
             [worker] = psutil.Process(farm.pid).children()
