@@ -26,7 +26,7 @@ import sys
 import time
 
 from farm.logs import LogWriter, configure_logging
-from farm.smtp.logline import MessageLine, SessionLine, log_info
+from farm.smtp.logline import MessageLine, SessionLine, log_fields
 from farm.smtp.session import Session
 
 #: Messages per batch (a worker's batch at about 3000 messages a second).
@@ -44,7 +44,7 @@ def main() -> None:
     loop = asyncio.new_event_loop()
     writer = next(h for h in logging.getLogger().handlers if isinstance(h, LogWriter))
     writer.start_batching(loop)  # the loop never runs: flushed below instead of by its timer
-    flush = writer._queue.clear if args.part == "hot" else writer.flush
+    flush = writer._batch.lines.clear if args.part == "hot" else writer.flush
     log = logging.getLogger("farm.smtp")
     sessions = []
     for n in range(args.messages):
@@ -56,8 +56,8 @@ def main() -> None:
     started = time.process_time()
     if args.part != "none":
         for n, session in enumerate(sessions, 1):
-            log_info(log, MessageLine(session, 1, "s@bench.test", 1, 1148, "250", 0.0021, ""))
-            log_info(log, SessionLine(session, 5, 1, 0, 1148, "quit", 0.0043, ""))
+            log_fields(log, MessageLine, (session, 1, "s@bench.test", 1, 1148, "250", 0.0021, ""))
+            log_fields(log, SessionLine, (session, 5, 1, 0, 1148, "quit", 0.0043, ""))
             if n % BATCH == 0:
                 flush()
         flush()

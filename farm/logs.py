@@ -28,7 +28,6 @@ writing works again.
 from __future__ import annotations
 
 import asyncio
-import collections
 import functools
 import json
 import logging
@@ -41,6 +40,7 @@ from typing import Any
 
 from farm.smtp.logline import (
     Fields,
+    LineBatch,
     MessageLine,
     SessionLine,
     handle_info,
@@ -100,7 +100,8 @@ def _second(second: int) -> tuple[str, str, str]:
     return text, text.replace(" ", "T"), f"{offset[:3]}:{offset[3:]}" if len(offset) == 5 else "Z"
 
 
-#: The lines that format themselves after a head (``line.after(head)``), never unprintable.
+#: The lines that format themselves after a head (``line.text(head, values)``), never
+#: unprintable.
 _HEADED = frozenset({MessageLine, SessionLine})
 
 #: ``",000"`` to ``",999"``: the milliseconds of a text timestamp, formatted once.
@@ -196,25 +197,21 @@ class LogWriter(logging.Handler):
     """Writes formatted records to a file descriptor: at once, or in batches once
     :meth:`start_batching` started its flusher thread (see the module docstring).
 
-    While batching, a line is queued on a ``deque`` (whose ``append`` is thread-safe without a
-    lock): a formatted record (``str``), or a direct line (``(time, logger, message)``,
-    formatted by the flusher). ``_scheduled`` is set by whoever queues the first line of a
-    batch, which wakes the flusher; the flusher clears it *before* taking the lines, so a line
-    queued meanwhile either goes with this batch or schedules the next one.
+    While batching, a line is queued on a :class:`~farm.smtp.logline.LineBatch` (whose
+    protocol says how a batch begins and ends without a lock): a formatted record (``str``),
+    or a direct line (``(time, logger, line, values)``, formatted by the flusher).
     """
 
     def __init__(self, fd: int = 2) -> None:
         super().__init__()
         self.fd = fd
-        self._queue: collections.deque[Any] = collections.deque()
-        self._scheduled = False
-        self._dropped = 0
+        self._batch = LineBatch(self._schedule, MAX_BUFFERED_LINES)
         self._thread: threading.Thread | None = None
         #: Loop mode: the event loop whose timer flushes, and its thread's id.
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread = 0
         self._batching = False
-        #: Whether ``log_info`` hands this writer its lines directly (:meth:`route_direct`).
+        #: Whether ``log_fields`` hands this writer its lines directly (:meth:`route_direct`).
         self._direct = False
         self._wake = threading.Event()
         self._stopping = False
@@ -231,44 +228,25 @@ class LogWriter(logging.Handler):
         if not self._batching:
             self._write([line])  # under the handler's lock, like every emit()
         else:
-            self._enqueue(line)
+            self._batch.add(line)
 
     def emit_direct(self, logger: logging.Logger, message: Any, created: float) -> None:
         """An INFO line of ``logger`` that would reach this handler alone (see
-        ``farm.smtp.logline.log_info``), its message made of immutable fields.
+        ``farm.smtp.logline.log_fields``), its message made of immutable fields.
 
-        Queued as it is and formatted by the flusher, a batch at a time: formatting a
-        thousand lines in a row costs a fraction of formatting each one between two SMTP
-        replies (everything it touches stays in the CPU's caches). While batching, whether
-        the line still reaches this handler alone is checked then, once per logger and batch
-        (:meth:`_texts`), not per line."""
+        While batching, ``log_fields`` queues its lines on the batch itself (formatted by the
+        flusher, a batch at a time: formatting a thousand lines in a row costs a fraction of
+        formatting each one between two SMTP replies, since everything it touches stays in
+        the CPU's caches; whether each logger still reaches this handler alone is checked
+        then, once per batch, in :meth:`_texts`); this queues the same way."""
         if not self._batching:
             if not reaches_only(logger, self):  # (batching just stopped: check it here)
                 handle_info(logger, message, created)
                 return
             with self.lock:  # type: ignore[union-attr]
-                self._write([self._text((created, logger, message))])
+                self._write([self._text((created, logger, message, None))])
             return
-        # _enqueue, inline (twice per message).
-        queue = self._queue
-        if len(queue) >= MAX_BUFFERED_LINES:
-            self._dropped += 1
-            return
-        queue.append((created, logger, message))
-        if not self._scheduled:
-            self._scheduled = True
-            self._schedule()
-
-    def _enqueue(self, line: str | tuple[float, str, Any]) -> None:
-        """Queue a formatted line, or a direct one; the first of a batch schedules its write."""
-        queue = self._queue
-        if len(queue) >= MAX_BUFFERED_LINES:
-            self._dropped += 1  # (not exact under a race between threads: a count to report)
-            return
-        queue.append(line)
-        if not self._scheduled:
-            self._scheduled = True
-            self._schedule()
+        self._batch.add((created, logger, message, None))
 
     def _schedule(self) -> None:
         """Have the batch just begun written within FLUSH_INTERVAL."""
@@ -288,12 +266,13 @@ class LogWriter(logging.Handler):
         """Write every queued line now (and hand those that must go through ``logging``
         after all to it, once the lock is released: this writer may be among their
         handlers)."""
-        elsewhere: list[tuple[float, logging.Logger, Any]] = []
+        elsewhere: list[tuple[float, logging.Logger, Any, Any]] = []
+        batch = self._batch
         with self._write_lock:
-            self._scheduled = False  # before taking the lines: see the class docstring
-            queue = self._queue
+            batch.scheduled = False  # before taking the lines: see LineBatch
+            queue = batch.lines
             lines = [queue.popleft() for _ in range(len(queue))]
-            dropped, self._dropped = self._dropped, 0
+            dropped, batch.dropped = batch.dropped, 0
             if dropped:
                 lines.append(
                     f"{time.strftime('%Y-%m-%d %H:%M:%S')},000 WARNING [{_pid}] farm.logs: "
@@ -303,9 +282,9 @@ class LogWriter(logging.Handler):
                 texts = self._texts(lines, elsewhere)
                 if texts:
                     self._write(texts)
-        for created, logger, message in elsewhere:
+        for created, logger, line, values in elsewhere:
             try:
-                handle_info(logger, message, created)
+                handle_info(logger, line if values is None else line(*values), created)
             except Exception:  # (a filter that raises): say so, lose nothing else
                 with self._write_lock:
                     self._write([f"(a log line of {logger.name} could not be handled)"])
@@ -335,7 +314,7 @@ class LogWriter(logging.Handler):
             if type(line) is str:
                 append(line)
                 continue
-            created, logger, message = line
+            created, logger, message, values = line
             if logger is not head_logger:  # another logger: its route, then its head
                 if not self._alone(routes, logger):
                     elsewhere.append(line)
@@ -348,9 +327,11 @@ class LogWriter(logging.Handler):
                 second, milli = divmod(ms, 1000)
                 head = f"{_second(second)[0]}{_MILLIS[milli]} INFO [{_pid}] {logger.name}: "
             try:
-                if type(message) in _HEADED:  # (always printable)
-                    append(message.after(head))
-                    continue
+                if values is not None:
+                    if message in _HEADED:  # (always printable)
+                        append(message.text(head, values))
+                        continue
+                    message = message(*values)
                 text = str(message)
                 if not getattr(message, "always_printable", False) and not text.isprintable():
                     text = printable(text)
@@ -367,9 +348,11 @@ class LogWriter(logging.Handler):
             alone = routes[logger] = reaches_only(logger, self)
         return alone
 
-    def _text(self, line: tuple[float, logging.Logger, Any]) -> str:
-        created, logger, message = line
+    def _text(self, line: tuple[float, logging.Logger, Any, Any]) -> str:
+        created, logger, message, values = line
         try:
+            if values is not None:
+                message = message(*values)
             return self.format(_Line(logger.name, message, created))  # type: ignore[arg-type]
         except Exception:  # a message that cannot render: say so, lose nothing else
             return f"(a log line of {logger.name} could not be formatted)"
@@ -381,7 +364,7 @@ class LogWriter(logging.Handler):
                 written = os.write(self.fd, data)
                 data = data[written:]
         except OSError:
-            self._dropped += len(lines)  # reported with the next lines that can be written
+            self._batch.dropped += len(lines)  # reported with the next lines that can be written
 
     def start_batching(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
         """Queue lines from now on, written every FLUSH_INTERVAL: by a timer of ``loop`` (to
@@ -417,7 +400,7 @@ class LogWriter(logging.Handler):
         """Tell ``log_info`` who checks the direct route: this writer per batch while it
         batches, ``log_info`` per line otherwise."""
         if self._direct:
-            set_direct_route(self, self.emit_direct, checked_later=self._batching)
+            set_direct_route(self, self.emit_direct, self._batch if self._batching else None)
 
     def stop_batching(self, timeout: float = 1.0) -> None:
         """Write what is queued and go back to writing each line at once."""

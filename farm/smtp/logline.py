@@ -16,6 +16,7 @@ since they are written once per message and once per session.
 
 from __future__ import annotations
 
+import collections
 import logging
 import re
 import time
@@ -27,10 +28,12 @@ _LOGGING_STARTED: float = vars(logging)["_startTime"]
 
 __all__ = [
     "Fields",
+    "LineBatch",
     "MessageLine",
     "SessionLine",
     "escape",
     "handle_info",
+    "log_fields",
     "log_info",
     "printable",
     "quote",
@@ -158,26 +161,39 @@ class MessageLine(_StageFields):
         )
 
     def __str__(self) -> str:
-        return self.after("")
+        return MessageLine.text("", self.values)
 
     def after(self, prefix: str) -> str:
         """``prefix`` followed by the line's text (one string built, not two)."""
+        return MessageLine.text(prefix, self.values)
+
+    @staticmethod
+    def text(prefix: str, values: tuple[Any, ...]) -> str:
+        """``prefix`` followed by the text of the line of ``values`` (the writer formats a
+        line logged with :func:`log_fields` with this, never building the line itself)."""
         # One f-string, the usual case of each field checked inline, the client's values
-        # looked up in the caches of recent ones (twice per message).
-        session, n, sender, rcpts, size, outcome, duration, checks = self.values
+        # looked up in the caches of recent ones (twice per message), small counts in a table.
+        session, n, sender, rcpts, size, outcome, duration, checks = values
         sid = session.id
-        peer = _peer_and_via(session)
+        try:
+            peer = session.log_peer or _peer_and_via(session)
+        except AttributeError:  # (a handler's own session class)
+            peer = _peer_and_via(session)
         token = _senders.get(sender) if type(sender) is str else None
         if token is None:
             token = _sender_token(sender)
-        if type(outcome) is not str or not outcome.isalnum():
+        if outcome not in _words:
             outcome = _token(outcome)
         if checks and not checks.isprintable():
             checks = printable(checks)
         # A sub-second duration from a table: CPython formats a float with ".3f" in ~2,000
-        # instructions, the lookup costs a third of that.
+        # instructions, the lookup costs a third of that; so with counts (~700 for an int).
         ms = int(duration * 1000 + 0.5)
         took = _MILLISECONDS[ms] if 0 <= ms < 1000 else f"{duration:.3f}"
+        if n < 1000:
+            n = _COUNTS[n]
+        if rcpts < 1000:
+            rcpts = _COUNTS[rcpts]
         return (
             f"{prefix}session={sid} msg={sid}.{n} peer={peer} from={token} "
             f"rcpts={rcpts} size={size} outcome={outcome} duration={took}s{checks}"
@@ -215,23 +231,37 @@ class SessionLine(_StageFields):
         )
 
     def __str__(self) -> str:
-        return self.after("")
+        return SessionLine.text("", self.values)
 
     def after(self, prefix: str) -> str:
         """``prefix`` followed by the line's text (one string built, not two)."""
-        # As MessageLine's (once per session).
-        session, commands, accepted, rejected, size, end, duration, checks = self.values
-        peer = _peer_and_via(session)
+        return SessionLine.text(prefix, self.values)
+
+    @staticmethod
+    def text(prefix: str, values: tuple[Any, ...]) -> str:
+        """As :meth:`MessageLine.text` (once per session)."""
+        session, commands, accepted, rejected, size, end, duration, checks = values
+        try:
+            peer = session.log_peer or _peer_and_via(session)
+        except AttributeError:  # (a handler's own session class)
+            peer = _peer_and_via(session)
         helo = session.host_name
         token = _helos.get(helo) if type(helo) is str else None
         if token is None:
             token = _helo_token(helo)
-        if type(end) is not str or not end.isalnum():
+        if end not in _words:
             end = _token(end)
         if checks and not checks.isprintable():
             checks = printable(checks)
         ms = int(duration * 1000 + 0.5)  # (as MessageLine's)
         took = _MILLISECONDS[ms] if 0 <= ms < 1000 else f"{duration:.3f}"
+        counts = _COUNTS
+        if commands < 1000:
+            commands = counts[commands]
+        if accepted < 1000:
+            accepted = counts[accepted]
+        if rejected < 1000:
+            rejected = counts[rejected]
         return (
             f"{prefix}session={session.id} peer={peer} helo={token} "
             f"commands={commands} accepted={accepted} rejected={rejected} bytes={size} "
@@ -243,6 +273,8 @@ class SessionLine(_StageFields):
 #: (the same as ``f"{seconds:.3f}"``, rounded to the nearest millisecond): looked up, not
 #: formatted, on every line.
 _MILLISECONDS = tuple(f"0.{ms:03d}" for ms in range(1000))
+#: The texts of the counts 0 to 999 (messages, recipients, commands of a session).
+_COUNTS = tuple(str(count) for count in range(1000))
 
 
 #: Recent values from clients and their log tokens (peer host -> ``"host:"``, MAIL FROM
@@ -253,6 +285,8 @@ _MILLISECONDS = tuple(f"0.{ms:03d}" for ms in range(1000))
 _hosts: dict[Any, str] = {}
 _senders: dict[Any, str] = {}
 _helos: dict[Any, str] = {}
+#: Words the engine chose (reply codes, how sessions ended) seen to be log tokens as they are.
+_words: set[str] = set()
 _CACHE_SIZE = 2048
 _CACHE_LONGEST = 256
 
@@ -317,9 +351,16 @@ def _via(session: Any) -> str:
 
 
 def _token(value: Any) -> str:
-    """A value the engine chose (a reply code, how a session ended), as one token."""
+    """A value the engine chose (a reply code, how a session ended), as one token (a word
+    is remembered in :data:`_words`)."""
     text = str(value)
-    return text if text.isalnum() else quote(text)
+    if not text.isalnum():
+        return quote(text)
+    if type(value) is str and len(value) <= 32:
+        if len(_words) >= _CACHE_SIZE:
+            _words.clear()
+        _words.add(value)
+    return text
 
 
 def proxy_client(session: Any) -> str | None:
@@ -350,39 +391,77 @@ _INFO = logging.INFO
 #: A handler that may take these lines straight, and how (see :func:`log_info`).
 _direct_handler: logging.Handler | None = None
 _direct_emit: Callable[[logging.Logger, Any, float], None] = print
-#: Whether that handler checks the route itself, once per batch (see :func:`log_info`).
-_route_checked_later = False
+
+
+class LineBatch:
+    """Lines queued for a writer that formats and writes them later, a batch at a time, and
+    checks their route then (once per logger and batch, with :func:`reaches_only`).
+
+    ``lines`` holds entries ``(time, logger, line, values)`` as :func:`log_fields` takes them
+    (or anything the writer queues itself). Whoever queues the first line of a batch sets
+    ``scheduled`` and calls ``begin()``, which has the batch written; the writer clears
+    ``scheduled`` *before* it takes the lines, so a line queued meanwhile either goes with that
+    batch or begins the next. Past ``limit`` lines, new ones are dropped and counted in
+    ``dropped`` (a count to report, not exact under a race between threads). ``deque.append``
+    needs no lock.
+    """
+
+    __slots__ = ("begin", "dropped", "limit", "lines", "scheduled")
+
+    def __init__(self, begin: Callable[[], None], limit: int) -> None:
+        self.lines: collections.deque[Any] = collections.deque()
+        self.begin = begin
+        self.limit = limit
+        self.scheduled = False
+        self.dropped = 0
+
+    def add(self, entry: Any) -> None:
+        """Queue ``entry`` (:func:`log_fields` does the same inline)."""
+        lines = self.lines
+        if len(lines) >= self.limit:
+            self.dropped += 1
+            return
+        lines.append(entry)
+        if not self.scheduled:
+            self.scheduled = True
+            self.begin()
+
+
+#: The batch of the writer that takes the lines while it batches (None: not batching).
+_batch: LineBatch | None = None
 
 
 def set_direct_route(
-    handler: logging.Handler | None, emit: Any = None, checked_later: bool = False
+    handler: logging.Handler | None, emit: Any = None, batch: LineBatch | None = None
 ) -> None:
     """Let :func:`log_info` hand lines to ``emit(logger, message, time)`` whenever ``handler``
-    is the only thing standard logging would give them to (None: never). ``checked_later``:
-    the handler queues the lines and checks that route itself when it writes them (once per
-    batch, with :func:`reaches_only`), handing those that would reach more (or another) to
-    :func:`handle_info`; then :func:`log_info` does not check it per line."""
-    global _direct_handler, _direct_emit, _route_checked_later
-    _direct_handler, _direct_emit, _route_checked_later = None, print, False
+    is the only thing standard logging would give them to (None: never). ``batch``: the
+    handler's :class:`LineBatch` while it batches; then lines are queued there as they are,
+    and the handler checks their route when it writes them, handing those that would reach
+    more (or another) to :func:`handle_info` (a line logged just before a handler is added
+    elsewhere still reaches that handler, a batch later)."""
+    global _direct_handler, _direct_emit, _batch
+    _direct_handler, _direct_emit, _batch = None, print, None
     if handler is not None:
         _direct_emit = emit
-        _route_checked_later = checked_later
+        _batch = batch
         _direct_handler = handler
 
 
-def log_info(logger: logging.Logger, message: Any) -> None:
-    """``logger.info(message)``, for the lines logged once per message or session.
+def log_fields(logger: logging.Logger, line: Any, values: tuple[Any, ...] | None) -> None:
+    """``logger.info(line(*values))`` (``values`` None: ``logger.info(line)``), for the lines
+    logged once per message or session; ``line`` is built only if it must be.
 
-    Same outcome as ``logger.info``, with less work per line: when the only handler the
-    record would reach is the farm's own log writer (no filter on the way, nothing else
-    attached; ``farm.logs`` registers it with :func:`set_direct_route`), the line goes
-    straight to it; while the writer batches, it checks that when it writes the batch, not
-    here (a line logged just before a handler is added elsewhere still reaches that handler,
-    through :func:`handle_info`, a batch later). Otherwise the record goes through
-    ``logger.handle()`` like any other, but it is a copy of a prepared one with the time set,
-    instead of one built by ``LogRecord.__init__`` (which also looks up the source file and
-    thread each time). A custom record factory (``logging.setLogRecordFactory``) is honoured:
-    then this is plain ``logger.info``.
+    Same outcome as ``logger.info``, with less work per line. While the farm's log writer
+    batches and is the only handler the record would reach (``farm.logs`` registers it with
+    :func:`set_direct_route`), the entry ``(time, logger, line, values)`` is queued on its
+    :class:`LineBatch`: the writer formats it (``line.text(head, values)`` for the engine's
+    lines) and checks the route when it writes the batch. Not batching, the line goes straight
+    to the writer when it is the only handler (no filter on the way, nothing else attached);
+    otherwise the record goes through ``logger.handle()`` like any other, but it is a copy of
+    a prepared one with the time set, instead of one built by ``LogRecord.__init__`` (which
+    also looks up the source file and thread each time). A custom record factory
+    (``logging.setLogRecordFactory``) is honoured: then this is plain ``logger.info``.
     """
     if logger.disabled:
         return
@@ -392,14 +471,31 @@ def log_info(logger: logging.Logger, message: Any) -> None:
         enabled = logger.isEnabledFor(_INFO)
     if not enabled:
         return
+    batch = _batch
+    if batch is not None:  # LineBatch.add, inline (twice per message)
+        lines = batch.lines
+        if len(lines) >= batch.limit:
+            batch.dropped += 1
+            return
+        lines.append((_now(), logger, line, values))
+        if not batch.scheduled:
+            batch.scheduled = True
+            batch.begin()
+        return
+    message = line if values is None else line(*values)
     handler = _direct_handler
-    if handler is not None and (_route_checked_later or reaches_only(logger, handler)):
+    if handler is not None and reaches_only(logger, handler):
         _direct_emit(logger, message, _now())
         return
     if logging.getLogRecordFactory() is not _LogRecord or logging._srcfile:
         logger.info(message)  # (the caller's file and line looked up, as asked)
         return
     handle_info(logger, message, _now())
+
+
+def log_info(logger: logging.Logger, message: Any) -> None:
+    """``logger.info(message)``, as :func:`log_fields` logs it."""
+    log_fields(logger, message, None)
 
 
 def reaches_only(logger: logging.Logger, handler: logging.Handler) -> bool:

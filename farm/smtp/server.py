@@ -57,7 +57,7 @@ from farm.smtp.limiter import (
     too_many_connections,
     too_much_mail,
 )
-from farm.smtp.logline import MessageLine, SessionLine, log_info
+from farm.smtp.logline import MessageLine, SessionLine, log_fields
 from farm.smtp.logline import peer_text as _peer_text
 from farm.smtp.mail_rcpt import parse_mail, parse_rcpt
 from farm.smtp.proxy import parse_networks, peer_trusted
@@ -815,8 +815,7 @@ class SMTP(asyncio.BufferedProtocol):
         if self.stats is not None:
             how = self._state.ended_how or ("error" if exc is not None else "disconnect")
             self.stats.ended[how] += 1
-        if log.isEnabledFor(logging.INFO):
-            SMTP._log_disconnect(self)
+        SMTP._log_disconnect(self)
         if self._closed_waiter is not None and not self._closed_waiter.done():
             self._closed_waiter.set_result(None)
         self.__dict__.pop("transport", None)  # back to the class's None (typed as set)
@@ -846,9 +845,10 @@ class SMTP(asyncio.BufferedProtocol):
         counts = self._counts
         if session is None:
             return
-        log_info(
+        log_fields(
             log,
-            SessionLine(
+            SessionLine,
+            (
                 session,
                 self._state.commands,
                 counts["accepted"],
@@ -1472,20 +1472,20 @@ class SMTP(asyncio.BufferedProtocol):
             stats.sizes.observe(size)
         for reply in replies:
             SMTP._reply(self, reply)
-        if log.isEnabledFor(logging.INFO):
-            log_info(
-                log,
-                MessageLine(
-                    self.session,
-                    self._counts["accepted"] + self._counts["rejected"],
-                    envelope.mail_from if envelope else None,
-                    len(envelope.rcpt_tos) if envelope else 0,
-                    size,
-                    status[:3],
-                    self.loop.time() - self._state.data_started,
-                    SMTP._message_notes(self, envelope) if envelope is not None else "",
-                ),
-            )
+        log_fields(
+            log,
+            MessageLine,
+            (
+                self.session,
+                self._counts["accepted"] + self._counts["rejected"],
+                envelope.mail_from if envelope else None,
+                len(envelope.rcpt_tos) if envelope else 0,
+                size,
+                status[:3],
+                self.loop.time() - self._state.data_started,
+                SMTP._message_notes(self, envelope) if envelope is not None else "",
+            ),
+        )
 
     def _message_notes(self, envelope: Envelope) -> str:
         """What the stages and the handler add to a message's log line (``" k=v ..."``)."""
