@@ -18,7 +18,10 @@ uncounted (an MX should not refuse mail because its own bookkeeping is full) and
 logged.
 
 Per connection, one look at the table: the admission (which also leases one message of the
-client's rate along with the session). A session's end is noted by its worker and taken off
+client's rate along with the session); a session that sends more leases up to
+:data:`MESSAGE_LEASE` at a time (at most an eighth of the rate), one look per lease, and what
+it leaves unused comes back when it ends (meanwhile other sessions of the client may be
+refused a little early, never let past). A session's end is noted by its worker and taken off
 the table with that worker's next admission, under the same lock, or within
 :data:`CLOSE_DELAY` seconds; until then the count errs on the high side only.
 
@@ -40,7 +43,7 @@ from collections.abc import Callable
 from farm.limits import KEY_CACHE, UNKNOWN_CLIENT, ClientLimits, Limiter
 from farm.supervisor.shared_lock import SharedLock
 
-__all__ = ["PROBES", "TABLE_SLOTS", "AnvilTable", "SharedLimiter", "TableKey"]
+__all__ = ["MESSAGE_LEASE", "PROBES", "TABLE_SLOTS", "AnvilTable", "SharedLimiter", "TableKey"]
 
 log = logging.getLogger("farm.anvil")
 
@@ -60,6 +63,8 @@ _COUNTS = struct.Struct("Q2d")
 #: (which does it at once, under the same lock) comes first. Meanwhile the count is higher
 #: than the truth, never lower: a client is at worst refused a little early, never let past.
 CLOSE_DELAY = 0.05
+#: The most messages a session's MAIL leases from the table at a time (SharedLimiter).
+MESSAGE_LEASE = 8
 #: At most one "table full" warning per this many seconds.
 WARN_INTERVAL = 10.0
 
@@ -311,6 +316,28 @@ class AnvilTable:
         finally:
             self._unlock()
 
+    def lease(self, key: TableKey, limits: ClientLimits, most: int) -> int:
+        """Take up to ``most`` messages from the client's bucket at once (as many as are
+        left, if fewer): how many were taken, 0 when none is left."""
+        limit = limits.messages_per_ip
+        if not limit:
+            return 1
+        now = self._clock()
+        self._lock()
+        try:
+            slot = self._find(key, limits, now)
+            if slot < 0:
+                self._overflow(now)
+                return 1  # (let through uncounted, one at a time)
+            base = slot * _WORDS
+            level = self._level(base, _MSG_TOKENS, _MSG_STAMP, limit, limits.interval, now)
+            taken = min(most, int(level))
+            if taken > 0:
+                self._floats[base + _MSG_TOKENS] = level - taken
+            return max(taken, 0)
+        finally:
+            self._unlock()
+
     def give_back_auth(self, key: TableKey, limits: ClientLimits) -> None:
         """A successful AUTH does not count."""
         limit = limits.auth_failures_per_ip
@@ -409,8 +436,12 @@ class SharedLimiter(Limiter):
         #: Limiter key -> table key (a plain dict lookup once known: no Python call).
         self._table_keys = _TableKeys()
         #: This worker's sessions per key: [the slot that counts them, open sessions,
-        #: messages leased with them and not used yet].
+        #: messages leased for them and not used yet].
         self._mine: dict[str, list[int]] = {}
+        #: Messages a session's MAIL takes from the table at a time, when its lease is used
+        #: up: one look at the table per this many messages of a long session (the rest comes
+        #: back when it ends). An eighth of the rate, at most MESSAGE_LEASE, at least one.
+        self._lease = min(MESSAGE_LEASE, max(1, limits.messages_per_ip // 8))
         #: Sessions closed but not yet taken off the table: {slot: sessions}, and the messages
         #: leased with them and not used: {slot: messages} (see AnvilTable.open_session).
         self._closed: dict[int, int] = {}
@@ -445,10 +476,11 @@ class SharedLimiter(Limiter):
         still_open -= 1
         closed = self._closed
         closed[slot] = closed.get(slot, 0) + 1
-        if leased > still_open:  # at most one lease per open session: the rest goes back
+        kept = still_open * self._lease  # at most a lease per open session: the rest goes back
+        if leased > kept:
             unused = self._unused
-            unused[slot] = unused.get(slot, 0) + leased - still_open
-            leased = still_open
+            unused[slot] = unused.get(slot, 0) + leased - kept
+            leased = kept
         if still_open > 0:
             mine[1] = still_open
             mine[2] = leased
@@ -470,10 +502,16 @@ class SharedLimiter(Limiter):
 
     def count_message(self, key: str) -> bool:
         mine = self._mine.get(key)
-        if mine is not None and mine[2] > 0:  # a message leased with a session
+        if mine is None:  # (no session of this worker holds the key: one message)
+            return self.table.take(self._table_keys[key], self._limits)
+        if mine[2] > 0:  # a message leased for the key's sessions
             mine[2] -= 1
             return True
-        return self.table.take(self._table_keys[key], self._limits)
+        taken = self.table.lease(self._table_keys[key], self._limits, self._lease)
+        if taken <= 0:
+            return False
+        mine[2] = taken - 1
+        return True
 
     def auth_allowed(self, key: str) -> bool:
         return self.table.take(self._table_keys[key], self.limits, auth=True)

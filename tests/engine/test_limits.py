@@ -324,8 +324,10 @@ def test_unknown_command_limit(make_controller: Any, handler: Any) -> None:
     client.close()
 
 
-def test_messages_never_exceed_the_farm_wide_limit() -> None:
-    """Two forked processes (as two workers) taking messages from one shared table at once."""
+@pytest.mark.parametrize("in_session", [False, True])
+def test_messages_never_exceed_the_farm_wide_limit(in_session: bool) -> None:
+    """Two forked processes (as two workers) taking messages from one shared table at once
+    (``in_session``: within a session each, whose MAILs lease several at a time)."""
     from farm.supervisor.anvil import AnvilTable, SharedLimiter
 
     limits = ClientLimits(sessions_per_ip=0, messages_per_ip=100, exempt_networks=())
@@ -339,6 +341,8 @@ def test_messages_never_exceed_the_farm_wide_limit() -> None:
             code = 1
             try:
                 limiter = SharedLimiter(limits, table, region)
+                if in_session:
+                    assert limiter.open_session("192.0.2.1")
                 taken = sum([limiter.count_message("192.0.2.1") for _ in range(150)])
                 os.write(write_end, str(taken).encode())
                 code = 0

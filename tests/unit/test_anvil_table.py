@@ -132,6 +132,31 @@ def test_a_message_leased_with_a_session_comes_back_unused() -> None:
     assert not ask(first.count_message("192.0.2.1"))
 
 
+def test_a_long_session_leases_messages_and_gives_back_what_it_did_not_use() -> None:
+    """Past the message leased with its session, a session's MAILs take MESSAGE_LEASE
+    messages at a time (an eighth of the rate here); what it leaves unused comes back."""
+    key = "192.0.2.1"
+    table = AnvilTable(clock=FakeClock())  # (no refill while the test runs)
+    first, second = (limiter(table, messages_per_ip=64, interval=3600.0) for _ in range(2))
+    assert ask(first.open_session(key))  # leases 1: 63 left in the table
+    assert ask(first.count_message(key))  # its lease
+    assert ask(first.count_message(key))  # leases 8: 55 left, 7 held by `first`
+    assert ask(second.open_session(key))  # (another worker) leases 1: 54 left
+    assert sum(ask(second.count_message(key)) for _ in range(60)) == 55  # 1 + 54, no more
+    first.close_session(key)  # its 7 unused come back (no event loop: at once)
+    assert sum(ask(second.count_message(key)) for _ in range(10)) == 7
+
+
+def test_a_small_rate_is_leased_one_message_at_a_time() -> None:
+    key = "192.0.2.1"
+    table = AnvilTable(clock=FakeClock())
+    first, second = (limiter(table, messages_per_ip=4, interval=3600.0) for _ in range(2))
+    assert ask(first.open_session(key)) and ask(second.open_session(key))  # 1 each: 2 left
+    assert ask(first.count_message(key)) and ask(first.count_message(key))  # its own, then 1
+    assert ask(second.count_message(key)) and ask(second.count_message(key))  # the same
+    assert not ask(first.count_message(key)) and not ask(second.count_message(key))
+
+
 @pytest.mark.parametrize("kind", ["mutex", "fcntl"])
 def test_the_lock_survives_its_holder_killed(kind: str) -> None:
     from farm.supervisor.shared_lock import SharedLock
