@@ -36,6 +36,7 @@ import stat
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from farm.smtp.logline import (
@@ -100,9 +101,12 @@ def _second(second: int) -> tuple[str, str, str]:
     return text, text.replace(" ", "T"), f"{offset[:3]}:{offset[3:]}" if len(offset) == 5 else "Z"
 
 
-#: The lines that format themselves after a head (``line.text(head, values)``), never
-#: unprintable.
-_HEADED = frozenset({MessageLine, SessionLine})
+#: The lines that format themselves after a head, never unprintable: kind -> its
+#: ``text(head, values)`` (a staticmethod looked up on its class costs a full lookup each time).
+_HEADED: dict[type, Callable[[str, tuple[Any, ...]], str]] = {
+    MessageLine: MessageLine.text,
+    SessionLine: SessionLine.text,
+}
 
 #: ``",000"`` to ``",999"``: the milliseconds of a text timestamp, formatted once.
 _MILLIS = tuple(f",{ms:03d}" for ms in range(1000))
@@ -329,7 +333,7 @@ class LogWriter(logging.Handler):
             try:
                 if values is not None:
                     if message in _HEADED:  # (always printable)
-                        append(message.text(head, values))
+                        append(_HEADED[message](head, values))
                         continue
                     message = message(*values)
                 text = str(message)

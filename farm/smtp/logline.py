@@ -179,8 +179,9 @@ class MessageLine(_StageFields):
             peer = session.log_peer or _peer_and_via(session)
         except AttributeError:  # (a handler's own session class)
             peer = _peer_and_via(session)
-        token = _senders.get(sender) if type(sender) is str else None
-        if token is None:
+        try:
+            token = _senders[sender]
+        except (KeyError, TypeError):
             token = _sender_token(sender)
         if outcome not in _words:
             outcome = _token(outcome)
@@ -246,8 +247,9 @@ class SessionLine(_StageFields):
         except AttributeError:  # (a handler's own session class)
             peer = _peer_and_via(session)
         helo = session.host_name
-        token = _helos.get(helo) if type(helo) is str else None
-        if token is None:
+        try:
+            token = _helos[helo]
+        except (KeyError, TypeError):
             token = _helo_token(helo)
         if end not in _words:
             end = _token(end)

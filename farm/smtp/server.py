@@ -815,7 +815,8 @@ class SMTP(asyncio.BufferedProtocol):
         if self.stats is not None:
             how = self._state.ended_how or ("error" if exc is not None else "disconnect")
             self.stats.ended[how] += 1
-        SMTP._log_disconnect(self)
+        if log.isEnabledFor(logging.INFO):
+            SMTP._log_disconnect(self)
         if self._closed_waiter is not None and not self._closed_waiter.done():
             self._closed_waiter.set_result(None)
         self.__dict__.pop("transport", None)  # back to the class's None (typed as set)
@@ -1472,20 +1473,21 @@ class SMTP(asyncio.BufferedProtocol):
             stats.sizes.observe(size)
         for reply in replies:
             SMTP._reply(self, reply)
-        log_fields(
-            log,
-            MessageLine,
-            (
-                self.session,
-                self._counts["accepted"] + self._counts["rejected"],
-                envelope.mail_from if envelope else None,
-                len(envelope.rcpt_tos) if envelope else 0,
-                size,
-                status[:3],
-                self.loop.time() - self._state.data_started,
-                SMTP._message_notes(self, envelope) if envelope is not None else "",
-            ),
-        )
+        if log.isEnabledFor(logging.INFO):  # (nothing to work out for it otherwise)
+            log_fields(
+                log,
+                MessageLine,
+                (
+                    self.session,
+                    self._counts["accepted"] + self._counts["rejected"],
+                    envelope.mail_from if envelope else None,
+                    len(envelope.rcpt_tos) if envelope else 0,
+                    size,
+                    status[:3],
+                    self.loop.time() - self._state.data_started,
+                    SMTP._message_notes(self, envelope) if envelope is not None else "",
+                ),
+            )
 
     def _message_notes(self, envelope: Envelope) -> str:
         """What the stages and the handler add to a message's log line (``" k=v ..."``)."""
