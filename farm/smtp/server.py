@@ -598,16 +598,22 @@ class SMTP(asyncio.BufferedProtocol):
         self._limit_key = key
         return True
 
-    async def _mail_allowed(self) -> bool:
-        """The client's message rate (``limiter``): False after replying 450."""
+    def _mail_allowed(self) -> bool | Awaitable[bool]:
+        """The client's message rate (``limiter``): False after replying 450; now when the
+        limiter answers at once (no coroutine per MAIL), else an awaitable of it."""
         key = self._limit_key
         limiter: ClientLimiter = self._limiter
         if key is None or not limiter.counts_messages:
             return True
         allowed = limiter.count_message(key)
-        if allowed is True or (allowed is not False and await allowed):
+        if allowed is True:
             return True
-        return self._rate_refused("messages", key)
+        if allowed is False:
+            return SMTP._rate_refused(self, "messages", key)
+        return self._mail_allowed_awaited(key, allowed)
+
+    async def _mail_allowed_awaited(self, key: str, answer: Awaitable[bool]) -> bool:
+        return True if await answer else SMTP._rate_refused(self, "messages", key)
 
     def _rate_refused(self, kind: str, key: str) -> bool:
         """The limiter refused a MAIL (``kind`` "messages") or AUTH ("auth"): log, count and
@@ -1658,8 +1664,10 @@ class SMTP(asyncio.BufferedProtocol):
             SMTP._reply(self, request)
             return
         address, mail_options, smtputf8 = request
-        if self._limit_key is not None and not await SMTP._mail_allowed(self):
-            return
+        if self._limit_key is not None:
+            allowed = SMTP._mail_allowed(self)
+            if allowed is not True and (allowed is False or not await allowed):
+                return
         envelope.smtp_utf8 = smtputf8
         self._state.data_started = self.loop.time()
         if self._stages is not None and self._stages.on_mail:
