@@ -4,7 +4,7 @@ Usage: ``PYTHONPATH=TREE python benchmarks/log_path.py [--messages N] [--format 
 [--part PART]`` (``TREE``: the checkout whose ``farm`` to measure)
 
 Logs ``N`` messages' two lines (a ``MessageLine`` and a ``SessionLine`` of distinct sessions,
-through ``log_info`` into ``farm.logs``' writer, batching as in a worker) to ``/dev/null``,
+through ``log_fields`` into ``farm.logs``' writer, batching as in a worker) to ``/dev/null``,
 flushed every 300 messages. ``--part``: ``all`` (the default), ``hot`` (log and queue the lines,
 never format or write them), ``none`` (everything but the logging: the baseline to subtract).
 Meant for callgrind, whose instruction counts do not move with the machine's load::

@@ -396,13 +396,13 @@ class LogWriter(logging.Handler):
         self._route_direct()
 
     def route_direct(self) -> None:
-        """Take ``log_info``'s direct lines from now on (``configure_logging``'s writer)."""
+        """Take ``log_fields``' direct lines from now on (``configure_logging``'s writer)."""
         self._direct = True
         self._route_direct()
 
     def _route_direct(self) -> None:
-        """Tell ``log_info`` who checks the direct route: this writer per batch while it
-        batches, ``log_info`` per line otherwise."""
+        """Tell ``log_fields`` who checks the direct route: this writer per batch while it
+        batches, ``log_fields`` per line otherwise."""
         if self._direct:
             set_direct_route(self, self.emit_direct, self._batch if self._batching else None)
 

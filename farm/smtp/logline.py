@@ -385,12 +385,12 @@ def _text(value: Any) -> str:
 _LogRecord = logging.LogRecord
 _now = time.time
 _new_record = _LogRecord.__new__
-#: The attributes every record of :func:`log_info` shares (what ``LogRecord()`` computes).
+#: The attributes every record of :func:`log_fields` shares (what ``LogRecord()`` computes).
 _RECORD_DEFAULTS = dict(_LogRecord("", logging.INFO, "(unknown file)", 0, "", (), None).__dict__)
 
 
 _INFO = logging.INFO
-#: A handler that may take these lines straight, and how (see :func:`log_info`).
+#: A handler that may take these lines straight, and how (see :func:`log_fields`).
 _direct_handler: logging.Handler | None = None
 _direct_emit: Callable[[logging.Logger, Any, float], None] = print
 
@@ -436,7 +436,7 @@ _batch: LineBatch | None = None
 def set_direct_route(
     handler: logging.Handler | None, emit: Any = None, batch: LineBatch | None = None
 ) -> None:
-    """Let :func:`log_info` hand lines to ``emit(logger, message, time)`` whenever ``handler``
+    """Let :func:`log_fields` hand lines to ``emit(logger, message, time)`` whenever ``handler``
     is the only thing standard logging would give them to (None: never). ``batch``: the
     handler's :class:`LineBatch` while it batches; then lines are queued there as they are,
     and the handler checks their route when it writes them, handing those that would reach
@@ -526,7 +526,7 @@ def reaches_only(logger: logging.Logger, handler: logging.Handler) -> bool:
 
 def handle_info(logger: logging.Logger, message: Any, created: float) -> None:
     """An INFO record of ``message`` logged at ``created``, through ``logger.handle()`` (its
-    filters and every handler it reaches), built as :func:`log_info` says."""
+    filters and every handler it reaches), built as :func:`log_fields` says."""
     if logging.getLogRecordFactory() is not _LogRecord:  # (a custom factory makes it)
         record = logger.makeRecord(logger.name, _INFO, "(unknown file)", 0, message, (), None)
         attributes = record.__dict__

@@ -297,31 +297,20 @@ class AnvilTable:
 
     def take(self, key: TableKey, limits: ClientLimits, auth: bool = False) -> bool:
         """Take one message (or, with ``auth``, one AUTH attempt) from the client's bucket."""
-        limit = limits.auth_failures_per_ip if auth else limits.messages_per_ip
-        if not limit:
-            return True
-        tokens, stamp = (_AUTH_TOKENS, _AUTH_STAMP) if auth else (_MSG_TOKENS, _MSG_STAMP)
-        now = self._clock()
-        self._lock()
-        try:
-            slot = self._find(key, limits, now)
-            if slot < 0:
-                self._overflow(now)
-                return True
-            base = slot * _WORDS
-            if self._level(base, tokens, stamp, limit, limits.interval, now) < 1:
-                return False
-            self._floats[base + tokens] -= 1
-            return True
-        finally:
-            self._unlock()
+        return self._take_tokens(key, limits, auth, 1) > 0
 
     def lease(self, key: TableKey, limits: ClientLimits, most: int) -> int:
         """Take up to ``most`` messages from the client's bucket at once (as many as are
         left, if fewer): how many were taken, 0 when none is left."""
-        limit = limits.messages_per_ip
+        return self._take_tokens(key, limits, False, most)
+
+    def _take_tokens(self, key: TableKey, limits: ClientLimits, auth: bool, most: int) -> int:
+        """Up to ``most`` from a bucket; 1 when the client is not counted (no such limit, or
+        no slot for it)."""
+        limit = limits.auth_failures_per_ip if auth else limits.messages_per_ip
         if not limit:
             return 1
+        tokens, stamp = (_AUTH_TOKENS, _AUTH_STAMP) if auth else (_MSG_TOKENS, _MSG_STAMP)
         now = self._clock()
         self._lock()
         try:
@@ -330,11 +319,12 @@ class AnvilTable:
                 self._overflow(now)
                 return 1  # (let through uncounted, one at a time)
             base = slot * _WORDS
-            level = self._level(base, _MSG_TOKENS, _MSG_STAMP, limit, limits.interval, now)
+            level = self._level(base, tokens, stamp, limit, limits.interval, now)
             taken = min(most, int(level))
-            if taken > 0:
-                self._floats[base + _MSG_TOKENS] = level - taken
-            return max(taken, 0)
+            if taken <= 0:
+                return 0
+            self._floats[base + tokens] = level - taken
+            return taken
         finally:
             self._unlock()
 

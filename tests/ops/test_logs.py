@@ -25,7 +25,8 @@ from typing import Any
 import pytest
 
 from farm.logs import JSONFormatter, LogWriter, TextFormatter, configure_logging, reopen_log_file
-from farm.smtp.logline import MessageLine, SessionLine, log_info, quote
+from farm.smtp.logline import MessageLine, SessionLine, log_fields, log_info, quote
+from farm.smtp.session import Session
 from farm.supervisor.privileges import drop_privileges, resolve_user
 from tests.support.client import SMTPClient, send_message
 from tests.support.farms import run_smtp_source, serve_expecting_exit
@@ -179,8 +180,12 @@ def test_a_batch_takes_the_route_logging_would_when_it_is_written(tmp_path: Path
             def emit(self, record: logging.LogRecord) -> None:
                 seen.append(record)
 
+        session = Session(loop)
+        session.peer, session.id = ("192.0.2.7", 2525), "ab.1"
+        values = (session, 1, "a@x", 1, 5, "250", 0.001, "")
         try:
             log_info(smtp, "before the handler")  # queued: the route is checked when written
+            log_fields(smtp, MessageLine, values)  # queued as its values, built when needed
             log_info(dropped, "filtered out")
             smtp.addHandler(Keep())
             dropped.addFilter(lambda record: False)
@@ -191,16 +196,26 @@ def test_a_batch_takes_the_route_logging_would_when_it_is_written(tmp_path: Path
             loop.close()
         assert [(r.getMessage(), r.created < time.time()) for r in seen] == [
             ("before the handler", True),
+            (MESSAGE, True),
             ("after the handler", True),
         ]
+        assert isinstance(seen[1].msg, MessageLine) and seen[1].msg.values == values
         return ""
 
     assert in_child(body) == (0, "")
     lines = path.read_text().splitlines()
     assert [line.split(" farm.smtp: ", 1)[1] for line in lines] == [
         "before the handler",
+        MESSAGE,
         "after the handler",
     ]
+
+
+#: The text of the engine's line in the test above.
+MESSAGE = (
+    "session=ab.1 msg=ab.1.1 peer=192.0.2.7:2525 from=<a@x> rcpts=1 size=5 outcome=250 "
+    "duration=0.001s"
+)
 
 
 async def wait_for_async(condition: Any, timeout: float) -> None:
