@@ -191,7 +191,7 @@ class MessageLine(_StageFields):
         # instructions, the lookup costs a third of that; so with counts (~700 for an int).
         ms = int(duration * 1000 + 0.5)
         took = _MILLISECONDS[ms] if 0 <= ms < 1000 else f"{duration:.3f}"
-        if n < 1000:
+        if n < 1000:  # (counts are never negative)
             n = _COUNTS[n]
         if rcpts < 1000:
             rcpts = _COUNTS[rcpts]
@@ -257,7 +257,7 @@ class SessionLine(_StageFields):
             checks = printable(checks)
         ms = int(duration * 1000 + 0.5)  # (as MessageLine's)
         took = _MILLISECONDS[ms] if 0 <= ms < 1000 else f"{duration:.3f}"
-        counts = _COUNTS
+        counts = _COUNTS  # (as MessageLine's)
         if commands < 1000:
             commands = counts[commands]
         if accepted < 1000:

@@ -428,15 +428,23 @@ class SharedLimiter(Limiter):
         #: This worker's sessions per key: [the slot that counts them, open sessions,
         #: messages leased for them and not used yet].
         self._mine: dict[str, list[int]] = {}
-        #: Messages a session's MAIL takes from the table at a time, when its lease is used
-        #: up: one look at the table per this many messages of a long session (the rest comes
-        #: back when it ends). An eighth of the rate, at most MESSAGE_LEASE, at least one.
-        self._lease = min(MESSAGE_LEASE, max(1, limits.messages_per_ip // 8))
         #: Sessions closed but not yet taken off the table: {slot: sessions}, and the messages
         #: leased with them and not used: {slot: messages} (see AnvilTable.open_session).
         self._closed: dict[int, int] = {}
         self._unused: dict[int, int] = {}
         self._flush_timer: asyncio.TimerHandle | None = None
+
+    @property
+    def limits(self) -> ClientLimits:
+        return self._limits
+
+    @limits.setter
+    def limits(self, limits: ClientLimits) -> None:
+        Limiter.limits.fset(self, limits)  # type: ignore[attr-defined]
+        #: Messages a session's MAIL takes from the table at a time, when its lease is used
+        #: up: one look at the table per this many messages of a long session (the rest comes
+        #: back when it ends). An eighth of the rate, at most MESSAGE_LEASE, at least one.
+        self._lease = min(MESSAGE_LEASE, max(1, limits.messages_per_ip // 8))
 
     # The table answers at once: plain methods, no coroutine (farm.smtp.limiter's Answer).
 
