@@ -163,10 +163,6 @@ class MessageLine(_StageFields):
     def __str__(self) -> str:
         return MessageLine.text("", self.values)
 
-    def after(self, prefix: str) -> str:
-        """``prefix`` followed by the line's text (one string built, not two)."""
-        return MessageLine.text(prefix, self.values)
-
     @staticmethod
     def text(prefix: str, values: tuple[Any, ...]) -> str:
         """``prefix`` followed by the text of the line of ``values`` (the writer formats a
@@ -175,10 +171,7 @@ class MessageLine(_StageFields):
         # looked up in the caches of recent ones (twice per message), small counts in a table.
         session, n, sender, rcpts, size, outcome, duration, checks = values
         sid = session.id
-        try:
-            peer = session.log_peer or _peer_and_via(session)
-        except AttributeError:  # (a handler's own session class)
-            peer = _peer_and_via(session)
+        peer = _peer_and_via(session)
         try:
             token = _senders[sender]
         except (KeyError, TypeError):
@@ -234,18 +227,11 @@ class SessionLine(_StageFields):
     def __str__(self) -> str:
         return SessionLine.text("", self.values)
 
-    def after(self, prefix: str) -> str:
-        """``prefix`` followed by the line's text (one string built, not two)."""
-        return SessionLine.text(prefix, self.values)
-
     @staticmethod
     def text(prefix: str, values: tuple[Any, ...]) -> str:
         """As :meth:`MessageLine.text` (once per session)."""
         session, commands, accepted, rejected, size, end, duration, checks = values
-        try:
-            peer = session.log_peer or _peer_and_via(session)
-        except AttributeError:  # (a handler's own session class)
-            peer = _peer_and_via(session)
+        peer = _peer_and_via(session)
         helo = session.host_name
         try:
             token = _helos[helo]
