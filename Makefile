@@ -6,34 +6,45 @@ STAMP := $(VENV)/.installed
 # aiosmtpd's own test suite runs against farm from a virtual environment of its own.
 COMPAT_VENV ?= .venv-compat
 COMPAT_STAMP := $(COMPAT_VENV)/.installed
+# The modules mypyc compiles (farm/compiled.py), rebuilt in place whenever one changes: an
+# extension module is imported before the .py beside it.
+COMPILED_SOURCES := $(shell sed -n 's/^    "\(farm\/.*\.py\)",$$/\1/p' farm/compiled.py)
+BUILT := $(VENV)/.built
 
-.PHONY: run test test-fast test-slow compat fuzz bench bench-relay bench-checks lint venv clean
+.PHONY: run test test-fast test-slow compat fuzz bench bench-relay bench-checks lint venv build clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[test,bench]'
-	touch $(STAMP)
+	touch $(STAMP) $(BUILT)
 
 venv: $(STAMP)
 
+## Compile farm/compiled.py's modules again after an edit (make test, run and bench do it).
+$(BUILT): $(COMPILED_SOURCES) farm/compiled.py | $(STAMP)
+	$(BIN)/pip install -q --no-deps -e .
+	touch $(BUILT)
+
+build: $(BUILT)
+
 ## Run the farm: 2 workers on 127.0.0.1:8025 printing every message, metrics on :9125.
-run: $(STAMP)
+run: $(BUILT)
 	$(BIN)/python -m farm serve --bind 127.0.0.1:8025 --workers 2 --handler farm.handlers:Debugging --metrics 127.0.0.1:9125
 
 ## The whole suite, the long load/chaos tests included, then aiosmtpd's own suite against farm.
-test: $(STAMP) $(COMPAT_STAMP)
+test: $(BUILT) $(COMPAT_STAMP)
 	$(BIN)/python -m pytest -q
 	$(COMPAT_VENV)/bin/python tests/compat/run.py
 
 ## Everything but the tests marked slow.
-test-fast: $(STAMP)
+test-fast: $(BUILT)
 	$(BIN)/python -m pytest -q -m "not slow"
 
-test-slow: $(STAMP)
+test-slow: $(BUILT)
 	$(BIN)/python -m pytest -q -m slow
 
-$(COMPAT_STAMP): pyproject.toml tests/compat/requirements.txt
+$(COMPAT_STAMP): pyproject.toml setup.py tests/compat/requirements.txt
 	$(PYTHON) -m venv $(COMPAT_VENV)
 	$(COMPAT_VENV)/bin/pip install -q --upgrade pip
 	$(COMPAT_VENV)/bin/pip install -q -r tests/compat/requirements.txt
@@ -45,25 +56,26 @@ compat: $(COMPAT_STAMP)
 	$(COMPAT_VENV)/bin/python tests/compat/run.py
 
 ## Fuzz the framer and the engine: FARM_FUZZ_EXAMPLES inputs per target (the suite runs 200).
-fuzz: $(STAMP)
+fuzz: $(BUILT)
 	FARM_FUZZ_EXAMPLES=$${FARM_FUZZ_EXAMPLES:-100000} $(BIN)/python -m pytest -q -m fuzz \
 		--timeout=0 --hypothesis-show-statistics tests/unit/test_fuzz.py
 
-bench: $(STAMP)
+bench: $(BUILT)
 	$(BIN)/python benchmarks/run.py
 
 ## Relay throughput: smtp-source -> smtp-sink directly vs through farm serve (farm.relay:Relay).
-bench-relay: $(STAMP)
+bench-relay: $(BUILT)
 	$(BIN)/python benchmarks/relay.py
 
 ## CPU per message of the mail checks (screening, SPF, DKIM, ARC, DMARC), DNS from a local unbound.
-bench-checks: $(STAMP)
+bench-checks: $(BUILT)
 	$(BIN)/python benchmarks/checks.py
 
 lint: $(STAMP)
-	$(BIN)/ruff check farm tests benchmarks
-	$(BIN)/ruff format --check farm tests benchmarks
+	$(BIN)/ruff check farm tests benchmarks setup.py
+	$(BIN)/ruff format --check farm tests benchmarks setup.py
 	$(BIN)/mypy
 
 clean:
 	rm -rf $(VENV) $(COMPAT_VENV) .pytest_cache build *.egg-info
+	find farm -name '*.so' -delete; rm -f farm_compiled__mypyc*.so

@@ -338,6 +338,10 @@ class Limiter:
         self._limits = limits
         self.counts_messages = bool(limits.messages_per_ip)
         self.counts_auth = bool(limits.auth_failures_per_ip)
+        self._limits_changed(limits)
+
+    def _limits_changed(self, limits: ClientLimits) -> None:
+        """Subclasses keep what they derive from the limits in step (here: nothing)."""
 
 
 class LocalLimiter(Limiter):

@@ -186,7 +186,9 @@ class _Line:
     levelname = "INFO"
     levelno = logging.INFO
     args = ()
-    exc_info = exc_text = stack_info = None
+    exc_info = None
+    exc_text = None
+    stack_info = None
 
     def __init__(self, name: str, msg: Any, created: float) -> None:
         self.name = name
@@ -210,7 +212,7 @@ class LogWriter(logging.Handler):
         super().__init__()
         self.fd = fd
         self._batch = LineBatch(self._schedule, MAX_BUFFERED_LINES)
-        self._thread: threading.Thread | None = None
+        self._flusher_thread: threading.Thread | None = None
         #: Loop mode: the event loop whose timer flushes, and its thread's id.
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread = 0
@@ -383,12 +385,12 @@ class LogWriter(logging.Handler):
             return
         self._stopping = False
         thread = threading.Thread(target=self._run, name="farm-log-flusher", daemon=True)
-        self._thread = thread
+        self._flusher_thread = thread
         self._batching = True  # before it runs: lines logged from now on are queued
         try:
             thread.start()
         except RuntimeError as error:  # no thread to spare (RLIMIT_NPROC, memory): unbatched
-            self._thread = None
+            self._flusher_thread = None
             self._batching = False
             logging.getLogger("farm.logs").warning(
                 "log lines written one by one: cannot start the flusher thread (%s)", error
@@ -408,7 +410,7 @@ class LogWriter(logging.Handler):
 
     def stop_batching(self, timeout: float = 1.0) -> None:
         """Write what is queued and go back to writing each line at once."""
-        thread = self._thread
+        thread = self._flusher_thread
         if thread is not None:
             self._stopping = True
             self._wake.set()
@@ -416,7 +418,7 @@ class LogWriter(logging.Handler):
                 thread.join(timeout)
         self._batching = False
         self._route_direct()
-        self._thread = None
+        self._flusher_thread = None
         self._loop = None
         self.flush()
 
@@ -494,7 +496,7 @@ def configure_logging(
         raise ValueError(f"log_format must be one of {FORMATS}, not {log_format!r}")
     if log_file:
         _redirect_stderr(open_log_file(log_file, owner))
-    logging._srcfile = None  # type: ignore[attr-defined]  # no caller lookup per record
+    logging._srcfile = None  # no caller lookup per record
     logging.logThreads = False
     logging.logProcesses = False  # the formatters know the pid
     logging.logMultiprocessing = False

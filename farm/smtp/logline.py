@@ -143,7 +143,17 @@ class MessageLine(_StageFields):
     __slots__ = ()
     event = "message"
     always_printable = True
-    names = ("session", "msg", "peer", "client", "from", "rcpts", "size", "outcome", "duration")
+    names: tuple[str, ...] = (
+        "session",
+        "msg",
+        "peer",
+        "client",
+        "from",
+        "rcpts",
+        "size",
+        "outcome",
+        "duration",
+    )
 
     def fields(self) -> tuple[Any, ...]:
         session, n, sender, rcpts, size, outcome, duration, _ = self.values
@@ -201,7 +211,7 @@ class SessionLine(_StageFields):
     __slots__ = ()
     event = "session"
     always_printable = True
-    names = (
+    names: tuple[str, ...] = (
         "session",
         "peer",
         "client",

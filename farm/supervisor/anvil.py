@@ -175,7 +175,7 @@ class AnvilTable:
         """Refill a bucket to ``now``; its tokens."""
         floats = self._floats
         last = floats[base + stamp]
-        level: float = limit
+        level: float = float(limit)
         if last:
             refilled = floats[base + tokens] + (now - last) * limit / interval
             if refilled < limit:
@@ -242,7 +242,7 @@ class AnvilTable:
             if not limit:
                 self._words[slot * _WORDS + _SESSIONS] = sessions + 1
                 return slot, False
-            level: float = limit
+            level: float = float(limit)
             if last:
                 refilled = tokens + (now - last) * limit / limits.interval
                 if refilled < limit:
@@ -434,13 +434,7 @@ class SharedLimiter(Limiter):
         self._unused: dict[int, int] = {}
         self._flush_timer: asyncio.TimerHandle | None = None
 
-    @property
-    def limits(self) -> ClientLimits:
-        return self._limits
-
-    @limits.setter
-    def limits(self, limits: ClientLimits) -> None:
-        Limiter.limits.fset(self, limits)  # type: ignore[attr-defined]
+    def _limits_changed(self, limits: ClientLimits) -> None:
         #: Messages a session's MAIL takes from the table at a time, when its lease is used
         #: up: one look at the table per this many messages of a long session (the rest comes
         #: back when it ends). An eighth of the rate, at most MESSAGE_LEASE, at least one.
