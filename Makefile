@@ -23,8 +23,9 @@ venv: $(STAMP)
 
 ## Compile farm/compiled.py's modules again after an edit (make test, run and bench do it).
 $(BUILT): $(COMPILED_SOURCES) farm/compiled.py | $(STAMP)
-	$(BIN)/pip install -q --no-deps -e .
-	touch $(BUILT)
+	@# (a venv just made was built with them: nothing newer, nothing to do)
+	@if [ ! -e $(BUILT) ] || [ -n "$$(find $^ -newer $(BUILT))" ]; then \
+		echo "compiling farm/compiled.py's modules"; $(BIN)/pip install -q --no-deps -e . && touch $(BUILT); fi
 
 build: $(BUILT)
 
