@@ -22,27 +22,27 @@ $(STAMP): pyproject.toml setup.py
 venv: $(STAMP)
 
 ## Compile farm/compiled.py's modules again after an edit (make test, run and bench do it).
-$(BUILT): $(COMPILED_SOURCES) farm/compiled.py | $(STAMP)
-	@# (a venv just made was built with them: nothing newer, nothing to do)
-	@if [ ! -e $(BUILT) ] || [ -n "$$(find $^ -newer $(BUILT))" ]; then \
+## A venv just made was built with them: nothing newer, nothing to do; an install with
+## FARM_PURE_PYTHON=1 since removed them: built again, unless that is still set.
+build: | $(STAMP)
+	@if [ ! -e $(BUILT) ] || [ -n "$$(find $(COMPILED_SOURCES) farm/compiled.py -newer $(BUILT))" ] || \
+		{ [ -z "$$FARM_PURE_PYTHON" ] && ! ls farm_compiled__mypyc.*.so >/dev/null 2>&1; }; then \
 		echo "compiling farm/compiled.py's modules"; $(BIN)/pip install -q --no-deps -e . && touch $(BUILT); fi
 
-build: $(BUILT)
-
 ## Run the farm: 2 workers on 127.0.0.1:8025 printing every message, metrics on :9125.
-run: $(BUILT)
+run: build
 	$(BIN)/python -m farm serve --bind 127.0.0.1:8025 --workers 2 --handler farm.handlers:Debugging --metrics 127.0.0.1:9125
 
 ## The whole suite, the long load/chaos tests included, then aiosmtpd's own suite against farm.
-test: $(BUILT) $(COMPAT_STAMP)
+test: build $(COMPAT_STAMP)
 	$(BIN)/python -m pytest -q
 	$(COMPAT_VENV)/bin/python tests/compat/run.py
 
 ## Everything but the tests marked slow.
-test-fast: $(BUILT)
+test-fast: build
 	$(BIN)/python -m pytest -q -m "not slow"
 
-test-slow: $(BUILT)
+test-slow: build
 	$(BIN)/python -m pytest -q -m slow
 
 $(COMPAT_STAMP): pyproject.toml setup.py tests/compat/requirements.txt
@@ -57,19 +57,19 @@ compat: $(COMPAT_STAMP)
 	$(COMPAT_VENV)/bin/python tests/compat/run.py
 
 ## Fuzz the framer and the engine: FARM_FUZZ_EXAMPLES inputs per target (the suite runs 200).
-fuzz: $(BUILT)
+fuzz: build
 	FARM_FUZZ_EXAMPLES=$${FARM_FUZZ_EXAMPLES:-100000} $(BIN)/python -m pytest -q -m fuzz \
 		--timeout=0 --hypothesis-show-statistics tests/unit/test_fuzz.py
 
-bench: $(BUILT)
+bench: build
 	$(BIN)/python benchmarks/run.py
 
 ## Relay throughput: smtp-source -> smtp-sink directly vs through farm serve (farm.relay:Relay).
-bench-relay: $(BUILT)
+bench-relay: build
 	$(BIN)/python benchmarks/relay.py
 
 ## CPU per message of the mail checks (screening, SPF, DKIM, ARC, DMARC), DNS from a local unbound.
-bench-checks: $(BUILT)
+bench-checks: build
 	$(BIN)/python benchmarks/checks.py
 
 lint: $(STAMP)
