@@ -2,7 +2,9 @@
 
 Usage: ``.venv/bin/python benchmarks/instructions.py [--profile production|nolog|nolimits|bare]
 [--messages N] [--workload per-conn|long]``; compare two trees by running it with ``PYTHONPATH``
-set to each (the tree's own ``farm`` is the one run).
+set to each (the tree's own ``farm`` is the one run). A tree must be built as the checkout is
+(``farm/compiled.py``'s modules compiled), or it runs them as Python: install a tree's build
+with ``pip install --no-deps --target DIR TREE`` and set ``PYTHONPATH=DIR``.
 
 CPU time on a shared 2-core machine moves by several percent between runs; the instructions a
 worker executes do not, so small changes to the per-message path can be measured here, on the
