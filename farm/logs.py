@@ -36,8 +36,7 @@ import stat
 import sys
 import threading
 import time
-from collections.abc import Callable
-from typing import Any
+from typing import Any, Final
 
 from farm.smtp.logline import (
     Fields,
@@ -65,11 +64,11 @@ __all__ = [
     "stop_batching",
 ]
 
-FORMATS = ("text", "json")
+FORMATS: Final = ("text", "json")
 #: A buffered line is written at most this many seconds after it was logged.
-FLUSH_INTERVAL = 0.1
+FLUSH_INTERVAL: Final = 0.1
 #: Lines a worker may hold unwritten (about 8 MiB); lines beyond are dropped (and counted).
-MAX_BUFFERED_LINES = 40_000
+MAX_BUFFERED_LINES: Final = 40_000
 
 log = logging.getLogger("farm.logs")
 
@@ -101,15 +100,8 @@ def _second(second: int) -> tuple[str, str, str]:
     return text, text.replace(" ", "T"), f"{offset[:3]}:{offset[3:]}" if len(offset) == 5 else "Z"
 
 
-#: The lines that format themselves after a head, never unprintable: kind -> its
-#: ``text(head, values)`` (a staticmethod looked up on its class costs a full lookup each time).
-_HEADED: dict[type, Callable[[str, tuple[Any, ...]], str]] = {
-    MessageLine: MessageLine.text,
-    SessionLine: SessionLine.text,
-}
-
 #: ``",000"`` to ``",999"``: the milliseconds of a text timestamp, formatted once.
-_MILLIS = tuple(f",{ms:03d}" for ms in range(1000))
+_MILLIS: Final = tuple(f",{ms:03d}" for ms in range(1000))
 
 
 class TextFormatter(logging.Formatter):
@@ -334,8 +326,13 @@ class LogWriter(logging.Handler):
                 head = f"{_second(second)[0]}{_MILLIS[milli]} INFO [{_pid}] {logger.name}: "
             try:
                 if values is not None:
-                    if message in _HEADED:  # (always printable)
-                        append(_HEADED[message](head, values))
+                    # The engine's lines format themselves after the head (never unprintable;
+                    # compiled, each is a direct call).
+                    if message is MessageLine:
+                        append(MessageLine.text(head, values))
+                        continue
+                    if message is SessionLine:
+                        append(SessionLine.text(head, values))
                         continue
                     message = message(*values)
                 text = str(message)

@@ -21,10 +21,10 @@ import logging
 import re
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Final
 
 #: When logging was imported (its private ``_startTime``, which typeshed does not declare).
-_LOGGING_STARTED: float = vars(logging)["_startTime"]
+_LOGGING_STARTED: Final[float] = vars(logging)["_startTime"]
 
 __all__ = [
     "Fields",
@@ -42,7 +42,7 @@ __all__ = [
 ]
 
 #: Printable ASCII except space, ``"`` and ``\``: safe to log bare.
-_BARE = re.compile(r"[!#-\[\]-~]+").fullmatch
+_BARE: Final = re.compile(r"[!#-\[\]-~]+").fullmatch
 
 
 def _escaped_char(char: str) -> str:
@@ -270,9 +270,9 @@ class SessionLine(_StageFields):
 #: The texts of durations under a second by their milliseconds, ``"0.000"`` to ``"0.999"``
 #: (the same as ``f"{seconds:.3f}"``, rounded to the nearest millisecond): looked up, not
 #: formatted, on every line.
-_MILLISECONDS = tuple(f"0.{ms:03d}" for ms in range(1000))
+_MILLISECONDS: Final = tuple(f"0.{ms:03d}" for ms in range(1000))
 #: The texts of the counts 0 to 999 (messages, recipients, commands of a session).
-_COUNTS = tuple(str(count) for count in range(1000))
+_COUNTS: Final = tuple(str(count) for count in range(1000))
 
 
 #: Recent values from clients and their log tokens (peer host -> ``"host:"``, MAIL FROM
@@ -280,13 +280,13 @@ _COUNTS = tuple(str(count) for count in range(1000))
 #: a line looks them up instead of checking and quoting them again. Each is emptied when it
 #: reaches :data:`_CACHE_SIZE` entries, and keeps no value longer than :data:`_CACHE_LONGEST`
 #: (bounded memory whatever the clients send).
-_hosts: dict[Any, str] = {}
-_senders: dict[Any, str] = {}
-_helos: dict[Any, str] = {}
+_hosts: Final[dict[Any, str]] = {}
+_senders: Final[dict[Any, str]] = {}
+_helos: Final[dict[Any, str]] = {}
 #: Words the engine chose (reply codes, how sessions ended) seen to be log tokens as they are.
-_words: set[str] = set()
-_CACHE_SIZE = 2048
-_CACHE_LONGEST = 256
+_words: Final[set[str]] = set()
+_CACHE_SIZE: Final = 2048
+_CACHE_LONGEST: Final = 256
 
 
 def _remember(cache: dict[Any, str], key: str, token: str) -> str:
@@ -378,14 +378,16 @@ def _text(value: Any) -> str:
     return str(value)
 
 
-_LogRecord = logging.LogRecord
-_now = time.time
-_new_record = _LogRecord.__new__
+_LogRecord: Final = logging.LogRecord
+_now: Final = time.time
+_new_record: Final = _LogRecord.__new__
 #: The attributes every record of :func:`log_fields` shares (what ``LogRecord()`` computes).
-_RECORD_DEFAULTS = dict(_LogRecord("", logging.INFO, "(unknown file)", 0, "", (), None).__dict__)
+_RECORD_DEFAULTS: Final = dict(
+    _LogRecord("", logging.INFO, "(unknown file)", 0, "", (), None).__dict__
+)
 
 
-_INFO = logging.INFO
+_INFO: Final = logging.INFO
 #: A handler that may take these lines straight, and how (see :func:`log_fields`).
 _direct_handler: logging.Handler | None = None
 _direct_emit: Callable[[logging.Logger, Any, float], None] = print
