@@ -21,7 +21,6 @@ Rules (RFC 5321 and the smuggling advisories):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from enum import Enum
 from typing import NamedTuple
 
@@ -66,11 +65,12 @@ class DataError(Enum):
     TOO_MUCH_DATA = "too much data"
 
 
-@dataclass(slots=True, frozen=True)
-class Message:
+class Message(NamedTuple):
     """A complete, unstuffed DATA body (including the CRLF of its last line), or its error.
 
-    ``size`` is the number of body octets received, as sent (before unstuffing).
+    ``size`` is the number of body octets received, as sent (before unstuffing). A tuple, as
+    the other events: a frozen dataclass (one ``object.__setattr__`` per field) cost the worker
+    ~6,000 instructions more per message.
     """
 
     content: bytes
