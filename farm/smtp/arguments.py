@@ -9,13 +9,14 @@ from __future__ import annotations
 import re
 from email._header_value_parser import get_addr_spec, get_angle_addr
 from email.errors import HeaderParseError
+from typing import Final
 
 _ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]"
-_SIMPLE_PATH = re.compile(
+_SIMPLE_PATH: Final = re.compile(
     rf"<({_ATEXT}+(?:\.{_ATEXT}+)*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*)>(?:[ \t]+([^(]*))?\Z"
 )
 #: Control characters (RFC 5321 4.1.2: never valid in a command), except TAB.
-CONTROL_CHARACTERS = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+CONTROL_CHARACTERS: Final = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 
 
 def strip_keyword(keyword: str, arg: str) -> str | None:

@@ -22,14 +22,14 @@ Rules (RFC 5321 and the smuggling advisories):
 from __future__ import annotations
 
 from enum import Enum
-from typing import NamedTuple
+from typing import Final, NamedTuple
 
-CRLF = b"\r\n"
-TERMINATOR = b"\r\n.\r\n"
+CRLF: Final = b"\r\n"
+TERMINATOR: Final = b"\r\n.\r\n"
 #: A DATA body that is empty: the dot line follows the 354 at once.
-EMPTY_BODY = b".\r\n"
+EMPTY_BODY: Final = b".\r\n"
 #: Bytes kept when discarding DATA: enough to recognise a terminator split across reads.
-_TAIL = len(TERMINATOR) - 1
+_TAIL: Final = len(TERMINATOR) - 1
 
 
 class Command(NamedTuple):
@@ -42,7 +42,7 @@ class CommandTooLong(NamedTuple):
     """A command line longer than the framer's limit was received and dropped."""
 
 
-_TOO_LONG = CommandTooLong()
+_TOO_LONG: Final = CommandTooLong()
 
 
 class Chunk(NamedTuple):

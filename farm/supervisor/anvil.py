@@ -39,6 +39,7 @@ import mmap
 import struct
 import time
 from collections.abc import Callable
+from typing import Final
 
 from farm.limits import KEY_CACHE, UNKNOWN_CLIENT, ClientLimits, Limiter
 from farm.supervisor.shared_lock import SharedLock
@@ -48,32 +49,32 @@ __all__ = ["MESSAGE_LEASE", "PROBES", "TABLE_SLOTS", "AnvilTable", "SharedLimite
 log = logging.getLogger("farm.anvil")
 
 #: Slots in the table (a power of two): 4 MiB of shared memory.
-TABLE_SLOTS = 65536
+TABLE_SLOTS: Final = 65536
 #: Slots a key may occupy, from its hash on.
-PROBES = 32
+PROBES: Final = 32
 #: Words (8 octets) per slot: tag, address high, address low, sessions, then the buckets.
-_WORDS = 8
+_WORDS: Final = 8
 _TAG, _HIGH, _LOW, _SESSIONS, _MSG_TOKENS, _MSG_STAMP, _AUTH_TOKENS, _AUTH_STAMP = range(8)
-_SLOT_SIZE = _WORDS * 8
+_SLOT_SIZE: Final = _WORDS * 8
 #: A slot's first six words (tag, high, low, sessions, message tokens and stamp), and the
 #: three an admission writes (sessions, message tokens and stamp): one call each.
-_HEAD = struct.Struct("4Q2d")
-_COUNTS = struct.Struct("Q2d")
+_HEAD: Final = struct.Struct("4Q2d")
+_COUNTS: Final = struct.Struct("Q2d")
 #: Seconds a worker may wait to take its closed sessions off the table, when no admission
 #: (which does it at once, under the same lock) comes first. Meanwhile the count is higher
 #: than the truth, never lower: a client is at worst refused a little early, never let past.
-CLOSE_DELAY = 0.05
+CLOSE_DELAY: Final = 0.05
 #: The most messages a session's MAIL leases from the table at a time (SharedLimiter).
-MESSAGE_LEASE = 8
+MESSAGE_LEASE: Final = 8
 #: At most one "table full" warning per this many seconds.
-WARN_INTERVAL = 10.0
+WARN_INTERVAL: Final = 10.0
 
 #: A client's place in the table: (hash, tag, high 64 bits, low 64 bits); tag 4 or 6 | prefix.
 TableKey = tuple[int, int, int, int]
 
 
 #: The tag of the ``unknown`` key (an address's is 4, or 6 plus its prefix length; 0: unused).
-_UNKNOWN_TAG = 1
+_UNKNOWN_TAG: Final = 1
 
 
 def table_key(key: str) -> TableKey:
