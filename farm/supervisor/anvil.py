@@ -54,7 +54,15 @@ TABLE_SLOTS: Final = 65536
 PROBES: Final = 32
 #: Words (8 octets) per slot: tag, address high, address low, sessions, then the buckets.
 _WORDS: Final = 8
-_TAG, _HIGH, _LOW, _SESSIONS, _MSG_TOKENS, _MSG_STAMP, _AUTH_TOKENS, _AUTH_STAMP = range(8)
+#: The words of a slot, in order (Final: compiled, each read is a constant, not a lookup).
+_TAG: Final = 0
+_HIGH: Final = 1
+_LOW: Final = 2
+_SESSIONS: Final = 3
+_MSG_TOKENS: Final = 4
+_MSG_STAMP: Final = 5
+_AUTH_TOKENS: Final = 6
+_AUTH_STAMP: Final = 7
 _SLOT_SIZE: Final = _WORDS * 8
 #: A slot's first six words (tag, high, low, sessions, message tokens and stamp), and the
 #: three an admission writes (sessions, message tokens and stamp): one call each.
