@@ -178,7 +178,8 @@ class MessageLine(_StageFields):
         """``prefix`` followed by the text of the line of ``values`` (the writer formats a
         line logged with :func:`log_fields` with this, never building the line itself)."""
         # One f-string, the usual case of each field checked inline, the client's values
-        # looked up in the caches of recent ones (twice per message), small counts in a table.
+        # looked up in the caches of recent ones (twice per message), small counts and
+        # durations from tables (_count, _seconds: compiled, direct calls).
         session, n, sender, rcpts, size, outcome, duration, checks = values
         sid = session.id
         peer = _peer_and_via(session)
@@ -190,17 +191,10 @@ class MessageLine(_StageFields):
             outcome = _token(outcome)
         if checks and not checks.isprintable():
             checks = printable(checks)
-        # A sub-second duration from a table: CPython formats a float with ".3f" in ~2,000
-        # instructions, the lookup costs a third of that; so with counts (~700 for an int).
-        ms = int(duration * 1000 + 0.5)
-        took = _MILLISECONDS[ms] if 0 <= ms < 1000 else f"{duration:.3f}"
-        if n < 1000:  # (counts are never negative)
-            n = _COUNTS[n]
-        if rcpts < 1000:
-            rcpts = _COUNTS[rcpts]
         return (
-            f"{prefix}session={sid} msg={sid}.{n} peer={peer} from={token} "
-            f"rcpts={rcpts} size={size} outcome={outcome} duration={took}s{checks}"
+            f"{prefix}session={sid} msg={sid}.{_count(n)} peer={peer} from={token} "
+            f"rcpts={_count(rcpts)} size={size} outcome={outcome} "
+            f"duration={_seconds(duration)}s{checks}"
         )
 
 
@@ -251,19 +245,11 @@ class SessionLine(_StageFields):
             end = _token(end)
         if checks and not checks.isprintable():
             checks = printable(checks)
-        ms = int(duration * 1000 + 0.5)  # (as MessageLine's)
-        took = _MILLISECONDS[ms] if 0 <= ms < 1000 else f"{duration:.3f}"
-        counts = _COUNTS  # (as MessageLine's)
-        if commands < 1000:
-            commands = counts[commands]
-        if accepted < 1000:
-            accepted = counts[accepted]
-        if rejected < 1000:
-            rejected = counts[rejected]
         return (
             f"{prefix}session={session.id} peer={peer} helo={token} "
-            f"commands={commands} accepted={accepted} rejected={rejected} bytes={size} "
-            f"end={end} duration={took}s{checks}"
+            f"commands={_count(commands)} accepted={_count(accepted)} "
+            f"rejected={_count(rejected)} bytes={size} "
+            f"end={end} duration={_seconds(duration)}s{checks}"
         )
 
 
@@ -273,6 +259,19 @@ class SessionLine(_StageFields):
 _MILLISECONDS: Final = tuple(f"0.{ms:03d}" for ms in range(1000))
 #: The texts of the counts 0 to 999 (messages, recipients, commands of a session).
 _COUNTS: Final = tuple(str(count) for count in range(1000))
+
+
+def _seconds(duration: Any) -> str:
+    """``f"{duration:.3f}"``, from :data:`_MILLISECONDS` under a second: CPython formats a
+    float with ".3f" in ~2,000 instructions, the lookup costs a third of that."""
+    ms = int(duration * 1000 + 0.5)
+    return _MILLISECONDS[ms] if 0 <= ms < 1000 else f"{duration:.3f}"
+
+
+def _count(count: Any) -> Any:
+    """A count (never negative) as a line shows it: from :data:`_COUNTS` under 1000 (an int's
+    ``str()`` costs ~700 instructions), else the int itself for the f-string."""
+    return _COUNTS[count] if count < 1000 else count
 
 
 #: Recent values from clients and their log tokens (peer host -> ``"host:"``, MAIL FROM
