@@ -1,7 +1,8 @@
 """Python bytecodes per message of a ``farm serve -w 1`` worker, function by function.
 
 Usage: ``.venv/bin/python benchmarks/bytecodes.py [--profile production|nolog|nolimits|bare]
-[--messages N] [--workload per-conn|long] [--top K]``; ``PYTHONPATH=TREE`` picks the tree.
+[--messages N] [--workload per-conn|long] [--handler sink|relay] [--top K]``; ``PYTHONPATH=TREE``
+picks the tree (``--handler relay``: the relay to an ``smtp-sink``, as in ``instructions.py``).
 
 Where :mod:`instructions` gives one total, this says which functions run the bytecodes: the
 worker traces itself (``sys.settrace`` with ``f_trace_opcodes``, started in the forked worker
@@ -22,13 +23,19 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from instructions import free_port, run_options, send_messages, wait_greeting  # noqa: E402  (benchmarks/instructions.py)
-from server import farm_toml  # noqa: E402  (benchmarks/server.py)
+from instructions import (  # noqa: E402  (benchmarks/instructions.py)
+    free_port,
+    run_options,
+    send_messages,
+    wait_greeting,
+    worker_config,
+)
 
 READY_WITHIN = 120.0
 
@@ -70,18 +77,18 @@ if os.environ.get("FARM_BYTECODES"):
 """
 
 
-def worker_bytecodes(profile: str, messages: int, long: bool) -> dict[str, int]:
+def worker_bytecodes(profile: str, messages: int, long: bool, handler: str) -> dict[str, int]:
     """The worker's bytecodes per function over a run of ``messages`` (after the warm-up)."""
-    with tempfile.TemporaryDirectory(prefix="farm-bytecodes-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="farm-bytecodes-") as tmp, ExitStack() as stack:
         workdir = Path(tmp)
         (workdir / "sitecustomize.py").write_text(SITECUSTOMIZE)
         counts = workdir / "counts.json"
-        config = farm_toml(workdir, "farm", profile)
+        config, handler_spec = worker_config(workdir, profile, handler, stack)
         port = free_port()
         path = os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"), tmp) if p)
         env = dict(os.environ, PYTHONPATH=path, FARM_BYTECODES=str(counts))
         command = [sys.executable, "-m", "farm", "serve", "-c", str(config)]
-        command += ["-b", f"127.0.0.1:{port}", "-w", "1", "--handler", "farm.handlers:Sink"]
+        command += ["-b", f"127.0.0.1:{port}", "-w", "1", "--handler", handler_spec]
         with (workdir / "stderr").open("wb") as err:
             # (cwd: not the checkout, whose farm ``-m farm`` would import before PYTHONPATH's)
             farm = subprocess.Popen(
@@ -104,15 +111,15 @@ def main() -> int:
     parser.add_argument("--top", type=int, default=40, help="functions listed")
     args = parser.parse_args()
     long = args.workload == "long"
-    few = worker_bytecodes(args.profile, args.messages, long)
-    more = worker_bytecodes(args.profile, 3 * args.messages, long)
+    few = worker_bytecodes(args.profile, args.messages, long, args.handler)
+    more = worker_bytecodes(args.profile, 3 * args.messages, long, args.handler)
     per_message = {
         where: (more.get(where, 0) - few.get(where, 0)) / (2 * args.messages)
         for where in set(few) | set(more)
     }
     tree = os.environ.get("PYTHONPATH", "(installed farm)")
     total = sum(per_message.values())
-    print(f"{args.profile}, {args.workload}, {tree}: {total:.0f} bytecodes/msg")
+    print(f"{args.profile}, {args.workload}, {args.handler}, {tree}: {total:.0f} bytecodes/msg")
     ranked = sorted(per_message.items(), key=lambda item: -item[1])
     for where, count in ranked[: args.top]:
         print(f"{count:8.1f}  {where}")

@@ -1,10 +1,11 @@
 """User-space instructions per message of a ``farm serve -w 1`` worker, under callgrind.
 
 Usage: ``.venv/bin/python benchmarks/instructions.py [--profile production|nolog|nolimits|bare]
-[--messages N] [--workload per-conn|long]``; compare two trees by running it with ``PYTHONPATH``
-set to each (the tree's own ``farm`` is the one run). A tree must be built as the checkout is
-(``farm/compiled.py``'s modules compiled), or it runs them as Python: install a tree's build
-with ``pip install --no-deps --target DIR TREE`` and set ``PYTHONPATH=DIR``.
+[--messages N] [--workload per-conn|long] [--handler sink|relay]``; compare two trees by running
+it with ``PYTHONPATH`` set to each (the tree's own ``farm`` is the one run). A tree must be
+built as the checkout is (``farm/compiled.py``'s modules compiled), or it runs them as Python:
+install a tree's build with ``pip install --no-deps --target DIR TREE`` and set
+``PYTHONPATH=DIR``.
 
 CPU time on a shared 2-core machine moves by several percent between runs; the instructions a
 worker executes do not, so small changes to the per-message path can be measured here, on the
@@ -14,8 +15,10 @@ log to a file and limits applying to the client). ``farm serve -w 1`` runs under
 (one message per connection, or ``-d`` for long sessions) after the same warm-up; the worker's
 total instructions at exit differ by the 2N messages only (start-up and stop cancel). Repeat
 runs agree within about 0.5 %; valgrind slows the worker ~50x, so its timers (the log's 100 ms
-flush, the limiter's batched closes) fire for fewer messages than at full speed. Needs
-``valgrind`` and ``smtp-source`` (Debian: valgrind, postfix); about 30 s per profile.
+flush, the limiter's batched closes) fire for fewer messages than at full speed.
+``--handler relay``: the worker runs ``farm.relay:Relay`` (as ``make bench-relay`` does) with an
+``smtp-sink`` as its next hop, started and stopped here. Needs ``valgrind``, ``smtp-source`` and
+``smtp-sink`` (Debian: valgrind, postfix); about 30 s per profile.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 import psutil
@@ -34,6 +38,7 @@ import psutil
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+import harness  # noqa: E402  (benchmarks/harness.py)
 from server import farm_toml  # noqa: E402  (benchmarks/server.py)
 
 #: Generous: Python starts ~50x slower under valgrind.
@@ -70,16 +75,28 @@ def send_messages(port: int, messages: int, long: bool) -> None:
     subprocess.run([*source, "-m", str(messages), f"127.0.0.1:{port}"], check=True)
 
 
-def worker_instructions(profile: str, messages: int, long: bool) -> int:
-    """The worker's total user-space instructions for a run of ``messages`` (after warm-up)."""
-    with tempfile.TemporaryDirectory(prefix="farm-instructions-") as tmp:
+def worker_config(workdir: Path, profile: str, handler: str, stack: ExitStack) -> tuple[Path, str]:
+    """The farm.toml and ``--handler`` of a measured worker; for ``relay``, an ``smtp-sink``
+    next hop started here and stopped (by PID) when ``stack`` closes."""
+    if handler != "relay":
+        return farm_toml(workdir, "farm", profile), "farm.handlers:Sink"
+    sink, sink_port = harness.start_sink(None, workdir / "smtp-sink.err")
+    stack.callback(harness.stop_process, sink)
+    relay = f'[handler_args]\nnext_hop = "127.0.0.1:{sink_port}"\ndomains = ["bench.test"]\n'
+    return farm_toml(workdir, "farm", profile, relay), "farm.relay:Relay"
+
+
+def worker_instructions(profile: str, messages: int, long: bool, handler: str = "sink") -> int:
+    """The worker's total user-space instructions for a run of ``messages`` (after warm-up);
+    ``handler``: ``sink`` (farm.handlers:Sink) or ``relay`` (farm.relay:Relay to smtp-sink)."""
+    with tempfile.TemporaryDirectory(prefix="farm-instructions-") as tmp, ExitStack() as stack:
         workdir = Path(tmp)
-        config = farm_toml(workdir, "farm", profile)
+        config, handler_spec = worker_config(workdir, profile, handler, stack)
         port = free_port()
         command = [
             *("valgrind", "--tool=callgrind", f"--callgrind-out-file={workdir}/callgrind.%p"),
             *(sys.executable, "-m", "farm", "serve", "-c", str(config)),
-            *("-b", f"127.0.0.1:{port}", "-w", "1", "--handler", "farm.handlers:Sink"),
+            *("-b", f"127.0.0.1:{port}", "-w", "1", "--handler", handler_spec),
         ]
         with (workdir / "stderr").open("wb") as err:
             # (cwd: not the checkout, whose farm ``-m farm`` would import before PYTHONPATH's)
@@ -105,17 +122,21 @@ def run_options(description: str) -> argparse.ArgumentParser:
     )
     parser.add_argument("--messages", type=int, default=300, help="N (the runs take N and 3N)")
     parser.add_argument("--workload", choices=("per-conn", "long"), default="per-conn")
+    parser.add_argument("--handler", choices=("sink", "relay"), default="sink")
     return parser
 
 
 def main() -> int:
     args = run_options(__doc__.splitlines()[0]).parse_args()
     long = args.workload == "long"
-    few = worker_instructions(args.profile, args.messages, long)
-    more = worker_instructions(args.profile, 3 * args.messages, long)
+    few = worker_instructions(args.profile, args.messages, long, args.handler)
+    more = worker_instructions(args.profile, 3 * args.messages, long, args.handler)
     per_message = (more - few) / (2 * args.messages)
     tree = os.environ.get("PYTHONPATH", "(installed farm)")
-    print(f"{args.profile}, {args.workload}, {tree}: {per_message / 1000:.1f}k instructions/msg")
+    print(
+        f"{args.profile}, {args.workload}, {args.handler}, {tree}: "
+        f"{per_message / 1000:.1f}k instructions/msg"
+    )
     return 0
 
 
