@@ -22,4 +22,5 @@ MODULES = (
     "farm/smtp/arguments.py",
     "farm/logs.py",
     "farm/supervisor/anvil.py",
+    "farm/relay/reply_reader.py",
 )

@@ -5,9 +5,9 @@ sent bytes nobody asked for: we know how many replies each write asks for (one; 
 pipelined ``MAIL`` + ``RCPT``, see ``pipeline``), so anything left in the buffer after the last
 of them is a protocol error (the connection is closed, never reused), and anything after the
 ``220`` to our ``STARTTLS`` is a response-injection attempt (the attempt fails with
-``451 4.7.5``). Replies are bounded: at most ``MAX_REPLY_LINES`` lines of at most ``MAX_LINE``
-bytes each. ``pipelining`` and ``chunking`` tell what the next hop offers (after ``STARTTLS``:
-what it offered over TLS).
+``451 4.7.5``). Replies are bounded (``farm.relay.reply_reader``): at most 100 lines of at most
+4096 bytes each. ``pipelining`` and ``chunking`` tell what the next hop offers (after
+``STARTTLS``: what it offered over TLS).
 
 TLS modes: ``none``; ``starttls`` (used when the next hop offers it, else plain);
 ``required`` (``STARTTLS`` must be offered and succeed); ``implicit`` (TLS from the connect).
@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import re
 import ssl
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from farm.relay.reply_reader import NEXT_HOP_LOST, Reply, ReplyReader
 from farm.relay.routes import Route
 
 __all__ = [
@@ -43,20 +43,14 @@ __all__ = [
 
 NEXT_HOP_UNAVAILABLE = "451 4.4.1 Next hop unavailable, try again later"
 NEXT_HOP_TIMEOUT = "451 4.4.2 Next hop timed out, try again later"
-NEXT_HOP_LOST = "451 4.4.2 Connection to next hop lost, try again later"
 TLS_FAILED = "451 4.7.5 TLS with next hop failed, try again later"
 
 TLS_MODES = ("none", "starttls", "required", "implicit")
-MAX_LINE = 4096
-MAX_REPLY_LINES = 100
 #: ``send_all`` gathers chunks into writes of this many octets (one syscall each, not one per
 #: chunk: a small message's command, content and final CRLF go in one).
 WRITE_SIZE = 64 * 1024
 #: Reading pauses while this much unread data is buffered.
 _HIGH_WATER = 64 * 1024
-
-_REPLY_LINE = re.compile(rb"([2-5][0-9][0-9])([ -])?(.*)\Z", re.DOTALL)
-_UNPRINTABLE = re.compile(r"[^\x20-\x7e]")
 
 
 class NextHopError(Exception):
@@ -69,31 +63,6 @@ class NextHopError(Exception):
 
 class ProtocolError(ConnectionError):
     """The next hop broke the protocol (malformed, unsolicited or oversized replies)."""
-
-
-class Reply:
-    """One reply from the next hop: ``code`` and its text joined into one printable line."""
-
-    __slots__ = ("code", "lines", "text")
-
-    def __init__(self, code: int, lines: list[str]) -> None:
-        self.code = code
-        self.lines = lines
-        self.text = lines[0] if len(lines) == 1 else " ".join(filter(None, lines))
-
-    @property
-    def ok(self) -> bool:
-        return 200 <= self.code <= 299
-
-    def passthrough(self) -> str:
-        """Our reply to the client for this refusal (``421`` → ``451``, non-4/5xx → 451 4.4.2)."""
-        if not 400 <= self.code <= 599:
-            return NEXT_HOP_LOST
-        code = 451 if self.code == 421 else self.code
-        return f"{code} {self.text or 'Requested action not taken'}"
-
-    def __repr__(self) -> str:
-        return f"{self.code} {self.text}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,9 +114,13 @@ class _Protocol(asyncio.Protocol):
         self.loop = loop
         self.transport: asyncio.Transport | None = None
         self.buffer = bytearray()
+        self.replies = ReplyReader()
         self.eof = False
         self.closed: asyncio.Future[None] = loop.create_future()
         self._waiter: asyncio.Future[None] | None = None
+        #: The reply waits' timer (see ``wait``) and the deadline of the wait running.
+        self._timer: asyncio.TimerHandle | None = None
+        self._deadline = 0.0
         self._drain: asyncio.Future[None] | None = None
         self._reading_paused = False
 
@@ -169,6 +142,9 @@ class _Protocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.eof = True
         self._wake()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         if self._drain is not None and not self._drain.done():
             self._drain.set_result(None)
         if not self.closed.done():
@@ -196,37 +172,46 @@ class _Protocol(asyncio.Protocol):
         if self.closed.done():
             raise ConnectionResetError("next hop closed the connection")
 
-    def take_line(self) -> bytes | None:
-        """A complete line from the buffer; None when the caller has to wait for more."""
-        end = self.buffer.find(b"\n", 0, MAX_LINE + 1)
-        if end < 0:
-            if len(self.buffer) > MAX_LINE:
-                raise ProtocolError("reply line too long")
-            if self.eof:
-                raise ConnectionResetError("next hop closed the connection")
-            return None
-        line = bytes(self.buffer[: end + 1])
-        del self.buffer[: end + 1]
+    def take_reply(self) -> Reply | None:
+        """The next whole reply off the buffer; None when the caller has to wait for more."""
+        try:
+            reply = self.replies.take(self.buffer)
+        except ValueError as error:
+            raise ProtocolError(str(error)) from None
         if self._reading_paused and len(self.buffer) < _HIGH_WATER // 2 and self.transport:
             self._reading_paused = False
             self.transport.resume_reading()
-        return line
+        if reply is None and self.eof:
+            raise ConnectionResetError("next hop closed the connection")
+        return reply
 
     async def wait(self, deadline: float) -> None:
         """Until more data (or the end of it) arrives; TimeoutError at ``deadline`` (loop time).
-        One timer handle, not an ``asyncio.timeout`` context, per wait: this is per reply."""
+
+        Per reply, so no timer per wait: one timer per connection, armed for the earliest
+        deadline, checks when it fires whether the wait then running is past its own deadline
+        (and is armed again for it if not)."""
         waiter = self._waiter = self.loop.create_future()
-        timer = self.loop.call_at(deadline, _expire, waiter)
+        self._deadline = deadline
+        timer = self._timer
+        if timer is None or timer.when() > deadline:
+            if timer is not None:
+                timer.cancel()
+            self._timer = self.loop.call_at(deadline, self._check_deadline)
         try:
             await waiter
         finally:
-            timer.cancel()
             self._waiter = None
 
-
-def _expire(waiter: asyncio.Future[None]) -> None:
-    if not waiter.done():
-        waiter.set_exception(TimeoutError())
+    def _check_deadline(self) -> None:
+        self._timer = None
+        waiter = self._waiter
+        if waiter is None or waiter.done():
+            return  # nothing waits: the next wait arms the timer again
+        if self.loop.time() >= self._deadline:
+            waiter.set_exception(TimeoutError())
+        else:
+            self._timer = self.loop.call_at(self._deadline, self._check_deadline)
 
 
 class Connection:
@@ -278,35 +263,14 @@ class Connection:
     async def read_reply(self, *, final: bool = True) -> Reply:
         """The next reply. ``final``: nothing may follow it (no other reply is awaited)."""
         protocol = self._protocol
-        lines: list[str] = []
-        code = 0
         deadline: float | None = None  # the whole reply within ``timeout``
-        while True:
-            raw = protocol.take_line()
-            if raw is None:
-                if deadline is None:
-                    deadline = self.loop.time() + self.timeout
-                await protocol.wait(deadline)
-                continue
-            match = _REPLY_LINE.match(raw.rstrip(b"\r\n"))
-            if match is None:
-                raise ProtocolError(f"malformed reply {raw[:40]!r}")
-            digits, separator, rest = match.groups()
-            number = int(digits)
-            if code and number != code:
-                raise ProtocolError("reply code changed within a multi-line reply")
-            code = number
-            text = rest.decode("utf-8", "replace")
-            if not (text.isascii() and text.isprintable()):
-                text = _UNPRINTABLE.sub("?", text)
-            lines.append(text.strip())
-            if separator != b"-":
-                break
-            if len(lines) >= MAX_REPLY_LINES:
-                raise ProtocolError("reply too long")
+        while (reply := protocol.take_reply()) is None:
+            if deadline is None:
+                deadline = self.loop.time() + self.timeout
+            await protocol.wait(deadline)
         if final and protocol.buffer:
             raise ProtocolError("unsolicited data after a reply")
-        return Reply(code, lines)
+        return reply
 
     async def send(self, data: bytes) -> None:
         """Write ``data`` (bounded wait for the peer to take it)."""
