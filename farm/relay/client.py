@@ -280,8 +280,8 @@ class Connection:
             raise ConnectionResetError("next hop closed the connection")
         self.transport.write(data)
         if self._protocol.must_drain():
-            async with asyncio.timeout(self.timeout):
-                await self._protocol.drain()
+            # (wait_for, not asyncio.timeout: a plain hook may send before it is in a task)
+            await asyncio.wait_for(self._protocol.drain(), self.timeout)
 
     async def command(self, line: str, *, utf8: bool = False, final: bool = True) -> Reply:
         """Send one command line and read its reply. CR, LF and NUL are never sent."""

@@ -79,7 +79,7 @@ import logging
 import re
 import socket
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import format_datetime
@@ -174,8 +174,8 @@ class _InUse:
                 self.relay._drop(transaction)
         finally:
             transaction.busy = False
-            if transaction.orphaned:
-                await self.relay._finish(transaction)
+            if transaction.orphaned and (reset := self.relay._finish(transaction)) is not None:
+                await reset
 
 
 class Relay:
@@ -250,13 +250,16 @@ class Relay:
 
     # -- transaction hooks ---------------------------------------------------------------------
 
-    async def handle_MAIL(
+    # MAIL, RSET, QUIT and CLOSE are plain functions: the engine runs them without a task (they
+    # wait only when the last transaction at the next hop needs an RSET: then they return it).
+
+    def handle_MAIL(
         self, server: Any, session: Any, envelope: Any, address: str, mail_options: list[str]
-    ) -> str:
-        await self._end(session)
+    ) -> str | Awaitable[str]:
+        reset = self._end(session)
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
-        return "250 OK"
+        return "250 OK" if reset is None else _then(reset, "250 OK")
 
     async def handle_RCPT(
         self, server: Any, session: Any, envelope: Any, address: str, rcpt_options: list[str]
@@ -281,7 +284,9 @@ class Relay:
             or transaction.envelope is not envelope
             or (transaction.route != route and not envelope.rcpt_tos)
         ):
-            await self._end(session)  # a stale transaction, or nothing accepted on its route yet
+            # A stale transaction, or nothing accepted on its route yet.
+            if (reset := self._end(session)) is not None:
+                await reset
             transaction = None
         if transaction is not None and transaction.route != route:
             return OTHER_ROUTE
@@ -300,20 +305,21 @@ class Relay:
             # Nothing accepted yet: no connection is held for refused recipients (a harvest, or
             # idle sessions, would pin the next hop's processes); the next RCPT takes one again.
             async with self._using(transaction):
-                await self._finish(transaction)
+                if (reset := self._finish(transaction)) is not None:
+                    await reset
         return reply
 
-    async def handle_RSET(self, server: Any, session: Any, envelope: Any) -> str:
-        await self._end(session)
-        return "250 OK"
+    def handle_RSET(self, server: Any, session: Any, envelope: Any) -> str | Awaitable[str]:
+        reset = self._end(session)
+        return "250 OK" if reset is None else _then(reset, "250 OK")
 
-    async def handle_QUIT(self, server: Any, session: Any, envelope: Any) -> str:
-        await self._end(session)
-        return "221 Bye"
+    def handle_QUIT(self, server: Any, session: Any, envelope: Any) -> str | Awaitable[str]:
+        reset = self._end(session)
+        return "221 Bye" if reset is None else _then(reset, "221 Bye")
 
-    async def handle_CLOSE(self, server: Any, session: Any, envelope: Any) -> None:
+    def handle_CLOSE(self, server: Any, session: Any, envelope: Any) -> Awaitable[None] | None:
         """The client is gone: end the next hop's transaction (unless a hook still uses it)."""
-        await self._end(session)
+        return self._end(session)
 
     # -- delivery ------------------------------------------------------------------------------
 
@@ -341,8 +347,8 @@ class Relay:
                     lost = failure(exc)
                     self._drop(transaction)
                     results, error = [lost.reply] * len(recipients), str(lost)
-        if transaction is not None:
-            await self._end(session, transaction)
+        if transaction is not None and (reset := self._end(session, transaction)) is not None:
+            await reset
         size = content_size(header, body)
         return self._reply_and_log(
             server, session, envelope, transaction, recipients, results, size, started, error
@@ -596,29 +602,34 @@ class Relay:
         or an unexpected error its connection is dropped."""
         return _InUse(self, transaction)
 
-    async def _end(self, session: Any, transaction: _Transaction | None = None) -> None:
-        """End the session's transaction at the next hop (if any)."""
+    def _end(
+        self, session: Any, transaction: _Transaction | None = None
+    ) -> Coroutine[Any, Any, None] | None:
+        """End the session's transaction at the next hop (if any): None when that is done,
+        else the ``RSET`` it takes, to be awaited."""
         current = self._transactions.get(id(session))
         if current is None or (transaction is not None and current is not transaction):
-            if transaction is not None:
-                await self._finish(transaction)
-            return
+            return None if transaction is None else self._finish(transaction)
         del self._transactions[id(session)]
         if current.busy:
             current.orphaned = True  # the hook using it finishes it
-        else:
-            await self._finish(current)
+            return None
+        return self._finish(current)
 
-    async def _finish(self, transaction: _Transaction) -> None:
-        """Give the connection back: as it is after a complete transaction, else after RSET."""
+    def _finish(self, transaction: _Transaction) -> Coroutine[Any, Any, None] | None:
+        """Give the connection back: as it is after a complete transaction (None: done), else
+        after ``RSET`` (returned, to be awaited)."""
         transaction.orphaned = False
         connection, transaction.connection = transaction.connection, None
         if connection is None:
-            return
-        pool = transaction.pool
+            return None
         if transaction.complete:
-            pool.release(connection)
-            return
+            transaction.pool.release(connection)
+            return None
+        return self._reset(transaction.pool, connection)
+
+    async def _reset(self, pool: Pool, connection: Connection) -> None:
+        """``RSET`` the connection's unfinished transaction; back to the pool if that worked."""
         try:
             reply = await connection.command("RSET")
         except BaseException as exc:
@@ -698,6 +709,12 @@ def _date_now() -> str:
     if _date_cache[0] != now:
         _date_cache = (now, format_datetime(datetime.fromtimestamp(now, UTC).astimezone()))
     return _date_cache[1]
+
+
+async def _then(reset: Coroutine[Any, Any, None], reply: str) -> str:
+    """``reply`` once ``reset`` is done (a plain hook's answer when it has to wait)."""
+    await reset
+    return reply
 
 
 def _rcpt(address: str) -> str:

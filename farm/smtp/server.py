@@ -834,11 +834,20 @@ class SMTP(asyncio.BufferedProtocol):
 
     def _call_close_hook(self, hook: Any) -> None:
         """``handle_CLOSE(server, session, envelope)``: the connection is gone (a farm extension,
-        for handlers holding per-session resources). Runs in its own task; errors are logged."""
+        for handlers holding per-session resources). What it returns to be awaited runs in its
+        own task (a plain function's result that is not awaitable: nothing more to do); errors
+        are logged."""
+        try:
+            result = hook(self, self.session, self.envelope)
+        except Exception:
+            log.exception("session=%s handle_CLOSE failed", self.session.id)
+            return
+        if not inspect.isawaitable(result):
+            return
 
         async def close() -> None:
             try:
-                await hook(self, self.session, self.envelope)
+                await result
             except Exception:
                 log.exception("session=%s handle_CLOSE failed", self.session.id)
 
@@ -2127,17 +2136,29 @@ _CLASS_SETTINGS = ("_helo_required", "_size_limits", "command_size_limit", "loca
 
 @functools.lru_cache(maxsize=256)
 def _task_verbs(cls: type, hooks: HookTable) -> frozenset[str]:
-    """Verbs whose coroutine may suspend: it calls a present hook, or a subclass wrote it."""
+    """Verbs whose coroutine may suspend: it calls a present ``async`` hook, or a subclass
+    wrote it. A hook written as a plain function runs inline (see :func:`_inline_hook`)."""
     verbs = set()
     for verb, method in _hook_verbs(cls).items():
         overridden = getattr(SMTP, "smtp_" + verb, None) is not method
         if (
             overridden
             or verb in SMTP._always_task
-            or any(name in hooks.hooks for name in SMTP._verb_hooks.get(verb, ()))
+            or any(
+                name in hooks.hooks and not _inline_hook(hooks.hooks[name])
+                for name in SMTP._verb_hooks.get(verb, ())
+            )
         ):
             verbs.add(verb)
     return frozenset(verbs)
+
+
+def _inline_hook(hook: Any) -> bool:
+    """True for a hook written as a plain function (``def``, not ``async def``; a farm
+    extension): its command runs at once, without a task, like a command without a hook; an
+    awaitable it returns is awaited there and goes on in a task only when it has to wait."""
+    function = getattr(hook, "__func__", hook)
+    return inspect.isfunction(function) and not inspect.iscoroutinefunction(function)
 
 
 def _call_limits(limit: int | dict[str, int] | None) -> tuple[dict[str, int] | None, int]:

@@ -574,3 +574,60 @@ def test_handle_close_runs_once_when_the_client_leaves(make_controller: Any) -> 
     client.close()  # vanish mid-transaction, no QUIT
     assert handler.abandoned.wait(WAIT)  # the abandoned transaction is visible to the hook
     assert handler.closed.count("anne@example.com") == 1
+
+
+class PlainHooks:
+    """Hooks written as plain functions (a farm extension): each records whether it ran in a
+    task; ``handle_RSET`` returns a coroutine that waits (an awaitable result)."""
+
+    def __init__(self) -> None:
+        self.in_task: dict[str, bool] = {}
+        self.closed = threading.Event()
+        self.reset_waited = False
+
+    def _seen(self, name: str) -> None:
+        self.in_task[name] = asyncio.current_task() is not None
+
+    def handle_MAIL(
+        self, server: Any, session: Any, envelope: Any, address: str, options: list[str]
+    ) -> str:
+        self._seen("MAIL")
+        envelope.mail_from = address
+        return "250 OK sender noted"
+
+    async def handle_RCPT(
+        self, server: Any, session: Any, envelope: Any, address: str, options: list[str]
+    ) -> str:
+        self._seen("RCPT")
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+    def handle_RSET(self, server: Any, session: Any, envelope: Any) -> Any:
+        self._seen("RSET")
+
+        async def later() -> str:
+            await asyncio.sleep(0.01)  # it has to wait: it goes on in a task
+            self.reset_waited = asyncio.current_task() is not None
+            return "250 OK reset after a wait"
+
+        return later()
+
+    def handle_CLOSE(self, server: Any, session: Any, envelope: Any) -> None:
+        self._seen("CLOSE")
+        self.closed.set()
+
+
+def test_plain_function_hooks_run_without_a_task(make_controller: Any) -> None:
+    """A ``def`` hook runs at once (no task); an ``async def`` hook in a task; an awaitable a
+    plain hook returns is awaited, in a task once it has to wait, and its reply is the one."""
+    handler = PlainHooks()
+    controller = make_controller(handler)
+    with smtplib.SMTP(controller.hostname, controller.port, timeout=WAIT) as smtp:
+        smtp.ehlo("client.test")
+        assert smtp.mail("anne@example.com") == (250, b"OK sender noted")
+        assert smtp.rcpt("bart@example.com")[0] == 250
+        assert smtp.rset() == (250, b"OK reset after a wait")
+        assert smtp.noop()[0] == 250  # the session goes on after the wait
+    assert handler.closed.wait(WAIT)
+    assert handler.in_task == {"MAIL": False, "RCPT": True, "RSET": False, "CLOSE": False}
+    assert handler.reset_waited
