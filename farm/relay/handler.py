@@ -120,6 +120,8 @@ REFUSED_KEPT = 100
 
 #: Characters allowed in the names and addresses that go into the ``Received:`` header.
 _UNSAFE = re.compile(r"[^A-Za-z0-9.:_\[\]-]")
+#: Characters that keep a recipient out of the header's ``for <...>`` clause.
+_NOT_IN_FOR = re.compile(r"[\r\n\x00<>;()\\]")
 
 
 @functools.lru_cache(maxsize=1024)  # names repeat (our name, the clients' EHLO names)
@@ -681,7 +683,7 @@ class Relay:
         for_clause = ""
         if (
             len(recipients) == 1
-            and not any(char in recipients[0] for char in "\r\n\x00<>;()\\")
+            and _NOT_IN_FOR.search(recipients[0]) is None
             and recipients[0].isascii()
         ):
             for_clause = f"\r\n\tfor <{recipients[0]}>"

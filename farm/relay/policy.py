@@ -13,6 +13,7 @@ open-relay probe forms are refused for everyone (percent hack, bang path, quoted
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Iterable
 from typing import Any
 
@@ -23,6 +24,9 @@ __all__ = ["INVALID_DOMAIN", "IPAddress", "RecipientPolicy", "client_ip"]
 
 #: ``check_recipient``'s reason for a domain that is not a valid internationalised name.
 INVALID_DOMAIN = "invalid domain"
+
+#: C0 controls and DEL: never in an address we accept.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -85,9 +89,13 @@ class RecipientPolicy:
         literal = ip_literal(domain)
         if literal is not None:
             return unmapped(literal) in self._literals
+        return self._ours(domain)
+
+    def _ours(self, domain: str) -> bool:
+        """``is_local_domain`` for a normalised domain that is not an IP literal."""
         if domain in self._exact:
             return True
-        return any(domain.endswith(parent) for parent in self._parents)
+        return bool(self._parents) and any(domain.endswith(parent) for parent in self._parents)
 
     def is_trusted(self, session: Any) -> bool:
         """True when the session is authenticated or its client is in ``trusted_networks``."""
@@ -99,7 +107,7 @@ class RecipientPolicy:
     def check_recipient(self, session: Any, address: str) -> str | None:
         """None when ``address`` may be accepted in ``session``; else why not (for the log)."""
         local, domain = split_address(address)
-        if any(ord(char) < 0x20 or char == "\x7f" for char in address):
+        if _CONTROL.search(address) is not None:
             return "control character"
         if local.startswith("@"):
             return "source route"
@@ -113,13 +121,15 @@ class RecipientPolicy:
             if local.lower() == "postmaster":  # RFC 5321 4.5.1: must be accepted
                 return None
             return "no domain"
-        if ip_literal(domain.strip()) is not None or domain.startswith("["):
+        if domain.lstrip().startswith("[") and (
+            domain.startswith("[") or ip_literal(domain.strip()) is not None
+        ):
             return None if self.is_local_domain(domain) else "foreign IP literal"
         try:
-            normalise_domain(domain)
+            normalised = normalise_domain(domain)
         except ValueError:
             return INVALID_DOMAIN
-        if self.is_local_domain(domain):
+        if self._ours(normalised):  # (not an IP literal: that was the branch above)
             return None
         if self.is_trusted(session):
             return None

@@ -161,4 +161,6 @@ class RouteTable:
 
     def for_address(self, address: str) -> Route:
         """The route for mail to ``address`` (``local@domain``)."""
+        if not self._exact and not self._parents:
+            return self.default  # no routes: every address goes to the default next hop
         return self.for_domain(split_address(address)[1])
