@@ -22,6 +22,7 @@ import threading
 import warnings
 import weakref
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from types import CoroutineType
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from farm.smtp.arguments import CONTROL_CHARACTERS, parse_path
@@ -1356,7 +1357,10 @@ class SMTP(asyncio.BufferedProtocol):
         started = self.loop.time()
         try:
             status = hook(self, self.session, self.envelope, *args)
-            if inspect.isawaitable(status):
+            # (inspect.isawaitable, but quick for what hooks return: a coroutine or a reply)
+            if type(status) is CoroutineType or (
+                type(status) is not str and inspect.isawaitable(status)
+            ):
                 status = await status
         except BodyMemoryExceeded as error:  # the handler read a spooled body whole
             log.warning("session=%s handle_%s: %s", self.session.id, name, error)
