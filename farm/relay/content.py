@@ -15,7 +15,18 @@ from collections.abc import Iterator
 
 from farm.smtp.body import CHUNK_SIZE, Body
 
-__all__ = ["clean_content", "content_chunks", "content_size", "dot_stuff"]
+__all__ = [
+    "WHOLE_LIMIT",
+    "clean_content",
+    "content_chunks",
+    "content_size",
+    "dot_stuff",
+    "whole_content",
+]
+
+#: Content of at most this many octets, its body held in memory, is made whole and sent as
+#: one ``bytes`` (:func:`whole_content`) instead of chunk by chunk.
+WHOLE_LIMIT = 64 * 1024
 
 #: Stray CR / LF (not part of a CRLF pair) and NUL.
 _STRAY = re.compile(rb"\r(?!\n)|(?<!\r)\n|\x00")
@@ -44,6 +55,20 @@ def content_size(header: bytes, body: Body) -> int:
     if body.size and not body.endswith(b"\r\n"):
         size += 2  # the CRLF added at the end
     return size
+
+
+def whole_content(header: bytes, body: Body, *, stuff: bool) -> bytes | None:
+    """What :func:`content_chunks` yields, as one ``bytes``, when the body is in memory and
+    the content at most :data:`WHOLE_LIMIT` octets; else None (stream it). A small message's
+    usual case: one scan and one copy, no chunk generator."""
+    if body.spooled or len(header) + body.size > WHOLE_LIMIT:
+        return None
+    data = _clean(header + body.read_all(), stuff)
+    if data and not data.endswith(b"\r\n"):
+        data += b"\r\n"
+    if not stuff:
+        return data
+    return (b"." + data if data.startswith(b".") else data) + b".\r\n"
 
 
 def content_chunks(

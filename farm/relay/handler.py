@@ -96,7 +96,7 @@ from farm.relay.client import (
     failure,
     make_ssl_context,
 )
-from farm.relay.content import content_chunks, content_size
+from farm.relay.content import content_chunks, content_size, whole_content
 from farm.relay.policy import INVALID_DOMAIN, RecipientPolicy, client_ip
 from farm.relay.pool import NextHopBusy, Pool
 from farm.relay.routes import Route, RouteTable, judged_address, parse_route
@@ -363,16 +363,25 @@ class Relay:
         offers ``CHUNKING``) or to the data after ``DATA``."""
         connection = transaction.connection
         assert connection is not None
-        if connection.chunking:
-            size = content_size(header, body)
-            await connection.bdat_last(size, content_chunks(header, body, stuff=False))
+        # A small message in memory goes in one write (with BDAT: the command too).
+        chunking = connection.chunking
+        content = whole_content(header, body, stuff=not chunking)
+        if chunking:
+            if content is not None:
+                await connection.send(b"BDAT %d LAST\r\n%b" % (len(content), content))
+            else:
+                size = content_size(header, body)
+                await connection.bdat_last(size, content_chunks(header, body, stuff=False))
         else:
             reply = await connection.command("DATA")
             if reply.code != 354:
                 if not 400 <= reply.code <= 599:  # (a 2xx would read as delivered)
                     raise ProtocolError(f"unexpected reply to DATA {reply!r}")
                 return [reply] * len(recipients)
-            await connection.send_all(content_chunks(header, body, stuff=True))
+            if content is not None:
+                await connection.send(content)
+            else:
+                await connection.send_all(content_chunks(header, body, stuff=True))
         count = len(recipients) if transaction.route.lmtp else 1
         replies = [await connection.read_reply(final=i == count - 1) for i in range(count)]
         if any(not (r.ok or 400 <= r.code <= 599) for r in replies):

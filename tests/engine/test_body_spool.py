@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from farm.relay import clean_content, dot_stuff
-from farm.relay.content import content_chunks, content_size
+from farm.relay.content import content_chunks, content_size, whole_content
 from farm.smtp.body import INSUFFICIENT_STORAGE, Body, MemoryBudget, envelope_body
 from farm.smtp.framing import BodyPart, Command, Framer, Message
 from tests.support.client import SMTPClient
@@ -238,6 +238,13 @@ def test_relay_content_streamed_equals_cleaned_whole(content: bytes, chunk: int)
     assert b"".join(content_chunks(b"", body, stuff=True, chunk_size=chunk)) == dot_stuff(
         clean_content(content)
     )
+    in_memory = Body(threshold=None)
+    in_memory.write(content)
+    assert whole_content(b"", in_memory, stuff=False) == clean_content(content)
+    assert whole_content(b"", in_memory, stuff=True) == dot_stuff(clean_content(content))
+    assert whole_content(header, in_memory, stuff=False) == whole
+    assert whole_content(header, in_memory, stuff=True) == dot_stuff(whole)
+    assert whole_content(header, body, stuff=False) == (None if body.spooled else whole)
 
 
 def test_envelope_body_prefers_replaced_content() -> None:
