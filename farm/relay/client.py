@@ -238,7 +238,8 @@ class Connection:
         return transport
 
     def usable(self) -> bool:
-        """Still open, with nothing unsolicited buffered (an idle next hop's ``421``, an EOF)."""
+        """Still open, with nothing unsolicited buffered (an idle next hop's ``421``, an EOF)
+        and no reply left half read (its first lines taken by a read that was abandoned)."""
         protocol = self._protocol
         transport = protocol.transport
         return (
@@ -246,6 +247,7 @@ class Connection:
             and not transport.is_closing()
             and not protocol.eof
             and not protocol.buffer
+            and not protocol.replies.lines
         )
 
     # -- protocol ------------------------------------------------------------------------------

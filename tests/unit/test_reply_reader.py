@@ -3,6 +3,9 @@ however the bytes are split, text made printable, and the limits that close a co
 
 from __future__ import annotations
 
+import asyncio
+import socket
+
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -100,3 +103,27 @@ def test_a_line_too_long_is_refused_before_its_end_arrives() -> None:
         read_all([b"250 " + b"x" * MAX_LINE])
     replies, rest = read_all([b"250 " + b"x" * (MAX_LINE - 10)])  # not yet too long: waits
     assert replies == [] and len(rest) == MAX_LINE - 6
+
+
+def test_a_connection_with_a_half_read_reply_is_not_reused() -> None:
+    """A read abandoned mid-reply (a timeout) leaves its first lines in the reader: the
+    connection must not go back into use, even though its buffer is empty."""
+    from farm.relay.client import ClientSettings, Connection, _Protocol
+    from farm.relay.routes import Route
+
+    loop = asyncio.new_event_loop()
+    ours, theirs = socket.socketpair()
+    try:
+        protocol = _Protocol(loop)
+        loop.run_until_complete(loop.connect_accepted_socket(lambda: protocol, ours))
+        connection = Connection(Route("127.0.0.1", 25, False), protocol, ClientSettings())
+        assert connection.usable()
+        theirs.sendall(b"250-first line\r\n")
+        with pytest.raises(TimeoutError):
+            loop.run_until_complete(asyncio.wait_for(connection.read_reply(), 0.5))
+        assert not protocol.buffer and not connection.usable()
+        connection.abort()
+        loop.run_until_complete(asyncio.wait_for(protocol.closed, 5))
+    finally:
+        theirs.close()
+        loop.close()
