@@ -208,7 +208,8 @@ class _Protocol(asyncio.Protocol):
         waiter = self._waiter
         if waiter is None or waiter.done():
             return  # nothing waits: the next wait arms the timer again
-        if self.loop.time() >= self._deadline:
+        # (a timer fires up to a millisecond early under uvloop: due, not armed again)
+        if self.loop.time() >= self._deadline - 0.001:
             waiter.set_exception(TimeoutError())
         else:
             self._timer = self.loop.call_at(self._deadline, self._check_deadline)
@@ -282,8 +283,8 @@ class Connection:
             raise ConnectionResetError("next hop closed the connection")
         self.transport.write(data)
         if self._protocol.must_drain():
-            # (wait_for, not asyncio.timeout: a plain hook may send before it is in a task)
-            await asyncio.wait_for(self._protocol.drain(), self.timeout)
+            async with asyncio.timeout(self.timeout):
+                await self._protocol.drain()
 
     async def command(self, line: str, *, utf8: bool = False, final: bool = True) -> Reply:
         """Send one command line and read its reply. CR, LF and NUL are never sent."""

@@ -253,7 +253,9 @@ class Relay:
     # -- transaction hooks ---------------------------------------------------------------------
 
     # MAIL, RSET, QUIT and CLOSE are plain functions: the engine runs them without a task (they
-    # wait only when the last transaction at the next hop needs an RSET: then they return it).
+    # wait only when the last transaction at the next hop needs an RSET: then they return it,
+    # and the engine runs it in a task). A subclass extending one awaits its result only when
+    # that is awaitable (``inspect.isawaitable``): it is usually the reply itself.
 
     def handle_MAIL(
         self, server: Any, session: Any, envelope: Any, address: str, mail_options: list[str]

@@ -86,13 +86,13 @@ class RecipientPolicy:
             domain = normalise_domain(domain)
         except ValueError:
             return False
-        literal = ip_literal(domain)
-        if literal is not None:
-            return unmapped(literal) in self._literals
         return self._ours(domain)
 
     def _ours(self, domain: str) -> bool:
-        """``is_local_domain`` for a normalised domain that is not an IP literal."""
+        """``is_local_domain`` for a normalised domain."""
+        literal = ip_literal(domain)
+        if literal is not None:
+            return unmapped(literal) in self._literals
         if domain in self._exact:
             return True
         return bool(self._parents) and any(domain.endswith(parent) for parent in self._parents)
@@ -129,7 +129,7 @@ class RecipientPolicy:
             normalised = normalise_domain(domain)
         except ValueError:
             return INVALID_DOMAIN
-        if self._ours(normalised):  # (not an IP literal: that was the branch above)
+        if self._ours(normalised):
             return None
         if self.is_trusted(session):
             return None

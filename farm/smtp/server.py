@@ -1361,6 +1361,10 @@ class SMTP(asyncio.BufferedProtocol):
             if type(status) is CoroutineType or (
                 type(status) is not str and inspect.isawaitable(status)
             ):
+                if asyncio.current_task() is None:
+                    # A plain hook's awaitable (see _inline_hook): in a task of its own, as an
+                    # async hook is (it may use asyncio.timeout, which needs one).
+                    status = asyncio.ensure_future(status, loop=self.loop)
                 status = await status
         except BodyMemoryExceeded as error:  # the handler read a spooled body whole
             log.warning("session=%s handle_%s: %s", self.session.id, name, error)
@@ -2095,8 +2099,19 @@ async def _resume(coro: Coroutine[Any, Any, None], waiting_for: Any) -> None:
                 raise
         else:
             waiting_for._asyncio_future_blocking = False  # as a task does on a yield
-            with contextlib.suppress(BaseException):  # it reads the outcome on resuming
+            try:
                 await waiting_for
+            except asyncio.CancelledError:
+                if not waiting_for.cancelled():
+                    # This task was cancelled after the future was done (a hung-hook timeout,
+                    # say): the coroutine gets the cancellation, as it would in a task.
+                    try:
+                        waiting_for = coro.throw(asyncio.CancelledError())
+                    except StopIteration:
+                        return
+                    continue
+            except BaseException:
+                pass  # it reads the outcome on resuming
         try:
             waiting_for = coro.send(None)
         except StopIteration:
@@ -2160,7 +2175,7 @@ def _task_verbs(cls: type, hooks: HookTable) -> frozenset[str]:
 def _inline_hook(hook: Any) -> bool:
     """True for a hook written as a plain function (``def``, not ``async def``; a farm
     extension): its command runs at once, without a task, like a command without a hook; an
-    awaitable it returns is awaited there and goes on in a task only when it has to wait."""
+    awaitable it returns runs in a task of its own (``_call_handler_hook``)."""
     function = getattr(hook, "__func__", hook)
     return inspect.isfunction(function) and not inspect.iscoroutinefunction(function)
 

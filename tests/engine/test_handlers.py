@@ -606,8 +606,9 @@ class PlainHooks:
         self._seen("RSET")
 
         async def later() -> str:
-            await asyncio.sleep(0.01)  # it has to wait: it goes on in a task
-            self.reset_waited = asyncio.current_task() is not None
+            self.reset_waited = asyncio.current_task() is not None  # its own task from the start
+            async with asyncio.timeout(WAIT):  # (which needs a task)
+                await asyncio.sleep(0.01)
             return "250 OK reset after a wait"
 
         return later()
@@ -618,8 +619,9 @@ class PlainHooks:
 
 
 def test_plain_function_hooks_run_without_a_task(make_controller: Any) -> None:
-    """A ``def`` hook runs at once (no task); an ``async def`` hook in a task; an awaitable a
-    plain hook returns is awaited, in a task once it has to wait, and its reply is the one."""
+    """A ``def`` hook runs at once (no task); an ``async def`` hook in a task; a coroutine a
+    plain hook returns runs in a task of its own (asyncio.timeout works in it), and its reply is
+    the one sent."""
     handler = PlainHooks()
     controller = make_controller(handler)
     with smtplib.SMTP(controller.hostname, controller.port, timeout=WAIT) as smtp:
@@ -631,3 +633,36 @@ def test_plain_function_hooks_run_without_a_task(make_controller: Any) -> None:
     assert handler.closed.wait(WAIT)
     assert handler.in_task == {"MAIL": False, "RCPT": True, "RSET": False, "CLOSE": False}
     assert handler.reset_waited
+
+
+def test_a_resumed_command_cancelled_after_its_future_is_done_sees_the_cancellation() -> None:
+    """A command that started outside a task and went on in one (``_resume``) gets a
+    cancellation that comes after the future it waits for is done, as it would in a task: a
+    hung-hook timeout stops it instead of letting it finish."""
+    from farm.smtp.server import _resume
+
+    seen: list[str] = []
+
+    async def command(future: asyncio.Future[None]) -> None:
+        try:
+            await future
+            seen.append("went on")
+        except asyncio.CancelledError:
+            seen.append("cancelled")
+            raise
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        coro = command(future)
+        waiting_for = coro.send(None)  # as _run_inline starts it: it waits for the future
+        assert waiting_for is future
+        task = loop.create_task(_resume(coro, waiting_for))
+        await asyncio.sleep(0)  # the task now waits for the future
+        future.set_result(None)
+        task.cancel()  # before the task runs again
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
+    assert seen == ["cancelled"]

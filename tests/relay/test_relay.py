@@ -218,6 +218,9 @@ def test_policy_decisions() -> None:
     untrusted = SimpleNamespace(peer=("127.0.0.1", 1), proxy_data=None, authenticated=False)
     for ours in ("r@farm.test", "r@FARM.TEST.", "r@a.sub.farm.test", "r@[192.0.2.7]", "postmaster"):
         assert handler.check_recipient(untrusted, ours) is None, ours
+    # A literal only after normalising (a blank before it, a dot after): still ours.
+    assert handler.check_recipient(untrusted, "r@ [192.0.2.7].") is None
+    assert handler.check_recipient(untrusted, "r@ [192.0.2.8].") == "foreign domain"
     refusals = {
         "r@ext.test": "foreign domain",
         "r@sub.farm.test": "foreign domain",
