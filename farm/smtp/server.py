@@ -1361,9 +1361,9 @@ class SMTP(asyncio.BufferedProtocol):
             if type(status) is CoroutineType or (
                 type(status) is not str and inspect.isawaitable(status)
             ):
-                if asyncio.current_task() is None:
-                    # A plain hook's awaitable (see _inline_hook): in a task of its own, as an
-                    # async hook is (it may use asyncio.timeout, which needs one).
+                if self._task is None:
+                    # Not in a command's task: a plain hook's awaitable (see _inline_hook) runs
+                    # in a task of its own, as an async hook does (asyncio.timeout needs one).
                     status = asyncio.ensure_future(status, loop=self.loop)
                 status = await status
         except BodyMemoryExceeded as error:  # the handler read a spooled body whole
