@@ -36,7 +36,7 @@ _LEADING_DOT = re.compile(rb"\r\n\.")
 
 def clean_content(content: bytes) -> bytes:
     """Stray CR/LF and NUL replaced with a space; ends with CRLF (unless empty)."""
-    content = _STRAY.sub(b" ", content)
+    content = _clean(content, False)
     if content and not content.endswith(b"\r\n"):
         content += b"\r\n"
     return content
@@ -46,7 +46,9 @@ def dot_stuff(content: bytes) -> bytes:
     """The DATA payload for ``content`` (CRLF lines): leading dots doubled, ``.`` line added."""
     if content.startswith(b"."):
         content = b"." + content
-    return _LEADING_DOT.sub(b"\r\n..", content) + b".\r\n"
+    if b"\r\n." in content:
+        content = _LEADING_DOT.sub(b"\r\n..", content)
+    return content + b".\r\n"
 
 
 def content_size(header: bytes, body: Body) -> int:
@@ -63,12 +65,8 @@ def whole_content(header: bytes, body: Body, *, stuff: bool) -> bytes | None:
     usual case: one scan and one copy, no chunk generator."""
     if body.spooled or len(header) + body.size > WHOLE_LIMIT:
         return None
-    data = _clean(header + body.read_all(), stuff)
-    if data and not data.endswith(b"\r\n"):
-        data += b"\r\n"
-    if not stuff:
-        return data
-    return (b"." + data if data.startswith(b".") else data) + b".\r\n"
+    content = clean_content(header + body.read_all())
+    return dot_stuff(content) if stuff else content
 
 
 def content_chunks(

@@ -260,10 +260,10 @@ class Relay:
     def handle_MAIL(
         self, server: Any, session: Any, envelope: Any, address: str, mail_options: list[str]
     ) -> str | Awaitable[str]:
-        reset = self._end(session)
+        reply = self._end_then(session, "250 OK")
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
-        return "250 OK" if reset is None else _then(reset, "250 OK")
+        return reply
 
     async def handle_RCPT(
         self, server: Any, session: Any, envelope: Any, address: str, rcpt_options: list[str]
@@ -314,12 +314,10 @@ class Relay:
         return reply
 
     def handle_RSET(self, server: Any, session: Any, envelope: Any) -> str | Awaitable[str]:
-        reset = self._end(session)
-        return "250 OK" if reset is None else _then(reset, "250 OK")
+        return self._end_then(session, "250 OK")
 
     def handle_QUIT(self, server: Any, session: Any, envelope: Any) -> str | Awaitable[str]:
-        reset = self._end(session)
-        return "221 Bye" if reset is None else _then(reset, "221 Bye")
+        return self._end_then(session, "221 Bye")
 
     def handle_CLOSE(self, server: Any, session: Any, envelope: Any) -> Awaitable[None] | None:
         """The client is gone: end the next hop's transaction (unless a hook still uses it)."""
@@ -614,6 +612,12 @@ class Relay:
         """Mark the transaction in use by a hook; on cancellation (client gone, hook timeout)
         or an unexpected error its connection is dropped."""
         return _InUse(self, transaction)
+
+    def _end_then(self, session: Any, reply: str) -> str | Awaitable[str]:
+        """End the session's transaction at the next hop, then ``reply``: at once, or once the
+        ``RSET`` it takes is done (a coroutine, for a plain hook to return)."""
+        reset = self._end(session)
+        return reply if reset is None else _then(reset, reply)
 
     def _end(
         self, session: Any, transaction: _Transaction | None = None
