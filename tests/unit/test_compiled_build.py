@@ -30,3 +30,16 @@ def test_module_runs_compiled_and_current(source: str) -> None:
     assert loaded.stat().st_mtime >= (ROOT / source).stat().st_mtime, (
         f"{loaded.name} is older than {source}: rebuild with `make build`"
     )
+
+
+@pytest.mark.parametrize("source", MODULES)
+def test_module_is_type_checked_strictly(source: str) -> None:
+    """``make lint``'s mypy (strict) covers every compiled module: pyproject's ``files`` list is
+    kept by hand beside farm/compiled.py's."""
+    import tomllib
+
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["mypy"]
+    assert config["strict"] is True
+    assert any(source == entry or source.startswith(entry + "/") for entry in config["files"]), (
+        f"{source} is compiled but not in [tool.mypy] files"
+    )
