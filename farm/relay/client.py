@@ -18,8 +18,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl
-from collections.abc import Iterable
+from collections.abc import Coroutine, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from farm.relay.reply_reader import NEXT_HOP_LOST, Reply, ReplyReader
 from farm.relay.routes import Route
@@ -117,7 +118,8 @@ class _Protocol(asyncio.Protocol):
         self.replies = ReplyReader()
         self.eof = False
         self.closed: asyncio.Future[None] = loop.create_future()
-        self._waiter: asyncio.Future[None] | None = None
+        #: The reader's wait for a whole reply (see ``next_reply``).
+        self._waiter: asyncio.Future[Reply] | None = None
         #: The reply waits' timer (see ``wait``) and the deadline of the wait running.
         self._timer: asyncio.TimerHandle | None = None
         self._deadline = 0.0
@@ -132,16 +134,17 @@ class _Protocol(asyncio.Protocol):
         if len(self.buffer) > _HIGH_WATER and not self._reading_paused and self.transport:
             self._reading_paused = True
             self.transport.pause_reading()
-        self._wake()
+        if self._waiter is not None:
+            self._deliver()
 
     def eof_received(self) -> bool:
         self.eof = True
-        self._wake()
+        self._deliver()
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.eof = True
-        self._wake()
+        self._deliver()
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -158,13 +161,19 @@ class _Protocol(asyncio.Protocol):
         if self._drain is not None and not self._drain.done():
             self._drain.set_result(None)
 
-    def _wake(self) -> None:
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
-
-    def must_drain(self) -> bool:
-        """True when a writer has to wait (the peer is not keeping up) or fail (closed)."""
-        return (self._drain is not None and not self._drain.done()) or self.closed.done()
+    def _deliver(self) -> None:
+        """A reader waits (:meth:`next_reply`): give it the next whole reply, or the error
+        that ends its wait (a malformed reply, the next hop gone), once there is one."""
+        waiter = self._waiter
+        if waiter is None or waiter.done():
+            return
+        try:
+            reply = self.take_reply()
+        except Exception as error:  # ProtocolError, ConnectionResetError
+            waiter.set_exception(error)
+            return
+        if reply is not None:
+            waiter.set_result(reply)
 
     async def drain(self) -> None:
         if self._drain is not None and not self._drain.done():
@@ -185,23 +194,22 @@ class _Protocol(asyncio.Protocol):
             raise ConnectionResetError("next hop closed the connection")
         return reply
 
-    async def wait(self, deadline: float) -> None:
-        """Until more data (or the end of it) arrives; TimeoutError at ``deadline`` (loop time).
+    def next_reply(self, deadline: float) -> asyncio.Future[Reply]:
+        """The next whole reply (none is buffered now), as it arrives; TimeoutError at
+        ``deadline`` (loop time). The reply is taken off the buffer for the waiter only.
 
         Per reply, so no timer per wait: one timer per connection, armed for the earliest
         deadline, checks when it fires whether the wait then running is past its own deadline
         (and is armed again for it if not)."""
-        waiter = self._waiter = self.loop.create_future()
+        waiter: asyncio.Future[Reply] = self.loop.create_future()
+        self._waiter = waiter
         self._deadline = deadline
         timer = self._timer
         if timer is None or timer.when() > deadline:
             if timer is not None:
                 timer.cancel()
             self._timer = self.loop.call_at(deadline, self._check_deadline)
-        try:
-            await waiter
-        finally:
-            self._waiter = None
+        return waiter
 
     def _check_deadline(self) -> None:
         self._timer = None
@@ -264,37 +272,62 @@ class Connection:
         return "CHUNKING" in self.extensions
 
     async def read_reply(self, *, final: bool = True) -> Reply:
-        """The next reply. ``final``: nothing may follow it (no other reply is awaited)."""
+        """The next reply, whole within ``timeout``. ``final``: nothing may follow it (no
+        other reply is awaited)."""
         protocol = self._protocol
-        deadline: float | None = None  # the whole reply within ``timeout``
-        while (reply := protocol.take_reply()) is None:
-            if deadline is None:
-                deadline = self.loop.time() + self.timeout
-            await protocol.wait(deadline)
+        # (with nothing buffered, no reply can be whole yet: wait at once)
+        reply = protocol.take_reply() if protocol.buffer or protocol.eof else None
+        if reply is None:
+            reply = await protocol.next_reply(self.loop.time() + self.timeout)
         if final and protocol.buffer:
             raise ProtocolError("unsolicited data after a reply")
         return reply
 
+    def write(self, data: bytes) -> bool:
+        """Write ``data``; True when the caller must then await :meth:`drain` (the peer is
+        not keeping up, or the connection closed)."""
+        protocol = self._protocol
+        if protocol.buffer:
+            raise ProtocolError("unsolicited data from the next hop")
+        transport = protocol.transport
+        if protocol.eof or transport is None:
+            raise ConnectionResetError("next hop closed the connection")
+        transport.write(data)
+        drain = protocol._drain  # a wait for the peer to take what was written
+        return (drain is not None and not drain.done()) or protocol.closed.done()
+
+    async def drain(self) -> None:
+        """Until the peer has taken what was written (bounded by ``timeout``)."""
+        async with asyncio.timeout(self.timeout):
+            await self._protocol.drain()
+
     async def send(self, data: bytes) -> None:
         """Write ``data`` (bounded wait for the peer to take it)."""
-        if self._protocol.buffer:
-            raise ProtocolError("unsolicited data from the next hop")
-        if self._protocol.eof:
-            raise ConnectionResetError("next hop closed the connection")
-        self.transport.write(data)
-        if self._protocol.must_drain():
-            async with asyncio.timeout(self.timeout):
-                await self._protocol.drain()
+        if self.write(data):
+            await self.drain()
 
-    async def command(self, line: str, *, utf8: bool = False, final: bool = True) -> Reply:
-        """Send one command line and read its reply. CR, LF and NUL are never sent."""
-        await self.send(_encode(line, utf8))
-        return await self.read_reply(final=final)
+    def command(
+        self, line: str, *, utf8: bool = False, final: bool = True
+    ) -> Coroutine[Any, Any, Reply]:
+        """Send one command line; its reply, to be awaited. CR, LF and NUL are never sent
+        (ProtocolError, as a closed connection's ConnectionResetError, raised at once)."""
+        return self._reply_to(_encode(line, utf8), final)
 
-    async def pipeline(self, lines: list[str], *, utf8: bool = False) -> None:
+    def pipeline(self, lines: list[str], *, utf8: bool = False) -> Coroutine[Any, Any, Reply]:
         """Send several command lines in one write (the next hop offers ``PIPELINING``); the
-        caller then reads one reply per line, the last with ``final=True``."""
-        await self.send(b"".join(_encode(line, utf8) for line in lines))
+        first one's reply, to be awaited. The caller reads one more reply per further line
+        (``read_reply``), the last with ``final=True``."""
+        return self._reply_to(b"".join([_encode(line, utf8) for line in lines]), False)
+
+    def _reply_to(self, data: bytes, final: bool) -> Coroutine[Any, Any, Reply]:
+        # (a plain function: the reply's read is the only coroutine when no drain is needed)
+        if self.write(data):
+            return self._drain_then_read(final)
+        return self.read_reply(final=final)
+
+    async def _drain_then_read(self, final: bool) -> Reply:
+        await self.drain()
+        return await self.read_reply(final=final)
 
     async def bdat_last(self, size: int, chunks: Iterable[bytes]) -> None:
         """Send ``BDAT <size> LAST`` and the ``chunks`` (exactly ``size`` octets, no

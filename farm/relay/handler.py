@@ -83,7 +83,7 @@ from collections.abc import Awaitable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import format_datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from farm.lmtp import LMTP
 from farm.relay.client import (
@@ -106,6 +106,7 @@ from farm.smtp.logline import quote
 __all__ = ["RELAY_DENIED", "Relay"]
 
 log = logging.getLogger("farm.relay")
+_T = TypeVar("_T")
 
 RELAY_DENIED = "550 5.7.1 Relay access denied"
 BAD_DOMAIN = "501 5.1.3 Bad recipient address syntax"
@@ -154,30 +155,6 @@ class _Transaction:
     #: A hook is using the connection; ``orphaned``: the client left meanwhile.
     busy: bool = False
     orphaned: bool = False
-
-
-class _InUse:
-    """``Relay._using``'s context (a plain class: cheaper than a generator-based one, and it is
-    entered twice per message)."""
-
-    __slots__ = ("relay", "transaction")
-
-    def __init__(self, relay: Relay, transaction: _Transaction) -> None:
-        self.relay = relay
-        self.transaction = transaction
-
-    async def __aenter__(self) -> None:
-        self.transaction.busy = True
-
-    async def __aexit__(self, kind: type[BaseException] | None, *_: object) -> None:
-        transaction = self.transaction
-        try:
-            if kind is not None:
-                self.relay._drop(transaction)
-        finally:
-            transaction.busy = False
-            if transaction.orphaned and (reset := self.relay._finish(transaction)) is not None:
-                await reset
 
 
 class Relay:
@@ -299,18 +276,19 @@ class Relay:
             self._transactions[id(session)] = transaction
         if transaction.broken is not None:
             return transaction.broken.reply
-        async with self._using(transaction):
-            reply = await self._recipient(server, transaction, address)
+        reply = await self._use(transaction, self._recipient(server, transaction, address))
         if reply is None:
             envelope.rcpt_tos.append(address)
             envelope.rcpt_options.extend(rcpt_options)
             return RCPT_OK
-        if not envelope.rcpt_tos and transaction.connection is not None:
-            # Nothing accepted yet: no connection is held for refused recipients (a harvest, or
-            # idle sessions, would pin the next hop's processes); the next RCPT takes one again.
-            async with self._using(transaction):
-                if (reset := self._finish(transaction)) is not None:
-                    await reset
+        # Nothing accepted yet: no connection is held for refused recipients (a harvest, or
+        # idle sessions, would pin the next hop's processes); the next RCPT takes one again.
+        if (
+            not envelope.rcpt_tos
+            and transaction.connection is not None
+            and (reset := self._finish(transaction)) is not None
+        ):
+            await self._use(transaction, reset)
         return reply
 
     def handle_RSET(self, server: Any, session: Any, envelope: Any) -> str | Awaitable[str]:
@@ -342,13 +320,13 @@ class Relay:
             )
             results, error = [lost.reply] * len(recipients), str(lost)
         else:
-            async with self._using(transaction):
-                try:
-                    results = await self._data(transaction, recipients, header, body)
-                except Exception as exc:
-                    lost = failure(exc)
-                    self._drop(transaction)
-                    results, error = [lost.reply] * len(recipients), str(lost)
+            try:
+                results = await self._use(
+                    transaction, self._data(transaction, recipients, header, body)
+                )
+            except Exception as exc:  # (the connection is dropped)
+                lost = failure(exc)
+                results, error = [lost.reply] * len(recipients), str(lost)
         if transaction is not None and (reset := self._end(session, transaction)) is not None:
             await reset
         size = content_size(header, body)
@@ -368,7 +346,8 @@ class Relay:
         content = whole_content(header, body, stuff=not chunking)
         if chunking:
             if content is not None:
-                await connection.send(b"BDAT %d LAST\r\n%b" % (len(content), content))
+                if connection.write(b"BDAT %d LAST\r\n%b" % (len(content), content)):
+                    await connection.drain()
             else:
                 size = content_size(header, body)
                 await connection.bdat_last(size, content_chunks(header, body, stuff=False))
@@ -379,7 +358,8 @@ class Relay:
                     raise ProtocolError(f"unexpected reply to DATA {reply!r}")
                 return [reply] * len(recipients)
             if content is not None:
-                await connection.send(content)
+                if connection.write(content):
+                    await connection.drain()
             else:
                 await connection.send_all(content_chunks(header, body, stuff=True))
         count = len(recipients) if transaction.route.lmtp else 1
@@ -402,6 +382,20 @@ class Relay:
         started: float,
         error: str,
     ) -> str | list[str]:
+        if (
+            len(results) == 1
+            and type(result := results[0]) is Reply
+            and result.ok
+            and not error
+            and transaction is not None
+            and not transaction.refused_count
+            and not _is_lmtp_server(server)
+        ):
+            # The usual case, said on the engine's line of this message (as below, quickly).
+            envelope.log_note = (
+                f"next_hop={transaction.route.text} relay_time={time.monotonic() - started:.3f}s"
+            )
+            return ACCEPTED
         replies = [_client_reply(result) for result in results]
         accepted = [rcpt for rcpt, reply in zip(recipients, replies, strict=True) if _ok(reply)]
         refused = [
@@ -512,8 +506,12 @@ class Relay:
         pool = transaction.pool
         name = _safe(self._our_name(server), "localhost")
         for attempt in (1, 2):
+            # (an idle connection first, without a coroutine: the usual case)
+            connection = pool.take_idle() if attempt == 1 else None
+            reused = connection is not None
             try:
-                connection, reused = await pool.acquire(name, fresh=attempt > 1)
+                if connection is None:
+                    connection, reused = await pool.acquire(name, fresh=attempt > 1)
             except NextHopBusy as exc:  # this recipient only: a later one may find room
                 log.warning(
                     "session=%s relay next_hop=%s stage=connect outcome=451 error=%s",
@@ -540,8 +538,7 @@ class Relay:
             pipelined = connection.pipelining
             try:
                 if pipelined:
-                    await connection.pipeline([mail, _rcpt(first)], utf8=smtputf8)
-                    reply = await connection.read_reply(final=False)
+                    reply = await connection.pipeline([mail, _rcpt(first)], utf8=smtputf8)
                 else:
                     reply = await connection.command(mail, utf8=smtputf8)
             except asyncio.CancelledError:
@@ -608,10 +605,20 @@ class Relay:
         if transaction.broken is None:
             transaction.broken = NextHopError(NEXT_HOP_LOST, "transaction abandoned")
 
-    def _using(self, transaction: _Transaction) -> _InUse:
-        """Mark the transaction in use by a hook; on cancellation (client gone, hook timeout)
-        or an unexpected error its connection is dropped."""
-        return _InUse(self, transaction)
+    async def _use(self, transaction: _Transaction, work: Awaitable[_T]) -> _T:
+        """``work``'s result, the transaction marked in use by a hook meanwhile; on
+        cancellation (client gone, hook timeout) or an error its connection is dropped. A
+        transaction orphaned meanwhile (the client left) is finished here."""
+        transaction.busy = True
+        try:
+            return await work
+        except BaseException:
+            self._drop(transaction)
+            raise
+        finally:
+            transaction.busy = False
+            if transaction.orphaned and (reset := self._finish(transaction)) is not None:
+                await reset
 
     def _end_then(self, session: Any, reply: str) -> str | Awaitable[str]:
         """End the session's transaction at the next hop, then ``reply``: at once, or once the

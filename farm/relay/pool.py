@@ -84,13 +84,8 @@ class Pool:
                 self._close_soon(connection)
         deadline: float | None = None  # set when a wait begins (most acquires never wait)
         while True:
-            while self._idle:
-                connection = self._idle.pop()  # the most recently used: least likely timed out
-                self._cancel_timer(connection)
-                if connection.usable():
-                    self._busy.add(connection)
-                    return connection, True
-                self._close_soon(connection)
+            if (connection := self.take_idle()) is not None:
+                return connection, True
             if not self.max_connections or self.open < self.max_connections:
                 break
             if deadline is None:
@@ -108,6 +103,19 @@ class Pool:
             raise NextHopError(NEXT_HOP_UNAVAILABLE, "relay closed (stopping)")
         self._busy.add(connection)
         return connection, False
+
+    def take_idle(self) -> Connection | None:
+        """An idle connection still usable, now busy (closing the dead ones met); None if
+        there is none: then :meth:`acquire` opens one or waits for room."""
+        idle = self._idle
+        while idle:
+            connection = idle.pop()  # the most recently used: least likely timed out
+            self._cancel_timer(connection)
+            if connection.usable():
+                self._busy.add(connection)
+                return connection
+            self._close_soon(connection)
+        return None
 
     def release(self, connection: Connection) -> None:
         """Take back a connection in a clean state: idle it, or close it when not wanted."""
