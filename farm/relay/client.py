@@ -120,7 +120,7 @@ class _Protocol(asyncio.Protocol):
         self.closed: asyncio.Future[None] = loop.create_future()
         #: The reader's wait for a whole reply (see ``next_reply``).
         self._waiter: asyncio.Future[Reply] | None = None
-        #: The reply waits' timer (see ``wait``) and the deadline of the wait running.
+        #: The reply waits' timer (see ``next_reply``) and the deadline of the wait running.
         self._timer: asyncio.TimerHandle | None = None
         self._deadline = 0.0
         self._drain: asyncio.Future[None] | None = None

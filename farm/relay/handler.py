@@ -362,8 +362,11 @@ class Relay:
                     await connection.drain()
             else:
                 await connection.send_all(content_chunks(header, body, stuff=True))
-        count = len(recipients) if transaction.route.lmtp else 1
-        replies = [await connection.read_reply(final=i == count - 1) for i in range(count)]
+        if transaction.route.lmtp:  # one reply per recipient
+            count = len(recipients)
+            replies = [await connection.read_reply(final=i == count - 1) for i in range(count)]
+        else:
+            replies = [await connection.read_reply()]
         if any(not (r.ok or 400 <= r.code <= 599) for r in replies):
             raise ProtocolError("unexpected reply to the message content")
         # A refused BDAT may leave the next hop's transaction open (RFC 3030 2): RSET then.

@@ -1373,8 +1373,14 @@ class SMTP(asyncio.BufferedProtocol):
             raise  # the session ends without a reply (see _command_failed)
         except Exception as error:
             status = await self._handle_exception(error)
-        if self.stats is not None:
-            self.stats.handler_time(name, self.loop.time() - started)
+        stats = self.stats
+        if stats is not None:
+            # WorkerStats.handler_time, inline (per hook call) once the hook has its histogram.
+            histogram = stats.handlers.get(name)
+            if histogram is None:
+                stats.handler_time(name, self.loop.time() - started)
+            else:
+                histogram.observe(self.loop.time() - started)
         if status is None:
             log.warning("session=%s handle_%s returned no reply", self.session.id, name)
             return LOCAL_ERROR
