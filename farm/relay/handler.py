@@ -329,9 +329,17 @@ class Relay:
                 results, error = [lost.reply] * len(recipients), str(lost)
         if transaction is not None and (reset := self._end(session, transaction)) is not None:
             await reset
-        size = content_size(header, body)
         return self._reply_and_log(
-            server, session, envelope, transaction, recipients, results, size, started, error
+            server,
+            session,
+            envelope,
+            transaction,
+            recipients,
+            results,
+            header,
+            body,
+            started,
+            error,
         )
 
     async def _data(
@@ -367,11 +375,12 @@ class Relay:
             replies = [await connection.read_reply(final=i == count - 1) for i in range(count)]
         else:
             replies = [await connection.read_reply()]
-        if any(not (r.ok or 400 <= r.code <= 599) for r in replies):
-            raise ProtocolError("unexpected reply to the message content")
+        for reply in replies:
+            if not (reply.ok or 400 <= reply.code <= 599):
+                raise ProtocolError("unexpected reply to the message content")
         # A refused BDAT may leave the next hop's transaction open (RFC 3030 2): RSET then.
-        transaction.complete = not connection.chunking or all(r.ok for r in replies)
-        return [*(replies if transaction.route.lmtp else replies * len(recipients))]
+        transaction.complete = not chunking or all(r.ok for r in replies)
+        return list(replies) if transaction.route.lmtp else replies * len(recipients)
 
     def _reply_and_log(
         self,
@@ -381,7 +390,8 @@ class Relay:
         transaction: _Transaction | None,
         recipients: list[str],
         results: list[Reply | str],
-        size: int,
+        header: bytes,
+        body: Body,
         started: float,
         error: str,
     ) -> str | list[str]:
@@ -430,7 +440,7 @@ class Relay:
             len(recipients) + n_earlier,
             len(accepted),
             n_earlier + len(refused),
-            size,
+            content_size(header, body),
             outcome,
             time.monotonic() - started,
             note,
