@@ -19,6 +19,25 @@ _SIMPLE_PATH: Final = re.compile(
 CONTROL_CHARACTERS: Final = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 
 
+def split_command(line: bytes, smtputf8: bool) -> tuple[str, str | None] | None:
+    """``b"mail FROM:<a@b> "`` -> ``("MAIL", "FROM:<a@b>")``: the verb upper-cased (``""``
+    when it is empty or not ASCII), the argument stripped (None without a space after the
+    verb; with ``smtputf8`` decoded as UTF-8, surrogate escapes for bad octets). None when
+    the argument is not ASCII and ``smtputf8`` is off."""
+    verb_bytes, space, arg_bytes = line.partition(b" ")
+    if not verb_bytes.isascii():
+        return "", None
+    verb = verb_bytes.upper().decode("ascii")
+    if not space or not verb:
+        return verb, None
+    arg_bytes = arg_bytes.strip()
+    if smtputf8:
+        return verb, arg_bytes.decode("utf-8", "surrogateescape")
+    if not arg_bytes.isascii():
+        return None
+    return verb, arg_bytes.decode("ascii")
+
+
 def strip_keyword(keyword: str, arg: str) -> str | None:
     """``FROM:<a@b>`` -> ``<a@b>`` for keyword ``FROM:`` (case-insensitive); None if absent."""
     n = len(keyword)

@@ -25,7 +25,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from types import CoroutineType
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from farm.smtp.arguments import CONTROL_CHARACTERS, parse_path
+from farm.smtp.arguments import CONTROL_CHARACTERS, parse_path, split_command
 from farm.smtp.auth import AuthResult, LoginPassword
 from farm.smtp.body import (
     CHUNK_SIZE,
@@ -1003,25 +1003,14 @@ class SMTP(asyncio.BufferedProtocol):
         state.commands += 1
         if self._timeout:
             state.last_line = self.loop.time()
-        verb_bytes, space, arg_bytes = line.partition(b" ")
-        try:
-            verb = verb_bytes.upper().decode("ascii")
-        except UnicodeDecodeError:
-            verb = ""
+        parts = split_command(line, self.enable_SMTPUTF8)
+        if parts is None:
+            SMTP._reply(self, "500 Error: strict ASCII mode")
+            return
+        verb, arg = parts
         if not verb:
             SMTP._reply(self, "500 Error: bad syntax")
             return
-        arg: str | None = None
-        if space:
-            arg_bytes = arg_bytes.strip()
-            if self.enable_SMTPUTF8:
-                arg = arg_bytes.decode("utf-8", "surrogateescape")
-            else:
-                try:
-                    arg = arg_bytes.decode("ascii")
-                except UnicodeDecodeError:
-                    SMTP._reply(self, "500 Error: strict ASCII mode")
-                    return
         if (len(line) > self.command_size_limit or self._size_limits is not None) and len(
             line
         ) > self._command_limit(verb):
