@@ -26,4 +26,3 @@ CASES: list[tuple[bytes, bool, tuple[str, str | None] | None]] = [
 @pytest.mark.parametrize(("line", "smtputf8", "expected"), CASES)
 def test_split_command(line: bytes, smtputf8: bool, expected: object) -> None:
     assert split_command(line, smtputf8) == expected
-
