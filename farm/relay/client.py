@@ -117,6 +117,9 @@ class _Protocol(asyncio.Protocol):
         self.buffer = bytearray()
         self.replies = ReplyReader()
         self.eof = False
+        #: A reply was taken off the buffer for a read that was cancelled before it could
+        #: have it: where the dialogue stands is unknown (never reused).
+        self.reply_lost = False
         self.closed: asyncio.Future[None] = loop.create_future()
         #: The reader's wait for a whole reply (see ``next_reply``).
         self._waiter: asyncio.Future[Reply] | None = None
@@ -196,7 +199,8 @@ class _Protocol(asyncio.Protocol):
 
     def next_reply(self, deadline: float) -> asyncio.Future[Reply]:
         """The next whole reply (none is buffered now), as it arrives; TimeoutError at
-        ``deadline`` (loop time). The reply is taken off the buffer for the waiter only.
+        ``deadline`` (loop time). The reply is taken off the buffer only while the waiter is
+        pending (a reader cancelled after that loses it: see ``reply_lost``).
 
         Per reply, so no timer per wait: one timer per connection, armed for the earliest
         deadline, checks when it fires whether the wait then running is past its own deadline
@@ -248,7 +252,8 @@ class Connection:
 
     def usable(self) -> bool:
         """Still open, with nothing unsolicited buffered (an idle next hop's ``421``, an EOF)
-        and no reply left half read (its first lines taken by a read that was abandoned)."""
+        and no reply left half read (its first lines taken by a read that was abandoned) or
+        taken for a read cancelled before it had it."""
         protocol = self._protocol
         transport = protocol.transport
         return (
@@ -257,6 +262,7 @@ class Connection:
             and not protocol.eof
             and not protocol.buffer
             and not protocol.replies.lines
+            and not protocol.reply_lost
         )
 
     # -- protocol ------------------------------------------------------------------------------
@@ -278,7 +284,13 @@ class Connection:
         # (with nothing buffered, no reply can be whole yet: wait at once)
         reply = protocol.take_reply() if protocol.buffer or protocol.eof else None
         if reply is None:
-            reply = await protocol.next_reply(self.loop.time() + self.timeout)
+            waiter = protocol.next_reply(self.loop.time() + self.timeout)
+            try:
+                reply = await waiter
+            except asyncio.CancelledError:
+                if not waiter.cancelled():  # it had its reply (or error) already: lost
+                    protocol.reply_lost = True
+                raise
         if final and protocol.buffer:
             raise ProtocolError("unsolicited data after a reply")
         return reply

@@ -326,7 +326,7 @@ class SMTP(asyncio.BufferedProtocol):
     ) -> None:
         self.event_handler = handler
         self.data_size_limit = data_size_limit
-        self.enable_SMTPUTF8 = enable_SMTPUTF8
+        self.enable_SMTPUTF8 = bool(enable_SMTPUTF8)  # (any truthy value, as aiosmtpd takes)
         self._decode_data = decode_data
         self.hostname = hostname if hostname is not None else default_hostname()
         self.__ident__ = ident or __ident__

@@ -172,6 +172,19 @@ def test_null_sender_and_smtputf8(make_controller: Any, handler: Any) -> None:
     assert envelope.content == "Grüße\r\n".encode()
 
 
+@pytest.mark.parametrize("switch", [1, None])
+def test_smtputf8_switch_taken_for_its_truth(
+    make_controller: Any, handler: Any, switch: Any
+) -> None:
+    """aiosmtpd takes any truthy or falsy ``enable_SMTPUTF8``; so do the compiled parsers."""
+    controller = make_controller(handler, enable_SMTPUTF8=switch)
+    with SMTPClient.of(controller, timeout=10, greeting=True) as client:
+        assert client.command("EHLO me").startswith("250-")
+        expected = "250 OK\r\n" if switch else "500 Error: strict ASCII mode\r\n"
+        assert client.command("MAIL FROM:<jö@b>") == expected
+        assert client.command("NOOP") == "250 OK\r\n"
+
+
 def test_decode_data_gives_str(make_controller: Any, handler: Any) -> None:
     controller = make_controller(handler, decode_data=True, enable_SMTPUTF8=False)
     with client_for(controller) as client:

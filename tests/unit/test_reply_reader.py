@@ -127,3 +127,34 @@ def test_a_connection_with_a_half_read_reply_is_not_reused() -> None:
     finally:
         theirs.close()
         loop.close()
+
+
+def test_a_connection_whose_reply_went_to_a_cancelled_read_is_not_reused() -> None:
+    """A reply handed to a read that is cancelled before it runs again (a hook's timeout, the
+    client gone, in the same pass of the loop) is lost with it: the buffer is empty, yet the
+    connection must not go back into use."""
+    from farm.relay.client import ClientSettings, Connection, _Protocol
+    from farm.relay.routes import Route
+
+    loop = asyncio.new_event_loop()
+    ours, theirs = socket.socketpair()
+    try:
+        protocol = _Protocol(loop)
+        loop.run_until_complete(loop.connect_accepted_socket(lambda: protocol, ours))
+        connection = Connection(Route("127.0.0.1", 25, False), protocol, ClientSettings())
+
+        async def read_then_cancel() -> None:
+            read = asyncio.ensure_future(connection.read_reply())
+            await asyncio.sleep(0)  # the read now waits for its reply
+            protocol.data_received(b"250 ok\r\n")  # it arrives: handed to the read...
+            read.cancel()  # ...which is cancelled before it could take it
+            with pytest.raises(asyncio.CancelledError):
+                await read
+
+        loop.run_until_complete(asyncio.wait_for(read_then_cancel(), 10))
+        assert not protocol.buffer and not connection.usable()
+        connection.abort()
+        loop.run_until_complete(asyncio.wait_for(protocol.closed, 5))
+    finally:
+        theirs.close()
+        loop.close()
