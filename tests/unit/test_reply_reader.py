@@ -4,7 +4,10 @@ however the bytes are split, text made printable, and the limits that close a co
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -105,9 +108,10 @@ def test_a_line_too_long_is_refused_before_its_end_arrives() -> None:
     assert replies == [] and len(rest) == MAX_LINE - 6
 
 
-def test_a_connection_with_a_half_read_reply_is_not_reused() -> None:
-    """A read abandoned mid-reply (a timeout) leaves its first lines in the reader: the
-    connection must not go back into use, even though its buffer is empty."""
+@contextlib.contextmanager
+def client_over_a_socket_pair() -> Iterator[tuple[asyncio.AbstractEventLoop, socket.socket, Any]]:
+    """The relay client's ``Connection`` on one end of a socket pair (a loop of its own), the
+    other end for the test to write the next hop's side; closed (by the test's end) after."""
     from farm.relay.client import ClientSettings, Connection, _Protocol
     from farm.relay.routes import Route
 
@@ -117,11 +121,7 @@ def test_a_connection_with_a_half_read_reply_is_not_reused() -> None:
         protocol = _Protocol(loop)
         loop.run_until_complete(loop.connect_accepted_socket(lambda: protocol, ours))
         connection = Connection(Route("127.0.0.1", 25, False), protocol, ClientSettings())
-        assert connection.usable()
-        theirs.sendall(b"250-first line\r\n")
-        with pytest.raises(TimeoutError):
-            loop.run_until_complete(asyncio.wait_for(connection.read_reply(), 0.5))
-        assert not protocol.buffer and not connection.usable()
+        yield loop, theirs, connection
         connection.abort()
         loop.run_until_complete(asyncio.wait_for(protocol.closed, 5))
     finally:
@@ -129,19 +129,23 @@ def test_a_connection_with_a_half_read_reply_is_not_reused() -> None:
         loop.close()
 
 
+def test_a_connection_with_a_half_read_reply_is_not_reused() -> None:
+    """A read abandoned mid-reply (a timeout) leaves its first lines in the reader: the
+    connection must not go back into use, even though its buffer is empty."""
+    with client_over_a_socket_pair() as (loop, theirs, connection):
+        assert connection.usable()
+        theirs.sendall(b"250-first line\r\n")
+        with pytest.raises(TimeoutError):
+            loop.run_until_complete(asyncio.wait_for(connection.read_reply(), 0.5))
+        assert not connection._protocol.buffer and not connection.usable()
+
+
 def test_a_connection_whose_reply_went_to_a_cancelled_read_is_not_reused() -> None:
     """A reply handed to a read that is cancelled before it runs again (a hook's timeout, the
     client gone, in the same pass of the loop) is lost with it: the buffer is empty, yet the
     connection must not go back into use."""
-    from farm.relay.client import ClientSettings, Connection, _Protocol
-    from farm.relay.routes import Route
-
-    loop = asyncio.new_event_loop()
-    ours, theirs = socket.socketpair()
-    try:
-        protocol = _Protocol(loop)
-        loop.run_until_complete(loop.connect_accepted_socket(lambda: protocol, ours))
-        connection = Connection(Route("127.0.0.1", 25, False), protocol, ClientSettings())
+    with client_over_a_socket_pair() as (loop, _, connection):
+        protocol = connection._protocol
 
         async def read_then_cancel() -> None:
             read = asyncio.ensure_future(connection.read_reply())
@@ -151,10 +155,6 @@ def test_a_connection_whose_reply_went_to_a_cancelled_read_is_not_reused() -> No
             with pytest.raises(asyncio.CancelledError):
                 await read
 
+        assert connection.usable()
         loop.run_until_complete(asyncio.wait_for(read_then_cancel(), 10))
         assert not protocol.buffer and not connection.usable()
-        connection.abort()
-        loop.run_until_complete(asyncio.wait_for(protocol.closed, 5))
-    finally:
-        theirs.close()
-        loop.close()
