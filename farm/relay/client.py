@@ -22,6 +22,7 @@ from collections.abc import Coroutine, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from farm.relay.errors import NextHopError, ProtocolError
 from farm.relay.reply_reader import NEXT_HOP_LOST, Reply, ReplyReader
 from farm.relay.routes import Route
 
@@ -52,18 +53,6 @@ TLS_MODES = ("none", "starttls", "required", "implicit")
 WRITE_SIZE = 64 * 1024
 #: Reading pauses while this much unread data is buffered.
 _HIGH_WATER = 64 * 1024
-
-
-class NextHopError(Exception):
-    """The next hop could not be used: ``reply`` for the client, the message for the log."""
-
-    def __init__(self, reply: str, detail: str) -> None:
-        super().__init__(detail)
-        self.reply = reply
-
-
-class ProtocolError(ConnectionError):
-    """The next hop broke the protocol (malformed, unsolicited or oversized replies)."""
 
 
 @dataclass(frozen=True, slots=True)

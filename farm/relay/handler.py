@@ -204,7 +204,8 @@ class Relay:
         self.pool_max_messages = int(pool_max_messages)
         self.max_connections = int(max_connections)
         self.connection_wait = float(connection_wait)
-        tls_context = None if tls == "none" else make_ssl_context(tls_verify, tls_ca_file)
+        tls = str(tls)  # (the client's modules are compiled: they take these types only)
+        tls_context = None if tls == "none" else make_ssl_context(bool(tls_verify), tls_ca_file)
         self.settings = ClientSettings(self.timeout, tls, tls_context, tls_server_name)
         self._pools: dict[tuple[Route, asyncio.AbstractEventLoop], Pool] = {}
         self._transactions: dict[int, _Transaction] = {}

@@ -53,7 +53,7 @@ def client_ip(session: Any) -> IPAddress | None:
 class RecipientPolicy:
     """``domains`` we accept mail for; ``trusted_networks`` that may relay anywhere."""
 
-    def __init__(self, domains: Iterable[str], trusted_networks: Iterable[str] = ()) -> None:
+    def __init__(self, domains: Iterable[object], trusted_networks: Iterable[Any] = ()) -> None:
         if isinstance(domains, str):
             raise TypeError("domains must be a list of domains, not one string")
         if isinstance(trusted_networks, str):
@@ -62,6 +62,8 @@ class RecipientPolicy:
         self._literals: set[IPAddress] = set()
         parents = []
         for entry in domains:
+            if not isinstance(entry, str):
+                raise ValueError(f"bad domain {entry!r}: not a string")
             try:
                 domain = normalise_domain(entry)
             except ValueError as error:

@@ -84,8 +84,8 @@ class Pool:
                 self._close_soon(connection)
         deadline: float | None = None  # set when a wait begins (most acquires never wait)
         while True:
-            if (connection := self.take_idle()) is not None:
-                return connection, True
+            if (idle := self.take_idle()) is not None:
+                return idle, True
             if not self.max_connections or self.open < self.max_connections:
                 break
             if deadline is None:

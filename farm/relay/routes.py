@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import idna
 
@@ -45,7 +46,7 @@ class Route:
         return self.text
 
 
-def parse_route(value: str, *, lmtp: bool = False) -> Route:
+def parse_route(value: object, *, lmtp: bool = False) -> Route:
     """``[smtp:|lmtp:]HOST:PORT`` -> a ``Route``; ``lmtp`` is the protocol when none is given."""
     if not isinstance(value, str):
         raise ValueError(f"bad next hop {value!r}: expected [smtp:|lmtp:]HOST:PORT")
@@ -123,7 +124,7 @@ def split_address(address: str) -> tuple[str, str | None]:
 class RouteTable:
     """Recipient domain -> ``Route``, falling back to ``default``."""
 
-    def __init__(self, default: Route, routes: Mapping[str, str] | None = None) -> None:
+    def __init__(self, default: Route, routes: Mapping[Any, Any] | None = None) -> None:
         if routes is not None and not isinstance(routes, Mapping):
             raise TypeError("routes must be a table of domain = next hop")
         self.default = default
