@@ -3,7 +3,7 @@
 They hold per-message work that runs inside them: the framer, the log line and its writer,
 the shared limits table, MAIL/RCPT parsing; for the relay, its client (connection, reply wait
 and parser), connection pool, routes and recipient policy (``benchmarks/instructions.py
---handler relay``: 748k -> ~708k instructions per relayed message). Their exceptions live in
+--handler relay``: 748k -> 712k instructions per relayed message). Their exceptions live in
 ``farm/relay/errors.py``, interpreted: a compiled class cannot subclass ``ConnectionError``.
 Compiled, the same source runs without the interpreter's dispatch (``instructions.py``: 7 %
 fewer instructions per message, 10 % with the tuning for it that followed: ``Final`` module

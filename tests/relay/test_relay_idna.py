@@ -94,3 +94,22 @@ def test_normalised_forms() -> None:
 def test_an_invalid_idn_in_the_configuration_is_refused() -> None:
     with pytest.raises(ValueError, match="bad domain"):
         make_relay("127.0.0.1:1", domains=["a\u200db.com"])
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        ({"next_hop": 25}, "bad next hop 25"),
+        ({"routes": {"a.example": 26}}, "bad next hop 26"),
+        ({"domains": [5]}, "bad domain 5: not a string"),
+        ({"tls": True}, "bad tls 'True'"),
+    ],
+)
+def test_configuration_values_of_the_wrong_type_are_named(
+    arguments: dict[str, object], message: str
+) -> None:
+    """A farm.toml value of the wrong type (say a number for a next hop) is refused with what
+    is wrong, as a bad value is: the relay's compiled modules check types themselves."""
+    settings: dict[str, object] = {"next_hop": "127.0.0.1:1", "domains": ["a.example"]}
+    with pytest.raises(ValueError, match=message):
+        make_relay(**{**settings, **arguments})
