@@ -167,6 +167,10 @@ class _Protocol(asyncio.Protocol):
         if reply is not None:
             waiter.set_result(reply)
 
+    def must_drain(self) -> bool:
+        """True when a writer has to wait (the peer is not keeping up) or fail (closed)."""
+        return (self._drain is not None and not self._drain.done()) or self.closed.done()
+
     async def drain(self) -> None:
         if self._drain is not None and not self._drain.done():
             await self._drain
@@ -294,8 +298,7 @@ class Connection:
         if protocol.eof or transport is None:
             raise ConnectionResetError("next hop closed the connection")
         transport.write(data)
-        drain = protocol._drain  # a wait for the peer to take what was written
-        return (drain is not None and not drain.done()) or protocol.closed.done()
+        return protocol.must_drain()
 
     async def drain(self) -> None:
         """Until the peer has taken what was written (bounded by ``timeout``)."""

@@ -405,10 +405,8 @@ class Relay:
             and not transaction.refused_count
             and not _is_lmtp_server(server)
         ):
-            # The usual case, said on the engine's line of this message (as below, quickly).
-            envelope.log_note = (
-                f"next_hop={transaction.route.text} relay_time={time.monotonic() - started:.3f}s"
-            )
+            # The usual case (as below, without the bookkeeping for refusals)
+            envelope.log_note = _delivered_note(transaction.route.text, started)
             return ACCEPTED
         replies = [_client_reply(result) for result in results]
         accepted = [rcpt for rcpt, reply in zip(recipients, replies, strict=True) if _ok(reply)]
@@ -431,7 +429,7 @@ class Relay:
         next_hop = transaction.route.text if transaction is not None else self.next_hop
         if accepted and not refused and not n_earlier and not error:
             # All delivered: said on the engine's line of this message, not a line of its own.
-            envelope.log_note = f"next_hop={next_hop} relay_time={time.monotonic() - started:.3f}s"
+            envelope.log_note = _delivered_note(next_hop, started)
             return reply
         log.warning(
             "session=%s relay next_hop=%s rcpts=%d accepted=%d refused=%d size=%d "
@@ -520,12 +518,8 @@ class Relay:
         pool = transaction.pool
         name = _safe(self._our_name(server), "localhost")
         for attempt in (1, 2):
-            # (an idle connection first, without a coroutine: the usual case)
-            connection = pool.take_idle() if attempt == 1 else None
-            reused = connection is not None
             try:
-                if connection is None:
-                    connection, reused = await pool.acquire(name, fresh=attempt > 1)
+                connection, reused = await pool.acquire(name, fresh=attempt > 1)
             except NextHopBusy as exc:  # this recipient only: a later one may find room
                 log.warning(
                     "session=%s relay next_hop=%s stage=connect outcome=451 error=%s",
@@ -753,6 +747,11 @@ async def _then(reset: Coroutine[Any, Any, None], reply: str) -> str:
     """``reply`` once ``reset`` is done (a plain hook's answer when it has to wait)."""
     await reset
     return reply
+
+
+def _delivered_note(next_hop: str, started: float) -> str:
+    """What a delivered message's log line says of the relay (the engine writes the line)."""
+    return f"next_hop={next_hop} relay_time={time.monotonic() - started:.3f}s"
 
 
 def _rcpt(address: str) -> str:

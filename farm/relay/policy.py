@@ -123,9 +123,7 @@ class RecipientPolicy:
             if local.lower() == "postmaster":  # RFC 5321 4.5.1: must be accepted
                 return None
             return "no domain"
-        if domain.lstrip().startswith("[") and (
-            domain.startswith("[") or ip_literal(domain.strip()) is not None
-        ):
+        if domain.startswith("[") or ip_literal(domain.strip()) is not None:
             return None if self.is_local_domain(domain) else "foreign IP literal"
         try:
             normalised = normalise_domain(domain)
