@@ -43,3 +43,31 @@ def test_module_is_type_checked_strictly(source: str) -> None:
     assert any(source == entry or source.startswith(entry + "/") for entry in config["files"]), (
         f"{source} is compiled but not in [tool.mypy] files"
     )
+
+
+def _third_party_imports(source: str) -> set[str]:
+    import ast
+    import sys
+
+    tree = ast.parse((ROOT / source).read_text())
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name.partition(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module.partition(".")[0])
+    return {name for name in names if name not in sys.stdlib_module_names and name != "farm"}
+
+
+@pytest.mark.parametrize("source", MODULES)
+def test_module_imports_are_in_the_build_requirements(source: str) -> None:
+    """The build type-checks each compiled module in pip's isolated build environment, which
+    holds only ``[build-system] requires``: a library a compiled module imports must be there
+    too, or a fresh install fails with "Cannot find implementation or library stub"."""
+    import re
+    import tomllib
+
+    requires = tomllib.loads((ROOT / "pyproject.toml").read_text())["build-system"]["requires"]
+    provided = {re.split(r"[<>=!~\[ ;]", requirement, maxsplit=1)[0] for requirement in requires}
+    missing = _third_party_imports(source) - provided
+    assert not missing, f"{source} imports {sorted(missing)}: add them to [build-system] requires"
