@@ -152,7 +152,11 @@ def _worker_process(spec: WorkerSpec) -> int:
     asyncio.set_event_loop(loop)
     start_batching(loop)  # log lines written in batches, from now until the worker ends
     try:
-        server = WorkerServer(spec, handler, loop)
+        try:
+            server = WorkerServer(spec, handler, loop)
+        except HandlerLoadError as error:
+            print(f"farm: worker {spec.slot}: {error}", file=sys.stderr, flush=True)
+            return EXIT_BOOT_ERROR
         code = loop.run_until_complete(server.run())
         loop.run_until_complete(_close_handler(handler))
         if server.scan_stage is not None:
@@ -354,8 +358,16 @@ class WorkerServer:
         if stages:
             self._smtp_kwargs["stages"] = Stages(stages)
         self._flushing = False
-        #: Builds the sessions' protocols (SMTP.protocol_factory), made on first use.
-        self._build_protocol: Callable[[], SMTP] | None = None
+        #: Builds the sessions' protocols: made now, so that a handler the engine refuses (an
+        #: EHLO hook of an unknown signature...) stops the worker's boot with a clear error
+        #: instead of leaving every client unanswered.
+        try:
+            self._build_protocol = SMTP.protocol_factory(handler, loop=loop, **self._smtp_kwargs)
+        except Exception as error:
+            raise HandlerLoadError(
+                f"handler {self.config.handler} refused by the engine: "
+                f"{type(error).__name__}: {error}"
+            ) from None
         context = self._smtp_kwargs.get("tls_context")
         implicit = {a.text for a in self.config.tls_bind}
         tls = {
@@ -394,12 +406,7 @@ class WorkerServer:
         return protocol
 
     def _build_session(self) -> SMTP:
-        build = self._build_protocol
-        if build is None:  # on the first connection, where SMTP(...) would have run
-            build = self._build_protocol = SMTP.protocol_factory(
-                self.handler, loop=self.loop, **self._smtp_kwargs
-            )
-        protocol = build()
+        protocol = self._build_protocol()
         protocol.on_close = self._session_closed
         protocol.stats = self.stats
         return protocol

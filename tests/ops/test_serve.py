@@ -39,6 +39,19 @@ def test_serve_bad_handler_is_a_clear_error(tmp_path: Path) -> None:
     assert "Traceback" not in proc.stderr
 
 
+def test_serve_handler_the_engine_refuses_is_a_clear_error(tmp_path: Path) -> None:
+    """Checked as the worker boots, not at the first connection: a client would otherwise
+    connect and wait for a greeting that never comes."""
+    handler = "tests.support.handlers.refused:Handler"
+    proc = serve_expecting_exit("--handler", handler, cwd=tmp_path)
+    assert proc.returncode == 1
+    assert f"handler {handler} refused by the engine: RuntimeError: Unsupported EHLO Hook" in (
+        proc.stderr
+    )
+    assert "before it was ready (the handler could not be loaded); stopping" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
 def test_serve_bad_bind_is_a_clear_error(tmp_path: Path) -> None:
     proc = serve_expecting_exit("--bind", "nonsense", cwd=tmp_path)
     assert proc.returncode == 2
