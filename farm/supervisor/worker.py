@@ -32,6 +32,7 @@ from farm.scan.stage import ScanStage
 from farm.smtp import SMTP
 from farm.smtp.body import MemoryBudget
 from farm.smtp.drain import SessionTracker
+from farm.smtp.server import default_hostname
 from farm.smtp.stages import Stages
 from farm.supervisor.anvil import AnvilTable, SharedLimiter
 from farm.supervisor.channel import Channel, ChannelClosed
@@ -44,6 +45,7 @@ from farm.supervisor.messages import (
     ToSupervisor,
 )
 from farm.supervisor.privileges import PrivilegeError, drop_privileges
+from farm.supervisor.session_guard import guarded
 
 log = logging.getLogger("farm.worker")
 
@@ -200,9 +202,9 @@ class AcceptGate:
         self,
         loop: asyncio.AbstractEventLoop,
         listeners: list[Any],
-        factory: Callable[[], SMTP],
+        factory: Callable[[], asyncio.BaseProtocol],
         tls: dict[str, Any] | None = None,
-        tls_factory: Callable[[], SMTP] | None = None,
+        tls_factory: Callable[[], asyncio.BaseProtocol] | None = None,
     ) -> None:
         self._loop = loop
         self._listeners = listeners
@@ -375,7 +377,15 @@ class WorkerServer:
             for listener in spec.listeners
             if listener.address in implicit or listener.name in ("smtps", "submissions")
         }
-        self.gate = AcceptGate(loop, spec.listeners, self._new_session, tls, self._new_tls_session)
+        # The factories never raise (uvloop would close the listener for good): see guarded.
+        hostname = self.config.smtp.hostname or default_hostname()
+        self.gate = AcceptGate(
+            loop,
+            spec.listeners,
+            guarded(self._new_session, hostname),
+            tls,
+            guarded(self._new_tls_session, hostname),
+        )
         self._done = loop.create_future()
         self._stopping = False
         self._farm_stops = False
