@@ -374,6 +374,33 @@ def test_hup_with_broken_config_keeps_old_workers(
     assert int(delivered(out)[-1].split()[0]) in before.values()
 
 
+def test_hup_to_a_handler_the_engine_refuses_keeps_old_workers(
+    farms: FarmRunner, tmp_path: Path
+) -> None:
+    """The new workers check the handler as they boot: they exit before READY, the reload is
+    abandoned, and the old generation serves on."""
+    out = tmp_path / "delivered"
+    config_path = counting_config(tmp_path / "farm.toml", out, smtp={"hostname": "old.farm.test"})
+    farm = farms.start(config=config_path, workers=2)
+    before = farm.wait_ready(2)
+
+    refused = "tests.support.handlers.refused:Handler"
+    counting_config(config_path, out, smtp={"hostname": "old.farm.test"}, handler=refused)
+    mark = farm.log_size()
+    farm.signal(signal.SIGHUP)
+    error = farm.wait_log(r"ERROR .*reload failed: (.*)", since=mark)
+    assert "before READY" in error[1], error[0]
+    refusal = f"handler {refused} refused by the engine: RuntimeError: Unsupported EHLO Hook"
+    assert refusal in farm.log()[mark:] + farm.stderr()
+
+    assert farm.metric("farm_reload_last_success") == 0
+    assert farm.metric("farm_workers_ready") == 2
+    assert farm.slots() == before
+    assert smtp_greeting(farm.port).startswith("220 old.farm.test ")
+    assert send_message(farm.port, "still@farm.test").startswith("250")
+    assert delivered(out)[-1].endswith("still@farm.test")
+
+
 # -- 5. a handler that cannot be imported ------------------------------------------------------
 
 

@@ -7,5 +7,8 @@ from typing import Any
 
 
 class Handler:
+    def __init__(self, **settings: Any) -> None:
+        """Takes any ``handler_args`` (a test swaps it in for another handler at a reload)."""
+
     async def handle_EHLO(self, server: Any, session: Any) -> str:
         return "250 never used"
