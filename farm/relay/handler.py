@@ -396,17 +396,13 @@ class Relay:
         started: float,
         error: str,
     ) -> str | list[str]:
-        if (
-            len(results) == 1
-            and type(result := results[0]) is Reply
-            and result.ok
-            and not error
-            and transaction is not None
-            and not transaction.refused_count
-            and not _is_lmtp_server(server)
-        ):
-            # The usual case (as below, without the bookkeeping for refusals)
-            envelope.log_note = _delivered_note(transaction.route.text, started)
+        n_earlier = transaction.refused_count if transaction is not None else 0
+        next_hop = transaction.route.text if transaction is not None else self.next_hop
+        if not error and not n_earlier and _all_delivered(results):
+            # All delivered: said on the engine's line of this message, not a line of its own.
+            envelope.log_note = _delivered_note(next_hop, started)
+            if _is_lmtp_server(server):
+                return [_client_reply(result) for result in results]
             return ACCEPTED
         replies = [_client_reply(result) for result in results]
         accepted = [rcpt for rcpt, reply in zip(recipients, replies, strict=True) if _ok(reply)]
@@ -424,13 +420,7 @@ class Relay:
             reply = ACCEPTED if accepted else _collapse(replies)
             outcome = reply[:3]
         earlier = transaction.refused if transaction is not None else []
-        n_earlier = transaction.refused_count if transaction is not None else 0
         all_refused = earlier + refused
-        next_hop = transaction.route.text if transaction is not None else self.next_hop
-        if accepted and not refused and not n_earlier and not error:
-            # All delivered: said on the engine's line of this message, not a line of its own.
-            envelope.log_note = _delivered_note(next_hop, started)
-            return reply
         log.warning(
             "session=%s relay next_hop=%s rcpts=%d accepted=%d refused=%d size=%d "
             "outcome=%s duration=%.3fs%s%s%s",
@@ -760,6 +750,14 @@ def _rcpt(address: str) -> str:
 
 def _ok(reply: str) -> bool:
     return reply.startswith("2")
+
+
+def _all_delivered(results: list[Reply | str]) -> bool:
+    """Whether the next hop accepted the message for every recipient (there is one at least)."""
+    for result in results:
+        if not (result.ok if type(result) is Reply else _ok(result)):
+            return False
+    return bool(results)
 
 
 def _client_reply(result: Reply | str) -> str:

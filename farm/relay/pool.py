@@ -84,7 +84,7 @@ class Pool:
                 self._close_soon(connection)
         deadline: float | None = None  # set when a wait begins (most acquires never wait)
         while True:
-            if (idle := self.take_idle()) is not None:
+            if (idle := self._take_idle()) is not None:
                 return idle, True
             if not self.max_connections or self.open < self.max_connections:
                 break
@@ -104,7 +104,7 @@ class Pool:
         self._busy.add(connection)
         return connection, False
 
-    def take_idle(self) -> Connection | None:
+    def _take_idle(self) -> Connection | None:
         """An idle connection still usable, now busy (closing the dead ones met); None if
         there is none: then :meth:`acquire` opens one or waits for room."""
         idle = self._idle
