@@ -273,7 +273,7 @@ class Relay:
         if transaction is not None and transaction.route != route:
             return OTHER_ROUTE
         if transaction is None:
-            transaction = _Transaction(session, envelope, route, self._pool(route))
+            transaction = _Transaction(session, envelope, route, self._pool(route, server.loop))
             self._transactions[id(session)] = transaction
         if transaction.broken is not None:
             return transaction.broken.reply
@@ -442,8 +442,10 @@ class Relay:
 
     # -- the next hop's transaction ------------------------------------------------------------
 
-    def _pool(self, route: Route) -> Pool:
-        key = (route, asyncio.get_running_loop())
+    def _pool(self, route: Route, loop: asyncio.AbstractEventLoop) -> Pool:
+        """The pool of ``route``'s connections on ``loop`` (the server's: asking asyncio for
+        the running loop costs a getpid() system call in Python 3.11)."""
+        key = (route, loop)
         pool = self._pools.get(key)
         if pool is None:
             pool = self._pools[key] = Pool(
