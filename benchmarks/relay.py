@@ -81,6 +81,10 @@ class Sample(harness.Rates):
     sink_sessions: int = 0
     #: farm: CPU seconds of the supervisor, then each worker (busiest first).
     split_cpu_s: list[float] = field(default_factory=list)
+    #: CPU seconds smtp-source and smtp-sink used (the load and the next hop).
+    load_cpu_s: float = 0.0
+    #: CPU seconds the whole machine was busy (all cores summed).
+    busy_cpu_s: float = 0.0
 
     @property
     def cpu_s(self) -> float:
@@ -200,8 +204,9 @@ def checked_run(
         sample.farm_cpu_s = cpu1[0] - cpu0[0]
         split = {pid: cpu - split0.get(pid, 0.0) for pid, cpu in farm.per_process.items()}
         sample.split_cpu_s = [split.pop(farm.ps.pid), *sorted(split.values(), reverse=True)]
-    others = (busy_cpu() - busy0) - sample.farm_cpu_s - (children_cpu() - client0)
-    sample.other_cpu_s = max(0.0, others - (_cpu(sink) - sink_cpu0))
+    sample.busy_cpu_s = busy_cpu() - busy0
+    sample.load_cpu_s = (children_cpu() - client0) + (_cpu(sink) - sink_cpu0)
+    sample.other_cpu_s = max(0.0, sample.busy_cpu_s - sample.farm_cpu_s - sample.load_cpu_s)
 
     problem = harness.source_problem(proc, messages, counted=True)
     if problem:
@@ -340,6 +345,7 @@ def render(
         )
         + ".",
         *_split_lines(samples, workloads, farms),
+        *_budget_lines(samples, workloads),
         f"Total benchmark time {elapsed:.0f}s.",
         "",
     ]
@@ -362,6 +368,29 @@ def _split_lines(samples: list[Sample], workloads: list[Workload], farms: list[s
     if not cells:
         return []
     return ["Farm CPU split, supervisor / each worker (busiest first): " + "; ".join(cells) + "."]
+
+
+def _budget_lines(samples: list[Sample], workloads: list[Workload]) -> list[str]:
+    """What a target leaves the farm: the CPU the machine had busy in the direct runs, spread
+    over the target's rate, less what smtp-source and smtp-sink spend per message through it."""
+    lines = []
+    for (mode, key), goal in TARGET.items():
+        direct = [s for s in samples if s.workload == key and s.mode == DIRECT]
+        farm = [s for s in samples if s.workload == key and s.mode == mode]
+        if not direct or not farm:
+            continue
+        cores = statistics.median(s.busy_cpu_s / s.wall_s for s in direct)
+        rate = goal * statistics.median(s.msgs_per_s for s in direct)
+        load = statistics.median(s.load_cpu_s * 1e6 / s.messages for s in farm)
+        spent = statistics.median(s.cpu_us_per_msg for s in farm)
+        lines.append(
+            f"CPU budget of {mode} {key} at its target ({goal}x direct = {rate:,.0f} msgs/s): "
+            f"direct kept {cores:.2f} cores busy, {cores * 1e6 / rate:.0f} µs per message at "
+            f"that rate, of which smtp-source and smtp-sink take {load:.0f} "
+            f"(their CPU per message through the farm), leaving the farm "
+            f"{cores * 1e6 / rate - load:.0f} µs per message; it spent {spent:.0f}."
+        )
+    return lines
 
 
 def report_sample(sample: Sample, reps: int, note: str = "") -> None:
