@@ -1,11 +1,11 @@
 """User-space instructions per message of a ``farm serve -w 1`` worker, under callgrind.
 
 Usage: ``.venv/bin/python benchmarks/instructions.py [--profile production|nolog|nolimits|bare]
-[--messages N] [--workload per-conn|long] [--handler sink|relay]``; compare two trees by running
-it with ``PYTHONPATH`` set to each (the tree's own ``farm`` is the one run). A tree must be
-built as the checkout is (``farm/compiled.py``'s modules compiled), or it runs them as Python:
-install a tree's build with ``pip install --no-deps --target DIR TREE`` and set
-``PYTHONPATH=DIR``.
+[--messages N] [--workload per-conn|long] [--handler sink|relay] [--server farm|aiosmtpd]``;
+compare two trees by running it with ``PYTHONPATH`` set to each (the tree's own ``farm`` is
+the one run). A tree must be built as the checkout is (``farm/compiled.py``'s modules
+compiled), or it runs them as Python: install a tree's build with ``pip install --no-deps
+--target DIR TREE`` and set ``PYTHONPATH=DIR``.
 
 CPU time on a shared 2-core machine moves by several percent between runs; the instructions a
 worker executes do not, so small changes to the per-message path can be measured here, on the
@@ -16,6 +16,10 @@ log to a file and limits applying to the client). ``farm serve -w 1`` runs under
 total instructions at exit differ by the 2N messages only (start-up and stop cancel). Repeat
 runs agree within about 0.5 %; valgrind slows the worker ~50x, so its timers (the log's 100 ms
 flush, the limiter's batched closes) fire for fewer messages than at full speed.
+``--server aiosmtpd``: the same two runs against the CPU reference of ``make bench`` instead
+(``server.py aiosmtpd-asyncio``: aiosmtpd 1.4.6 and its ``Sink``, one process, asyncio, WARNING
+log, warm allocator), so that the ratio of the two is free of the host's noise too (user space
+only: the kernel's share, about the same per message for both, is not in either count).
 ``--handler relay``: the worker runs ``farm.relay:Relay`` (as ``make bench-relay`` does) with an
 ``smtp-sink`` as its next hop, started and stopped here. Needs ``valgrind``, ``smtp-source`` and
 ``smtp-sink`` (Debian: valgrind, postfix); about 30 s per profile.
@@ -108,10 +112,42 @@ def worker_instructions(profile: str, messages: int, long: bool, handler: str = 
         finally:
             farm.terminate()
             farm.wait(READY_WITHIN)
-        for line in (workdir / f"callgrind.{worker.pid}").read_text().splitlines():
-            if line.startswith(("summary:", "totals:")):
-                return int(line.split()[1])
-        raise SystemExit("no totals in the worker's callgrind output")
+        return callgrind_total(workdir / f"callgrind.{worker.pid}")
+
+
+def reference_instructions(messages: int, long: bool) -> int:
+    """aiosmtpd's (``server.py aiosmtpd-asyncio``) total user-space instructions for a run of
+    ``messages`` (after warm-up)."""
+    with tempfile.TemporaryDirectory(prefix="farm-instructions-") as tmp:
+        workdir = Path(tmp)
+        portfile = workdir / "port"
+        command = [
+            *("valgrind", "--tool=callgrind", f"--callgrind-out-file={workdir}/callgrind.%p"),
+            *(sys.executable, str(HERE / "server.py"), "aiosmtpd-asyncio", str(portfile)),
+        ]
+        with (workdir / "stderr").open("wb") as err:
+            server = subprocess.Popen(command, cwd=workdir, stdout=subprocess.DEVNULL, stderr=err)
+        try:
+            deadline = time.monotonic() + READY_WITHIN
+            while not portfile.exists():
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise SystemExit(f"aiosmtpd did not start: {(workdir / 'stderr').read_text()}")
+                time.sleep(0.5)
+            port = int(portfile.read_text().split()[0])  # "PORT PID MALLOC HANDLER"
+            wait_greeting(port, deadline)
+            send_messages(port, messages, long)
+        finally:
+            server.terminate()
+            server.wait(READY_WITHIN)
+        return callgrind_total(workdir / f"callgrind.{server.pid}")
+
+
+def callgrind_total(path: Path) -> int:
+    """The total instructions in a callgrind output file."""
+    for line in path.read_text().splitlines():
+        if line.startswith(("summary:", "totals:")):
+            return int(line.split()[1])
+    raise SystemExit(f"no totals in {path}")
 
 
 def run_options(description: str) -> argparse.ArgumentParser:
@@ -123,20 +159,30 @@ def run_options(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--messages", type=int, default=300, help="N (the runs take N and 3N)")
     parser.add_argument("--workload", choices=("per-conn", "long"), default="per-conn")
     parser.add_argument("--handler", choices=("sink", "relay"), default="sink")
+    parser.add_argument(
+        "--server",
+        choices=("farm", "aiosmtpd"),
+        default="farm",
+        help="farm (a farm serve -w 1 worker, default) or aiosmtpd (the CPU reference of make "
+        "bench; --profile and --handler do not apply)",
+    )
     return parser
 
 
 def main() -> int:
     args = run_options(__doc__.splitlines()[0]).parse_args()
     long = args.workload == "long"
-    few = worker_instructions(args.profile, args.messages, long, args.handler)
-    more = worker_instructions(args.profile, 3 * args.messages, long, args.handler)
+    if args.server == "aiosmtpd":
+        few = reference_instructions(args.messages, long)
+        more = reference_instructions(3 * args.messages, long)
+        what = f"aiosmtpd-asyncio (Sink), {args.workload}"
+    else:
+        few = worker_instructions(args.profile, args.messages, long, args.handler)
+        more = worker_instructions(args.profile, 3 * args.messages, long, args.handler)
+        tree = os.environ.get("PYTHONPATH", "(installed farm)")
+        what = f"{args.profile}, {args.workload}, {args.handler}, {tree}"
     per_message = (more - few) / (2 * args.messages)
-    tree = os.environ.get("PYTHONPATH", "(installed farm)")
-    print(
-        f"{args.profile}, {args.workload}, {args.handler}, {tree}: "
-        f"{per_message / 1000:.1f}k instructions/msg"
-    )
+    print(f"{what}: {per_message / 1000:.1f}k instructions/msg")
     return 0
 
 
