@@ -38,6 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(serve)
     check = commands.add_parser("check", help="validate and print the effective configuration")
     _add_config_flags(check)
+    check.add_argument(
+        "--load-handler",
+        action="store_true",
+        help="also import and build the handler (its constructor runs) and check it against "
+        "the engine, as a worker does when it boots",
+    )
     return parser
 
 
@@ -90,6 +96,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"farm: {error}", file=sys.stderr)
         return EXIT_CONFIG
     if args.command == "check":
+        if args.load_handler:
+            from farm.handler_loading import HandlerLoadError, check_handler
+
+            try:
+                check_handler(config.handler, config.handler_args, **config.smtp.as_kwargs())
+            except (HandlerLoadError, ConfigError) as error:
+                print(f"farm: {error}", file=sys.stderr)
+                return EXIT_CONFIG
         print(config.describe(), end="")
         return 0
     return serve(config, overrides)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import importlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
+
+from farm.smtp import SMTP
 
 
 class HandlerLoadError(Exception):
@@ -38,3 +41,27 @@ def load_handler(spec: str, arguments: Mapping[str, Any] | None = None) -> Any:
     if arguments:
         raise HandlerLoadError(f"handler {spec} is not a class: handler_args cannot apply")
     return target
+
+
+def engine_factory(spec: str, handler: Any, **smtp_kwargs: Any) -> Callable[[], SMTP]:
+    """The engine's protocol factory for ``handler`` (loaded from ``spec``): the engine checks
+    the handler's hooks as it builds it, so a handler it refuses (an EHLO hook of an unknown
+    signature...) is a :class:`HandlerLoadError` here, not a client left without a greeting."""
+    try:
+        return SMTP.protocol_factory(handler, **smtp_kwargs)
+    except Exception as error:
+        raise HandlerLoadError(
+            f"handler {spec} refused by the engine: {type(error).__name__}: {error}"
+        ) from None
+
+
+def check_handler(spec: str, arguments: Mapping[str, Any] | None, **smtp_kwargs: Any) -> None:
+    """Load the handler and build the engine's factory for it, as a worker's boot does (so the
+    handler's constructor runs), serving nothing: a :class:`HandlerLoadError` if a worker could
+    not boot with it (``farm check --load-handler``)."""
+    handler = load_handler(spec, arguments)
+    loop = asyncio.new_event_loop()
+    try:
+        engine_factory(spec, handler, loop=loop, **smtp_kwargs)
+    finally:
+        loop.close()

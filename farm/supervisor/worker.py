@@ -24,7 +24,7 @@ from typing import Any, NoReturn
 
 from prometheus_client import CollectorRegistry, generate_latest
 
-from farm.handler_loading import HandlerLoadError, load_handler
+from farm.handler_loading import HandlerLoadError, engine_factory, load_handler
 from farm.logs import reopen_log_file, start_batching, stop_batching
 from farm.metrics import StatsCollector, WorkerStats
 from farm.pipeline import build_stages
@@ -363,13 +363,9 @@ class WorkerServer:
         #: Builds the sessions' protocols: made now, so that a handler the engine refuses (an
         #: EHLO hook of an unknown signature...) stops the worker's boot with a clear error
         #: instead of leaving every client unanswered.
-        try:
-            self._build_protocol = SMTP.protocol_factory(handler, loop=loop, **self._smtp_kwargs)
-        except Exception as error:
-            raise HandlerLoadError(
-                f"handler {self.config.handler} refused by the engine: "
-                f"{type(error).__name__}: {error}"
-            ) from None
+        self._build_protocol = engine_factory(
+            self.config.handler, handler, loop=loop, **self._smtp_kwargs
+        )
         context = self._smtp_kwargs.get("tls_context")
         implicit = {a.text for a in self.config.tls_bind}
         tls = {

@@ -804,6 +804,33 @@ def test_check_prints_the_effective_config_and_touches_nothing(tmp_path: Path) -
     assert not (tmp_path / "never").exists()
 
 
+def test_check_load_handler_finds_what_a_worker_boot_would(tmp_path: Path) -> None:
+    """Plain ``check`` does not import the handler; ``--load-handler`` builds it and checks it
+    against the engine, so a handler that would stop every worker's boot (at a SIGHUP: the
+    reload abandoned) is found before the reload."""
+    refused = "tests.support.handlers.refused:Handler"
+    assert farm_check("--handler", refused).returncode == 0
+    result = farm_check("--handler", refused, "--load-handler")
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr == (
+        f"farm: handler {refused} refused by the engine: RuntimeError: Unsupported EHLO Hook\n"
+    )
+    missing = farm_check("--handler", "tests.support.handlers.nosuch:Handler", "--load-handler")
+    assert (missing.returncode, missing.stdout) == (2, "")
+    assert missing.stderr.startswith("farm: cannot import handler module ")
+    assert missing.stderr.count("\n") == 1
+    # Its constructor runs: the arguments it takes are checked too.
+    unbuilt = farm_check("--handler", COUNTING, "--load-handler")
+    assert (unbuilt.returncode, unbuilt.stdout) == (2, "")
+    assert unbuilt.stderr.startswith(f"farm: cannot create handler {COUNTING}: TypeError: ")
+    config = toml_config(
+        tmp_path / "good.toml", {"handler": COUNTING}, handler_args={"path": str(tmp_path / "x")}
+    )
+    good = farm_check("-c", str(config), "--load-handler")
+    assert good.returncode == 0, good.stderr
+    assert tomllib.loads(good.stdout)["handler"] == COUNTING
+
+
 @pytest.mark.parametrize(
     ("content", "key"),
     [
