@@ -59,9 +59,10 @@ def check_handler(spec: str, arguments: Mapping[str, Any] | None, **smtp_kwargs:
     """Load the handler and build the engine's factory for it, as a worker's boot does (so the
     handler's constructor runs), serving nothing: a :class:`HandlerLoadError` if a worker could
     not boot with it (``farm check --load-handler``)."""
-    handler = load_handler(spec, arguments)
     loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)  # (the worker's is current when its handler is built)
     try:
-        engine_factory(spec, handler, loop=loop, **smtp_kwargs)
+        engine_factory(spec, load_handler(spec, arguments), loop=loop, **smtp_kwargs)
     finally:
+        asyncio.set_event_loop(None)
         loop.close()

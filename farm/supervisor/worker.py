@@ -145,16 +145,12 @@ def _worker_process(spec: WorkerSpec) -> int:
     except ImportError:  # pragma: no cover - a declared dependency
         pass
     faulthandler.register(signal.SIGUSR2, file=sys.stderr, all_threads=True)
-    try:
-        handler = load_handler(config.handler, config.handler_args)
-    except HandlerLoadError as error:
-        print(f"farm: worker {spec.slot}: {error}", file=sys.stderr, flush=True)
-        return EXIT_BOOT_ERROR
     loop = _new_loop(config.uvloop)
     asyncio.set_event_loop(loop)
     start_batching(loop)  # log lines written in batches, from now until the worker ends
     try:
-        try:
+        try:  # the handler, then the engine's check of it (WorkerServer builds the factory)
+            handler = load_handler(config.handler, config.handler_args)
             server = WorkerServer(spec, handler, loop)
         except HandlerLoadError as error:
             print(f"farm: worker {spec.slot}: {error}", file=sys.stderr, flush=True)
