@@ -29,12 +29,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-from contextlib import ExitStack
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import psutil
@@ -43,6 +43,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import harness  # noqa: E402  (benchmarks/harness.py)
+from harness import free_port  # noqa: E402
 from server import farm_toml  # noqa: E402  (benchmarks/server.py)
 
 #: Generous: Python starts ~50x slower under valgrind.
@@ -50,25 +51,29 @@ READY_WITHIN = 600.0
 WARMUP = 100
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
 def wait_greeting(port: int, deadline: float) -> None:
-    while True:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=120) as sock:
-                if sock.makefile("rb").readline().startswith(b"220"):
-                    sock.sendall(b"QUIT\r\n")
-                    return
-        except OSError:
-            pass
+    """Until 127.0.0.1:port answers 220 (a SystemExit after ``deadline``)."""
+    while not harness.greets(port, timeout=120):
         if time.monotonic() > deadline:
-            raise SystemExit(f"farm serve did not greet on port {port} within {READY_WITHIN}s")
+            raise SystemExit(f"the server did not greet on port {port} within {READY_WITHIN}s")
         time.sleep(0.5)
+
+
+@contextmanager
+def under_callgrind(workdir: Path, argv: list[str]) -> Iterator[subprocess.Popen[bytes]]:
+    """``argv`` run under callgrind, its output files and stderr in ``workdir`` (also its cwd:
+    not the checkout, whose ``farm`` ``-m farm`` would import before PYTHONPATH's);
+    terminated and waited for on leaving."""
+    command = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={workdir}/callgrind.%p"]
+    with (workdir / "stderr").open("wb") as err:
+        proc = subprocess.Popen(
+            [*command, *argv], cwd=workdir, stdout=subprocess.DEVNULL, stderr=err
+        )
+    try:
+        yield proc
+    finally:
+        proc.terminate()
+        proc.wait(READY_WITHIN)
 
 
 def send_messages(port: int, messages: int, long: bool) -> None:
@@ -97,21 +102,12 @@ def worker_instructions(profile: str, messages: int, long: bool, handler: str = 
         workdir = Path(tmp)
         config, handler_spec = worker_config(workdir, profile, handler, stack)
         port = free_port()
-        command = [
-            *("valgrind", "--tool=callgrind", f"--callgrind-out-file={workdir}/callgrind.%p"),
-            *(sys.executable, "-m", "farm", "serve", "-c", str(config)),
-            *("-b", f"127.0.0.1:{port}", "-w", "1", "--handler", handler_spec),
-        ]
-        with (workdir / "stderr").open("wb") as err:
-            # (cwd: not the checkout, whose farm ``-m farm`` would import before PYTHONPATH's)
-            farm = subprocess.Popen(command, cwd=workdir, stdout=subprocess.DEVNULL, stderr=err)
-        try:
+        argv = [sys.executable, "-m", "farm", "serve", "-c", str(config), "-b"]
+        argv += [f"127.0.0.1:{port}", "-w", "1", "--handler", handler_spec]
+        with under_callgrind(workdir, argv) as farm:
             wait_greeting(port, time.monotonic() + READY_WITHIN)
             [worker] = psutil.Process(farm.pid).children()
             send_messages(port, messages, long)
-        finally:
-            farm.terminate()
-            farm.wait(READY_WITHIN)
         return callgrind_total(workdir / f"callgrind.{worker.pid}")
 
 
@@ -121,13 +117,8 @@ def reference_instructions(messages: int, long: bool) -> int:
     with tempfile.TemporaryDirectory(prefix="farm-instructions-") as tmp:
         workdir = Path(tmp)
         portfile = workdir / "port"
-        command = [
-            *("valgrind", "--tool=callgrind", f"--callgrind-out-file={workdir}/callgrind.%p"),
-            *(sys.executable, str(HERE / "server.py"), "aiosmtpd-asyncio", str(portfile)),
-        ]
-        with (workdir / "stderr").open("wb") as err:
-            server = subprocess.Popen(command, cwd=workdir, stdout=subprocess.DEVNULL, stderr=err)
-        try:
+        argv = [sys.executable, str(HERE / "server.py"), "aiosmtpd-asyncio", str(portfile)]
+        with under_callgrind(workdir, argv) as server:
             deadline = time.monotonic() + READY_WITHIN
             while not portfile.exists():
                 if server.poll() is not None or time.monotonic() > deadline:
@@ -136,9 +127,6 @@ def reference_instructions(messages: int, long: bool) -> int:
             port = int(portfile.read_text().split()[0])  # "PORT PID MALLOC HANDLER"
             wait_greeting(port, deadline)
             send_messages(port, messages, long)
-        finally:
-            server.terminate()
-            server.wait(READY_WITHIN)
         return callgrind_total(workdir / f"callgrind.{server.pid}")
 
 
