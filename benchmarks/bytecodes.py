@@ -34,6 +34,7 @@ from instructions import (  # noqa: E402  (benchmarks/instructions.py)
     run_options,
     send_messages,
     wait_greeting,
+    worker_argv,
     worker_config,
 )
 
@@ -87,8 +88,7 @@ def worker_bytecodes(profile: str, messages: int, long: bool, handler: str) -> d
         port = free_port()
         path = os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"), tmp) if p)
         env = dict(os.environ, PYTHONPATH=path, FARM_BYTECODES=str(counts))
-        command = [sys.executable, "-m", "farm", "serve", "-c", str(config)]
-        command += ["-b", f"127.0.0.1:{port}", "-w", "1", "--handler", handler_spec]
+        command = worker_argv(config, port, handler_spec)
         with (workdir / "stderr").open("wb") as err:
             # (cwd: not the checkout, whose farm ``-m farm`` would import before PYTHONPATH's)
             farm = subprocess.Popen(

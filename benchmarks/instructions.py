@@ -102,9 +102,7 @@ def worker_instructions(profile: str, messages: int, long: bool, handler: str = 
         workdir = Path(tmp)
         config, handler_spec = worker_config(workdir, profile, handler, stack)
         port = free_port()
-        argv = [sys.executable, "-m", "farm", "serve", "-c", str(config), "-b"]
-        argv += [f"127.0.0.1:{port}", "-w", "1", "--handler", handler_spec]
-        with under_callgrind(workdir, argv) as farm:
+        with under_callgrind(workdir, worker_argv(config, port, handler_spec)) as farm:
             wait_greeting(port, time.monotonic() + READY_WITHIN)
             [worker] = psutil.Process(farm.pid).children()
             send_messages(port, messages, long)
@@ -117,17 +115,33 @@ def reference_instructions(messages: int, long: bool) -> int:
     with tempfile.TemporaryDirectory(prefix="farm-instructions-") as tmp:
         workdir = Path(tmp)
         portfile = workdir / "port"
-        argv = [sys.executable, str(HERE / "server.py"), "aiosmtpd-asyncio", str(portfile)]
-        with under_callgrind(workdir, argv) as server:
-            deadline = time.monotonic() + READY_WITHIN
-            while not portfile.exists():
-                if server.poll() is not None or time.monotonic() > deadline:
-                    raise SystemExit(f"aiosmtpd did not start: {(workdir / 'stderr').read_text()}")
-                time.sleep(0.5)
-            port = int(portfile.read_text().split()[0])  # "PORT PID MALLOC HANDLER"
-            wait_greeting(port, deadline)
+        with under_callgrind(workdir, reference_argv(portfile)) as server:
+            port = reference_port(server, portfile, workdir / "stderr")
             send_messages(port, messages, long)
         return callgrind_total(workdir / f"callgrind.{server.pid}")
+
+
+def worker_argv(config: Path, port: int, handler_spec: str) -> list[str]:
+    """``farm serve -w 1`` on 127.0.0.1:port (run from a directory outside the checkout)."""
+    argv = [sys.executable, "-m", "farm", "serve", "-c", str(config), "-b"]
+    return [*argv, f"127.0.0.1:{port}", "-w", "1", "--handler", handler_spec]
+
+
+def reference_argv(portfile: Path) -> list[str]:
+    """The command of ``make bench``'s CPU reference (``server.py aiosmtpd-asyncio``)."""
+    return [sys.executable, str(HERE / "server.py"), "aiosmtpd-asyncio", str(portfile)]
+
+
+def reference_port(server: subprocess.Popen[bytes], portfile: Path, stderr: Path) -> int:
+    """The port of a started ``server.py`` once it greets (a SystemExit if it does not)."""
+    deadline = time.monotonic() + READY_WITHIN
+    while not portfile.exists():
+        if server.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(f"aiosmtpd did not start: {stderr.read_text()}")
+        time.sleep(0.5)
+    port = int(portfile.read_text().split()[0])  # "PORT PID MALLOC HANDLER"
+    wait_greeting(port, deadline)
+    return port
 
 
 def callgrind_total(path: Path) -> int:
@@ -138,13 +152,19 @@ def callgrind_total(path: Path) -> int:
     raise SystemExit(f"no totals in {path}")
 
 
-def run_options(description: str) -> argparse.ArgumentParser:
-    """The options of a two-run measure of the worker: --profile, --messages, --workload."""
+def run_options(description: str, messages: int = 300) -> argparse.ArgumentParser:
+    """The options of a measure of the worker: --profile, --messages, --workload, --handler
+    and --server."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument(
         "--profile", choices=("production", "nolog", "nolimits", "bare"), default="production"
     )
-    parser.add_argument("--messages", type=int, default=300, help="N (the runs take N and 3N)")
+    parser.add_argument(
+        "--messages",
+        type=int,
+        default=messages,
+        help="N (instructions.py, bytecodes.py: the runs take N and 3N)",
+    )
     parser.add_argument("--workload", choices=("per-conn", "long"), default="per-conn")
     parser.add_argument("--handler", choices=("sink", "relay"), default="sink")
     parser.add_argument(
