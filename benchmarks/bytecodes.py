@@ -110,6 +110,8 @@ def main() -> int:
     parser = run_options(__doc__.splitlines()[0])
     parser.add_argument("--top", type=int, default=40, help="functions listed")
     args = parser.parse_args()
+    if args.server != "farm":
+        parser.error("--server: only a farm worker's bytecodes are counted here")
     long = args.workload == "long"
     few = worker_bytecodes(args.profile, args.messages, long, args.handler)
     more = worker_bytecodes(args.profile, 3 * args.messages, long, args.handler)

@@ -19,10 +19,14 @@ flush, the limiter's batched closes) fire for fewer messages than at full speed.
 ``--server aiosmtpd``: the same two runs against the CPU reference of ``make bench`` instead
 (``server.py aiosmtpd-asyncio``: aiosmtpd 1.4.6 and its ``Sink``, one process, asyncio, WARNING
 log, warm allocator), so that the ratio of the two is free of the host's noise too (user space
-only: the kernel's share, about the same per message for both, is not in either count).
+only: the kernel's share, about the same per message for both, is not in either count);
+``--server floor``: ``floor.py``'s canned replies on uvloop (what any Python server pays).
 ``--handler relay``: the worker runs ``farm.relay:Relay`` (as ``make bench-relay`` does) with an
 ``smtp-sink`` as its next hop, started and stopped here. Needs ``valgrind``, ``smtp-source`` and
-``smtp-sink`` (Debian: valgrind, postfix); about 30 s per profile.
+``smtp-sink`` (Debian: valgrind, postfix); about 30 s per profile. ``--simulate``: callgrind
+also simulates the caches and branch predictors (``--cache-sim=yes --branch-sim=yes``; this VM
+exposes no hardware counters) and the misses per message are printed too: how dear the
+instructions are, not only how many (slower, about 2 min).
 """
 
 from __future__ import annotations
@@ -49,6 +53,13 @@ from server import farm_toml  # noqa: E402  (benchmarks/server.py)
 #: Generous: Python starts ~50x slower under valgrind.
 READY_WITHIN = 600.0
 WARMUP = 100
+#: callgrind's events with ``--simulate`` (besides ``Ir``, the instructions), as printed.
+SIMULATED = {
+    "I1mr": "L1 instruction-cache misses",
+    "D1mr": "L1 data-cache read misses",
+    "Bcm": "mispredicted conditional branches",
+    "Bim": "mispredicted indirect branches",
+}
 
 
 def wait_greeting(port: int, deadline: float) -> None:
@@ -60,11 +71,15 @@ def wait_greeting(port: int, deadline: float) -> None:
 
 
 @contextmanager
-def under_callgrind(workdir: Path, argv: list[str]) -> Iterator[subprocess.Popen[bytes]]:
+def under_callgrind(
+    workdir: Path, argv: list[str], simulate: bool = False
+) -> Iterator[subprocess.Popen[bytes]]:
     """``argv`` run under callgrind, its output files and stderr in ``workdir`` (also its cwd:
     not the checkout, whose ``farm`` ``-m farm`` would import before PYTHONPATH's);
-    terminated and waited for on leaving."""
+    terminated and waited for on leaving. ``simulate``: with the cache and branch simulation."""
     command = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={workdir}/callgrind.%p"]
+    if simulate:
+        command += ["--cache-sim=yes", "--branch-sim=yes"]
     with (workdir / "stderr").open("wb") as err:
         proc = subprocess.Popen(
             [*command, *argv], cwd=workdir, stdout=subprocess.DEVNULL, stderr=err
@@ -95,30 +110,35 @@ def worker_config(workdir: Path, profile: str, handler: str, stack: ExitStack) -
     return farm_toml(workdir, "farm", profile, relay), "farm.relay:Relay"
 
 
-def worker_instructions(profile: str, messages: int, long: bool, handler: str = "sink") -> int:
-    """The worker's total user-space instructions for a run of ``messages`` (after warm-up);
-    ``handler``: ``sink`` (farm.handlers:Sink) or ``relay`` (farm.relay:Relay to smtp-sink)."""
+def worker_instructions(
+    profile: str, messages: int, long: bool, handler: str = "sink", simulate: bool = False
+) -> dict[str, int]:
+    """The worker's callgrind totals (``Ir``: user-space instructions) for a run of
+    ``messages`` (after warm-up); ``handler``: ``sink`` (farm.handlers:Sink) or ``relay``
+    (farm.relay:Relay to smtp-sink)."""
     with tempfile.TemporaryDirectory(prefix="farm-instructions-") as tmp, ExitStack() as stack:
         workdir = Path(tmp)
         config, handler_spec = worker_config(workdir, profile, handler, stack)
         port = free_port()
-        with under_callgrind(workdir, worker_argv(config, port, handler_spec)) as farm:
+        argv = worker_argv(config, port, handler_spec)
+        with under_callgrind(workdir, argv, simulate) as farm:
             wait_greeting(port, time.monotonic() + READY_WITHIN)
             [worker] = psutil.Process(farm.pid).children()
             send_messages(port, messages, long)
-        return callgrind_total(workdir / f"callgrind.{worker.pid}")
+        return callgrind_totals(workdir / f"callgrind.{worker.pid}")
 
 
-def reference_instructions(messages: int, long: bool) -> int:
-    """aiosmtpd's (``server.py aiosmtpd-asyncio``) total user-space instructions for a run of
-    ``messages`` (after warm-up)."""
+def reference_instructions(
+    kind: str, messages: int, long: bool, simulate: bool = False
+) -> dict[str, int]:
+    """A ``server.py KIND``'s callgrind totals for a run of ``messages`` (after warm-up)."""
     with tempfile.TemporaryDirectory(prefix="farm-instructions-") as tmp:
         workdir = Path(tmp)
         portfile = workdir / "port"
-        with under_callgrind(workdir, reference_argv(portfile)) as server:
+        with under_callgrind(workdir, reference_argv(portfile, kind), simulate) as server:
             port = reference_port(server, portfile, workdir / "stderr")
             send_messages(port, messages, long)
-        return callgrind_total(workdir / f"callgrind.{server.pid}")
+        return callgrind_totals(workdir / f"callgrind.{server.pid}")
 
 
 def worker_argv(config: Path, port: int, handler_spec: str) -> list[str]:
@@ -127,9 +147,13 @@ def worker_argv(config: Path, port: int, handler_spec: str) -> list[str]:
     return [*argv, f"127.0.0.1:{port}", "-w", "1", "--handler", handler_spec]
 
 
-def reference_argv(portfile: Path) -> list[str]:
-    """The command of ``make bench``'s CPU reference (``server.py aiosmtpd-asyncio``)."""
-    return [sys.executable, str(HERE / "server.py"), "aiosmtpd-asyncio", str(portfile)]
+#: --server: the ``server.py`` kinds measured instead of a farm worker.
+REFERENCES = {"aiosmtpd": "aiosmtpd-asyncio", "floor": "floor-uvloop"}
+
+
+def reference_argv(portfile: Path, kind: str = REFERENCES["aiosmtpd"]) -> list[str]:
+    """The command of a ``server.py`` KIND, by default ``make bench``'s CPU reference."""
+    return [sys.executable, str(HERE / "server.py"), kind, str(portfile)]
 
 
 def reference_port(server: subprocess.Popen[bytes], portfile: Path, stderr: Path) -> int:
@@ -144,11 +168,14 @@ def reference_port(server: subprocess.Popen[bytes], portfile: Path, stderr: Path
     return port
 
 
-def callgrind_total(path: Path) -> int:
-    """The total instructions in a callgrind output file."""
+def callgrind_totals(path: Path) -> dict[str, int]:
+    """A callgrind output file's totals by event (``Ir``: instructions)."""
+    events: list[str] = []
     for line in path.read_text().splitlines():
-        if line.startswith(("summary:", "totals:")):
-            return int(line.split()[1])
+        if line.startswith("events:"):
+            events = line.split()[1:]
+        elif line.startswith(("summary:", "totals:")):
+            return dict(zip(events, map(int, line.split()[1:]), strict=True))
     raise SystemExit(f"no totals in {path}")
 
 
@@ -169,28 +196,37 @@ def run_options(description: str, messages: int = 300) -> argparse.ArgumentParse
     parser.add_argument("--handler", choices=("sink", "relay"), default="sink")
     parser.add_argument(
         "--server",
-        choices=("farm", "aiosmtpd"),
+        choices=("farm", *REFERENCES),
         default="farm",
-        help="farm (a farm serve -w 1 worker, default) or aiosmtpd (the CPU reference of make "
-        "bench; --profile and --handler do not apply)",
+        help="farm (a farm serve -w 1 worker, default), aiosmtpd (the CPU reference of make "
+        "bench) or floor (floor.py's canned replies); --profile and --handler apply to farm",
     )
     return parser
 
 
 def main() -> int:
-    args = run_options(__doc__.splitlines()[0]).parse_args()
-    long = args.workload == "long"
-    if args.server == "aiosmtpd":
-        few = reference_instructions(args.messages, long)
-        more = reference_instructions(3 * args.messages, long)
-        what = f"aiosmtpd-asyncio (Sink), {args.workload}"
+    parser = run_options(__doc__.splitlines()[0])
+    parser.add_argument(
+        "--simulate", action="store_true", help="also the cache and branch-predictor misses"
+    )
+    args = parser.parse_args()
+    long, simulate = args.workload == "long", args.simulate
+    if args.server in REFERENCES:
+        kind = REFERENCES[args.server]
+        few = reference_instructions(kind, args.messages, long, simulate)
+        more = reference_instructions(kind, 3 * args.messages, long, simulate)
+        what = f"{kind}, {args.workload}"
     else:
-        few = worker_instructions(args.profile, args.messages, long, args.handler)
-        more = worker_instructions(args.profile, 3 * args.messages, long, args.handler)
+        few = worker_instructions(args.profile, args.messages, long, args.handler, simulate)
+        more = worker_instructions(args.profile, 3 * args.messages, long, args.handler, simulate)
         tree = os.environ.get("PYTHONPATH", "(installed farm)")
         what = f"{args.profile}, {args.workload}, {args.handler}, {tree}"
-    per_message = (more - few) / (2 * args.messages)
-    print(f"{what}: {per_message / 1000:.1f}k instructions/msg")
+    per_message = {event: (more[event] - few[event]) / (2 * args.messages) for event in more}
+    instructions = per_message["Ir"]
+    print(f"{what}: {instructions / 1000:.1f}k instructions/msg")
+    for event, name in SIMULATED.items() if simulate else ():
+        misses = per_message[event]
+        print(f"  {misses / 1000:.2f}k {name}/msg ({misses / instructions * 1000:.1f} per 1,000)")
     return 0
 
 

@@ -13,8 +13,8 @@ connection unless ``--workload long``). Printed: each system call's count per me
 minor page faults per message (``/proc/PID/stat``, read around the same run). strace slows the
 server several times, so its timers (the log's 100 ms flush, heartbeats) fire for more messages
 than at full speed: their calls are over-counted here, if anything. ``--server aiosmtpd``:
-``make bench``'s CPU reference instead. Needs ``strace``, ``smtp-source`` (Debian: strace,
-postfix).
+``make bench``'s CPU reference instead; ``--server floor``: ``floor.py``'s canned replies.
+Needs ``strace``, ``smtp-source`` (Debian: strace, postfix).
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ sys.path.insert(0, str(HERE))
 import harness  # noqa: E402  (benchmarks/harness.py)
 from instructions import (  # noqa: E402  (benchmarks/instructions.py)
     READY_WITHIN,
+    REFERENCES,
     WARMUP,
     reference_argv,
     reference_port,
@@ -94,9 +95,9 @@ def measure(
     """Start the server asked for, run the traced messages; (calls, minor faults)."""
     messages, long = args.messages, args.workload == "long"
     out = workdir / "strace.txt"
-    if args.server == "aiosmtpd":
+    if args.server in REFERENCES:
         portfile = workdir / "port"
-        server = start(reference_argv(portfile), workdir, stack)
+        server = start(reference_argv(portfile, REFERENCES[args.server]), workdir, stack)
         port = reference_port(server, portfile, workdir / "stderr")
         pid = server.pid
     else:
@@ -123,7 +124,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="farm-syscalls-") as tmp, ExitStack() as stack:
         counts, faults = measure(args, Path(tmp), stack)
     n = args.messages
-    what = args.server if args.server == "aiosmtpd" else f"farm {args.profile} {args.handler}"
+    what = args.server if args.server in REFERENCES else f"farm {args.profile} {args.handler}"
     print(f"{what}, {args.workload}, {n} messages: per message")
     for name, calls in sorted(counts.items(), key=lambda item: -item[1]):
         print(f"  {calls / n:7.2f}  {name}")
