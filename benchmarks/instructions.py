@@ -161,7 +161,7 @@ def reference_port(server: subprocess.Popen[bytes], portfile: Path, stderr: Path
     deadline = time.monotonic() + READY_WITHIN
     while not portfile.exists():
         if server.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit(f"aiosmtpd did not start: {stderr.read_text()}")
+            raise SystemExit(f"the server did not start: {stderr.read_text()}")
         time.sleep(0.5)
     port = int(portfile.read_text().split()[0])  # "PORT PID MALLOC HANDLER"
     wait_greeting(port, deadline)

@@ -1,7 +1,7 @@
-"""System calls and page faults per message of a ``farm serve -w 1`` worker (or aiosmtpd).
+"""System calls and page faults per message of a ``farm serve -w 1`` worker (or aiosmtpd, or the floor).
 
 Usage: ``.venv/bin/python benchmarks/syscalls.py [--profile production|nolog|nolimits|bare]
-[--messages N] [--workload per-conn|long] [--handler sink|relay] [--server farm|aiosmtpd]``
+[--messages N] [--workload per-conn|long] [--handler sink|relay] [--server farm|aiosmtpd|floor]``
 (run it from outside the checkout with ``PYTHONPATH`` set to the tree to measure, as
 ``instructions.py``).
 
