@@ -1,4 +1,4 @@
-"""System calls and page faults per message of a ``farm serve -w 1`` worker (or aiosmtpd, or the floor).
+"""System calls and page faults per message of a ``farm serve -w 1`` worker (or a reference).
 
 Usage: ``.venv/bin/python benchmarks/syscalls.py [--profile production|nolog|nolimits|bare]
 [--messages N] [--workload per-conn|long] [--handler sink|relay] [--server farm|aiosmtpd|floor]``
