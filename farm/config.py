@@ -350,6 +350,9 @@ class SMTPSettings:
     data_size_limit: int = field(default=_ENGINE.data_size_limit, metadata=_checked(_integer(0)))
     #: Override: internationalised addresses are accepted (aiosmtpd's default is off).
     enable_SMTPUTF8: bool = field(default=True, metadata=_checked(_boolean))
+    #: Override: a non-ASCII address must be valid UTF-8 and declared with SMTPUTF8 (500 5.5.2,
+    #: 553 5.6.7), so that no undeclared or broken address reaches the mailbox server.
+    strict_smtputf8: bool = field(default=True, metadata=_checked(_boolean))
     decode_data: bool = field(default=_ENGINE.decode_data, metadata=_checked(_boolean))
     timeout: float = field(default=_ENGINE.timeout, metadata=_checked(_positive_number))
     max_recipients: int = field(default=_ENGINE.max_recipients, metadata=_checked(_integer(1)))

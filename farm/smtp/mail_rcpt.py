@@ -26,6 +26,11 @@ TOO_BIG = "552 Error: message size exceeds fixed maximum message size"
 MAIL_UNKNOWN = "555 MAIL FROM parameters not recognized or not implemented"
 RCPT_UNKNOWN = "555 RCPT TO parameters not recognized or not implemented"
 TOO_MANY_RECIPIENTS = "452 4.5.3 Error: too many recipients"
+#: ``strict_smtputf8``: an address whose octets are not UTF-8 (Postfix's reply).
+BAD_UTF8 = "500 5.5.2 Error: bad UTF-8 syntax"
+#: ``strict_smtputf8``: a non-ASCII address in a transaction without SMTPUTF8 (RFC 6531 3.4;
+#: Postfix's reply).
+UNDECLARED_UTF8 = "553 5.6.7 Must declare SMTPUTF8 to send unicode address"
 
 
 #: ``(address, parameters, SMTPUTF8 asked)``; the parameters as the handler gets them
@@ -130,3 +135,17 @@ def parse_rcpt(
     if max_recipients and recipients >= max_recipients:
         return TOO_MANY_RECIPIENTS
     return address, rcpt_options
+
+
+def utf8_refusal(address: str, declared: bool) -> str | None:
+    """``strict_smtputf8``: the refusal of a MAIL or RCPT ``address`` (decoded with surrogate
+    escapes for octets that are not UTF-8), or None. An ASCII address always passes; any
+    other must be valid UTF-8 (500 5.5.2) in a transaction whose MAIL ``declared``
+    SMTPUTF8 (553 5.6.7)."""
+    if address.isascii():
+        return None
+    try:
+        address.encode("utf-8")
+    except UnicodeEncodeError:  # a surrogate escape: an octet that was not UTF-8
+        return BAD_UTF8
+    return None if declared else UNDECLARED_UTF8

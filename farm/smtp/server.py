@@ -60,7 +60,7 @@ from farm.smtp.limiter import (
 )
 from farm.smtp.logline import MessageLine, SessionLine, log_fields
 from farm.smtp.logline import peer_text as _peer_text
-from farm.smtp.mail_rcpt import parse_mail, parse_rcpt
+from farm.smtp.mail_rcpt import parse_mail, parse_rcpt, utf8_refusal
 from farm.smtp.proxy import parse_networks, peer_trusted
 from farm.smtp.proxy_header import ProxyData, ProxyParser
 from farm.smtp.replies import format_multiline, with_enhanced_code
@@ -289,6 +289,7 @@ class SMTP(asyncio.BufferedProtocol):
         *,
         data_size_limit: int | None = DEFAULTS.data_size_limit,
         enable_SMTPUTF8: bool = DEFAULTS.enable_SMTPUTF8,
+        strict_smtputf8: bool = DEFAULTS.strict_smtputf8,
         decode_data: bool = DEFAULTS.decode_data,
         hostname: str | None = DEFAULTS.hostname,
         ident: str | None = DEFAULTS.ident,
@@ -327,6 +328,7 @@ class SMTP(asyncio.BufferedProtocol):
         self.event_handler = handler
         self.data_size_limit = data_size_limit
         self.enable_SMTPUTF8 = bool(enable_SMTPUTF8)  # (any truthy value, as aiosmtpd takes)
+        self._strict_smtputf8 = bool(strict_smtputf8)
         self._decode_data = decode_data
         self.hostname = hostname if hostname is not None else default_hostname()
         self.__ident__ = ident or __ident__
@@ -1676,6 +1678,11 @@ class SMTP(asyncio.BufferedProtocol):
             SMTP._reply(self, request)
             return
         address, mail_options, smtputf8 = request
+        if self._strict_smtputf8:
+            refusal = utf8_refusal(address, smtputf8)
+            if refusal is not None:
+                SMTP._reply(self, refusal)
+                return
         if self._limit_key is not None:
             allowed = SMTP._mail_allowed(self)
             if allowed is not True and (allowed is False or not await allowed):
@@ -1716,6 +1723,11 @@ class SMTP(asyncio.BufferedProtocol):
             SMTP._reply(self, request)
             return
         address, rcpt_options = request
+        if self._strict_smtputf8:
+            refusal = utf8_refusal(address, envelope.smtp_utf8)
+            if refusal is not None:
+                SMTP._reply(self, refusal)
+                return
         if self._stages is not None and self._stages.on_rcpt:
             refusal = await self._stages.rcpt(self.session, envelope, address)
             if refusal is not None:

@@ -19,6 +19,9 @@ class EngineSettings:
     #: Largest message (SIZE); None or 0: no limit.
     data_size_limit: int | None = 2**25
     enable_SMTPUTF8: bool = False
+    #: Non-ASCII addresses only valid UTF-8 and in a transaction whose MAIL has SMTPUTF8
+    #: (else 500 5.5.2 / 553 5.6.7, as Postfix); off, as aiosmtpd takes them as they come.
+    strict_smtputf8: bool = False
     decode_data: bool = False
     #: Name in the greeting and the EHLO reply (None: the host's FQDN).
     hostname: str | None = None

@@ -328,6 +328,61 @@ def test_invalid_utf8_with_smtputf8_does_not_break_the_session(
     assert len(replies) == 6
 
 
+STRICT_UTF8_CASES = [
+    # (MAIL line, RCPT line, the two replies' texts after EHLO)
+    (
+        "MAIL FROM:<jürgen@b>".encode(),
+        b"RCPT TO:<v@local>",
+        ["553 5.6.7 Must declare SMTPUTF8 to send unicode address", "503 Error: need MAIL command"],
+    ),
+    (
+        b"MAIL FROM:<\xff\xfe@b> SMTPUTF8",
+        b"RCPT TO:<v@local>",
+        ["500 5.5.2 Error: bad UTF-8 syntax", "503 Error: need MAIL command"],
+    ),
+    (
+        b"MAIL FROM:<a@b>",
+        "RCPT TO:<ü@local>".encode(),
+        ["250 OK", "553 5.6.7 Must declare SMTPUTF8 to send unicode address"],
+    ),
+    (
+        b"MAIL FROM:<a@b> SMTPUTF8",
+        b"RCPT TO:<v\xc3@local>",
+        ["250 OK", "500 5.5.2 Error: bad UTF-8 syntax"],
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("mail", "rcpt", "texts"),
+    STRICT_UTF8_CASES,
+    ids=["undeclared-sender", "bad-utf8-sender", "undeclared-recipient", "bad-utf8-recipient"],
+)
+def test_strict_smtputf8_refuses_undeclared_and_broken_addresses(
+    make_controller: Any, handler: Any, mail: bytes, rcpt: bytes, texts: list[str]
+) -> None:
+    """security notes 6.1 item 10 (farm serve's default): nothing is stored, the session goes
+    on (RSET), and the same session then delivers a declared UTF-8 envelope as sent."""
+    controller = make_controller(handler, enable_SMTPUTF8=True, strict_smtputf8=True)
+    good = "MAIL FROM:<jürgen@b> SMTPUTF8\r\nRCPT TO:<ü@local>\r\nDATA\r\n".encode()
+    stream = EHLO + mail + b"\r\n" + rcpt + b"\r\nRSET\r\n" + good + HEADERS + b"x\r\n.\r\n"
+    replies = run_session(controller, stream + b"QUIT\r\n")
+    assert [r.text for r in replies[2:4]] == texts
+    assert codes(replies)[4:] == [250, 250, 250, 354, 250, 221]
+    [envelope] = delivered(handler)
+    assert (envelope.mail_from, envelope.rcpt_tos) == ("jürgen@b", ["ü@local"])
+    assert envelope.smtp_utf8 is True
+
+
+def test_without_strict_smtputf8_addresses_pass_as_aiosmtpd_takes_them(
+    make_controller: Any, handler: Any
+) -> None:
+    """The engine's default (aiosmtpd's behaviour): an undeclared 8-bit address is taken."""
+    controller = make_controller(handler, enable_SMTPUTF8=True)
+    stream = EHLO + "MAIL FROM:<jürgen@b>\r\nRCPT TO:<ü@local>\r\nQUIT\r\n".encode()
+    assert codes(run_session(controller, stream))[2:] == [250, 250, 221]
+
+
 @pytest.mark.parametrize(
     "address",
     [b"l" * 65 + b"@b", b"a@" + b"d" * 250 + b".example", b"l" * 300 + b"@b"],

@@ -6,6 +6,7 @@ import signal
 import smtplib
 from pathlib import Path
 
+from tests.support.client import SMTPClient
 from tests.support.farms import FarmRunner, serve_expecting_exit
 from tests.support.net import free_port
 
@@ -29,6 +30,25 @@ def test_serve_delivers_and_stops_on_sigterm(farms: FarmRunner) -> None:
     assert "Subject: hi" in out
     assert "outcome=250" in err
     assert "Traceback" not in err
+
+
+def test_serve_refuses_undeclared_and_broken_utf8_addresses(farms: FarmRunner) -> None:
+    """farm serve's default ``[smtp] strict_smtputf8 = true`` (security notes 6.1 item 10): an
+    8-bit address needs SMTPUTF8 and valid UTF-8; a declared one is taken."""
+    farm = farms.start("--handler", "farm.handlers:Sink", workers=1, metrics=False)
+    with SMTPClient(farm.port, greeting=True) as client:
+        assert client.command(b"EHLO client.example").code == 250
+        undeclared = client.command("MAIL FROM:<jürgen@example.com>".encode())
+        assert undeclared.text == "553 5.6.7 Must declare SMTPUTF8 to send unicode address"
+        broken = client.command(b"MAIL FROM:<\xff@example.com> SMTPUTF8")
+        assert broken.text == "500 5.5.2 Error: bad UTF-8 syntax"
+        declared = client.command("MAIL FROM:<jürgen@example.com> SMTPUTF8".encode())
+        assert declared.text == "250 2.1.0 OK"
+        assert client.command("RCPT TO:<ü@example.com>".encode()).text == "250 2.1.5 OK"
+        assert client.command(b"QUIT").code == 221
+    farm.signal(signal.SIGTERM)
+    assert farm.wait_exit(30) == 0
+    assert "Traceback" not in farm.stderr()
 
 
 def test_serve_bad_handler_is_a_clear_error(tmp_path: Path) -> None:

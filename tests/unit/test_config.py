@@ -91,6 +91,7 @@ def test_defaults() -> None:
         "ident": None,
         "data_size_limit": 33554432,
         "enable_SMTPUTF8": True,
+        "strict_smtputf8": True,
         "decode_data": False,
         "timeout": 300.0,
         "max_recipients": 1000,

@@ -14,6 +14,7 @@ from farm.smtp.settings import DEFAULTS, EngineSettings
 #: The [smtp] table's deliberate departures from the engine's (aiosmtpd's) defaults.
 FARM_OVERRIDES = {
     "enable_SMTPUTF8": True,
+    "strict_smtputf8": True,
     "pipelining": True,
     "enhanced_status_codes": True,
     "chunking": True,

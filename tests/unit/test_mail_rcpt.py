@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from farm.smtp.mail_rcpt import MailRequest, RcptRequest, parse_mail, parse_rcpt
+from farm.smtp.mail_rcpt import MailRequest, RcptRequest, parse_mail, parse_rcpt, utf8_refusal
 
 MAIL_SYNTAX = "501 Syntax: MAIL FROM: <address>"
 MAIL_ESMTP_SYNTAX = MAIL_SYNTAX + " [SP <mail-parameters>]"
@@ -151,3 +151,24 @@ def test_each_request_has_its_own_parameter_list() -> None:
     assert not isinstance(first, str) and not isinstance(second, str)
     assert not isinstance(rcpt_first, str) and not isinstance(rcpt_second, str)
     assert first[1] is not second[1] and rcpt_first[1] is not rcpt_second[1]
+
+
+BAD_UTF8 = "500 5.5.2 Error: bad UTF-8 syntax"
+UNDECLARED = "553 5.6.7 Must declare SMTPUTF8 to send unicode address"
+
+
+@pytest.mark.parametrize(
+    ("address", "declared", "expected"),
+    [
+        ("a@b", False, None),
+        ("<>", False, None),
+        ("jürgen@b", True, None),
+        ("用户@例子.广告", True, None),
+        ("jürgen@b", False, UNDECLARED),
+        (b"\xff\xfe@b".decode("utf-8", "surrogateescape"), True, BAD_UTF8),
+        (b"v\xc3@b".decode("utf-8", "surrogateescape"), False, BAD_UTF8),
+    ],
+)
+def test_utf8_refusal(address: str, declared: bool, expected: str | None) -> None:
+    """strict_smtputf8: broken UTF-8 first (500 5.5.2, declared or not), then the declaration."""
+    assert utf8_refusal(address, declared) == expected
