@@ -927,12 +927,16 @@ class SMTP(asyncio.BufferedProtocol):
             SMTP._flush(self)
 
     async def wait_closed(self) -> None:
-        """Wait until the connection is closed."""
+        """Wait until the connection is closed.
+
+        The waits share one future, shielded: a wait cancelled (say, by the timeout of a
+        drain's first phase) ends only itself, not every later wait with it.
+        """
         if self._state.closed or self.transport is None:
             return
         if self._closed_waiter is None:
             self._closed_waiter = self.loop.create_future()
-        await self._closed_waiter
+        await asyncio.shield(self._closed_waiter)
 
     def abort(self) -> None:
         if self.transport is not None:

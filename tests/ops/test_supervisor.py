@@ -53,6 +53,7 @@ needs_smtp_source = pytest.mark.skipif(
 
 COUNTING = "tests.support.handlers.counting:Counting"
 BLOCKING = "tests.support.handlers.blocking:Blocking"
+SLOW_HELLO = "tests.support.handlers.slow_hello:SlowHello"
 
 
 def counting_config(path: Path, out: Path, delay: float = 0.0, **top: object) -> Path:
@@ -221,6 +222,34 @@ def test_term_under_load_drains_and_exits_0(farms: FarmRunner, tmp_path: Path) -
     assert "Traceback" not in log
     orphans = [pid for pid in workers | farm.seen_workers if living(pid)]
     assert orphans == [], f"workers outlived the supervisor: {orphans}"
+
+
+def test_term_lets_a_session_without_mail_finish_its_command(
+    farms: FarmRunner, tmp_path: Path
+) -> None:
+    """A session with no transaction yet gets the drain's first second to begin one; one still
+    inside a command then (here a 3 s EHLO hook) finishes it and gets 421 within the graceful
+    timeout. (The first phase's timed-out wait used to cancel the session's shared close
+    waiter, so the second phase ended at once and aborted it, logging "drain: aborted ...
+    still busy after 19s" one second after the TERM.)"""
+    started = tmp_path / "started"
+    config = toml_config(
+        tmp_path / "farm.toml",
+        {"handler": SLOW_HELLO, "graceful_timeout": 20},
+        handler_args={"seconds": 3.0, "started_path": str(started)},
+    )
+    farm = farms.start(config=config, workers=1, metrics=False)
+    with SMTPClient(farm.port, greeting=True) as client:
+        client.send(b"EHLO client.test\r\n")
+        wait_for(started.exists, what="the EHLO hook running")
+        farm.signal(signal.SIGTERM)
+        assert client.reply().startswith("250"), "the EHLO in progress was cut off"
+        assert client.reply() == "421 4.3.2 Service shutting down\r\n"
+        assert client.at_eof()
+    assert farm.wait_exit(30) == 0
+    log = farm.log()
+    assert "end=shutdown" in log
+    assert "drain: aborted" not in log
 
 
 # -- 3. HUP under load with a changed setting -------------------------------------------------
