@@ -393,6 +393,9 @@ class SMTPSettings:
     greeting_delay: float = field(
         default=_ENGINE.greeting_delay, metadata=_checked(_non_negative_number)
     )
+    #: Override: a client that sends on before a reply it must wait for gets 554 5.5.0 (as
+    #: Postfix 3.9's smtpd_forbid_unauth_pipelining default): bots that blast a dialogue.
+    forbid_unauth_pipelining: bool = field(default=True, metadata=_checked(_boolean))
     proxy_protocol_timeout: float | None = field(
         default=_ENGINE.proxy_protocol_timeout, metadata=_checked(_optional_positive)
     )

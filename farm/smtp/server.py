@@ -97,6 +97,7 @@ from farm.smtp.state import (
     refusal_for_auth,
     too_many_calls,
 )
+from farm.smtp.synchronization import SYNCHRONIZATION_ERROR, command_verb, sent_too_soon
 from farm.smtp.timer_queue import TimerQueue
 from farm.smtp.tls import (
     HANDSHAKE_ERRORS,
@@ -312,6 +313,7 @@ class SMTP(asyncio.BufferedProtocol):
         dsn: bool = DEFAULTS.dsn,
         proxy_trusted_networks: Any = DEFAULTS.proxy_trusted_networks,
         greeting_delay: float = DEFAULTS.greeting_delay,
+        forbid_unauth_pipelining: bool = DEFAULTS.forbid_unauth_pipelining,
         tls_handshake_timeout: float = DEFAULTS.tls_handshake_timeout,
         auth_failure_limit: int = DEFAULTS.auth_failure_limit,
         limiter: Any = DEFAULTS.limiter,
@@ -356,6 +358,7 @@ class SMTP(asyncio.BufferedProtocol):
         self._proxy_timeout = proxy_protocol_timeout
         self._proxy_networks = parse_networks(proxy_trusted_networks)
         self._greeting_delay = greeting_delay
+        self._forbid_unauth_pipelining = bool(forbid_unauth_pipelining)
         self._pipelining = pipelining
         self._max_recipients = max_recipients
         self._min_data_rate = min_data_rate
@@ -646,7 +649,7 @@ class SMTP(asyncio.BufferedProtocol):
         if self._greet_handle is not None:
             self._greet_handle.cancel()
         self._state.ended_how = "error"
-        SMTP._reply(self, "554 5.5.0 Error: SMTP protocol synchronization", plain=True)
+        SMTP._reply(self, SYNCHRONIZATION_ERROR, plain=True)
         self._state.close_after_flush = True
         SMTP._flush(self)
 
@@ -979,6 +982,12 @@ class SMTP(asyncio.BufferedProtocol):
                     self._pause_for_errors(limits)
                 break
             if type(event) is Command:
+                if (
+                    self._forbid_unauth_pipelining
+                    and framer.buffered
+                    and SMTP._sent_too_soon(self, event.line)
+                ):
+                    break
                 SMTP._on_command(self, event.line)
             elif type(event) is Message:
                 SMTP._on_message(self, event)
@@ -1003,6 +1012,25 @@ class SMTP(asyncio.BufferedProtocol):
             self.transport.resume_reading()
         if state.eof and self._task is None:
             SMTP._close(self)
+
+    def _sent_too_soon(self, line: bytes) -> bool:
+        """``line`` came with more input behind it: refuse the client (554, close) if the rules
+        of pipelining did not allow it to send on before this command's reply."""
+        session = self.session
+        if not sent_too_soon(line, self._pipelining and session.extended_smtp):
+            return False
+        verb = command_verb(line).decode("ascii", "replace")
+        log.info(
+            "session=%s sent on before the reply to %s: refused (SMTP protocol synchronization)",
+            session.id,
+            verb if verb.isalpha() and len(verb) <= 16 else "a command",
+        )
+        state = self._state
+        state.commands += 1
+        state.ended_how = "error"
+        SMTP._reply(self, SYNCHRONIZATION_ERROR, plain=True)
+        state.close_after_flush = True
+        return True
 
     def _on_command(self, line: bytes) -> None:
         state = self._state

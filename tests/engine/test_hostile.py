@@ -457,6 +457,114 @@ def test_pipelined_burst_answered_in_order(make_controller: Any, handler: Any) -
     assert envelope.content == b"Subject: burst\r\n\r\nbody\r\n"
 
 
+# -- command synchronization (forbid_unauth_pipelining; security notes 6.1 item 5) ------------
+
+SYNC_ERROR = "554 5.5.0 Error: SMTP protocol synchronization"
+
+
+def forbidding(make_controller: Any, handler: Any, **kwargs: Any) -> Any:
+    return make_controller(handler, forbid_unauth_pipelining=True, pipelining=True, **kwargs)
+
+
+def polite_session(controller: Any, handler: Any) -> None:
+    """One message, each command waiting for its reply: always served."""
+    before = len(handler.envelopes)
+    with SMTPClient.of(controller, timeout=TIMEOUT, greeting=True) as client:
+        for line in (b"EHLO client.example", b"MAIL FROM:<a@b>", b"RCPT TO:<v@local>"):
+            assert client.command(line).code == 250
+        assert client.command(b"DATA").code == 354
+        assert client.command(b"polite\r\n.").code == 250
+        assert client.command(b"QUIT").code == 221
+    assert delivered(handler, before + 1)[before].content == b"polite\r\n"
+
+
+def test_pipelining_as_rfc_2920_allows_is_served(make_controller: Any, handler: Any) -> None:
+    """After EHLO with PIPELINING: a group ending in DATA, then the content after the 354,
+    RSET in front of the next group; the 250 for the message comes and QUIT ends it."""
+    with SMTPClient.of(forbidding(make_controller, handler), timeout=TIMEOUT) as client:
+        client.send(EHLO)
+        assert codes([client.reply(), client.reply()]) == [220, 250]
+        client.send(ENVELOPE + b"RCPT TO:<w@local>\r\nDATA\r\n")
+        assert codes([client.reply() for _ in range(4)]) == [250, 250, 250, 354]
+        client.send(HEADERS + b"body\r\n.\r\n")
+        assert client.reply().text == "250 OK"
+        client.send(b"RSET\r\n" + ENVELOPE + b"QUIT\r\n")
+        assert codes(client.replies_until_close()) == [250, 250, 250, 221]
+    (envelope,) = delivered(handler)
+    assert envelope.rcpt_tos == ["v@local", "w@local"]
+
+
+@pytest.mark.parametrize(
+    ("before", "blast", "first_replies"),
+    [
+        (b"", EHLO + ENVELOPE, []),  # EHLO must end a group
+        (b"", b"HELO client.example\r\n" + ENVELOPE, []),  # so must HELO
+        (EHLO, ENVELOPE + b"DATA\r\n" + HEADERS + b"x\r\n.\r\n", [250, 250]),  # before 354
+        (EHLO, b"NOOP\r\n" + ENVELOPE, []),  # NOOP must end a group
+        (b"HELO client.example\r\n", ENVELOPE, []),  # no PIPELINING after HELO
+    ],
+    ids=["behind-EHLO", "behind-HELO", "content-before-354", "behind-NOOP", "after-HELO"],
+)
+def test_sending_on_before_a_reply_is_refused(
+    make_controller: Any,
+    handler: Any,
+    caplog: pytest.LogCaptureFixture,
+    before: bytes,
+    blast: bytes,
+    first_replies: list[int],
+) -> None:
+    """The blasting client gets 554 5.5.0 instead of the reply it should have waited for, and
+    the connection closes: nothing after that point runs, nothing is delivered, and the next
+    client is served."""
+    caplog.set_level("INFO", logger="farm.smtp")
+    controller = forbidding(make_controller, handler)
+    with SMTPClient.of(controller, timeout=TIMEOUT, greeting=True) as client:
+        if before:
+            assert client.command(before.rstrip(b"\r\n")).code == 250
+        client.send(blast)
+        replies = client.replies_until_close()
+    assert codes(replies) == [*first_replies, 554]
+    assert replies[-1].text == SYNC_ERROR
+    assert handler.envelopes == []
+    assert "refused (SMTP protocol synchronization)" in caplog.text
+    polite_session(controller, handler)
+
+
+def test_without_pipelining_offered_any_group_is_refused(
+    make_controller: Any, handler: Any
+) -> None:
+    """pipelining=False: EHLO does not offer PIPELINING, so two commands in one write are one
+    too many even where PIPELINING would allow them."""
+    controller = make_controller(handler, forbid_unauth_pipelining=True)
+    with SMTPClient.of(controller, timeout=TIMEOUT, greeting=True) as client:
+        assert "PIPELINING" not in client.command(b"EHLO client.example")
+        client.send(ENVELOPE)
+        assert [r.text for r in client.replies_until_close()] == [SYNC_ERROR]
+
+
+def test_bdat_chunks_and_quit_may_have_input_behind_them(
+    make_controller: Any, handler: Any
+) -> None:
+    """RFC 3030: BDAT chunks pipeline (the chunk's octets follow the command); input behind
+    QUIT is ignored, not refused."""
+    controller = forbidding(make_controller, handler, chunking=True)
+    with SMTPClient.of(controller, timeout=TIMEOUT, greeting=True) as client:
+        assert client.command(b"EHLO client.example").code == 250
+        client.send(ENVELOPE + b"BDAT 6\r\nhello\nBDAT 4 LAST\r\nbye\n")
+        assert codes([client.reply() for _ in range(4)]) == [250, 250, 250, 250]
+        client.send(b"QUIT\r\nNOOP\r\n")
+        assert codes(client.replies_until_close()) == [221]
+    (envelope,) = delivered(handler)
+    assert envelope.content == b"hello\nbye\n"
+
+
+def test_by_default_a_blast_is_served_as_aiosmtpd_serves_it(
+    make_controller: Any, handler: Any
+) -> None:
+    """The engine's default (aiosmtpd has no such check): the whole dialogue in one write."""
+    assert codes(run_session(make_controller(handler), transaction(b"x\r\n"))) == ONE_MESSAGE
+
+
 # -- idle timeout: one real-socket test per kind (idle, inside DATA); the rules themselves,
 # -- on a fake clock, in tests/unit/test_deadlines.py -----------------------------------------
 

@@ -141,6 +141,9 @@ def test_graceful_stop_takes_queued_connections_then_refuses(
         tmp_path / "farm.toml",
         {"handler": COUNTING, "max_sessions": 1, "graceful_timeout": 20},
         handler_args={"path": str(out)},
+        # The queued clients send up to DATA while they wait to be accepted, so that they are
+        # inside a transaction when the stop begins: ahead of the replies, on purpose.
+        smtp={"forbid_unauth_pipelining": False},
     )
     farm = farms.start(config=config, workers=1)
     farm.wait_ready(1)

@@ -51,6 +51,29 @@ def test_serve_refuses_undeclared_and_broken_utf8_addresses(farms: FarmRunner) -
     assert "Traceback" not in farm.stderr()
 
 
+def test_serve_refuses_a_client_that_does_not_wait_for_replies(farms: FarmRunner) -> None:
+    """farm serve's default ``[smtp] forbid_unauth_pipelining = true`` (security notes 6.1
+    item 5): a bot's whole dialogue in one write gets 554 5.5.0 and nothing is delivered; a
+    client that pipelines as RFC 2920 allows is served."""
+    farm = farms.start("--handler", "farm.handlers:Sink", workers=1, metrics=False)
+    blast = b"EHLO bot.example\r\nMAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\nDATA\r\nhi\r\n.\r\n"
+    with SMTPClient(farm.port, greeting=True) as client:
+        client.send(blast)
+        assert [r.text for r in client.replies_until_close()] == [
+            "554 5.5.0 Error: SMTP protocol synchronization"
+        ]
+    with SMTPClient(farm.port, greeting=True) as client:
+        assert "PIPELINING" in client.command(b"EHLO client.example")
+        client.send(b"MAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\nDATA\r\n")
+        assert [client.reply().code for _ in range(3)] == [250, 250, 354]
+        assert client.command(b"hi\r\n.").code == 250
+        assert client.command(b"QUIT").code == 221
+    farm.signal(signal.SIGTERM)
+    assert farm.wait_exit(30) == 0
+    assert "sent on before the reply to EHLO: refused" in farm.log()
+    assert "Traceback" not in farm.log() + farm.stderr()
+
+
 def test_serve_bad_handler_is_a_clear_error(tmp_path: Path) -> None:
     proc = serve_expecting_exit("-w", "2", "--handler", "no.such.module:Handler", cwd=tmp_path)
     assert proc.returncode == 1

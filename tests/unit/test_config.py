@@ -111,6 +111,7 @@ def test_defaults() -> None:
         "junk_command_limit": 100,
         "error_sleep_time": 1.0,
         "greeting_delay": 0.0,
+        "forbid_unauth_pipelining": True,
         "proxy_protocol_timeout": None,
         "proxy_trusted_networks": None,
         "spool_threshold": 1048576,

@@ -15,6 +15,7 @@ from farm.smtp.settings import DEFAULTS, EngineSettings
 FARM_OVERRIDES = {
     "enable_SMTPUTF8": True,
     "strict_smtputf8": True,
+    "forbid_unauth_pipelining": True,
     "pipelining": True,
     "enhanced_status_codes": True,
     "chunking": True,
