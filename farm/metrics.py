@@ -37,6 +37,8 @@ LOOP_LAG = "farm_loop_lag_seconds"  # gauge
 SESSIONS_DRAINING = "farm_sessions_draining"  # gauge
 SESSIONS_LIMIT = "farm_sessions_limit"  # gauge: max_sessions, where the worker stops accepting
 CLIENT_LIMITED = "farm_client_limit_refusals"  # counter {limit}: per-IP limits ([limits])
+#: counter {kind}: clients refused for sending before the greeting or a reply
+PROTOCOL_VIOLATIONS = "farm_protocol_violations"
 SCREENING_RESULTS = "farm_screening_results"  # counter {list,result}: DNS list lookups
 SCREENING_VERDICTS = "farm_screening_verdicts"  # counter {verdict}: pass, listed, exempt
 SCREENING_CACHE = "farm_screening_cache_lookups"  # counter {result}: farm-wide cache hit/miss
@@ -132,6 +134,9 @@ class WorkerStats:
         self.tls = {"ok": 0, "failed": 0}
         self.auth = {"success": 0, "failure": 0}
         self.limited = {"sessions": 0, "messages": 0, "auth": 0}
+        #: Clients refused with 554 5.5.0: ``early_talker`` (``greeting_delay``), ``pipelining``
+        #: (``forbid_unauth_pipelining``).
+        self.violations = {"early_talker": 0, "pipelining": 0}
         #: Screening ([screening]): lookups by (list, listed/unlisted/error), verdicts, cache.
         self.screening: dict[tuple[str, str], int] = {}
         self.screening_verdicts = {"pass": 0, "listed": 0, "exempt": 0}
@@ -258,6 +263,13 @@ class WorkerStats:
             "Refusals by a per-client-IP limit (sessions, messages, auth).",
             [((limit,), n) for limit, n in self.limited.items()],
             ("limit",),
+        )
+        yield _counter(
+            PROTOCOL_VIOLATIONS,
+            "Clients refused for not waiting (early_talker: before the greeting; pipelining: "
+            "before a reply).",
+            [((kind,), n) for kind, n in self.violations.items()],
+            ("kind",),
         )
         yield _counter(
             SCREENING_RESULTS,

@@ -649,6 +649,8 @@ class SMTP(asyncio.BufferedProtocol):
         if self._greet_handle is not None:
             self._greet_handle.cancel()
         self._state.ended_how = "error"
+        if self.stats is not None:
+            self.stats.violations["early_talker"] += 1
         SMTP._reply(self, SYNCHRONIZATION_ERROR, plain=True)
         self._state.close_after_flush = True
         SMTP._flush(self)
@@ -1028,6 +1030,8 @@ class SMTP(asyncio.BufferedProtocol):
         state = self._state
         state.commands += 1
         state.ended_how = "error"
+        if self.stats is not None:
+            self.stats.violations["pipelining"] += 1
         SMTP._reply(self, SYNCHRONIZATION_ERROR, plain=True)
         state.close_after_flush = True
         return True

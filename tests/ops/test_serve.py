@@ -7,8 +7,10 @@ import smtplib
 from pathlib import Path
 
 from tests.support.client import SMTPClient
-from tests.support.farms import FarmRunner, serve_expecting_exit
+from tests.support.farms import Farm, FarmRunner, serve_expecting_exit, toml_config
 from tests.support.net import free_port
+
+SYNC_ERROR = "554 5.5.0 Error: SMTP protocol synchronization"
 
 
 def test_serve_delivers_and_stops_on_sigterm(farms: FarmRunner) -> None:
@@ -51,27 +53,45 @@ def test_serve_refuses_undeclared_and_broken_utf8_addresses(farms: FarmRunner) -
     assert "Traceback" not in farm.stderr()
 
 
-def test_serve_refuses_a_client_that_does_not_wait_for_replies(farms: FarmRunner) -> None:
+def refused_for_not_waiting(farm: Farm, kind: str) -> float:
+    """``farm_protocol_violations_total{kind}``, summed over the workers."""
+    return sum(
+        value
+        for (name, labels), value in farm.metrics().items()
+        if name == "farm_protocol_violations_total" and ("kind", kind) in labels
+    )
+
+
+def test_serve_refuses_clients_that_do_not_wait(farms: FarmRunner, tmp_path: Path) -> None:
     """farm serve's default ``[smtp] forbid_unauth_pipelining = true`` (security notes 6.1
-    item 5): a bot's whole dialogue in one write gets 554 5.5.0 and nothing is delivered; a
-    client that pipelines as RFC 2920 allows is served."""
-    farm = farms.start("--handler", "farm.handlers:Sink", workers=1, metrics=False)
+    item 5): a bot's whole dialogue in one write after the greeting gets 554 5.5.0 and nothing
+    is delivered; one that talks before the greeting (``greeting_delay``) too; a client that
+    pipelines as RFC 2920 allows is served. Each refusal is logged and counted by kind."""
+    config = toml_config(
+        tmp_path / "farm.toml", {"handler": "farm.handlers:Sink"}, smtp={"greeting_delay": 0.3}
+    )
+    farm = farms.start(config=config, workers=1)
     blast = b"EHLO bot.example\r\nMAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\nDATA\r\nhi\r\n.\r\n"
     with SMTPClient(farm.port, greeting=True) as client:
         client.send(blast)
-        assert [r.text for r in client.replies_until_close()] == [
-            "554 5.5.0 Error: SMTP protocol synchronization"
-        ]
+        assert [r.text for r in client.replies_until_close()] == [SYNC_ERROR]
+    with SMTPClient(farm.port) as client:
+        client.send(blast)  # before the 220
+        assert [r.text for r in client.replies_until_close()] == [SYNC_ERROR]
     with SMTPClient(farm.port, greeting=True) as client:
         assert "PIPELINING" in client.command(b"EHLO client.example")
         client.send(b"MAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\nDATA\r\n")
         assert [client.reply().code for _ in range(3)] == [250, 250, 354]
         assert client.command(b"hi\r\n.").code == 250
         assert client.command(b"QUIT").code == 221
+    assert refused_for_not_waiting(farm, "pipelining") == 1
+    assert refused_for_not_waiting(farm, "early_talker") == 1
     farm.signal(signal.SIGTERM)
     assert farm.wait_exit(30) == 0
-    assert "sent on before the reply to EHLO: refused" in farm.log()
-    assert "Traceback" not in farm.log() + farm.stderr()
+    log = farm.log()
+    assert "sent on before the reply to EHLO: refused" in log
+    assert "spoke before the greeting: refused" in log
+    assert "Traceback" not in log + farm.stderr()
 
 
 def test_serve_bad_handler_is_a_clear_error(tmp_path: Path) -> None:
