@@ -648,12 +648,16 @@ class SMTP(asyncio.BufferedProtocol):
         log.info("session=%s spoke before the greeting: refused", self.session.id)
         if self._greet_handle is not None:
             self._greet_handle.cancel()
+        SMTP._refuse_unsynchronized(self, "early_talker")
+        SMTP._flush(self)
+
+    def _refuse_unsynchronized(self, kind: str) -> None:
+        """554 5.5.0 and close, for a client that did not wait (counted by ``kind``)."""
         self._state.ended_how = "error"
         if self.stats is not None:
-            self.stats.violations["early_talker"] += 1
+            self.stats.violations[kind] += 1
         SMTP._reply(self, SYNCHRONIZATION_ERROR, plain=True)
         self._state.close_after_flush = True
-        SMTP._flush(self)
 
     def _greet(self) -> None:
         """Send the 220 greeting and start the idle timer."""
@@ -1021,19 +1025,14 @@ class SMTP(asyncio.BufferedProtocol):
         session = self.session
         if not sent_too_soon(line, self._pipelining and session.extended_smtp):
             return False
-        verb = command_verb(line).decode("ascii", "replace")
+        verb = command_verb(line)
         log.info(
             "session=%s sent on before the reply to %s: refused (SMTP protocol synchronization)",
             session.id,
             verb if verb.isalpha() and len(verb) <= 16 else "a command",
         )
-        state = self._state
-        state.commands += 1
-        state.ended_how = "error"
-        if self.stats is not None:
-            self.stats.violations["pipelining"] += 1
-        SMTP._reply(self, SYNCHRONIZATION_ERROR, plain=True)
-        state.close_after_flush = True
+        self._state.commands += 1
+        SMTP._refuse_unsynchronized(self, "pipelining")
         return True
 
     def _on_command(self, line: bytes) -> None:

@@ -13,22 +13,23 @@ from __future__ import annotations
 
 from typing import Final
 
+from farm.smtp.arguments import split_command
+
 SYNCHRONIZATION_ERROR: Final = "554 5.5.0 Error: SMTP protocol synchronization"
 
 #: Commands that must end a pipelined group (RFC 2920 3.1; LHLO is LMTP's EHLO).
-_LAST_IN_GROUP: Final = frozenset(
-    {b"EHLO", b"HELO", b"LHLO", b"DATA", b"VRFY", b"EXPN", b"NOOP", b"TURN"}
-)
+_LAST_IN_GROUP: Final = frozenset({"EHLO", "HELO", "LHLO", "DATA", "VRFY", "EXPN", "NOOP", "TURN"})
 #: Commands that are never refused for the input behind them: a BDAT chunk's octets follow
 #: its command by design (RFC 3030); QUIT ends the session whatever follows; input behind
 #: STARTTLS is discarded before the handshake (RFC 3207 5, the CVE-2011-0411 class).
-_ANY_INPUT_BEHIND: Final = frozenset({b"BDAT", b"QUIT", b"STARTTLS"})
+_ANY_INPUT_BEHIND: Final = frozenset({"BDAT", "QUIT", "STARTTLS"})
 
 
-def command_verb(line: bytes) -> bytes:
-    """The command's verb, upper case (empty for an empty line)."""
-    words = line.split(None, 1)
-    return words[0].upper() if words else b""
+def command_verb(line: bytes) -> str:
+    """The verb the engine dispatches ``line`` on (:func:`split_command`'s: upper case, up to
+    the first space; empty when there is none or it is not ASCII)."""
+    parts = split_command(line, True)
+    return parts[0] if parts is not None else ""
 
 
 def sent_too_soon(line: bytes, pipelining_in_effect: bool) -> bool:

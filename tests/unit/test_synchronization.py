@@ -33,7 +33,10 @@ def test_an_unknown_or_empty_line_pipelines_like_any_other_command() -> None:
     assert not sent_too_soon(b"   ", pipelining_in_effect=True)
 
 
-def test_command_verb() -> None:
-    assert command_verb(b"  mail FROM:<a@b>") == b"MAIL"
-    assert command_verb(b"") == b""
-    assert command_verb(b"\tnoop\t") == b"NOOP"
+def test_command_verb_is_the_one_the_engine_dispatches_on() -> None:
+    assert command_verb(b"mail FROM:<a@b>") == "MAIL"
+    assert command_verb(b"noop") == "NOOP"
+    assert command_verb(b"") == ""
+    assert command_verb(b"  mail FROM:<a@b>") == ""  # the engine: 500 Error: bad syntax
+    assert command_verb(b"noop\t") == "NOOP\t"  # the engine: an unknown command
+    assert command_verb(b"\xc3\xa9HLO x") == ""
