@@ -163,6 +163,15 @@ class Farm:
     def metric(self, name: str, **labels: str) -> float | None:
         return self.metrics().get((name, frozenset(labels.items())))
 
+    def metric_total(self, name: str, **labels: str) -> float:
+        """The sum of ``name``'s samples carrying ``labels`` (and any others: over the workers)."""
+        wanted = labels.items()
+        return sum(
+            value
+            for (sample, sample_labels), value in self.metrics().items()
+            if sample == name and wanted <= sample_labels
+        )
+
     def wait_metric(self, name: str, value: float, timeout: float = WAIT, **labels: str) -> None:
         def equal() -> bool:
             self.check_alive()
