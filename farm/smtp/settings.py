@@ -54,8 +54,8 @@ class EngineSettings:
     proxy_trusted_networks: Any = None
     #: Seconds of silence before the greeting (early talkers are refused).
     greeting_delay: float = 0.0
-    #: A client that sends on before a reply it must wait for (RFC 2920: after EHLO, HELO,
-    #: DATA, VRFY, EXPN, NOOP; after any command when PIPELINING is not in effect) gets
+    #: A client that sends on before a reply it must wait for (RFC 2920: after EHLO, HELO, LHLO,
+    #: DATA, VRFY, EXPN, NOOP, TURN; after any command when PIPELINING is not in effect) gets
     #: 554 5.5.0 and is closed, as Postfix's smtpd_forbid_unauth_pipelining; off, as aiosmtpd.
     forbid_unauth_pipelining: bool = False
     tls_handshake_timeout: float = 30.0
